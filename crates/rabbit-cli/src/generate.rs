@@ -1,0 +1,307 @@
+//! `rabbit generate`: prompts or token ids in, tokens out (streamed), with timings and memory.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rabbit_core::memory::{current_rss, peak_rss};
+use rabbit_core::{
+    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions, Model, SamplingParams,
+};
+use rabbit_split::SplitEvent;
+use serde_json::json;
+
+use crate::util::{human_bytes, show_progress};
+
+/// Options shared by every command that loads a model.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Model directory (HF checkpoint) or hub repo id.
+    #[arg(long)]
+    pub model: String,
+    /// Compute device: cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's dtype).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Where the per-layer split lives (default: next to the checkpoint).
+    #[arg(long)]
+    pub split_dir: Option<PathBuf>,
+    /// Layers read ahead of the one computing.
+    #[arg(long, default_value_t = 2)]
+    pub prefetch: usize,
+    /// Hugging Face token for gated or private repos (else HF_TOKEN).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Hub revision (branch, tag or commit).
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Delete the original weights once the split is verified.
+    #[arg(long)]
+    pub delete_original: bool,
+}
+
+impl ModelArgs {
+    /// Loads the model, reporting split progress on stderr unless quiet.
+    pub fn load(&self, quiet: bool) -> Result<(Model, f64)> {
+        let mut opts = LoadOptions::default()
+            .device(self.device.parse::<DeviceSpec>()?)
+            .prefetch_depth(self.prefetch)
+            .delete_original(self.delete_original);
+        if let Some(d) = &self.dtype {
+            opts = opts.dtype(d.parse::<DType>()?);
+        }
+        if let Some(d) = &self.split_dir {
+            opts = opts.split_dir(d);
+        }
+        if let Some(t) = &self.token {
+            opts = opts.token(t);
+        }
+        if let Some(r) = &self.revision {
+            opts = opts.revision(r);
+        }
+        let start = Instant::now();
+        let model = AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
+            LoadEvent::Split(SplitEvent::Planned { units, bytes, .. }) => {
+                // Always said once: splitting a big model takes a while and must not look like a hang.
+                if !quiet {
+                    eprintln!("splitting {} into {units} layer files ({})...", self.model, human_bytes(*bytes));
+                }
+            }
+            LoadEvent::Split(SplitEvent::UnitDone { index, total, .. }) if !quiet && show_progress(false) => {
+                eprint!("\r  split {}/{total}", index + 1);
+                if index + 1 == *total {
+                    eprintln!();
+                }
+            }
+            LoadEvent::Opened { device, dtype } if !quiet => {
+                eprintln!("model on {device} ({dtype})");
+            }
+            _ => {}
+        })
+        .with_context(|| format!("loading {}", self.model))?;
+        Ok((model, start.elapsed().as_secs_f64()))
+    }
+}
+
+/// Arguments of `rabbit generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Text prompt (needs the model's tokenizer.json).
+    #[arg(long, conflicts_with = "input_ids")]
+    prompt: Option<String>,
+    /// Comma-separated token ids of one sequence; repeat for a batch.
+    #[arg(long = "input-ids", value_name = "IDS")]
+    input_ids: Vec<String>,
+    /// New tokens to generate per sequence.
+    #[arg(long)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f64,
+    /// Keep only the K most likely tokens when sampling.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Nucleus sampling threshold.
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Penalise tokens already present (> 1).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop a sequence when its text contains this string (repeatable).
+    #[arg(long = "stop")]
+    stop: Vec<String>,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+    /// Write every step's float32 logits to this safetensors file (`logits.<i>`).
+    #[arg(long, value_name = "FILE")]
+    dump_logits: Option<PathBuf>,
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>> {
+    let ids: Result<Vec<u32>, _> = s.split(',').map(|t| t.trim().parse::<u32>()).collect();
+    match ids {
+        Ok(v) if !v.is_empty() => Ok(v),
+        _ => bail!("--input-ids \"{s}\": expected comma-separated non-negative integers like \"1,2,3\""),
+    }
+}
+
+/// Runs `rabbit generate`.
+pub fn run(a: GenerateArgs) -> Result<()> {
+    if a.prompt.is_none() && a.input_ids.is_empty() {
+        bail!("give either --prompt TEXT or --input-ids \"1,2,3\"");
+    }
+    let sequences_from_ids: Vec<Vec<u32>> = a.input_ids.iter().map(|s| parse_ids(s)).collect::<Result<_>>()?;
+    if let Some(path) = &a.dump_logits {
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            if !parent.is_dir() {
+                bail!("--dump-logits {}: directory {} does not exist", path.display(), parent.display());
+            }
+        }
+    }
+    let (mut model, load_s) = a.model.load(a.json)?;
+    let sequences = match &a.prompt {
+        Some(p) => vec![model.encode(p)?],
+        None => sequences_from_ids,
+    };
+    let spec = model.engine.spec().clone();
+    let req = GenerateRequest {
+        sequences: sequences.clone(),
+        max_new_tokens: a.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        eos_token_ids: spec.eos_token_ids.clone(),
+        keep_logits: a.dump_logits.is_some(),
+    };
+    model.engine.validate_request(&req)?;
+
+    let stream = !a.json && sequences.len() == 1 && model.tokenizer().is_some();
+    let mut decoded: HashMap<usize, Vec<u32>> = HashMap::new();
+    let mut printed = 0usize;
+    let stdout = std::io::stdout();
+    let tokenizer = model.tokenizer().cloned();
+    let stops = a.stop.clone();
+    let out = model.generate(&req, &mut |ev| {
+        let ids = decoded.entry(ev.sequence).or_default();
+        ids.push(ev.token);
+        let Some(tok) = &tokenizer else { return Control::Continue };
+        let text = tok.decode(ids, true).unwrap_or_default();
+        if stream {
+            // Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD.
+            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
+                let mut lock = stdout.lock();
+                let _ = lock.write_all(text[printed..].as_bytes());
+                let _ = lock.flush();
+                printed = text.len();
+            }
+        }
+        if stops.iter().any(|s| text.contains(s.as_str())) {
+            Control::StopSequence
+        } else {
+            Control::Continue
+        }
+    })?;
+    if stream {
+        println!();
+    }
+
+    let texts: Vec<Option<String>> = out
+        .sequences
+        .iter()
+        .map(|s| {
+            model.tokenizer().map(|t| {
+                let text = t.decode(&s.output_ids, true).unwrap_or_default();
+                match stops.iter().filter_map(|st| text.find(st.as_str())).min() {
+                    Some(cut) => text[..cut].to_string(),
+                    None => text,
+                }
+            })
+        })
+        .collect();
+
+    if let Some(path) = &a.dump_logits {
+        write_logits(path, &out.sequences, spec.vocab_size)?;
+    }
+    let t = &out.timings;
+    let peak = peak_rss();
+    if !a.json {
+        if !stream {
+            for (i, s) in out.sequences.iter().enumerate() {
+                match &texts[i] {
+                    Some(text) => println!("[{i}] {text}"),
+                    None => println!(
+                        "[{i}] {}",
+                        s.output_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                    ),
+                }
+            }
+        }
+        eprintln!(
+            "prefill: {} tokens in {:.3} s ({:.1} tok/s) | decode: {:.4} s/token (median of {} steps) | load {:.2} s",
+            t.prefill_tokens, t.prefill_s, t.prefill_tokens_per_s, t.decode_s_per_token, t.decode_steps, load_s
+        );
+        eprintln!(
+            "memory: peak RSS {} | KV cache {} | resident weights {} | staging {}",
+            peak.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+            human_bytes(out.kv_cache_bytes),
+            human_bytes(model.engine.resident_bytes()),
+            human_bytes(model.engine.staging_bytes())
+        );
+    } else {
+        let seqs: Vec<_> = out
+            .sequences
+            .iter()
+            .zip(&texts)
+            .map(|(s, text)| {
+                json!({
+                    "input_ids": s.input_ids,
+                    "output_ids": s.output_ids,
+                    "text": text,
+                    "finish_reason": s.finish_reason,
+                })
+            })
+            .collect();
+        let obj = json!({
+            "sequences": seqs,
+            "timings": {
+                "load_s": load_s,
+                "prefill_s": t.prefill_s,
+                "prefill_tokens": t.prefill_tokens,
+                "prefill_tokens_per_s": t.prefill_tokens_per_s,
+                "decode_s_per_token": t.decode_s_per_token,
+                "decode_mean_s_per_token": t.decode_mean_s_per_token,
+                "decode_steps": t.decode_steps,
+                "generated_tokens": t.generated_tokens,
+                "total_s": t.total_s,
+            },
+            "memory": {
+                "peak_rss_bytes": peak,
+                "rss_bytes": current_rss(),
+                "kv_cache_bytes": out.kv_cache_bytes,
+                "resident_weight_bytes": model.engine.resident_bytes(),
+                "staging_bytes": model.engine.staging_bytes(),
+            },
+            "profile": model.engine.profile,
+            "device": rabbit_core::device::device_name(model.engine.device()),
+        });
+        println!("{obj}");
+    }
+    Ok(())
+}
+
+fn write_logits(path: &std::path::Path, seqs: &[rabbit_core::SequenceOutput], vocab: usize) -> Result<()> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes: Vec<(String, Vec<u8>, usize)> = seqs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let logits = s.logits.as_deref().unwrap_or(&[]);
+            let rows = logits.len() / vocab.max(1);
+            let b: Vec<u8> = logits.iter().flat_map(|f| f.to_le_bytes()).collect();
+            (format!("logits.{i}"), b, rows)
+        })
+        .collect();
+    let views: Vec<(String, TensorView<'_>)> = bytes
+        .iter()
+        .map(|(n, b, rows)| Ok((n.clone(), TensorView::new(Dtype::F32, vec![*rows, vocab], b)?)))
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let tmp = path.with_extension("tmp");
+    safetensors::serialize_to_file(views, None, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

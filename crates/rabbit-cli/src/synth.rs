@@ -1,0 +1,97 @@
+//! `rabbit synth`: a complete HF-format checkpoint with seeded random weights.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rabbit_models::synth::{synthesize, SynthOptions, SynthOverrides};
+
+use crate::util::human_bytes;
+
+/// Arguments of `rabbit synth`.
+#[derive(Args)]
+pub struct SynthArgs {
+    /// Architecture family: qwen2, qwen3, llama or mistral.
+    #[arg(long)]
+    arch: String,
+    /// Shape preset: tiny, or a real model's shape (qwen2.5-0.5b, qwen2.5-1.5b, qwen3-0.6b, ...).
+    #[arg(long, default_value = "tiny")]
+    preset: String,
+    /// Output directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Number of weight shards (1 = a single model.safetensors).
+    #[arg(long, default_value_t = 1)]
+    shards: usize,
+    /// Storage dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "bf16")]
+    dtype: String,
+    /// Random seed of the weights.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Override: decoder layers.
+    #[arg(long)]
+    layers: Option<usize>,
+    /// Override: hidden size.
+    #[arg(long)]
+    hidden: Option<usize>,
+    /// Override: MLP intermediate size.
+    #[arg(long)]
+    intermediate: Option<usize>,
+    /// Override: attention heads.
+    #[arg(long)]
+    heads: Option<usize>,
+    /// Override: key/value heads.
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Override: head dimension.
+    #[arg(long)]
+    head_dim: Option<usize>,
+    /// Override: vocabulary size (rows of embedding / LM head).
+    #[arg(long)]
+    vocab: Option<usize>,
+    /// Override: max_position_embeddings.
+    #[arg(long)]
+    max_position: Option<usize>,
+    /// Override: tie the LM head to the embedding (true/false).
+    #[arg(long)]
+    tie_word_embeddings: Option<bool>,
+    /// Override: RoPE base.
+    #[arg(long)]
+    rope_theta: Option<f64>,
+}
+
+/// Runs `rabbit synth`.
+pub fn run(a: SynthArgs) -> Result<()> {
+    let opts = SynthOptions {
+        arch: a.arch,
+        preset: a.preset,
+        out_dir: a.out.clone(),
+        shards: a.shards,
+        dtype: a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+        seed: a.seed,
+        overrides: SynthOverrides {
+            layers: a.layers,
+            hidden: a.hidden,
+            intermediate: a.intermediate,
+            heads: a.heads,
+            kv_heads: a.kv_heads,
+            head_dim: a.head_dim,
+            vocab: a.vocab,
+            max_position: a.max_position,
+            tie_word_embeddings: a.tie_word_embeddings,
+            rope_theta: a.rope_theta,
+        },
+    };
+    let start = std::time::Instant::now();
+    let report = synthesize(&opts, &mut |_| {}).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "{}: {} parameters, {} in {} file(s), {:.2} s",
+        report.out_dir.display(),
+        report.num_parameters,
+        human_bytes(report.bytes_written),
+        report.files.len(),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The layer-streaming executor: embedding → decoder layers (streamed from the split, prefetched
+//! by [`LayerReader`]) → final norm → LM head, for a whole batch per sweep.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use rabbit_models::{names, ModelSpec};
+use rabbit_split::layout::UnitKind;
+use rabbit_split::manifest::{Manifest, UnitEntry};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::buffer::AlignedBuf;
+use crate::decoder::{layer_forward, rms_norm, AttnContext};
+use crate::device::DType;
+use crate::error::{CoreError, Result};
+use crate::kv::KvCache;
+use crate::reader::LayerReader;
+use crate::rope::RopeTables;
+use crate::weights::{validate_split, LayerWeights, UnitTensors};
+
+/// How to run a split model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Compute device.
+    pub device: Device,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Layers read ahead of the one computing.
+    pub prefetch_depth: usize,
+}
+
+/// Accumulated time per pipeline stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Profile {
+    /// Layers streamed.
+    pub layers_streamed: u64,
+    /// Bytes read from layer files.
+    pub bytes_streamed: u64,
+    /// Time the compute thread waited for a layer to arrive.
+    pub read_wait_s: f64,
+    /// Time the reader spent in read calls (overlaps compute).
+    pub read_s: f64,
+    /// Time turning bytes into device tensors (views, dtype conversion, host→device copy).
+    pub stage_s: f64,
+    /// Time in the decoder layers.
+    pub compute_s: f64,
+    /// Time in embedding, final norm and LM head.
+    pub head_s: f64,
+}
+
+/// One forward's inputs: a left-padded batch.
+pub struct StepInput {
+    /// Token ids `[B, T]`.
+    pub ids: Tensor,
+    /// Position of each token `[B, T]` (pads get 0).
+    pub positions: Tensor,
+    /// Largest position in `positions`.
+    pub max_position: i64,
+    /// Left-padding slots per row `[B]`.
+    pub pads: Tensor,
+    /// Whether any row has padding.
+    pub any_pad: bool,
+    /// Cache slot of the first token.
+    pub slot: i64,
+}
+
+/// A model opened for streamed execution.
+pub struct Engine {
+    spec: ModelSpec,
+    split_dir: PathBuf,
+    device: Device,
+    kind: Kind,
+    embed: Tensor,
+    norm: Tensor,
+    lm_head: Tensor,
+    layers: Vec<UnitEntry>,
+    reader: LayerReader,
+    rope: RopeTables,
+    window: Option<usize>,
+    resident_bytes: u64,
+    staging_bytes: u64,
+    /// Stage timings since the engine opened (or since [`Engine::reset_profile`]).
+    pub profile: Profile,
+}
+
+fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
+    let path = dir.join(&entry.file);
+    let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+    let mut buf = AlignedBuf::new(entry.data_len as usize);
+    file.read_exact_at(&mut buf.spare_mut()[..entry.data_len as usize], entry.data_offset)
+        .map_err(|e| CoreError::io(&path, e))?;
+    buf.set_len(entry.data_len as usize);
+    let mut tensors = UnitTensors::from_region(entry, buf.as_slice(), device, kind)?;
+    // Resident tensors must own their memory: the buffer is freed on return.
+    tensors.make_owned()?;
+    Ok(tensors)
+}
+
+impl Engine {
+    /// Opens a split directory: validates it against the spec, loads the embedding, final norm
+    /// and LM head, and starts the layer reader.
+    pub fn open(split_dir: &Path, spec: ModelSpec, opts: &EngineOptions) -> Result<Engine> {
+        let manifest = Manifest::load(split_dir)?;
+        validate_split(&spec, &manifest, split_dir)?;
+        let kind = opts.dtype.kind();
+        let device = opts.device;
+        let unit = |k: UnitKind| {
+            manifest.unit(k).ok_or_else(|| {
+                CoreError::InvalidInput(format!("{}: split has no {k:?} unit", split_dir.display()))
+            })
+        };
+        let embed_entry = unit(UnitKind::Embedding)?;
+        let embed = read_resident(split_dir, embed_entry, device, kind)?.take(names::EMBED)?;
+        let norm_entry = unit(UnitKind::FinalNorm)?;
+        let norm = read_resident(split_dir, norm_entry, device, kind)?.take(names::FINAL_NORM)?;
+        let mut resident_bytes = embed_entry.data_len + norm_entry.data_len;
+        let lm_head = if spec.tie_word_embeddings {
+            embed.shallow_clone()
+        } else {
+            let e = unit(UnitKind::LmHead)?;
+            resident_bytes += e.data_len;
+            read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?
+        };
+        let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
+        let refs: Vec<&UnitEntry> = layers.iter().collect();
+        let depth = opts.prefetch_depth.max(1);
+        let reader = LayerReader::start(split_dir, &refs, depth)?;
+        let staging_bytes =
+            (depth as u64 + 1) * layers.iter().map(|l| l.data_len).max().unwrap_or(0);
+        let windows: Vec<usize> = spec.sliding_windows.iter().flatten().copied().collect();
+        let window = windows.first().copied();
+        if windows.iter().any(|w| Some(*w) != window) {
+            return Err(CoreError::InvalidInput(
+                "layers with different sliding-window sizes are not supported".into(),
+            ));
+        }
+        let rope = RopeTables::new(&spec.rope, device)?;
+        Ok(Engine {
+            spec,
+            split_dir: split_dir.to_path_buf(),
+            device,
+            kind,
+            embed,
+            norm,
+            lm_head,
+            layers,
+            reader,
+            rope,
+            window,
+            resident_bytes,
+            staging_bytes,
+            profile: Profile::default(),
+        })
+    }
+
+    /// The model description.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Compute device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Compute dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The split directory in use.
+    pub fn split_dir(&self) -> &Path {
+        &self.split_dir
+    }
+
+    /// Bytes of weights resident on the device (embedding, norm, LM head).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// Bytes of host staging buffers.
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging_bytes
+    }
+
+    /// Bytes streamed per full sweep (all decoder layers).
+    pub fn bytes_per_sweep(&self) -> u64 {
+        self.layers.iter().map(|l| l.data_len).sum()
+    }
+
+    /// Clears the stage timings.
+    pub fn reset_profile(&mut self) {
+        self.profile = Profile::default();
+    }
+
+    /// Allocates a KV cache for `batch` rows of `capacity` slots.
+    pub fn new_kv(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.spec.num_layers,
+            batch as i64,
+            self.spec.num_kv_heads as i64,
+            capacity as i64,
+            self.spec.head_dim as i64,
+            self.kind,
+            self.device,
+        )
+    }
+
+    /// Attention mask `[B, 1, T, S]` (true = attend): causal, left padding excluded (a pad query
+    /// attends to itself so no row is empty), optional sliding window.
+    fn mask(&self, input: &StepInput, t: i64, window: Option<usize>) -> Result<Tensor> {
+        let s = input.slot + t;
+        let opts = (Kind::Int64, self.device);
+        let q = Tensor::f_arange_start(input.slot, s, opts)?.f_view([t, 1])?;
+        let k = Tensor::f_arange_start(0, s, opts)?.f_view([1, s])?;
+        let causal = k.f_le_tensor(&q)?;
+        let diag = k.f_eq_tensor(&q)?;
+        let not_pad = k.f_unsqueeze(0)?.f_ge_tensor(&input.pads.f_view([-1, 1, 1])?)?;
+        let mut allowed = causal.f_unsqueeze(0)?.f_logical_and(&not_pad.f_logical_or(&diag.f_unsqueeze(0)?)?)?;
+        if let Some(w) = window {
+            let inside = q.f_sub(&k)?.f_lt(w as i64)?;
+            allowed = allowed.f_logical_and(&inside.f_unsqueeze(0)?)?;
+        }
+        Ok(allowed.f_unsqueeze(1)?)
+    }
+
+    /// One sweep over the whole model for a batch. Returns float32 logits: `[B, V]` for the last
+    /// position, or `[B, T, V]` for every position when `all_positions`.
+    pub fn forward(&mut self, input: &StepInput, kv: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        let size = input.ids.size();
+        let (b, t) = (size[0], size[1]);
+        let head_start = Instant::now();
+        let mut h = Tensor::f_embedding(&self.embed, &input.ids, -1, false, false)?;
+        let (cos, sin) = self.rope.cos_sin(&input.positions, input.max_position, self.kind)?;
+        let needs_full = input.any_pad || (t > 1 && input.slot > 0);
+        let full_mask = if needs_full { Some(self.mask(input, t, None)?) } else { None };
+        let window_mask = match self.window {
+            Some(w) if (input.slot + t) as usize > w => Some(self.mask(input, t, Some(w))?),
+            _ => None,
+        };
+        let ctx = AttnContext {
+            cos,
+            sin,
+            slot: input.slot,
+            full_mask,
+            window_mask,
+            causal: input.slot == 0 && t > 1,
+        };
+        let _ = b;
+        let mut head_time = head_start.elapsed();
+
+        for i in 0..self.layers.len() {
+            let (unit, wait) = self.reader.next(i)?;
+            self.profile.read_wait_s += wait.as_secs_f64();
+            self.profile.read_s += unit.read_time.as_secs_f64();
+            self.profile.bytes_streamed += unit.buf.len() as u64;
+            self.profile.layers_streamed += 1;
+            let windowed = self.spec.sliding_windows[i].is_some();
+            let result = (|| {
+                let stage = Instant::now();
+                let tensors = UnitTensors::from_region(&self.layers[i], unit.buf.as_slice(), self.device, self.kind)?;
+                let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
+                self.profile.stage_s += stage.elapsed().as_secs_f64();
+                let compute = Instant::now();
+                let out = layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed);
+                self.profile.compute_s += compute.elapsed().as_secs_f64();
+                out
+            })();
+            // The weights (which may alias the buffer) are gone; the buffer can be refilled.
+            self.reader.recycle(unit.buf);
+            h = result?;
+        }
+
+        let head_start = Instant::now();
+        if !all_positions {
+            h = h.f_narrow(1, t - 1, 1)?;
+        }
+        let h = rms_norm(&h, &self.norm, self.spec.rms_norm_eps)?;
+        let logits = h.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?;
+        let logits = if all_positions { logits } else { logits.f_squeeze_dim(1)? };
+        head_time += head_start.elapsed();
+        self.profile.head_s += head_time.as_secs_f64();
+        Ok(logits)
+    }
+}
+

@@ -1,0 +1,69 @@
+//! Errors of the executor.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong while loading or running a model.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// Splitting or reading the per-layer files failed.
+    #[error(transparent)]
+    Split(#[from] rabbit_split::SplitError),
+    /// The model's configuration is missing, invalid or unsupported.
+    #[error(transparent)]
+    Model(#[from] rabbit_models::ModelError),
+    /// A libtorch operation failed (out of memory, unsupported op on this device, ...).
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The caller asked for something invalid (bad option, bad token id, ...).
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The requested device does not exist on this machine.
+    #[error("{0}")]
+    Device(String),
+    /// The prompt plus the tokens to generate exceed what the model or memory allows.
+    #[error("context too long: {reason}")]
+    ContextTooLong {
+        /// Which limit is exceeded, with numbers.
+        reason: String,
+    },
+    /// A split's tensors do not match what the config describes.
+    #[error("{file}: tensor `{tensor}`: {reason}")]
+    BadTensor {
+        /// The unit file.
+        file: PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Expected vs found.
+        reason: String,
+    },
+    /// The tokenizer could not be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// Downloading from the Hugging Face hub failed.
+    #[error("hub: {0}")]
+    Hub(String),
+    /// The background reader thread died.
+    #[error("layer reader stopped: {0}")]
+    Reader(String),
+    /// Generation was cancelled by the caller.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl CoreError {
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        CoreError::Io { path: path.into(), source }
+    }
+}
+
+/// Result alias for this crate.
+pub type Result<T> = std::result::Result<T, CoreError>;

@@ -1,0 +1,193 @@
+//! Model location: a local directory, or a Hugging Face repo id resolved through hf-hub into the
+//! standard HF cache (shared with Python tools), honouring HF_HOME, HF_HUB_CACHE, HF_TOKEN and
+//! HF_HUB_OFFLINE.
+
+use std::path::{Path, PathBuf};
+
+use hf_hub::api::sync::ApiBuilder;
+use hf_hub::{Cache, Repo, RepoType};
+
+use crate::error::{CoreError, Result};
+
+/// How to reach the hub.
+#[derive(Debug, Clone, Default)]
+pub struct HubOptions {
+    /// Access token (else HF_TOKEN, else the token file in HF_HOME).
+    pub token: Option<String>,
+    /// Branch, tag or commit (default `main`).
+    pub revision: Option<String>,
+    /// Never touch the network (also set by HF_HUB_OFFLINE=1).
+    pub offline: bool,
+    /// Override of the hub cache directory (else HF_HUB_CACHE, else HF_HOME/hub).
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Where a model's files are.
+#[derive(Debug, Clone)]
+pub struct ModelLocation {
+    /// Directory holding config.json, tokenizer and weights.
+    pub dir: PathBuf,
+    /// `(repo id, revision)` when it came from the hub.
+    pub hub: Option<(String, String)>,
+}
+
+fn env_nonempty(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.is_empty())
+}
+
+/// The HF hub cache directory, as huggingface_hub computes it.
+pub fn hub_cache_dir() -> PathBuf {
+    if let Some(d) = env_nonempty("HF_HUB_CACHE") {
+        return PathBuf::from(d);
+    }
+    let home = env_nonempty("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
+        let base = env_nonempty("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            PathBuf::from(env_nonempty("HOME").unwrap_or_else(|| ".".into())).join(".cache")
+        });
+        base.join("huggingface")
+    });
+    home.join("hub")
+}
+
+fn offline_from_env() -> bool {
+    matches!(
+        env_nonempty("HF_HUB_OFFLINE").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        Some("1" | "true" | "yes" | "on")
+    )
+}
+
+fn token(opts: &HubOptions) -> Option<String> {
+    if let Some(t) = &opts.token {
+        return Some(t.clone());
+    }
+    if let Some(t) = env_nonempty("HF_TOKEN") {
+        return Some(t);
+    }
+    let home = env_nonempty("HF_HOME").map(PathBuf::from);
+    let path = home.map(|h| h.join("token")).unwrap_or_else(|| hub_cache_dir().with_file_name("token"));
+    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+}
+
+/// True when `s` has the shape of a repo id (`name` or `org/name`) rather than a path.
+pub fn looks_like_repo_id(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('/').collect();
+    !s.starts_with('.')
+        && !s.starts_with('/')
+        && (1..=2).contains(&parts.len())
+        && parts.iter().all(|p| {
+            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        })
+}
+
+/// Files a model needs besides its weights; the optional ones may be absent.
+const REQUIRED: &[&str] = &["config.json"];
+const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+
+/// Resolves a local path or repo id to a directory with the model's files, downloading what is
+/// missing unless offline.
+pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
+    let path = Path::new(id_or_path);
+    if path.is_dir() {
+        return Ok(ModelLocation { dir: path.to_path_buf(), hub: None });
+    }
+    if path.exists() {
+        return Err(CoreError::InvalidInput(format!(
+            "{id_or_path} is a file; --model takes a model directory or a hub repo id"
+        )));
+    }
+    if !looks_like_repo_id(id_or_path) {
+        return Err(CoreError::InvalidInput(format!(
+            "model directory {id_or_path} does not exist (and it is not a hub repo id like `Qwen/Qwen2.5-0.5B`)"
+        )));
+    }
+    let revision = opts.revision.clone().unwrap_or_else(|| "main".into());
+    let repo = Repo::with_revision(id_or_path.to_string(), RepoType::Model, revision.clone());
+    let cache_dir = opts.cache_dir.clone().unwrap_or_else(hub_cache_dir);
+    let offline = opts.offline || offline_from_env();
+    let fetch: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline {
+        let cache = Cache::new(cache_dir.clone()).repo(repo.clone());
+        Box::new(move |f| Ok(cache.get(f)))
+    } else {
+        let api = ApiBuilder::new()
+            .with_cache_dir(cache_dir.clone())
+            .with_token(token(opts))
+            .with_progress(false)
+            .build()
+            .map_err(|e| CoreError::Hub(e.to_string()))?
+            .repo(repo.clone());
+        let id = id_or_path.to_string();
+        Box::new(move |f| match api.get(f) {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                let msg = e.to_string();
+                if msg.contains("404") {
+                    Ok(None)
+                } else if msg.contains("401") || msg.contains("403") {
+                    Err(CoreError::Hub(format!(
+                        "{id} is gated or private ({msg}): accept its license on huggingface.co, \
+                         then pass a token with --token or the HF_TOKEN environment variable"
+                    )))
+                } else {
+                    Err(CoreError::Hub(format!("{id}: downloading {f}: {msg}")))
+                }
+            }
+        })
+    };
+    let missing = |f: &str| {
+        if offline {
+            CoreError::Hub(format!(
+                "{id_or_path}@{revision}: {f} is not in the HF cache {} and offline mode is on \
+                 (HF_HUB_OFFLINE); download it once with network access",
+                cache_dir.display()
+            ))
+        } else {
+            CoreError::Hub(format!("{id_or_path}@{revision}: the repo has no {f}"))
+        }
+    };
+    let mut dir = None;
+    for f in REQUIRED {
+        let p = fetch(f)?.ok_or_else(|| missing(f))?;
+        dir = p.parent().map(Path::to_path_buf);
+    }
+    for f in OPTIONAL {
+        fetch(f)?;
+    }
+    match fetch("model.safetensors.index.json")? {
+        Some(index) => {
+            let text = std::fs::read_to_string(&index).map_err(|e| CoreError::io(&index, e))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| CoreError::Hub(format!("{}: {e}", index.display())))?;
+            let mut shards: Vec<String> = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                .unwrap_or_default();
+            shards.sort();
+            shards.dedup();
+            for s in shards {
+                fetch(&s)?.ok_or_else(|| missing(&s))?;
+            }
+        }
+        None => {
+            fetch("model.safetensors")?.ok_or_else(|| {
+                missing("model.safetensors (nor model.safetensors.index.json; only safetensors checkpoints are supported)")
+            })?;
+        }
+    }
+    let dir = dir.ok_or_else(|| missing("config.json"))?;
+    Ok(ModelLocation { dir, hub: Some((id_or_path.to_string(), revision)) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repo_id_shapes() {
+        assert!(looks_like_repo_id("Qwen/Qwen2.5-0.5B"));
+        assert!(looks_like_repo_id("gpt2"));
+        assert!(!looks_like_repo_id("./model"));
+        assert!(!looks_like_repo_id("/abs/path"));
+        assert!(!looks_like_repo_id("a/b/c"));
+    }
+}

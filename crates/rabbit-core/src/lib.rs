@@ -1,0 +1,30 @@
+//! The rabbitllm executor: streams a split model one decoder layer at a time through libtorch,
+//! with the next layers already being read, a preallocated KV cache on the compute device, and
+//! batched generation.
+//!
+//! Most users want [`AutoModel::from_pretrained`] and [`Model::generate`].
+
+pub mod buffer;
+pub mod decoder;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod generate;
+pub mod hub;
+pub mod kv;
+pub mod memory;
+pub mod model;
+pub mod reader;
+pub mod rope;
+pub mod sampling;
+pub mod weights;
+
+pub use device::{DType, DeviceSpec};
+pub use engine::{Engine, EngineOptions, Profile};
+pub use error::{CoreError, Result};
+pub use generate::{Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, TokenEvent, Timings};
+pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
+pub use sampling::SamplingParams;
+
+/// Re-exported so library users can build devices/tensors without a direct tch dependency.
+pub use tch;

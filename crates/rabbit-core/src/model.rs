@@ -1,0 +1,245 @@
+//! The library entry point: [`AutoModel::from_pretrained`] locates (or downloads) a checkpoint,
+//! splits it on first use, opens it for streaming and returns a [`Model`] with its tokenizer.
+
+use std::path::{Path, PathBuf};
+
+use rabbit_split::{SplitEvent, SplitOptions, SplitOutcome};
+use tokenizers::Tokenizer;
+
+use crate::device::{device_name, DType, DeviceSpec};
+use crate::engine::{Engine, EngineOptions};
+use crate::error::{CoreError, Result};
+use crate::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
+use crate::hub::{locate, HubOptions};
+
+/// Options of [`AutoModel::from_pretrained`], as a typed builder.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    /// Compute device (default: auto).
+    pub device: DeviceSpec,
+    /// Compute dtype (default: the checkpoint's dtype, f32 if unknown).
+    pub dtype: Option<DType>,
+    /// Where the per-layer split lives (default: next to a local checkpoint, or under the
+    /// rabbitllm cache for hub models).
+    pub split_dir: Option<PathBuf>,
+    /// Layers read ahead while one computes (default 2; 0 is treated as 1).
+    pub prefetch_depth: usize,
+    /// Hub access.
+    pub hub: HubOptions,
+    /// Delete the original weight files once the split is verified complete.
+    pub delete_original: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        LoadOptions {
+            device: DeviceSpec::Auto,
+            dtype: None,
+            split_dir: None,
+            prefetch_depth: 2,
+            hub: HubOptions::default(),
+            delete_original: false,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// Compute device.
+    pub fn device(mut self, d: DeviceSpec) -> Self {
+        self.device = d;
+        self
+    }
+    /// Compute dtype.
+    pub fn dtype(mut self, d: DType) -> Self {
+        self.dtype = Some(d);
+        self
+    }
+    /// Split directory.
+    pub fn split_dir(mut self, p: impl Into<PathBuf>) -> Self {
+        self.split_dir = Some(p.into());
+        self
+    }
+    /// Read-ahead depth.
+    pub fn prefetch_depth(mut self, n: usize) -> Self {
+        self.prefetch_depth = n;
+        self
+    }
+    /// Hub token.
+    pub fn token(mut self, t: impl Into<String>) -> Self {
+        self.hub.token = Some(t.into());
+        self
+    }
+    /// Hub revision.
+    pub fn revision(mut self, r: impl Into<String>) -> Self {
+        self.hub.revision = Some(r.into());
+        self
+    }
+    /// Never use the network.
+    pub fn offline(mut self, yes: bool) -> Self {
+        self.hub.offline = yes;
+        self
+    }
+    /// Delete original weights after a verified split.
+    pub fn delete_original(mut self, yes: bool) -> Self {
+        self.delete_original = yes;
+        self
+    }
+}
+
+/// Progress of loading, for progress bars.
+#[derive(Debug, Clone)]
+pub enum LoadEvent {
+    /// The model files are at this directory.
+    Located(PathBuf),
+    /// A split step happened.
+    Split(SplitEvent),
+    /// The engine is open on this device.
+    Opened {
+        /// `cpu` / `cuda:N`.
+        device: String,
+        /// Compute dtype.
+        dtype: DType,
+    },
+}
+
+/// Entry point mirroring the Python anchors' `AutoModel.from_pretrained`.
+pub struct AutoModel;
+
+impl AutoModel {
+    /// Locates (or downloads) the model, splits it if needed, and opens it for streaming.
+    pub fn from_pretrained(id_or_path: &str, opts: LoadOptions) -> Result<Model> {
+        Self::from_pretrained_with_progress(id_or_path, opts, &mut |_| {})
+    }
+
+    /// As [`AutoModel::from_pretrained`], reporting progress.
+    pub fn from_pretrained_with_progress(
+        id_or_path: &str,
+        opts: LoadOptions,
+        progress: &mut dyn FnMut(&LoadEvent),
+    ) -> Result<Model> {
+        let loc = locate(id_or_path, &opts.hub)?;
+        progress(&LoadEvent::Located(loc.dir.clone()));
+        let spec = rabbit_models::load_spec(&loc.dir)?;
+        let device = opts.device.resolve()?;
+        let dtype = match opts.dtype {
+            Some(d) => d,
+            None => spec.storage_dtype.as_deref().and_then(DType::from_config_name).unwrap_or(DType::F32),
+        };
+        let split_dir = match (&opts.split_dir, &loc.hub) {
+            (Some(d), _) => Some(d.clone()),
+            (None, Some((repo, rev))) => Some(default_hub_split_dir(repo, rev, &loc.dir)),
+            (None, None) => None,
+        };
+        let split_opts = SplitOptions {
+            out_dir: split_dir,
+            delete_original: opts.delete_original,
+            ..SplitOptions::default()
+        };
+        let layout = spec.layout();
+        let (split_dir, outcome) =
+            rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| progress(&LoadEvent::Split(e.clone())))?;
+        if let SplitOutcome::Written { .. } = outcome {
+            tracing::info!(dir = %split_dir.display(), "split written");
+        }
+        let engine = Engine::open(
+            &split_dir,
+            spec,
+            &EngineOptions { device, dtype, prefetch_depth: opts.prefetch_depth },
+        )?;
+        progress(&LoadEvent::Opened { device: device_name(device), dtype });
+        let tokenizer = load_tokenizer(&loc.dir)?;
+        Ok(Model { engine, tokenizer, model_dir: loc.dir })
+    }
+}
+
+/// `$RABBIT_CACHE/splits/<repo>/<revision>` (default `~/.cache/rabbitllm/...`): hub snapshots
+/// stay untouched.
+fn default_hub_split_dir(repo: &str, revision: &str, snapshot: &Path) -> PathBuf {
+    let base = std::env::var_os("RABBIT_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
+            .join("rabbitllm")
+    });
+    // The snapshot directory name is the commit hash: a new commit gets a new split.
+    let commit = snapshot.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| revision.into());
+    base.join("splits").join(repo.replace('/', "--")).join(commit)
+}
+
+fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
+    let path = dir.join("tokenizer.json");
+    if !path.exists() {
+        return Ok(None);
+    }
+    Tokenizer::from_file(&path)
+        .map(Some)
+        .map_err(|e| CoreError::Tokenizer(format!("{}: {e}", path.display())))
+}
+
+/// A streamed model with its tokenizer.
+pub struct Model {
+    /// The executor.
+    pub engine: Engine,
+    tokenizer: Option<Tokenizer>,
+    model_dir: PathBuf,
+}
+
+impl Model {
+    /// The tokenizer, when the model directory has a tokenizer.json.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// Directory of the original checkpoint (config, tokenizer).
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    fn require_tokenizer(&self) -> Result<&Tokenizer> {
+        self.tokenizer.as_ref().ok_or_else(|| {
+            CoreError::Tokenizer(format!(
+                "{} has no tokenizer.json: pass token ids instead of text",
+                self.model_dir.display()
+            ))
+        })
+    }
+
+    /// Text → ids (special tokens typed in the text are not given special meaning beyond what
+    /// the tokenizer's added-token rules say).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .require_tokenizer()?
+            .encode(text, false)
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids → text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.require_tokenizer()?
+            .decode(ids, true)
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+    }
+
+    /// Runs a generation; see [`Engine::generate`].
+    pub fn generate(
+        &mut self,
+        req: &GenerateRequest,
+        on_token: &mut dyn FnMut(&TokenEvent) -> Control,
+    ) -> Result<GenerateOutput> {
+        self.engine.generate(req, on_token)
+    }
+
+    /// Convenience: greedy (or as `req.sampling` says) continuation of one text prompt.
+    pub fn generate_text(&mut self, prompt: &str, max_new_tokens: usize) -> Result<String> {
+        let ids = self.encode(prompt)?;
+        let req = GenerateRequest {
+            sequences: vec![ids],
+            max_new_tokens,
+            eos_token_ids: self.engine.spec().eos_token_ids.clone(),
+            ..GenerateRequest::default()
+        };
+        let out = self.engine.generate(&req, &mut |_| Control::Continue)?;
+        self.decode(&out.sequences[0].output_ids)
+    }
+}

@@ -1,0 +1,187 @@
+//! The background layer reader: fetches layer files i+1..i+k while layer i computes.
+//!
+//! One thread reads each unit's whole data region with one sequential `pread` into a recycled
+//! [`AlignedBuf`]; buffers travel to the compute thread over a bounded crossbeam channel and come
+//! back when the layer is done, so steady-state decoding allocates nothing and host memory is
+//! bounded by `depth + 1` layers. The reader cycles through its units forever (token after
+//! token) until it is dropped.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender};
+use rabbit_split::manifest::UnitEntry;
+
+use crate::buffer::AlignedBuf;
+use crate::error::{CoreError, Result};
+
+/// One unit's data region, read and ready.
+pub struct LoadedUnit {
+    /// Position of the unit in the reader's cycle.
+    pub slot: usize,
+    /// The data region bytes (tensor offsets are relative to its start).
+    pub buf: AlignedBuf,
+    /// Time spent in the read call.
+    pub read_time: Duration,
+}
+
+struct Source {
+    path: PathBuf,
+    file: File,
+    offset: u64,
+    len: usize,
+}
+
+/// A prefetching reader over a fixed cycle of unit files.
+pub struct LayerReader {
+    rx: Receiver<Result<LoadedUnit>>,
+    free_tx: Sender<AlignedBuf>,
+    stop: Arc<AtomicBool>,
+    handle: Option<JoinHandle<()>>,
+    cycle_len: usize,
+    next_slot: usize,
+}
+
+impl LayerReader {
+    /// Opens every unit file and starts the reader thread with `depth` layers of read-ahead.
+    pub fn start(dir: &Path, units: &[&UnitEntry], depth: usize) -> Result<LayerReader> {
+        if units.is_empty() {
+            return Err(CoreError::InvalidInput("layer reader started with no units".into()));
+        }
+        let mut sources = Vec::with_capacity(units.len());
+        let mut max_len = 0usize;
+        for u in units {
+            let path = dir.join(&u.file);
+            let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+            let len = usize::try_from(u.data_len)
+                .map_err(|_| CoreError::InvalidInput(format!("{}: unit too large", path.display())))?;
+            max_len = max_len.max(len);
+            sources.push(Source { path, file, offset: u.data_offset, len });
+        }
+        let depth = depth.max(1);
+        let (tx, rx) = bounded::<Result<LoadedUnit>>(depth);
+        // depth buffers may sit in the channel, one is being filled, one is being computed on.
+        let (free_tx, free_rx) = bounded::<AlignedBuf>(depth + 2);
+        for _ in 0..depth + 1 {
+            free_tx.send(AlignedBuf::new(max_len)).expect("fresh channel has room");
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop_thread = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("rabbit-reader".into())
+            .spawn(move || read_loop(sources, tx, free_rx, stop_thread))
+            .map_err(|e| CoreError::Reader(format!("cannot start thread: {e}")))?;
+        Ok(LayerReader {
+            rx,
+            free_tx,
+            stop,
+            handle: Some(handle),
+            cycle_len: units.len(),
+            next_slot: 0,
+        })
+    }
+
+    /// Number of units in the cycle.
+    pub fn cycle_len(&self) -> usize {
+        self.cycle_len
+    }
+
+    /// Blocks until unit `slot` is read. Units arrive in cycle order; if the caller skipped some
+    /// (an error aborted a sweep), the stale ones are recycled until `slot` comes round.
+    /// Returns the unit and the time spent waiting.
+    pub fn next(&mut self, slot: usize) -> Result<(LoadedUnit, Duration)> {
+        let start = Instant::now();
+        loop {
+            let unit = self
+                .rx
+                .recv()
+                .map_err(|_| CoreError::Reader("reader thread exited".into()))??;
+            self.next_slot = (unit.slot + 1) % self.cycle_len;
+            if unit.slot == slot {
+                return Ok((unit, start.elapsed()));
+            }
+            self.recycle(unit.buf);
+        }
+    }
+
+    /// The slot the reader will hand out next.
+    pub fn expected_slot(&self) -> usize {
+        self.next_slot
+    }
+
+    /// Returns a buffer for reuse once its tensors are gone.
+    pub fn recycle(&self, buf: AlignedBuf) {
+        // The channel has room for every buffer ever created; failure means the thread is gone,
+        // and then the buffer is simply freed.
+        let _ = self.free_tx.try_send(buf);
+    }
+}
+
+impl Drop for LayerReader {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Unblock the thread whichever channel it waits on: drain results so a blocked send
+        // returns, and the closed free channel ends a blocked recv.
+        while self.rx.try_recv().is_ok() {}
+        let (dummy_tx, _) = bounded(1);
+        drop(std::mem::replace(&mut self.free_tx, dummy_tx));
+        while self.rx.try_recv().is_ok() {}
+        if let Some(h) = self.handle.take() {
+            // The thread checks `stop` after every read; drain until it exits.
+            while !h.is_finished() {
+                while self.rx.try_recv().is_ok() {}
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let _ = h.join();
+        }
+    }
+}
+
+fn read_loop(
+    sources: Vec<Source>,
+    tx: Sender<Result<LoadedUnit>>,
+    free_rx: Receiver<AlignedBuf>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut slot = 0usize;
+    while !stop.load(Ordering::SeqCst) {
+        let Ok(mut buf) = free_rx.recv() else { return };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let src = &sources[slot];
+        let start = Instant::now();
+        let result = read_region(src, &mut buf).map(|()| LoadedUnit {
+            slot,
+            buf,
+            read_time: start.elapsed(),
+        });
+        let failed = result.is_err();
+        if tx.send(result).is_err() || failed {
+            return;
+        }
+        slot = (slot + 1) % sources.len();
+    }
+}
+
+fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
+    let dst = &mut buf.spare_mut()[..src.len];
+    src.file.read_exact_at(dst, src.offset).map_err(|e| {
+        let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            std::io::Error::new(
+                e.kind(),
+                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
+            )
+        } else {
+            e
+        };
+        CoreError::io(&src.path, e)
+    })?;
+    buf.set_len(src.len);
+    Ok(())
+}

@@ -1,0 +1,350 @@
+//! The [`Architecture`] trait and the shared config resolution. An architecture file
+//! (`qwen2.rs`, `llama.rs`, ...) only fills in a [`Variant`]: what differs from the common
+//! Llama-lineage decoder.
+
+use crate::config::{GenerationConfig, HfConfig};
+use crate::error::{ModelError, Result};
+use crate::rope::RopeSpec;
+use crate::spec::{GenerationDefaults, ModelSpec};
+
+/// Whether a projection carries a bias.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bias {
+    /// Always (Qwen2's q/k/v).
+    Always,
+    /// Never.
+    Never,
+    /// As config.json's `attention_bias` says (default false).
+    AttentionBiasField,
+    /// As config.json's `mlp_bias` says (default false).
+    MlpBiasField,
+}
+
+/// How sliding-window attention is switched on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlidingPolicy {
+    /// Never used; a config asking for it is refused.
+    Unsupported,
+    /// Qwen2/Qwen3: only when `use_sliding_window` is true, and only for layers
+    /// `>= max_window_layers` (or as `layer_types` says).
+    QwenStyle,
+    /// Mistral: whenever `sliding_window` is set, on every layer.
+    AllLayers,
+}
+
+/// What one family of the Llama lineage changes in the shared decoder.
+#[derive(Debug, Clone, Copy)]
+pub struct Variant {
+    /// `architectures[0]`.
+    pub name: &'static str,
+    /// config.json `model_type`.
+    pub model_type: &'static str,
+    /// Bias on q/k/v.
+    pub qkv_bias: Bias,
+    /// Bias on o_proj.
+    pub o_bias: Bias,
+    /// Bias on the MLP.
+    pub mlp_bias: Bias,
+    /// Per-head q/k RMSNorm before RoPE.
+    pub qk_norm: bool,
+    /// head_dim when config.json has none (None: hidden_size / num_attention_heads).
+    pub default_head_dim: Option<usize>,
+    /// `rope_theta` when config.json has none.
+    pub default_rope_theta: f64,
+    /// `rms_norm_eps` when config.json has none.
+    pub default_rms_norm_eps: f64,
+    /// Sliding-window semantics.
+    pub sliding: SlidingPolicy,
+    /// `max_window_layers` default (Qwen-style only).
+    pub default_max_window_layers: usize,
+    /// config.json keys this family carries that cannot change the numerics of inference.
+    pub harmless_keys: &'static [&'static str],
+}
+
+/// A registered model family. Implementations are unit structs in one file each.
+pub trait Architecture: Send + Sync + 'static {
+    /// The family's differences from the shared decoder.
+    fn variant(&self) -> &'static Variant;
+
+    /// Resolves config.json (+ generation_config.json) into a spec, refusing anything that
+    /// would silently produce wrong numbers.
+    fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
+        resolve(self.variant(), cfg, gen)
+    }
+}
+
+/// Keys written by transformers for every model that have no effect on inference.
+const COMMON_HARMLESS_KEYS: &[&str] = &[
+    "_name_or_path",
+    "transformers_version",
+    "initializer_range",
+    "use_cache",
+    "attention_dropout",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "torchscript",
+    "is_encoder_decoder",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_encoder_decoder",
+    "chunk_size_feed_forward",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "tokenizer_class",
+    "prefix",
+    "task_specific_params",
+    "architectures",
+    "finetuning_task",
+    "cross_attention_hidden_size",
+    "decoder_start_token_id",
+    "sep_token_id",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "pruned_heads",
+    "torch_dtype",
+    "keys_to_ignore_at_inference",
+    // Generation defaults some configs still carry; generation_config.json is authoritative.
+    "max_length",
+    "min_length",
+    "do_sample",
+    "early_stopping",
+    "num_beams",
+    "num_beam_groups",
+    "diversity_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "typical_p",
+    "repetition_penalty",
+    "length_penalty",
+    "no_repeat_ngram_size",
+    "encoder_no_repeat_ngram_size",
+    "bad_words_ids",
+    "num_return_sequences",
+    "output_scores",
+    "return_dict_in_generate",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "remove_invalid_values",
+    "exponential_decay_length_penalty",
+    "tf_legacy_loss",
+    "use_bfloat16",
+];
+
+fn unsupported(v: &Variant, reason: impl Into<String>) -> ModelError {
+    ModelError::Unsupported { architecture: v.name.to_string(), reason: reason.into() }
+}
+
+fn bias(v: &Variant, b: Bias, cfg: &HfConfig) -> bool {
+    let _ = v;
+    match b {
+        Bias::Always => true,
+        Bias::Never => false,
+        Bias::AttentionBiasField => cfg.attention_bias.unwrap_or(false),
+        Bias::MlpBiasField => cfg.mlp_bias.unwrap_or(false),
+    }
+}
+
+/// The shared resolution of a Llama-lineage config, parameterised by the family's [`Variant`].
+pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
+    // Refuse fields that would change the numerics in a way we do not implement.
+    for key in cfg.extra.keys() {
+        if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str())
+        {
+            continue;
+        }
+        let hint = match key.as_str() {
+            "quantization_config" => " (pre-quantized checkpoints are not supported; use an unquantized one and `--compression`)",
+            _ => " (rabbitllm does not know what it changes and refuses to guess)",
+        };
+        return Err(unsupported(v, format!("field `{key}` is not supported{hint}")));
+    }
+    if let Some(mt) = &cfg.model_type {
+        if mt != v.model_type {
+            return Err(unsupported(
+                v,
+                format!("model_type `{mt}` contradicts the architecture (expected `{}`)", v.model_type),
+            ));
+        }
+    }
+    let positive = |name: &str, value: usize| -> Result<usize> {
+        if value == 0 {
+            Err(unsupported(v, format!("`{name}` must be positive")))
+        } else {
+            Ok(value)
+        }
+    };
+    let hidden = positive("hidden_size", cfg.hidden_size)?;
+    let heads = positive("num_attention_heads", cfg.num_attention_heads)?;
+    let kv_heads = positive("num_key_value_heads", cfg.num_key_value_heads.unwrap_or(heads))?;
+    positive("num_hidden_layers", cfg.num_hidden_layers)?;
+    positive("vocab_size", cfg.vocab_size)?;
+    positive("intermediate_size", cfg.intermediate_size)?;
+    positive("max_position_embeddings", cfg.max_position_embeddings)?;
+    if heads % kv_heads != 0 {
+        return Err(unsupported(
+            v,
+            format!("num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"),
+        ));
+    }
+    let head_dim = match (cfg.head_dim, v.default_head_dim) {
+        (Some(d), _) => positive("head_dim", d)?,
+        (None, Some(d)) => d,
+        (None, None) => {
+            if hidden % heads != 0 {
+                return Err(unsupported(
+                    v,
+                    format!("hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given"),
+                ));
+            }
+            hidden / heads
+        }
+    };
+    if head_dim % 2 != 0 {
+        return Err(unsupported(v, format!("head_dim {head_dim} must be even for RoPE")));
+    }
+    match cfg.hidden_act.as_deref() {
+        None | Some("silu") => {}
+        Some(other) => {
+            return Err(unsupported(v, format!("hidden_act `{other}` is not supported (only `silu`)")))
+        }
+    }
+    if let Some(p) = cfg.partial_rotary_factor {
+        if p != 1.0 {
+            return Err(unsupported(v, format!("partial_rotary_factor {p} is not supported")));
+        }
+    }
+    // Rope: transformers 5 `rope_parameters` or classic `rope_theta` + `rope_scaling`.
+    let rope_params = match (&cfg.rope_parameters, &cfg.rope_scaling) {
+        (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
+            return Err(unsupported(v, "both `rope_parameters` and `rope_scaling` are set and differ"))
+        }
+        (Some(p), _) if !p.is_null() => Some(p),
+        (_, Some(s)) if !s.is_null() => Some(s),
+        _ => None,
+    };
+    if let (Some(t), Some(p)) = (cfg.rope_theta, rope_params.and_then(|p| p.get("rope_theta"))) {
+        if p.as_f64() != Some(t) {
+            return Err(unsupported(v, format!("`rope_theta` ({t}) contradicts rope settings ({p})")));
+        }
+    }
+    let theta = cfg.rope_theta.unwrap_or(v.default_rope_theta);
+    let rope = RopeSpec::from_config(theta, head_dim, rope_params, cfg.max_position_embeddings)
+        .map_err(|e| unsupported(v, e))?;
+
+    let layers = cfg.num_hidden_layers;
+    let sliding_windows = sliding_windows(v, cfg, layers)?;
+
+    let storage_dtype = cfg.storage_dtype().map_err(|e| unsupported(v, e))?.map(str::to_string);
+    if let Some(d) = &storage_dtype {
+        if !matches!(d.as_str(), "float32" | "bfloat16" | "float16") {
+            return Err(unsupported(
+                v,
+                format!("dtype `{d}` is not supported (float32, bfloat16, float16)"),
+            ));
+        }
+    }
+
+    let first = |ids: Option<&crate::config::TokenIds>| ids.and_then(|t| t.to_vec().first().copied());
+    let eos_token_ids = gen
+        .and_then(|g| g.eos_token_id.as_ref())
+        .or(cfg.eos_token_id.as_ref())
+        .map(|t| t.to_vec())
+        .unwrap_or_default();
+    let generation = gen
+        .map(|g| GenerationDefaults {
+            do_sample: g.do_sample,
+            temperature: g.temperature,
+            top_k: g.top_k,
+            top_p: g.top_p,
+            repetition_penalty: g.repetition_penalty,
+        })
+        .unwrap_or_default();
+    let rms = cfg.rms_norm_eps.unwrap_or(v.default_rms_norm_eps);
+    if !(rms > 0.0 && rms.is_finite()) {
+        return Err(unsupported(v, format!("rms_norm_eps {rms} must be positive")));
+    }
+    Ok(ModelSpec {
+        architecture: v.name.to_string(),
+        vocab_size: cfg.vocab_size,
+        hidden_size: hidden,
+        intermediate_size: cfg.intermediate_size,
+        num_layers: layers,
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim,
+        rms_norm_eps: rms,
+        rope,
+        max_position_embeddings: cfg.max_position_embeddings,
+        tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+        storage_dtype,
+        sliding_windows,
+        qkv_bias: bias(v, v.qkv_bias, cfg),
+        o_bias: bias(v, v.o_bias, cfg),
+        mlp_bias: bias(v, v.mlp_bias, cfg),
+        qk_norm: v.qk_norm,
+        bos_token_id: gen.and_then(|g| first(g.bos_token_id.as_ref())).or(first(cfg.bos_token_id.as_ref())),
+        eos_token_ids,
+        pad_token_id: gen.and_then(|g| first(g.pad_token_id.as_ref())).or(first(cfg.pad_token_id.as_ref())),
+        generation,
+    })
+}
+
+fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Option<usize>>> {
+    let window = match v.sliding {
+        SlidingPolicy::Unsupported => {
+            if cfg.use_sliding_window == Some(true) || cfg.sliding_window.is_some() {
+                // Llama configs never carry a window; a present one means a different model.
+                if cfg.sliding_window.is_some() {
+                    return Err(unsupported(v, "`sliding_window` is not supported for this architecture"));
+                }
+            }
+            None
+        }
+        SlidingPolicy::QwenStyle => {
+            if cfg.use_sliding_window.unwrap_or(false) {
+                cfg.sliding_window
+            } else {
+                None
+            }
+        }
+        SlidingPolicy::AllLayers => cfg.sliding_window,
+    };
+    if window == Some(0) {
+        return Err(unsupported(v, "`sliding_window` must be positive"));
+    }
+    if let Some(types) = &cfg.layer_types {
+        if types.len() != layers {
+            return Err(unsupported(
+                v,
+                format!("`layer_types` has {} entries but num_hidden_layers is {layers}", types.len()),
+            ));
+        }
+        return types
+            .iter()
+            .enumerate()
+            .map(|(i, t)| match t.as_str() {
+                "full_attention" => Ok(None),
+                "sliding_attention" => match window {
+                    Some(w) => Ok(Some(w)),
+                    None => Err(unsupported(
+                        v,
+                        format!("layer_types[{i}] is sliding_attention but no sliding window is in effect"),
+                    )),
+                },
+                other => Err(unsupported(v, format!("layer_types[{i}] `{other}` is not supported"))),
+            })
+            .collect();
+    }
+    Ok((0..layers)
+        .map(|i| match (v.sliding, window) {
+            (SlidingPolicy::QwenStyle, Some(w)) => {
+                let full = cfg.max_window_layers.unwrap_or(v.default_max_window_layers);
+                (i >= full).then_some(w)
+            }
+            (_, w) => w,
+        })
+        .collect())
+}

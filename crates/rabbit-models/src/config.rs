@@ -1,0 +1,206 @@
+//! Serde mirrors of the HF `config.json` and `generation_config.json` files.
+//!
+//! Both layouts found in the wild are accepted: the classic keys (`rope_theta`, `rope_scaling`,
+//! `torch_dtype`) and those transformers 5 writes (`rope_parameters`, `dtype`). Resolution into
+//! one unambiguous [`crate::ModelSpec`] happens in [`crate::arch`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{ModelError, Result};
+
+/// One token id or a list of them (`eos_token_id` is either in the wild).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TokenIds {
+    /// A single id.
+    One(u32),
+    /// Several ids.
+    Many(Vec<u32>),
+}
+
+impl TokenIds {
+    /// The ids as a vector.
+    pub fn to_vec(&self) -> Vec<u32> {
+        match self {
+            TokenIds::One(id) => vec![*id],
+            TokenIds::Many(ids) => ids.clone(),
+        }
+    }
+}
+
+/// The fields of `config.json` that decoder-only families of the Llama lineage use.
+///
+/// Every other key lands in `extra`; [`crate::arch`] decides whether it is harmless or must be
+/// refused (a key that would change the numerics, e.g. `quantization_config`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HfConfig {
+    /// e.g. `["Qwen2ForCausalLM"]`.
+    #[serde(default)]
+    pub architectures: Vec<String>,
+    /// e.g. `qwen2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    /// Rows of the embedding and LM head (may exceed the tokenizer's vocabulary).
+    pub vocab_size: usize,
+    /// Model width.
+    pub hidden_size: usize,
+    /// MLP width.
+    pub intermediate_size: usize,
+    /// Number of decoder layers.
+    pub num_hidden_layers: usize,
+    /// Query heads.
+    pub num_attention_heads: usize,
+    /// Key/value heads (GQA); defaults to `num_attention_heads`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    /// Per-head width; when absent the family's default applies (Qwen3: 128, others:
+    /// hidden/heads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    /// MLP activation; only `silu` is supported by these families.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    /// Longest context the model was configured for.
+    pub max_position_embeddings: usize,
+    /// RMSNorm epsilon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    /// Classic layout: RoPE base.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    /// Classic layout: RoPE scaling dictionary (`type`/`rope_type`, `factor`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<Value>,
+    /// transformers 5 layout: `{"rope_type": ..., "rope_theta": ..., ...}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<Value>,
+    /// Partial rotary embeddings (not supported by these families unless 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partial_rotary_factor: Option<f64>,
+    /// Whether lm_head reuses the embedding matrix; the family decides the default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    /// Classic layout: storage dtype (`bfloat16`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    /// transformers 5 layout: storage dtype.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Sliding-window attention width.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
+    /// Qwen2/Qwen3: the window applies only when this is true.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_sliding_window: Option<bool>,
+    /// Qwen2/Qwen3: layers below this index use full attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_window_layers: Option<usize>,
+    /// Explicit per-layer attention kinds (`full_attention` / `sliding_attention`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer_types: Option<Vec<String>>,
+    /// Llama/Qwen3: bias on q/k/v/o projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    /// Llama: bias on the MLP projections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    /// Beginning-of-sequence id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<TokenIds>,
+    /// End-of-sequence id(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    /// Padding id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<TokenIds>,
+    /// Every other key, checked by the architecture.
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl HfConfig {
+    /// Reads and parses `<dir>/config.json`.
+    pub fn load(dir: &Path) -> Result<HfConfig> {
+        let path = dir.join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                ModelError::MissingConfig { path: path.clone() }
+            } else {
+                ModelError::Io { path: path.clone(), source }
+            }
+        })?;
+        Self::from_json_str(&text).map_err(|reason| ModelError::BadConfig { path, reason })
+    }
+
+    /// Parses config.json text; the error string names the offending field.
+    pub fn from_json_str(text: &str) -> std::result::Result<HfConfig, String> {
+        serde_json::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// `architectures[0]`, the registry key.
+    pub fn architecture(&self) -> Option<&str> {
+        self.architectures.first().map(String::as_str)
+    }
+
+    /// The storage dtype, from either layout (`dtype` wins when both are present and agree).
+    pub fn storage_dtype(&self) -> std::result::Result<Option<&str>, String> {
+        match (&self.dtype, &self.torch_dtype) {
+            (Some(a), Some(b)) if a != b => Err(format!(
+                "`dtype` ({a}) and `torch_dtype` ({b}) disagree"
+            )),
+            (Some(a), _) => Ok(Some(a)),
+            (None, Some(b)) => Ok(Some(b)),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
+/// The parts of `generation_config.json` that change what `generate` does by default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GenerationConfig {
+    /// Stop ids (may differ from config.json's, e.g. instruct models add `<|im_end|>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<TokenIds>,
+    /// Beginning-of-sequence id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<TokenIds>,
+    /// Padding id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<TokenIds>,
+    /// Default sampling switch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub do_sample: Option<bool>,
+    /// Default temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    /// Default top-k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    /// Default top-p.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    /// Default repetition penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repetition_penalty: Option<f64>,
+    /// Anything else (ignored: it cannot change the logits).
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+impl GenerationConfig {
+    /// Reads `<dir>/generation_config.json`; a missing file is not an error (defaults apply).
+    pub fn load(dir: &Path) -> Result<Option<GenerationConfig>> {
+        let path = dir.join("generation_config.json");
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text)
+                .map(Some)
+                .map_err(|e| ModelError::BadConfig { path, reason: e.to_string() }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ModelError::Io { path, source }),
+        }
+    }
+}

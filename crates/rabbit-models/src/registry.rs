@@ -1,0 +1,89 @@
+//! Architecture registry keyed on config.json `architectures[0]`.
+
+use std::path::Path;
+
+use crate::arch::Architecture;
+use crate::config::{GenerationConfig, HfConfig};
+use crate::error::{ModelError, Result};
+use crate::spec::ModelSpec;
+use crate::{llama::Llama, mistral::Mistral, qwen2::Qwen2, qwen3::Qwen3};
+
+/// Implemented families.
+static SUPPORTED: &[(&str, &dyn Architecture)] = &[
+    ("Qwen2ForCausalLM", &Qwen2),
+    ("Qwen3ForCausalLM", &Qwen3),
+    ("LlamaForCausalLM", &Llama),
+    ("MistralForCausalLM", &Mistral),
+];
+
+/// Families named by the anchors' documentation that are recognised but not implemented yet:
+/// they get a clear "not yet supported" error rather than being routed to a look-alike.
+pub static NOT_YET_SUPPORTED: &[&str] = &[
+    "MixtralForCausalLM",
+    "Gemma2ForCausalLM",
+    "Gemma3ForCausalLM",
+    "Gemma3ForConditionalGeneration",
+    "Phi3ForCausalLM",
+    "Phi4ForCausalLM",
+    "DeepseekV2ForCausalLM",
+    "DeepseekV3ForCausalLM",
+    "InternLMForCausalLM",
+    "InternLM2ForCausalLM",
+    "ChatGLMModel",
+    "ChatGLMForConditionalGeneration",
+    "BaichuanForCausalLM",
+    "QWenLMHeadModel",
+    "Qwen2MoeForCausalLM",
+    "Qwen3MoeForCausalLM",
+];
+
+/// Names of the implemented architectures.
+pub fn supported_architectures() -> Vec<&'static str> {
+    SUPPORTED.iter().map(|(n, _)| *n).collect()
+}
+
+/// Finds the implementation for `architectures[0]`.
+pub fn lookup(architecture: &str) -> Result<&'static dyn Architecture> {
+    if let Some((_, a)) = SUPPORTED.iter().find(|(n, _)| *n == architecture) {
+        return Ok(*a);
+    }
+    let supported = supported_architectures().join(", ");
+    if NOT_YET_SUPPORTED.contains(&architecture) {
+        Err(ModelError::NotYetSupported { architecture: architecture.to_string(), supported })
+    } else {
+        Err(ModelError::UnknownArchitecture { architecture: architecture.to_string(), supported })
+    }
+}
+
+/// Resolves a parsed config (and optional generation config) into a spec.
+pub fn spec_from_config(cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
+    let arch = match cfg.architectures.as_slice() {
+        [one] => one.as_str(),
+        [] => {
+            return Err(ModelError::UnknownArchitecture {
+                architecture: "<config.json has no `architectures`>".into(),
+                supported: supported_architectures().join(", "),
+            })
+        }
+        many => {
+            return Err(ModelError::UnknownArchitecture {
+                architecture: format!("{many:?} (exactly one architecture expected)"),
+                supported: supported_architectures().join(", "),
+            })
+        }
+    };
+    lookup(arch)?.spec(cfg, gen)
+}
+
+/// Reads `config.json` and `generation_config.json` from a model directory and resolves them.
+pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
+    let cfg = HfConfig::load(dir)?;
+    let gen = GenerationConfig::load(dir)?;
+    spec_from_config(&cfg, gen.as_ref()).map_err(|e| match e {
+        ModelError::Unsupported { architecture, reason } => ModelError::BadConfig {
+            path: dir.join("config.json"),
+            reason: format!("{architecture}: {reason}"),
+        },
+        other => other,
+    })
+}

@@ -1,0 +1,321 @@
+//! Rotary position embedding variants, computed exactly as transformers'
+//! `modeling_rope_utils.py` does (inverse frequencies plus a cos/sin scaling factor).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// How the inverse frequencies are derived.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "rope_type", rename_all = "snake_case")]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    Default,
+    /// Position interpolation: frequencies divided by `factor`.
+    Linear {
+        /// Interpolation factor.
+        factor: f64,
+    },
+    /// Dynamic NTK: the base grows once positions exceed `max_position_embeddings`.
+    Dynamic {
+        /// Scaling factor.
+        factor: f64,
+        /// The length past which the base is rescaled (config's `max_position_embeddings`).
+        max_position_embeddings: usize,
+    },
+    /// YaRN (NTK-by-parts with an attention temperature).
+    Yarn {
+        /// Scaling factor.
+        factor: f64,
+        /// Pre-training context length.
+        original_max_position_embeddings: usize,
+        /// Multiplier of cos/sin.
+        attention_factor: f64,
+        /// Extrapolation boundary (rotations).
+        beta_fast: f64,
+        /// Interpolation boundary (rotations).
+        beta_slow: f64,
+        /// Whether the correction range is rounded outwards.
+        truncate: bool,
+    },
+    /// Llama 3.1 frequency-dependent scaling.
+    Llama3 {
+        /// Scaling factor for low frequencies.
+        factor: f64,
+        /// Wavelength boundary (low).
+        low_freq_factor: f64,
+        /// Wavelength boundary (high).
+        high_freq_factor: f64,
+        /// Pre-training context length.
+        original_max_position_embeddings: usize,
+    },
+}
+
+/// Everything needed to build cos/sin tables for one model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RopeSpec {
+    /// RoPE base.
+    pub theta: f64,
+    /// Rotary width (the head dimension for the supported families).
+    pub dim: usize,
+    /// Scaling variant.
+    pub scaling: RopeScaling,
+}
+
+impl RopeSpec {
+    /// Parses the rope settings from either config layout. `rope_params` is the
+    /// `rope_parameters` dict (transformers 5) or the `rope_scaling` dict (classic), whose
+    /// `rope_theta` (if any) overrides `theta`.
+    pub fn from_config(
+        theta: f64,
+        dim: usize,
+        rope_params: Option<&Value>,
+        max_position_embeddings: usize,
+    ) -> Result<RopeSpec, String> {
+        let Some(params) = rope_params.filter(|v| !v.is_null()) else {
+            return Ok(RopeSpec { theta, dim, scaling: RopeScaling::Default });
+        };
+        let obj = params
+            .as_object()
+            .ok_or_else(|| format!("rope settings must be an object, got {params}"))?;
+        let theta = match obj.get("rope_theta") {
+            Some(v) => v.as_f64().ok_or_else(|| format!("rope_theta is not a number: {v}"))?,
+            None => theta,
+        };
+        let kind = obj
+            .get("rope_type")
+            .or_else(|| obj.get("type"))
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let num = |key: &str| -> Result<Option<f64>, String> {
+            match obj.get(key) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v
+                    .as_f64()
+                    .map(Some)
+                    .ok_or_else(|| format!("rope `{key}` is not a number: {v}")),
+            }
+        };
+        let need = |key: &str| -> Result<f64, String> {
+            num(key)?.ok_or_else(|| format!("rope type `{kind}` needs `{key}`"))
+        };
+        if let Some(p) = num("partial_rotary_factor")? {
+            if p != 1.0 {
+                return Err(format!("partial_rotary_factor {p} is not supported"));
+            }
+        }
+        let original = |default: usize| -> Result<usize, String> {
+            Ok(num("original_max_position_embeddings")?.map(|v| v as usize).unwrap_or(default))
+        };
+        let scaling = match kind {
+            "default" => RopeScaling::Default,
+            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "dynamic" => RopeScaling::Dynamic {
+                factor: need("factor")?,
+                max_position_embeddings,
+            },
+            "yarn" => {
+                let original = original(max_position_embeddings)?;
+                let factor = match num("factor")? {
+                    Some(f) => f,
+                    None => max_position_embeddings as f64 / original as f64,
+                };
+                let mscale = num("mscale")?;
+                let mscale_all_dim = num("mscale_all_dim")?;
+                let get_mscale = |scale: f64, m: f64| {
+                    if scale <= 1.0 {
+                        1.0
+                    } else {
+                        0.1 * m * scale.ln() + 1.0
+                    }
+                };
+                let attention_factor = match num("attention_factor")? {
+                    Some(a) => a,
+                    None => match (mscale, mscale_all_dim) {
+                        (Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
+                            get_mscale(factor, m) / get_mscale(factor, a)
+                        }
+                        _ => get_mscale(factor, 1.0),
+                    },
+                };
+                // transformers uses `or`: a 0 or missing beta falls back to the default.
+                let beta_fast = num("beta_fast")?.filter(|v| *v != 0.0).unwrap_or(32.0);
+                let beta_slow = num("beta_slow")?.filter(|v| *v != 0.0).unwrap_or(1.0);
+                let truncate = obj.get("truncate").and_then(Value::as_bool).unwrap_or(true);
+                RopeScaling::Yarn {
+                    factor,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                    beta_fast,
+                    beta_slow,
+                    truncate,
+                }
+            }
+            "llama3" => RopeScaling::Llama3 {
+                factor: need("factor")?,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max_position_embeddings: original(max_position_embeddings)?,
+            },
+            other => {
+                return Err(format!(
+                    "rope type `{other}` is not supported (supported: default, linear, dynamic, yarn, llama3)"
+                ))
+            }
+        };
+        Ok(RopeSpec { theta, dim, scaling })
+    }
+
+    /// Inverse frequencies (`dim / 2` values) and the cos/sin multiplier for a forward pass whose
+    /// largest position is `seq_len - 1`. Only the dynamic variant depends on `seq_len`.
+    pub fn inv_freq(&self, seq_len: usize) -> (Vec<f32>, f32) {
+        let dim = self.dim;
+        // transformers computes these in float32; so do we, to agree to the last bit.
+        let base_inv = |base: f64| -> Vec<f32> {
+            (0..dim)
+                .step_by(2)
+                .map(|i| {
+                    let exponent = i as f32 / dim as f32;
+                    1.0f32 / (base as f32).powf(exponent)
+                })
+                .collect()
+        };
+        match &self.scaling {
+            RopeScaling::Default => (base_inv(self.theta), 1.0),
+            RopeScaling::Linear { factor } => {
+                (base_inv(self.theta).into_iter().map(|f| f / *factor as f32).collect(), 1.0)
+            }
+            RopeScaling::Dynamic { factor, max_position_embeddings } => {
+                let seq = seq_len.max(*max_position_embeddings) as f64;
+                let max = *max_position_embeddings as f64;
+                let base = self.theta
+                    * ((factor * seq / max) - (factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
+                (base_inv(base), 1.0)
+            }
+            RopeScaling::Yarn {
+                factor,
+                original_max_position_embeddings,
+                attention_factor,
+                beta_fast,
+                beta_slow,
+                truncate,
+            } => {
+                let base = self.theta;
+                let orig = *original_max_position_embeddings as f64;
+                let correction_dim = |rot: f64| {
+                    (dim as f64 * (orig / (rot * 2.0 * std::f64::consts::PI)).ln())
+                        / (2.0 * base.ln())
+                };
+                let (mut low, mut high) = (correction_dim(*beta_fast), correction_dim(*beta_slow));
+                if *truncate {
+                    low = low.floor();
+                    high = high.ceil();
+                }
+                let low = low.max(0.0);
+                let high = high.min(dim as f64 - 1.0);
+                let high = if low == high { high + 0.001 } else { high };
+                let factor = *factor as f32;
+                let inv = (0..dim)
+                    .step_by(2)
+                    .enumerate()
+                    .map(|(j, i)| {
+                        let pos_freq = (base as f32).powf(i as f32 / dim as f32);
+                        let extrapolation = 1.0 / pos_freq;
+                        let interpolation = 1.0 / (factor * pos_freq);
+                        let ramp = ((j as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let extra_factor = 1.0 - ramp;
+                        interpolation * (1.0 - extra_factor) + extrapolation * extra_factor
+                    })
+                    .collect();
+                (inv, *attention_factor as f32)
+            }
+            RopeScaling::Llama3 {
+                factor,
+                low_freq_factor,
+                high_freq_factor,
+                original_max_position_embeddings,
+            } => {
+                let old = *original_max_position_embeddings as f32;
+                let (factor, low_ff, high_ff) =
+                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let low_wavelen = old / low_ff;
+                let high_wavelen = old / high_ff;
+                let inv = base_inv(self.theta)
+                    .into_iter()
+                    .map(|f| {
+                        let wavelen = 2.0 * std::f32::consts::PI / f;
+                        let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        if medium {
+                            let smooth = (old / wavelen - low_ff) / (high_ff - low_ff);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        }
+                    })
+                    .collect();
+                (inv, 1.0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn default_matches_closed_form() {
+        let r = RopeSpec::from_config(10000.0, 8, None, 128).unwrap();
+        let (inv, scale) = r.inv_freq(1);
+        assert_eq!(scale, 1.0);
+        let want = [1.0, 0.1, 0.01, 0.001];
+        for (a, b) in inv.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn classic_type_key_and_theta_override() {
+        let v = json!({"type": "linear", "factor": 2.0, "rope_theta": 100.0});
+        let r = RopeSpec::from_config(10000.0, 4, Some(&v), 128).unwrap();
+        assert_eq!(r.theta, 100.0);
+        let (inv, _) = r.inv_freq(1);
+        assert!((inv[1] - 0.1 / 2.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn llama3_leaves_high_frequencies_and_scales_low_ones() {
+        let v = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
+        let r = RopeSpec::from_config(10000.0, 16, Some(&v), 512).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, 512).unwrap().inv_freq(1);
+        let (inv, _) = r.inv_freq(1);
+        assert_eq!(inv[0], plain[0], "highest frequency untouched");
+        assert!((inv[7] - plain[7] / 8.0).abs() < 1e-9, "lowest frequency divided by factor");
+    }
+
+    #[test]
+    fn dynamic_only_changes_past_the_configured_length() {
+        let v = json!({"rope_type": "dynamic", "factor": 2.0});
+        let r = RopeSpec::from_config(10000.0, 8, Some(&v), 100).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, 100).unwrap().inv_freq(1);
+        assert_eq!(r.inv_freq(50).0, plain);
+        assert!(r.inv_freq(300).0[1] < plain[1]);
+    }
+
+    #[test]
+    fn yarn_attention_factor_default() {
+        let v = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32});
+        let r = RopeSpec::from_config(10000.0, 8, Some(&v), 128).unwrap();
+        let (_, a) = r.inv_freq(1);
+        assert!((a as f64 - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-6);
+    }
+
+    #[test]
+    fn unknown_type_is_refused() {
+        let v = json!({"rope_type": "longrope", "factor": 4.0});
+        let e = RopeSpec::from_config(10000.0, 8, Some(&v), 128).unwrap_err();
+        assert!(e.contains("longrope"), "{e}");
+    }
+}

@@ -1,0 +1,520 @@
+//! Reading a local Hugging Face checkpoint: `model.safetensors`, or
+//! `model.safetensors.index.json` plus its shards. Only headers are parsed when opening; tensor
+//! bytes are read later with positioned reads (`pread`) into caller-owned buffers.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use crate::dtype::{numel, Dtype};
+use crate::error::{Result, SplitError};
+use crate::writer::MAX_HEADER_LEN;
+
+/// Name of the single-file weights of a HF checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index of a sharded HF checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the model configuration.
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Where one tensor's bytes live in the checkpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorLoc {
+    /// Full tensor name (`model.layers.0.self_attn.q_proj.weight`).
+    pub name: String,
+    /// Weight file holding it.
+    pub file: PathBuf,
+    /// Index of `file` in [`Checkpoint::files`].
+    pub file_index: usize,
+    /// Element type.
+    pub dtype: Dtype,
+    /// Shape.
+    pub shape: Vec<usize>,
+    /// Absolute byte offset of the first byte in `file`.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// An opened checkpoint: every weight file's header parsed and cross-checked.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// Checkpoint directory.
+    pub dir: PathBuf,
+    /// Weight files (`model.safetensors`, or the shards in name order).
+    pub files: Vec<PathBuf>,
+    /// The shard index, for sharded checkpoints.
+    pub index: Option<PathBuf>,
+    tensors: BTreeMap<String, TensorLoc>,
+    handles: Vec<OnceLock<File>>,
+}
+
+/// Reads and parses `config.json` of a checkpoint directory.
+pub fn read_config_json(checkpoint_dir: &Path) -> Result<serde_json::Value> {
+    let path = checkpoint_dir.join(CONFIG_FILE);
+    let bytes = read_config_bytes(checkpoint_dir)?;
+    serde_json::from_slice(&bytes).map_err(|e| SplitError::BadConfig {
+        file: path,
+        reason: e.to_string(),
+    })
+}
+
+fn read_config_bytes(dir: &Path) -> Result<Vec<u8>> {
+    let path = dir.join(CONFIG_FILE);
+    match fs::read(&path) {
+        Ok(b) => Ok(b),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SplitError::MissingConfig {
+            dir: dir.to_path_buf(),
+        }),
+        Err(e) => Err(SplitError::io(&path, e)),
+    }
+}
+
+/// The weight files of a checkpoint, found without parsing any safetensors header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightFiles {
+    /// `model.safetensors`, or every shard named by the index (sorted, unique).
+    pub files: Vec<PathBuf>,
+    /// The index file when the checkpoint is sharded.
+    pub index: Option<PathBuf>,
+    /// For sharded checkpoints: tensor name -> shard file name, as the index says.
+    pub weight_map: BTreeMap<String, String>,
+}
+
+/// Finds the weight files the way `transformers` does: `model.safetensors` if present, else the
+/// shard index. Fails when there are no weights or a listed shard is missing.
+pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        return Ok(WeightFiles {
+            files: vec![single],
+            index: None,
+            weight_map: BTreeMap::new(),
+        });
+    }
+    let index = dir.join(INDEX_FILE);
+    let bytes = match fs::read(&index) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(SplitError::MissingWeights {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(SplitError::io(&index, e)),
+    };
+    let bad = |reason: String| SplitError::BadIndex {
+        index: index.clone(),
+        reason,
+    };
+    let json: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    let mut weight_map = BTreeMap::new();
+    let mut shards = BTreeSet::new();
+    for (tensor, shard) in map {
+        let shard = shard
+            .as_str()
+            .ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
+        if shard.is_empty()
+            || shard.contains('/')
+            || shard.contains('\\')
+            || shard == "."
+            || shard == ".."
+        {
+            return Err(bad(format!(
+                "weight_map entry for {tensor} names {shard:?}, which is not a plain file name"
+            )));
+        }
+        shards.insert(shard.to_string());
+        weight_map.insert(tensor.clone(), shard.to_string());
+    }
+    if shards.is_empty() {
+        return Err(bad("weight_map is empty".into()));
+    }
+    let mut files = Vec::with_capacity(shards.len());
+    for shard in shards {
+        let p = dir.join(&shard);
+        if !p.is_file() {
+            return Err(SplitError::MissingShard {
+                index: index.clone(),
+                shard,
+            });
+        }
+        files.push(p);
+    }
+    Ok(WeightFiles {
+        files,
+        index: Some(index),
+        weight_map,
+    })
+}
+
+/// Cheap identity of a checkpoint's contents: XXH3 over the names, sizes and modification times
+/// of the weight files (and index) plus the bytes of `config.json`. Computed from `stat` calls
+/// only, so checking whether a split is current costs milliseconds, not a read of the weights.
+pub fn source_fingerprint(dir: &Path) -> Result<String> {
+    let w = weight_files(dir)?;
+    fingerprint_of(dir, &w.files, w.index.as_deref())
+}
+
+fn fingerprint_of(dir: &Path, files: &[PathBuf], index: Option<&Path>) -> Result<String> {
+    let mut text = Vec::with_capacity(256);
+    text.extend_from_slice(b"rabbit-split fingerprint v1\n");
+    let mut entry = |tag: &str, p: &Path| -> Result<()> {
+        let md = fs::metadata(p).map_err(|e| SplitError::io(p, e))?;
+        let name = p.file_name().unwrap_or_default().to_string_lossy();
+        writeln!(
+            text,
+            "{tag}\t{name}\t{}\t{}.{:09}",
+            md.len(),
+            md.mtime(),
+            md.mtime_nsec()
+        )
+        .expect("write to Vec");
+        Ok(())
+    };
+    for f in files {
+        entry("weights", f)?;
+    }
+    if let Some(i) = index {
+        entry("index", i)?;
+    }
+    let config = read_config_bytes(dir)?;
+    writeln!(text, "config\t{}", config.len()).expect("write to Vec");
+    text.extend_from_slice(&config);
+    Ok(crate::writer::format_checksum(xxhash_rust::xxh3::xxh3_64(
+        &text,
+    )))
+}
+
+/// One tensor entry of a parsed safetensors header (offsets relative to the data region).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// A parsed and validated safetensors header.
+#[derive(Debug, Clone)]
+pub(crate) struct RawHeader {
+    /// Value of the 8-byte length prefix.
+    pub header_len: u64,
+    /// `__metadata__`, if any.
+    pub metadata: BTreeMap<String, String>,
+    /// Tensors sorted by data offset.
+    pub tensors: Vec<RawTensor>,
+}
+
+impl RawHeader {
+    /// Absolute offset of the data region.
+    pub fn data_offset(&self) -> u64 {
+        8 + self.header_len
+    }
+}
+
+/// Reads and fully validates the header of a safetensors file: sane length, JSON, known dtypes,
+/// shapes matching byte ranges, contiguous non-overlapping data that exactly fills the file.
+pub(crate) fn read_safetensors_header(path: &Path, file: &File) -> Result<RawHeader> {
+    let bad = |reason: String| SplitError::BadHeader {
+        file: path.to_path_buf(),
+        reason,
+    };
+    let file_len = file.metadata().map_err(|e| SplitError::io(path, e))?.len();
+    if file_len < 8 {
+        return Err(SplitError::Truncated {
+            file: path.to_path_buf(),
+            expected: 8,
+            actual: file_len,
+        });
+    }
+    let mut len_bytes = [0u8; 8];
+    file.read_exact_at(&mut len_bytes, 0)
+        .map_err(|e| SplitError::io(path, e))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > MAX_HEADER_LEN {
+        return Err(bad(format!(
+            "header length field says {header_len} bytes, more than the {MAX_HEADER_LEN}-byte limit \
+             (not a safetensors file?)"
+        )));
+    }
+    if 8 + header_len > file_len {
+        return Err(bad(format!(
+            "header length field says {header_len} bytes but the whole file is only {file_len} bytes"
+        )));
+    }
+    let mut hbuf = vec![0u8; header_len as usize];
+    file.read_exact_at(&mut hbuf, 8)
+        .map_err(|e| SplitError::io(path, e))?;
+    let text = std::str::from_utf8(&hbuf).map_err(|e| bad(format!("header is not UTF-8: {e}")))?;
+    if !text.trim_start().starts_with('{') {
+        return Err(bad("header is not a JSON object".into()));
+    }
+    let json: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
+    drop(hbuf);
+
+    let mut metadata = BTreeMap::new();
+    let mut tensors = Vec::with_capacity(json.len());
+    for (name, v) in json {
+        if name == "__metadata__" {
+            let obj = v
+                .as_object()
+                .ok_or_else(|| bad("__metadata__ is not an object".into()))?;
+            for (k, val) in obj {
+                let s = val
+                    .as_str()
+                    .ok_or_else(|| bad(format!("__metadata__ value for {k:?} is not a string")))?;
+                metadata.insert(k.clone(), s.to_string());
+            }
+            continue;
+        }
+        let bad_t = |reason: String| SplitError::BadTensor {
+            file: path.to_path_buf(),
+            tensor: name.clone(),
+            reason,
+        };
+        let obj = v
+            .as_object()
+            .ok_or_else(|| bad_t("header entry is not an object".into()))?;
+        let dtype_str = obj
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| bad_t("no \"dtype\" string".into()))?;
+        let dtype: Dtype = dtype_str.parse().map_err(|_| SplitError::UnknownDtype {
+            file: path.to_path_buf(),
+            tensor: name.clone(),
+            dtype: dtype_str.to_string(),
+        })?;
+        let shape = obj
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .ok_or_else(|| bad_t("no \"shape\" array".into()))?
+            .iter()
+            .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
+            .collect::<Option<Vec<usize>>>()
+            .ok_or_else(|| bad_t("shape has a non-integer dimension".into()))?;
+        let offs = obj
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| match a.as_slice() {
+                [s, e] => Some((s.as_u64()?, e.as_u64()?)),
+                _ => None,
+            })
+            .ok_or_else(|| bad_t("no \"data_offsets\" pair of integers".into()))?;
+        let (start, end) = offs;
+        if end < start {
+            return Err(bad_t(format!(
+                "data_offsets [{start}, {end}] end before they start"
+            )));
+        }
+        let expected = numel(&shape)
+            .and_then(|n| dtype.byte_len(n))
+            .ok_or_else(|| {
+                bad_t(format!(
+                    "shape {shape:?} of {dtype} is not a whole number of bytes"
+                ))
+            })?;
+        if end - start != expected {
+            return Err(bad_t(format!(
+                "data_offsets [{start}, {end}] span {} bytes but shape {shape:?} of {dtype} needs {expected}",
+                end - start
+            )));
+        }
+        tensors.push(RawTensor {
+            name,
+            dtype,
+            shape,
+            start,
+            end,
+        });
+    }
+    tensors.sort_by_key(|a| (a.start, a.end));
+
+    let data_len = file_len - 8 - header_len;
+    let mut pos = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let bad_t = |reason: String| SplitError::BadTensor {
+            file: path.to_path_buf(),
+            tensor: t.name.clone(),
+            reason,
+        };
+        if t.start < pos {
+            let other = &tensors[i - 1].name;
+            return Err(bad_t(format!(
+                "data_offsets [{}, {}] overlap those of tensor {other}",
+                t.start, t.end
+            )));
+        }
+        if t.start > pos {
+            if t.end > data_len {
+                return Err(bad_t(format!(
+                    "data_offsets [{}, {}] are out of range: the data region has {data_len} bytes",
+                    t.start, t.end
+                )));
+            }
+            return Err(bad_t(format!(
+                "data_offsets [{}, {}] leave a gap of {} bytes before it (safetensors data must be contiguous)",
+                t.start,
+                t.end,
+                t.start - pos
+            )));
+        }
+        pos = t.end;
+    }
+    let expected = 8 + header_len + pos;
+    if expected > file_len {
+        return Err(SplitError::Truncated {
+            file: path.to_path_buf(),
+            expected,
+            actual: file_len,
+        });
+    }
+    if expected < file_len {
+        return Err(bad(format!(
+            "{} unexpected bytes after the last tensor (header describes {expected} bytes, file has {file_len})",
+            file_len - expected
+        )));
+    }
+    Ok(RawHeader {
+        header_len,
+        metadata,
+        tensors,
+    })
+}
+
+impl Checkpoint {
+    /// Opens a checkpoint directory, parsing and validating every weight file's header and, for
+    /// sharded checkpoints, that the index and the shards agree.
+    pub fn open(dir: &Path) -> Result<Checkpoint> {
+        let w = weight_files(dir)?;
+        let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
+        for (file_index, path) in w.files.iter().enumerate() {
+            let f = File::open(path).map_err(|e| SplitError::io(path, e))?;
+            let h = read_safetensors_header(path, &f)?;
+            let base = h.data_offset();
+            for t in h.tensors {
+                if let Some(prev) = tensors.get(&t.name) {
+                    return Err(SplitError::DuplicateTensor {
+                        tensor: t.name,
+                        first: prev.file.clone(),
+                        second: path.clone(),
+                    });
+                }
+                let loc = TensorLoc {
+                    name: t.name.clone(),
+                    file: path.clone(),
+                    file_index,
+                    dtype: t.dtype,
+                    shape: t.shape,
+                    offset: base + t.start,
+                    len: t.end - t.start,
+                };
+                tensors.insert(t.name, loc);
+            }
+        }
+        if let Some(index) = &w.index {
+            for (tensor, shard) in &w.weight_map {
+                let in_shard = tensors
+                    .get(tensor)
+                    .is_some_and(|l| l.file.file_name().is_some_and(|n| n == shard.as_str()));
+                if !in_shard {
+                    return Err(SplitError::TensorNotInShard {
+                        index: index.clone(),
+                        tensor: tensor.clone(),
+                        shard: shard.clone(),
+                    });
+                }
+            }
+        }
+        let handles = w.files.iter().map(|_| OnceLock::new()).collect();
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files: w.files,
+            index: w.index,
+            tensors,
+            handles,
+        })
+    }
+
+    /// Looks a tensor up by its full name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorLoc> {
+        self.tensors.get(name)
+    }
+
+    /// All tensors, in name order.
+    pub fn tensors(&self) -> impl Iterator<Item = &TensorLoc> {
+        self.tensors.values()
+    }
+
+    /// Number of tensors.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// True when the checkpoint holds no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    fn handle(&self, file_index: usize) -> Result<&File> {
+        if let Some(f) = self.handles[file_index].get() {
+            return Ok(f);
+        }
+        let path = &self.files[file_index];
+        let f = File::open(path).map_err(|e| SplitError::io(path, e))?;
+        crate::fsutil::advise_sequential(&f);
+        Ok(self.handles[file_index].get_or_init(|| f))
+    }
+
+    /// Reads a whole tensor's raw bytes into `buf` (resized to fit, allocation reused).
+    pub fn read_tensor(&self, name: &str, buf: &mut Vec<u8>) -> Result<()> {
+        let loc = self.tensor(name).ok_or_else(|| SplitError::NoSuchTensor {
+            dir: self.dir.clone(),
+            tensor: name.to_string(),
+        })?;
+        buf.clear();
+        buf.resize(loc.len as usize, 0);
+        self.read_range(loc, 0, buf)
+    }
+
+    /// Reads `buf.len()` bytes of a tensor starting `start` bytes into it (for chunked copies).
+    pub fn read_range(&self, loc: &TensorLoc, start: u64, buf: &mut [u8]) -> Result<()> {
+        if start + buf.len() as u64 > loc.len {
+            return Err(SplitError::BadTensor {
+                file: loc.file.clone(),
+                tensor: loc.name.clone(),
+                reason: format!(
+                    "read of {} bytes at {start} is past the tensor's {} bytes",
+                    buf.len(),
+                    loc.len
+                ),
+            });
+        }
+        let f = self.handle(loc.file_index)?;
+        f.read_exact_at(buf, loc.offset + start).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                SplitError::Truncated {
+                    file: loc.file.clone(),
+                    expected: loc.offset + loc.len,
+                    actual: f.metadata().map(|m| m.len()).unwrap_or(0),
+                }
+            } else {
+                SplitError::io(&loc.file, e)
+            }
+        })
+    }
+
+    /// The checkpoint's fingerprint (see [`source_fingerprint`]).
+    pub fn fingerprint(&self) -> Result<String> {
+        fingerprint_of(&self.dir, &self.files, self.index.as_deref())
+    }
+}

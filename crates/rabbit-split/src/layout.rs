@@ -1,0 +1,134 @@
+//! Which checkpoint tensors go into which layer unit. Built by the architecture (rabbit-models),
+//! so the splitter carries no knowledge of any model family's tensor names.
+
+use serde::{Deserialize, Serialize};
+
+/// The role of one unit of the split model, in execution order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "kind", content = "index")]
+pub enum UnitKind {
+    /// Token embedding table.
+    Embedding,
+    /// Decoder layer `i` (0-based).
+    Layer(usize),
+    /// Final norm before the LM head.
+    FinalNorm,
+    /// Output projection (absent from the split when tied to the embedding).
+    LmHead,
+}
+
+/// One output file of the split: a unit name (also its file stem) and the exact checkpoint tensor
+/// names it owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UnitSpec {
+    /// File stem, e.g. `embed`, `layer.007`, `norm`, `lm_head`.
+    pub name: String,
+    /// Role of the unit.
+    pub kind: UnitKind,
+    /// Tensors that must exist in the checkpoint (full HF names).
+    pub required: Vec<String>,
+    /// Tensors taken when present (e.g. biases some checkpoints carry).
+    pub optional: Vec<String>,
+}
+
+/// The complete tensor-to-unit map for one checkpoint, in execution order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Layout {
+    /// `architectures[0]` of config.json, recorded in the manifest.
+    pub architecture: String,
+    /// Units in execution order: embedding, layers, final norm, lm_head (if untied).
+    pub units: Vec<UnitSpec>,
+    /// The LM head reuses the embedding's bytes; a checkpoint's `lm_head.weight`, if any, is
+    /// ignored when this is set.
+    pub tied_lm_head: bool,
+    /// Checkpoint tensors that are expected but deliberately not split (exact names or names
+    /// ending with one of these suffixes, e.g. `rotary_emb.inv_freq`, or the redundant
+    /// `lm_head.weight` of a tied model). Any other tensor no unit claims is an error.
+    pub ignored_suffixes: Vec<String>,
+}
+
+impl Layout {
+    /// `xxh3:` digest of the whole layout (architecture, units, tensor names, tie flag, ignored
+    /// suffixes). Stored in the plan and manifest: a split made with a different layout is stale.
+    pub fn digest(&self) -> String {
+        let json = serde_json::to_vec(self).expect("layout serializes");
+        crate::writer::format_checksum(xxhash_rust::xxh3::xxh3_64(&json))
+    }
+
+    /// True when a tensor nobody claims is expected and should be skipped silently.
+    pub fn is_ignored(&self, tensor: &str) -> bool {
+        self.ignored_suffixes
+            .iter()
+            .any(|s| !s.is_empty() && tensor.ends_with(s.as_str()))
+    }
+
+    /// Number of decoder layer units.
+    pub fn num_layers(&self) -> usize {
+        self.units
+            .iter()
+            .filter(|u| matches!(u.kind, UnitKind::Layer(_)))
+            .count()
+    }
+
+    /// Checks the layout is usable: unit names are unique, safe file stems; layers are numbered
+    /// 0..n in order; at most one embedding / final norm / LM head, none when tied; no tensor is
+    /// claimed twice.
+    pub fn validate(&self) -> crate::Result<()> {
+        let err = |reason: String| crate::SplitError::InvalidLayout {
+            architecture: self.architecture.clone(),
+            reason,
+        };
+        let mut names = std::collections::HashSet::new();
+        let mut owner: std::collections::HashMap<&str, &str> = std::collections::HashMap::new();
+        let mut next_layer = 0usize;
+        let (mut embed, mut norm, mut head) = (0, 0, 0);
+        for u in &self.units {
+            let n = u.name.as_str();
+            if n.is_empty()
+                || n.starts_with('.')
+                || n.len() > 200
+                || !n
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            {
+                return Err(err(format!(
+                    "unit name {n:?} is not a safe file name ([A-Za-z0-9._-], not starting with '.')"
+                )));
+            }
+            if !names.insert(n) {
+                return Err(err(format!("unit name {n} is used twice")));
+            }
+            match u.kind {
+                UnitKind::Embedding => embed += 1,
+                UnitKind::FinalNorm => norm += 1,
+                UnitKind::LmHead => head += 1,
+                UnitKind::Layer(i) => {
+                    if i != next_layer {
+                        return Err(err(format!(
+                            "unit {n} is layer {i}, expected layer {next_layer} (layers must be numbered 0..n in order)"
+                        )));
+                    }
+                    next_layer += 1;
+                }
+            }
+            for t in u.required.iter().chain(&u.optional) {
+                if let Some(prev) = owner.insert(t.as_str(), n) {
+                    return Err(err(format!(
+                        "tensor {t} is claimed by units {prev} and {n}"
+                    )));
+                }
+            }
+        }
+        if embed > 1 || norm > 1 || head > 1 {
+            return Err(err(
+                "more than one embedding, final norm or LM head unit".into()
+            ));
+        }
+        if self.tied_lm_head && head > 0 {
+            return Err(err(
+                "tied_lm_head is set but the layout has an LM head unit".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,46 @@
+//! Checkpoint splitter: turns a Hugging Face safetensors checkpoint into one aligned safetensors
+//! file per layer unit plus a `manifest.json`, so the executor can fetch a whole decoder layer
+//! with a single sequential read and view its tensors in place.
+//!
+//! Pure Rust (no libtorch), streaming (bounded memory whatever the model size), crash-safe and
+//! resumable, and a current split is recognized in milliseconds. The directory format is
+//! specified in `docs/FORMAT.md`.
+//!
+//! ```no_run
+//! # fn layout() -> rabbit_split::Layout { unimplemented!() }
+//! use rabbit_split::{split, SplitOptions};
+//! let (dir, outcome) = split(
+//!     std::path::Path::new("/models/qwen2"),
+//!     &layout(),
+//!     &SplitOptions::default(),
+//!     &mut |ev| eprintln!("{ev:?}"),
+//! )?;
+//! let manifest = rabbit_split::Manifest::load(&dir)?;
+//! # Ok::<(), rabbit_split::SplitError>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod error;
+mod fsutil;
+pub mod layout;
+pub mod manifest;
+mod split;
+#[doc(hidden)]
+pub mod testing;
+mod verify;
+pub mod writer;
+
+pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc};
+pub use dtype::Dtype;
+pub use error::{Damage, Result, SplitError};
+pub use layout::{Layout, UnitKind, UnitSpec};
+pub use manifest::{Manifest, SplitSettings, TensorEntry, UnitEntry};
+pub use split::{
+    default_split_dir, is_current, split, stale_reason, SplitEvent, SplitOptions, SplitOutcome,
+    COPY_CHUNK, DEFAULT_ALIGNMENT, DEFAULT_SPLIT_DIR_NAME,
+};
+pub use verify::{verify, VerifyReport};
+pub use writer::{AlignedWriter, TensorHeader, WrittenFile};
