@@ -10,8 +10,8 @@
 
 pub use rabbit_core as core;
 pub use rabbit_core::{
-    AutoModel, Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, LoadOptions, Model,
-    SamplingParams, TokenEvent,
+    AutoModel, Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, LoadOptions,
+    Model, SamplingParams, TokenEvent,
 };
 pub use rabbit_models as models;
 pub use rabbit_split as split;

@@ -6,12 +6,16 @@
 use std::path::{Path, PathBuf};
 
 use rabbitllm::core::sampling;
-use rabbitllm::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model, SamplingParams};
+use rabbitllm::{
+    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model, SamplingParams,
+};
 use safetensors::SafeTensors;
 use serde_json::Value;
 
 fn fixture(case: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(case)
 }
 
 struct Case {
@@ -24,15 +28,26 @@ impl Case {
     fn load(name: &str) -> Case {
         let dir = fixture(name);
         let expected: Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+            serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap())
+                .unwrap();
         let logits = std::fs::read(dir.join("expected_logits.safetensors")).unwrap();
-        Case { dir, expected, logits }
+        Case {
+            dir,
+            expected,
+            logits,
+        }
     }
 
     fn tensor(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let st = SafeTensors::deserialize(&self.logits).unwrap();
-        let t = st.tensor(name).unwrap_or_else(|_| panic!("fixture tensor {name}"));
-        let data = t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor {name}"));
+        let data = t
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
         (t.shape().to_vec(), data)
     }
 
@@ -42,7 +57,13 @@ impl Case {
             .unwrap()
             .iter()
             .map(|s| {
-                let ids = |k: &str| s[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+                let ids = |k: &str| {
+                    s[k].as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|v| v.as_u64().unwrap() as u32)
+                        .collect()
+                };
                 (ids("input_ids"), ids("greedy_output_ids"))
             })
             .collect()
@@ -55,7 +76,10 @@ impl Case {
     fn open_dir(&self, dir: &Path, dtype: DType, split: &Path) -> Model {
         AutoModel::from_pretrained(
             dir.to_str().unwrap(),
-            LoadOptions::default().device(DeviceSpec::Cpu).dtype(dtype).split_dir(split),
+            LoadOptions::default()
+                .device(DeviceSpec::Cpu)
+                .dtype(dtype)
+                .split_dir(split),
         )
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
     }
@@ -63,10 +87,18 @@ impl Case {
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
-fn greedy(model: &mut Model, seqs: Vec<Vec<u32>>, n: usize, sampling: SamplingParams) -> rabbitllm::GenerateOutput {
+fn greedy(
+    model: &mut Model,
+    seqs: Vec<Vec<u32>>,
+    n: usize,
+    sampling: SamplingParams,
+) -> rabbitllm::GenerateOutput {
     let req = GenerateRequest {
         sequences: seqs,
         max_new_tokens: n,
@@ -87,9 +119,17 @@ fn check_f32(name: &str) {
         let (shape, prefill) = case.tensor(&format!("prefill.{i}"));
         let got = model.engine.prompt_logits(&input).unwrap();
         let d = max_abs_diff(&got, &prefill);
-        assert!(d < 1e-4, "{name} seq {i}: prefill logits differ by {d} (shape {shape:?})");
+        assert!(
+            d < 1e-4,
+            "{name} seq {i}: prefill logits differ by {d} (shape {shape:?})"
+        );
 
-        let out = greedy(&mut model, vec![input.clone()], want.len(), SamplingParams::default());
+        let out = greedy(
+            &mut model,
+            vec![input.clone()],
+            want.len(),
+            SamplingParams::default(),
+        );
         let s = &out.sequences[0];
         assert_eq!(s.output_ids, want, "{name} seq {i}: greedy tokens differ");
         let (_, expected) = case.tensor(&format!("logits.{i}"));
@@ -139,12 +179,24 @@ fn classic_and_transformers5_config_layouts_agree() {
             let p = entry.unwrap().path();
             std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
         }
-        std::fs::copy(case.dir.join("config.alt.json"), alt.path().join("config.json")).unwrap();
+        std::fs::copy(
+            case.dir.join("config.alt.json"),
+            alt.path().join("config.json"),
+        )
+        .unwrap();
         let split = tempfile::tempdir().unwrap();
         let mut model = case.open_dir(alt.path(), DType::F32, split.path());
         let (input, want) = case.sequences().remove(0);
-        let out = greedy(&mut model, vec![input], want.len(), SamplingParams::default());
-        assert_eq!(out.sequences[0].output_ids, want, "{name} with config.alt.json");
+        let out = greedy(
+            &mut model,
+            vec![input],
+            want.len(),
+            SamplingParams::default(),
+        );
+        assert_eq!(
+            out.sequences[0].output_ids, want,
+            "{name} with config.alt.json"
+        );
     }
 }
 
@@ -155,7 +207,13 @@ fn batch_of_mixed_lengths_equals_each_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let mut model = case.open(DType::F32, tmp.path());
     let seqs = case.sequences();
-    assert!(seqs.iter().map(|s| s.0.len()).collect::<std::collections::HashSet<_>>().len() > 1);
+    assert!(
+        seqs.iter()
+            .map(|s| s.0.len())
+            .collect::<std::collections::HashSet<_>>()
+            .len()
+            > 1
+    );
     let out = greedy(
         &mut model,
         seqs.iter().map(|s| s.0.clone()).collect(),
@@ -188,10 +246,17 @@ fn finished_sequences_leave_the_batch_without_disturbing_others() {
     };
     let out = model.generate(&req, &mut |_| Control::Continue).unwrap();
     for (i, (s, (_, want))) in out.sequences.iter().zip(&seqs).enumerate() {
-        let cut = want.iter().position(|&t| t == stop_tok).map(|p| p + 1).unwrap_or(want.len());
+        let cut = want
+            .iter()
+            .position(|&t| t == stop_tok)
+            .map(|p| p + 1)
+            .unwrap_or(want.len());
         assert_eq!(s.output_ids, want[..cut].to_vec(), "row {i}");
     }
-    assert_eq!(out.sequences[1].output_ids.len(), seqs[1].1.iter().position(|&t| t == stop_tok).unwrap() + 1);
+    assert_eq!(
+        out.sequences[1].output_ids.len(),
+        seqs[1].1.iter().position(|&t| t == stop_tok).unwrap() + 1
+    );
 }
 
 /// bf16 weights in 7 shards. f32 compute on the upcast weights: 1e-4 like the other cases.
@@ -208,7 +273,10 @@ fn bf16_sharded_checkpoint_matches_transformers() {
     for (i, (input, _)) in seqs.iter().enumerate() {
         let (_, prefill) = case.tensor(&format!("prefill_f32.{i}"));
         let d = max_abs_diff(&model.engine.prompt_logits(input).unwrap(), &prefill);
-        assert!(d < 1e-4, "f32 compute over bf16 weights: prefill differs by {d}");
+        assert!(
+            d < 1e-4,
+            "f32 compute over bf16 weights: prefill differs by {d}"
+        );
     }
     drop(model);
     let mut model = case.open(DType::BF16, tmp.path());
@@ -219,7 +287,12 @@ fn bf16_sharded_checkpoint_matches_transformers() {
         let (_, prefill) = case.tensor(&format!("prefill.{i}"));
         let d = max_abs_diff(&model.engine.prompt_logits(input).unwrap(), &prefill);
         assert!(d < TOL, "bf16 prefill differs by {d}");
-        let out = greedy(&mut model, vec![input.clone()], want.len(), SamplingParams::default());
+        let out = greedy(
+            &mut model,
+            vec![input.clone()],
+            want.len(),
+            SamplingParams::default(),
+        );
         let got = &out.sequences[0].output_ids;
         let margins: Vec<f32> = case.expected["sequences"][i]["top2_margins"]
             .as_array()
@@ -286,7 +359,13 @@ fn logits_processors_match_transformers() {
 
     let tmp = tempfile::tempdir().unwrap();
     let mut model = case.open(DType::F32, tmp.path());
-    let greedy_params = SamplingParams { repetition_penalty: params.repetition_penalty, ..Default::default() };
+    let greedy_params = SamplingParams {
+        repetition_penalty: params.repetition_penalty,
+        ..Default::default()
+    };
     let out = greedy(&mut model, vec![input], greedy_ids.len(), greedy_params);
-    assert_eq!(out.sequences[0].output_ids, greedy_ids, "greedy with repetition penalty");
+    assert_eq!(
+        out.sequences[0].output_ids, greedy_ids,
+        "greedy with repetition penalty"
+    );
 }

@@ -9,7 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::memory::{current_rss, peak_rss};
 use rabbit_core::{
-    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions, Model, SamplingParams,
+    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions, Model,
+    SamplingParams,
 };
 use rabbit_split::SplitEvent;
 use serde_json::json;
@@ -69,10 +70,16 @@ impl ModelArgs {
             LoadEvent::Split(SplitEvent::Planned { units, bytes, .. }) => {
                 // Always said once: splitting a big model takes a while and must not look like a hang.
                 if !quiet {
-                    eprintln!("splitting {} into {units} layer files ({})...", self.model, human_bytes(*bytes));
+                    eprintln!(
+                        "splitting {} into {units} layer files ({})...",
+                        self.model,
+                        human_bytes(*bytes)
+                    );
                 }
             }
-            LoadEvent::Split(SplitEvent::UnitDone { index, total, .. }) if !quiet && show_progress(false) => {
+            LoadEvent::Split(SplitEvent::UnitDone { index, total, .. })
+                if !quiet && show_progress(false) =>
+            {
                 eprint!("\r  split {}/{total}", index + 1);
                 if index + 1 == *total {
                     eprintln!();
@@ -132,7 +139,9 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     let ids: Result<Vec<u32>, _> = s.split(',').map(|t| t.trim().parse::<u32>()).collect();
     match ids {
         Ok(v) if !v.is_empty() => Ok(v),
-        _ => bail!("--input-ids \"{s}\": expected comma-separated non-negative integers like \"1,2,3\""),
+        _ => bail!(
+            "--input-ids \"{s}\": expected comma-separated non-negative integers like \"1,2,3\""
+        ),
     }
 }
 
@@ -141,11 +150,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if a.prompt.is_none() && a.input_ids.is_empty() {
         bail!("give either --prompt TEXT or --input-ids \"1,2,3\"");
     }
-    let sequences_from_ids: Vec<Vec<u32>> = a.input_ids.iter().map(|s| parse_ids(s)).collect::<Result<_>>()?;
+    let sequences_from_ids: Vec<Vec<u32>> = a
+        .input_ids
+        .iter()
+        .map(|s| parse_ids(s))
+        .collect::<Result<_>>()?;
     if let Some(path) = &a.dump_logits {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             if !parent.is_dir() {
-                bail!("--dump-logits {}: directory {} does not exist", path.display(), parent.display());
+                bail!(
+                    "--dump-logits {}: directory {} does not exist",
+                    path.display(),
+                    parent.display()
+                );
             }
         }
     }
@@ -179,11 +196,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let out = model.generate(&req, &mut |ev| {
         let ids = decoded.entry(ev.sequence).or_default();
         ids.push(ev.token);
-        let Some(tok) = &tokenizer else { return Control::Continue };
+        let Some(tok) = &tokenizer else {
+            return Control::Continue;
+        };
         let text = tok.decode(ids, true).unwrap_or_default();
         if stream {
             // Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD.
-            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed) {
+            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed)
+            {
                 let mut lock = stdout.lock();
                 let _ = lock.write_all(text[printed..].as_bytes());
                 let _ = lock.flush();
@@ -226,7 +246,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                     Some(text) => println!("[{i}] {text}"),
                     None => println!(
                         "[{i}] {}",
-                        s.output_ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+                        s.output_ids
+                            .iter()
+                            .map(u32::to_string)
+                            .collect::<Vec<_>>()
+                            .join(",")
                     ),
                 }
             }
@@ -284,7 +308,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn write_logits(path: &std::path::Path, seqs: &[rabbit_core::SequenceOutput], vocab: usize) -> Result<()> {
+fn write_logits(
+    path: &std::path::Path,
+    seqs: &[rabbit_core::SequenceOutput],
+    vocab: usize,
+) -> Result<()> {
     use safetensors::tensor::{Dtype, TensorView};
     let bytes: Vec<(String, Vec<u8>, usize)> = seqs
         .iter()
@@ -298,10 +326,16 @@ fn write_logits(path: &std::path::Path, seqs: &[rabbit_core::SequenceOutput], vo
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(n, b, rows)| Ok((n.clone(), TensorView::new(Dtype::F32, vec![*rows, vocab], b)?)))
+        .map(|(n, b, rows)| {
+            Ok((
+                n.clone(),
+                TensorView::new(Dtype::F32, vec![*rows, vocab], b)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(views, None, &tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    safetensors::serialize_to_file(views, None, &tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

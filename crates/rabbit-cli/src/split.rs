@@ -28,7 +28,8 @@ pub struct SplitArgs {
 /// Runs `rabbit split`.
 pub fn run(a: SplitArgs) -> Result<()> {
     if let Some(dir) = a.verify {
-        let report = rabbit_split::verify(&dir).with_context(|| format!("verifying {}", dir.display()))?;
+        let report =
+            rabbit_split::verify(&dir).with_context(|| format!("verifying {}", dir.display()))?;
         if report.is_ok() {
             println!(
                 "{}: OK ({} files, {} checked)",
@@ -41,32 +42,60 @@ pub fn run(a: SplitArgs) -> Result<()> {
         for d in &report.damaged {
             eprintln!("damaged: {d}");
         }
-        bail!("{}: {} damaged file(s); rerun `rabbit split --model <checkpoint>` to repair", dir.display(), report.damaged.len());
+        bail!(
+            "{}: {} damaged file(s); rerun `rabbit split --model <checkpoint>` to repair",
+            dir.display(),
+            report.damaged.len()
+        );
     }
     let model = a.model.expect("clap enforces --model without --verify");
     let spec = rabbit_models::load_spec(&model)?;
-    let opts = SplitOptions { out_dir: a.out, delete_original: a.delete_original, ..SplitOptions::default() };
+    let opts = SplitOptions {
+        out_dir: a.out,
+        delete_original: a.delete_original,
+        ..SplitOptions::default()
+    };
     let started = std::time::Instant::now();
     let (dir, outcome) = rabbit_split::split(&model, &spec.layout(), &opts, &mut |e| match e {
-        SplitEvent::Planned { units, bytes, already_done } => eprintln!(
+        SplitEvent::Planned {
+            units,
+            bytes,
+            already_done,
+        } => eprintln!(
             "splitting {} into {units} files ({} to write{})",
             model.display(),
             human_bytes(*bytes),
-            if *already_done > 0 { format!(", {already_done} kept from an interrupted run") } else { String::new() }
+            if *already_done > 0 {
+                format!(", {already_done} kept from an interrupted run")
+            } else {
+                String::new()
+            }
         ),
-        SplitEvent::UnitDone { index, total, name, .. } => eprintln!("  [{}/{total}] {name}", index + 1),
+        SplitEvent::UnitDone {
+            index, total, name, ..
+        } => eprintln!("  [{}/{total}] {name}", index + 1),
         SplitEvent::Verified => eprintln!("split verified"),
-        SplitEvent::OriginalDeleted { files } => eprintln!("deleted {files} original weight file(s)"),
+        SplitEvent::OriginalDeleted { files } => {
+            eprintln!("deleted {files} original weight file(s)")
+        }
         SplitEvent::Reused => {}
     })
     .with_context(|| format!("splitting {}", model.display()))?;
     match outcome {
         SplitOutcome::Reused => println!("{}: split is current, reused", dir.display()),
-        SplitOutcome::Written { bytes_written, units_written, units_resumed } => println!(
+        SplitOutcome::Written {
+            bytes_written,
+            units_written,
+            units_resumed,
+        } => println!(
             "{}: wrote {units_written} files ({}){} in {:.2} s",
             dir.display(),
             human_bytes(bytes_written),
-            if units_resumed > 0 { format!(", resumed {units_resumed}") } else { String::new() },
+            if units_resumed > 0 {
+                format!(", resumed {units_resumed}")
+            } else {
+                String::new()
+            },
             started.elapsed().as_secs_f64()
         ),
     }

@@ -68,7 +68,10 @@ pub fn run(a: SynthArgs) -> Result<()> {
         preset: a.preset,
         out_dir: a.out.clone(),
         shards: a.shards,
-        dtype: a.dtype.parse().map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+        dtype: a
+            .dtype
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
         seed: a.seed,
         overrides: SynthOverrides {
             layers: a.layers,
@@ -84,13 +87,15 @@ pub fn run(a: SynthArgs) -> Result<()> {
         },
     };
     let start = std::time::Instant::now();
-    let report = synthesize(&opts, &mut |_| {}).with_context(|| format!("writing {}", a.out.display()))?;
+    let report =
+        synthesize(&opts, &mut |_| {}).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
-        "{}: {} parameters, {} in {} file(s), {:.2} s",
+        "{}: {} parameters, {} in {} file(s){}, {:.2} s",
         report.out_dir.display(),
         report.num_parameters,
-        human_bytes(report.bytes_written),
+        human_bytes(report.total_bytes),
         report.files.len(),
+        if report.reused { " (already there with these options, reused)" } else { "" },
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -14,7 +14,9 @@ use crate::weights::LayerWeights;
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let kind = x.kind();
     let xf = x.f_to_kind(Kind::Float)?;
-    let var = xf.f_pow_tensor_scalar(2)?.f_mean_dim(-1, true, Kind::Float)?;
+    let var = xf
+        .f_pow_tensor_scalar(2)?
+        .f_mean_dim(-1, true, Kind::Float)?;
     let normed = xf.f_mul(&var.f_add_scalar(eps)?.f_rsqrt()?)?;
     Ok(weight.f_mul(&normed.f_to_kind(kind)?)?)
 }
@@ -60,13 +62,20 @@ pub fn layer_forward(
     windowed: bool,
 ) -> Result<Tensor> {
     let (b, t) = (x.size()[0], x.size()[1]);
-    let (h, kvh, d) = (spec.num_heads as i64, spec.num_kv_heads as i64, spec.head_dim as i64);
+    let (h, kvh, d) = (
+        spec.num_heads as i64,
+        spec.num_kv_heads as i64,
+        spec.head_dim as i64,
+    );
     let eps = spec.rms_norm_eps;
 
     let normed = rms_norm(x, &w.input_norm, eps)?;
     let mut q = w.q.forward(&normed)?.f_view([b, t, h, d])?;
     let mut k = w.k.forward(&normed)?.f_view([b, t, kvh, d])?;
-    let v = w.v.forward(&normed)?.f_view([b, t, kvh, d])?.f_transpose(1, 2)?;
+    let v =
+        w.v.forward(&normed)?
+            .f_view([b, t, kvh, d])?
+            .f_transpose(1, 2)?;
     if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
         q = rms_norm(&q, qn, eps)?;
         k = rms_norm(&k, kn, eps)?;
@@ -76,7 +85,11 @@ pub fn layer_forward(
 
     kv.write(ctx.slot, &k, &v)?;
     let (keys, values) = kv.view(ctx.slot + t)?;
-    let mask = if windowed { ctx.window_mask.as_ref() } else { ctx.full_mask.as_ref() };
+    let mask = if windowed {
+        ctx.window_mask.as_ref()
+    } else {
+        ctx.full_mask.as_ref()
+    };
     let causal = ctx.causal && mask.is_none();
     let attn = Tensor::f_scaled_dot_product_attention(
         &q,
@@ -92,6 +105,10 @@ pub fn layer_forward(
     let hidden = x.f_add(&w.o.forward(&attn)?)?;
 
     let normed = rms_norm(&hidden, &w.post_norm, eps)?;
-    let act = w.gate.forward(&normed)?.f_silu()?.f_mul(&w.up.forward(&normed)?)?;
+    let act = w
+        .gate
+        .forward(&normed)?
+        .f_silu()?
+        .f_mul(&w.up.forward(&normed)?)?;
     Ok(hidden.f_add(&w.down.forward(&act)?)?)
 }

@@ -55,7 +55,11 @@ impl DeviceSpec {
         match self {
             DeviceSpec::Cpu => Ok(Device::Cpu),
             DeviceSpec::Auto => {
-                let d = if tch::Cuda::is_available() { Device::Cuda(0) } else { Device::Cpu };
+                let d = if tch::Cuda::is_available() {
+                    Device::Cuda(0)
+                } else {
+                    Device::Cpu
+                };
                 tracing::info!(device = %device_name(d), "--device auto picked");
                 Ok(d)
             }

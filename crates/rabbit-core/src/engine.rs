@@ -90,8 +90,11 @@ fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> R
     let path = dir.join(&entry.file);
     let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
     let mut buf = AlignedBuf::new(entry.data_len as usize);
-    file.read_exact_at(&mut buf.spare_mut()[..entry.data_len as usize], entry.data_offset)
-        .map_err(|e| CoreError::io(&path, e))?;
+    file.read_exact_at(
+        &mut buf.spare_mut()[..entry.data_len as usize],
+        entry.data_offset,
+    )
+    .map_err(|e| CoreError::io(&path, e))?;
     buf.set_len(entry.data_len as usize);
     let mut tensors = UnitTensors::from_region(entry, buf.as_slice(), device, kind)?;
     // Resident tensors must own their memory: the buffer is freed on return.
@@ -218,8 +221,12 @@ impl Engine {
         let k = Tensor::f_arange_start(0, s, opts)?.f_view([1, s])?;
         let causal = k.f_le_tensor(&q)?;
         let diag = k.f_eq_tensor(&q)?;
-        let not_pad = k.f_unsqueeze(0)?.f_ge_tensor(&input.pads.f_view([-1, 1, 1])?)?;
-        let mut allowed = causal.f_unsqueeze(0)?.f_logical_and(&not_pad.f_logical_or(&diag.f_unsqueeze(0)?)?)?;
+        let not_pad = k
+            .f_unsqueeze(0)?
+            .f_ge_tensor(&input.pads.f_view([-1, 1, 1])?)?;
+        let mut allowed = causal
+            .f_unsqueeze(0)?
+            .f_logical_and(&not_pad.f_logical_or(&diag.f_unsqueeze(0)?)?)?;
         if let Some(w) = window {
             let inside = q.f_sub(&k)?.f_lt(w as i64)?;
             allowed = allowed.f_logical_and(&inside.f_unsqueeze(0)?)?;
@@ -229,15 +236,26 @@ impl Engine {
 
     /// One sweep over the whole model for a batch. Returns float32 logits: `[B, V]` for the last
     /// position, or `[B, T, V]` for every position when `all_positions`.
-    pub fn forward(&mut self, input: &StepInput, kv: &mut KvCache, all_positions: bool) -> Result<Tensor> {
+    pub fn forward(
+        &mut self,
+        input: &StepInput,
+        kv: &mut KvCache,
+        all_positions: bool,
+    ) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
         let size = input.ids.size();
         let (b, t) = (size[0], size[1]);
         let head_start = Instant::now();
         let mut h = Tensor::f_embedding(&self.embed, &input.ids, -1, false, false)?;
-        let (cos, sin) = self.rope.cos_sin(&input.positions, input.max_position, self.kind)?;
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&input.positions, input.max_position, self.kind)?;
         let needs_full = input.any_pad || (t > 1 && input.slot > 0);
-        let full_mask = if needs_full { Some(self.mask(input, t, None)?) } else { None };
+        let full_mask = if needs_full {
+            Some(self.mask(input, t, None)?)
+        } else {
+            None
+        };
         let window_mask = match self.window {
             Some(w) if (input.slot + t) as usize > w => Some(self.mask(input, t, Some(w))?),
             _ => None,
@@ -262,7 +280,12 @@ impl Engine {
             let windowed = self.spec.sliding_windows[i].is_some();
             let result = (|| {
                 let stage = Instant::now();
-                let tensors = UnitTensors::from_region(&self.layers[i], unit.buf.as_slice(), self.device, self.kind)?;
+                let tensors = UnitTensors::from_region(
+                    &self.layers[i],
+                    unit.buf.as_slice(),
+                    self.device,
+                    self.kind,
+                )?;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
                 self.profile.stage_s += stage.elapsed().as_secs_f64();
                 let compute = Instant::now();
@@ -280,11 +303,16 @@ impl Engine {
             h = h.f_narrow(1, t - 1, 1)?;
         }
         let h = rms_norm(&h, &self.norm, self.spec.rms_norm_eps)?;
-        let logits = h.f_linear::<Tensor>(&self.lm_head, None)?.f_to_kind(Kind::Float)?;
-        let logits = if all_positions { logits } else { logits.f_squeeze_dim(1)? };
+        let logits = h
+            .f_linear::<Tensor>(&self.lm_head, None)?
+            .f_to_kind(Kind::Float)?;
+        let logits = if all_positions {
+            logits
+        } else {
+            logits.f_squeeze_dim(1)?
+        };
         head_time += head_start.elapsed();
         self.profile.head_s += head_time.as_secs_f64();
         Ok(logits)
     }
 }
-

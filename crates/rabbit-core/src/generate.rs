@@ -133,7 +133,9 @@ fn median(v: &mut [f64]) -> f64 {
 }
 
 fn int_tensor(data: &[i64], shape: &[i64], device: Device) -> Result<Tensor> {
-    Ok(Tensor::f_from_slice(data)?.f_view(shape)?.f_to_device(device)?)
+    Ok(Tensor::f_from_slice(data)?
+        .f_view(shape)?
+        .f_to_device(device)?)
 }
 
 impl Engine {
@@ -172,7 +174,11 @@ impl Engine {
     /// Float32 logits at every position of one prompt, row-major `[T, vocab]` (for parity checks
     /// and scoring).
     pub fn prompt_logits(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
-        let req = GenerateRequest { sequences: vec![ids.to_vec()], max_new_tokens: 0, ..Default::default() };
+        let req = GenerateRequest {
+            sequences: vec![ids.to_vec()],
+            max_new_tokens: 0,
+            ..Default::default()
+        };
         self.validate_request(&req)?;
         let device = self.device();
         let t = ids.len() as i64;
@@ -188,7 +194,12 @@ impl Engine {
             slot: 0,
         };
         let logits = self.forward(&input, &mut kv, true)?;
-        Ok(Vec::<f32>::try_from(logits.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?)?)
+        Ok(Vec::<f32>::try_from(
+            logits
+                .f_to_device(Device::Cpu)?
+                .f_contiguous()?
+                .f_view([-1])?,
+        )?)
     }
 
     /// Runs a whole generation. `on_token` sees every new token as it is chosen and may stop a
@@ -233,14 +244,24 @@ impl Engine {
                     logits: req.keep_logits.then(Vec::new),
                 })
                 .collect();
-            return Ok(GenerateOutput { sequences, timings, kv_cache_bytes: 0 });
+            return Ok(GenerateOutput {
+                sequences,
+                timings,
+                kv_cache_bytes: 0,
+            });
         }
 
         let capacity = max_len + req.max_new_tokens;
         let spec = self.spec();
         let elem = tch_kind_size(self.kind());
-        let kv_cache_bytes =
-            KvCache::bytes(spec.num_layers, n, spec.num_kv_heads, capacity, spec.head_dim, elem);
+        let kv_cache_bytes = KvCache::bytes(
+            spec.num_layers,
+            n,
+            spec.num_kv_heads,
+            capacity,
+            spec.head_dim,
+            elem,
+        );
         let mut kv = self.new_kv(n, capacity).map_err(|e| CoreError::ContextTooLong {
             reason: format!(
                 "cannot allocate the KV cache ({} bytes for {n} sequence(s) x {capacity} positions): {e}",
@@ -277,7 +298,12 @@ impl Engine {
         let mut cancelled = false;
         loop {
             let vocab = logits.size()[1] as usize;
-            let flat: Vec<f32> = Vec::<f32>::try_from(logits.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?)?;
+            let flat: Vec<f32> = Vec::<f32>::try_from(
+                logits
+                    .f_to_device(Device::Cpu)?
+                    .f_contiguous()?
+                    .f_view([-1])?,
+            )?;
             for (row, l) in live.iter_mut().enumerate() {
                 let scores = &mut flat[row * vocab..(row + 1) * vocab].to_vec();
                 if req.keep_logits {
@@ -286,7 +312,11 @@ impl Engine {
                 let token = l.sampler.choose(scores, &l.history, &req.sampling);
                 l.history.push(token);
                 l.out.push(token);
-                let control = on_token(&TokenEvent { sequence: l.seq, token, step });
+                let control = on_token(&TokenEvent {
+                    sequence: l.seq,
+                    token,
+                    step,
+                });
                 if control == Control::Cancel {
                     cancelled = true;
                 }
@@ -310,8 +340,10 @@ impl Engine {
                 }
             }
             // Retire finished sequences; drop their KV rows only if others go on.
-            let keep: Vec<i64> =
-                (0..live.len()).filter(|&r| live[r].finished.is_none()).map(|r| r as i64).collect();
+            let keep: Vec<i64> = (0..live.len())
+                .filter(|&r| live[r].finished.is_none())
+                .map(|r| r as i64)
+                .collect();
             if keep.len() < live.len() {
                 let mut remaining = Vec::with_capacity(keep.len());
                 for l in live.drain(..) {
@@ -338,8 +370,14 @@ impl Engine {
 
             // Decode: the last token of every live sequence, one sweep.
             let a = live.len() as i64;
-            let last: Vec<i64> = live.iter().map(|l| *l.history.last().unwrap_or(&0) as i64).collect();
-            let pos: Vec<i64> = live.iter().map(|l| (l.prompt_len + l.out.len() - 1) as i64).collect();
+            let last: Vec<i64> = live
+                .iter()
+                .map(|l| *l.history.last().unwrap_or(&0) as i64)
+                .collect();
+            let pos: Vec<i64> = live
+                .iter()
+                .map(|l| (l.prompt_len + l.out.len() - 1) as i64)
+                .collect();
             let max_position = pos.iter().copied().max().unwrap_or(0);
             let input = StepInput {
                 ids: int_tensor(&last, &[a, 1], device)?,
@@ -366,10 +404,16 @@ impl Engine {
         } else {
             0.0
         };
-        let sequences: Vec<SequenceOutput> =
-            done.into_iter().map(|s| s.expect("every sequence finishes")).collect();
+        let sequences: Vec<SequenceOutput> = done
+            .into_iter()
+            .map(|s| s.expect("every sequence finishes"))
+            .collect();
         timings.generated_tokens = sequences.iter().map(|s| s.output_ids.len()).sum();
-        Ok(GenerateOutput { sequences, timings, kv_cache_bytes })
+        Ok(GenerateOutput {
+            sequences,
+            timings,
+            kv_cache_bytes,
+        })
     }
 }
 

@@ -40,18 +40,25 @@ pub fn hub_cache_dir() -> PathBuf {
     if let Some(d) = env_nonempty("HF_HUB_CACHE") {
         return PathBuf::from(d);
     }
-    let home = env_nonempty("HF_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        let base = env_nonempty("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            PathBuf::from(env_nonempty("HOME").unwrap_or_else(|| ".".into())).join(".cache")
+    let home = env_nonempty("HF_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let base = env_nonempty("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(env_nonempty("HOME").unwrap_or_else(|| ".".into())).join(".cache")
+                });
+            base.join("huggingface")
         });
-        base.join("huggingface")
-    });
     home.join("hub")
 }
 
 fn offline_from_env() -> bool {
     matches!(
-        env_nonempty("HF_HUB_OFFLINE").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        env_nonempty("HF_HUB_OFFLINE")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Some("1" | "true" | "yes" | "on")
     )
 }
@@ -64,8 +71,13 @@ fn token(opts: &HubOptions) -> Option<String> {
         return Some(t);
     }
     let home = env_nonempty("HF_HOME").map(PathBuf::from);
-    let path = home.map(|h| h.join("token")).unwrap_or_else(|| hub_cache_dir().with_file_name("token"));
-    std::fs::read_to_string(path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
+    let path = home
+        .map(|h| h.join("token"))
+        .unwrap_or_else(|| hub_cache_dir().with_file_name("token"));
+    std::fs::read_to_string(path)
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
 }
 
 /// True when `s` has the shape of a repo id (`name` or `org/name`) rather than a path.
@@ -75,20 +87,29 @@ pub fn looks_like_repo_id(s: &str) -> bool {
         && !s.starts_with('/')
         && (1..=2).contains(&parts.len())
         && parts.iter().all(|p| {
-            !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            !p.is_empty()
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
 /// Files a model needs besides its weights; the optional ones may be absent.
 const REQUIRED: &[&str] = &["config.json"];
-const OPTIONAL: &[&str] = &["generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+const OPTIONAL: &[&str] = &[
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+];
 
 /// Resolves a local path or repo id to a directory with the model's files, downloading what is
 /// missing unless offline.
 pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
     let path = Path::new(id_or_path);
     if path.is_dir() {
-        return Ok(ModelLocation { dir: path.to_path_buf(), hub: None });
+        return Ok(ModelLocation {
+            dir: path.to_path_buf(),
+            hub: None,
+        });
     }
     if path.exists() {
         return Err(CoreError::InvalidInput(format!(
@@ -160,7 +181,11 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())
-                .map(|m| m.values().filter_map(|s| s.as_str().map(String::from)).collect())
+                .map(|m| {
+                    m.values()
+                        .filter_map(|s| s.as_str().map(String::from))
+                        .collect()
+                })
                 .unwrap_or_default();
             shards.sort();
             shards.dedup();
@@ -175,7 +200,10 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
         }
     }
     let dir = dir.ok_or_else(|| missing("config.json"))?;
-    Ok(ModelLocation { dir, hub: Some((id_or_path.to_string(), revision)) })
+    Ok(ModelLocation {
+        dir,
+        hub: Some((id_or_path.to_string(), revision)),
+    })
 }
 
 #[cfg(test)]

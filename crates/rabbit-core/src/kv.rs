@@ -35,7 +35,14 @@ pub struct KvCache {
 
 impl KvCache {
     /// Bytes a cache of this shape takes.
-    pub fn bytes(layers: usize, batch: usize, kv_heads: usize, capacity: usize, head_dim: usize, elem: usize) -> u64 {
+    pub fn bytes(
+        layers: usize,
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        elem: usize,
+    ) -> u64 {
         2 * (layers * batch * kv_heads * capacity * head_dim * elem) as u64
     }
 
@@ -57,7 +64,10 @@ impl KvCache {
                 v: Tensor::f_zeros(shape, (kind, device))?,
             });
         }
-        Ok(KvCache { layers: out, capacity })
+        Ok(KvCache {
+            layers: out,
+            capacity,
+        })
     }
 
     /// Slots per sequence.

@@ -17,12 +17,15 @@ pub mod model;
 pub mod reader;
 pub mod rope;
 pub mod sampling;
+pub mod text;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
 pub use engine::{Engine, EngineOptions, Profile};
 pub use error::{CoreError, Result};
-pub use generate::{Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, TokenEvent, Timings};
+pub use generate::{
+    Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, Timings, TokenEvent,
+};
 pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
 pub use sampling::SamplingParams;
 

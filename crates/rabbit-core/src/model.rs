@@ -11,6 +11,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
 use crate::hub::{locate, HubOptions};
+use crate::text::{self, load_tokenizer};
 
 /// Options of [`AutoModel::from_pretrained`], as a typed builder.
 #[derive(Debug, Clone)]
@@ -123,7 +124,11 @@ impl AutoModel {
         let device = opts.device.resolve()?;
         let dtype = match opts.dtype {
             Some(d) => d,
-            None => spec.storage_dtype.as_deref().and_then(DType::from_config_name).unwrap_or(DType::F32),
+            None => spec
+                .storage_dtype
+                .as_deref()
+                .and_then(DType::from_config_name)
+                .unwrap_or(DType::F32),
         };
         let split_dir = match (&opts.split_dir, &loc.hub) {
             (Some(d), _) => Some(d.clone()),
@@ -136,44 +141,55 @@ impl AutoModel {
             ..SplitOptions::default()
         };
         let layout = spec.layout();
-        let (split_dir, outcome) =
-            rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| progress(&LoadEvent::Split(e.clone())))?;
+        let (split_dir, outcome) = rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| {
+            progress(&LoadEvent::Split(e.clone()))
+        })?;
         if let SplitOutcome::Written { .. } = outcome {
             tracing::info!(dir = %split_dir.display(), "split written");
         }
         let engine = Engine::open(
             &split_dir,
             spec,
-            &EngineOptions { device, dtype, prefetch_depth: opts.prefetch_depth },
+            &EngineOptions {
+                device,
+                dtype,
+                prefetch_depth: opts.prefetch_depth,
+            },
         )?;
-        progress(&LoadEvent::Opened { device: device_name(device), dtype });
+        progress(&LoadEvent::Opened {
+            device: device_name(device),
+            dtype,
+        });
         let tokenizer = load_tokenizer(&loc.dir)?;
-        Ok(Model { engine, tokenizer, model_dir: loc.dir })
+        Ok(Model {
+            engine,
+            tokenizer,
+            model_dir: loc.dir,
+        })
     }
 }
 
 /// `$RABBIT_CACHE/splits/<repo>/<revision>` (default `~/.cache/rabbitllm/...`): hub snapshots
 /// stay untouched.
 fn default_hub_split_dir(repo: &str, revision: &str, snapshot: &Path) -> PathBuf {
-    let base = std::env::var_os("RABBIT_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache"))
-            .join("rabbitllm")
-    });
+    let base = std::env::var_os("RABBIT_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache")
+                })
+                .join("rabbitllm")
+        });
     // The snapshot directory name is the commit hash: a new commit gets a new split.
-    let commit = snapshot.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| revision.into());
-    base.join("splits").join(repo.replace('/', "--")).join(commit)
-}
-
-fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    Tokenizer::from_file(&path)
-        .map(Some)
-        .map_err(|e| CoreError::Tokenizer(format!("{}: {e}", path.display())))
+    let commit = snapshot
+        .file_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| revision.into());
+    base.join("splits")
+        .join(repo.replace('/', "--"))
+        .join(commit)
 }
 
 /// A streamed model with its tokenizer.
@@ -207,18 +223,12 @@ impl Model {
     /// Text → ids (special tokens typed in the text are not given special meaning beyond what
     /// the tokenizer's added-token rules say).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .require_tokenizer()?
-            .encode(text, false)
-            .map_err(|e| CoreError::Tokenizer(e.to_string()))?;
-        Ok(enc.get_ids().to_vec())
+        text::encode(self.require_tokenizer()?, text)
     }
 
     /// Ids → text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.require_tokenizer()?
-            .decode(ids, true)
-            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+        text::decode(self.require_tokenizer()?, ids)
     }
 
     /// Runs a generation; see [`Engine::generate`].

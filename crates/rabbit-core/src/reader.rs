@@ -51,24 +51,34 @@ impl LayerReader {
     /// Opens every unit file and starts the reader thread with `depth` layers of read-ahead.
     pub fn start(dir: &Path, units: &[&UnitEntry], depth: usize) -> Result<LayerReader> {
         if units.is_empty() {
-            return Err(CoreError::InvalidInput("layer reader started with no units".into()));
+            return Err(CoreError::InvalidInput(
+                "layer reader started with no units".into(),
+            ));
         }
         let mut sources = Vec::with_capacity(units.len());
         let mut max_len = 0usize;
         for u in units {
             let path = dir.join(&u.file);
             let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
-            let len = usize::try_from(u.data_len)
-                .map_err(|_| CoreError::InvalidInput(format!("{}: unit too large", path.display())))?;
+            let len = usize::try_from(u.data_len).map_err(|_| {
+                CoreError::InvalidInput(format!("{}: unit too large", path.display()))
+            })?;
             max_len = max_len.max(len);
-            sources.push(Source { path, file, offset: u.data_offset, len });
+            sources.push(Source {
+                path,
+                file,
+                offset: u.data_offset,
+                len,
+            });
         }
         let depth = depth.max(1);
         let (tx, rx) = bounded::<Result<LoadedUnit>>(depth);
         // depth buffers may sit in the channel, one is being filled, one is being computed on.
         let (free_tx, free_rx) = bounded::<AlignedBuf>(depth + 2);
         for _ in 0..depth + 1 {
-            free_tx.send(AlignedBuf::new(max_len)).expect("fresh channel has room");
+            free_tx
+                .send(AlignedBuf::new(max_len))
+                .expect("fresh channel has room");
         }
         let stop = Arc::new(AtomicBool::new(false));
         let stop_thread = stop.clone();

@@ -20,7 +20,10 @@ impl RopeTables {
     /// Builds the base tables.
     pub fn new(spec: &RopeSpec, device: Device) -> Result<RopeTables> {
         let original_len = match spec.scaling {
-            RopeScaling::Dynamic { max_position_embeddings, .. } => max_position_embeddings,
+            RopeScaling::Dynamic {
+                max_position_embeddings,
+                ..
+            } => max_position_embeddings,
             _ => 0,
         };
         let (inv, scale) = spec.inv_freq(original_len.max(1));
@@ -53,15 +56,28 @@ impl RopeTables {
     }
 
     /// cos/sin `[B, 1, T, D]` in `kind` for `positions` `[B, T]` (int64 on the device).
-    pub fn cos_sin(&mut self, positions: &Tensor, max_position: i64, kind: Kind) -> Result<(Tensor, Tensor)> {
+    pub fn cos_sin(
+        &mut self,
+        positions: &Tensor,
+        max_position: i64,
+        kind: Kind,
+    ) -> Result<(Tensor, Tensor)> {
         self.refresh(max_position as usize + 1)?;
         let freqs = positions
             .f_to_kind(Kind::Float)?
             .f_unsqueeze(-1)?
             .f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
-        let cos = emb.f_cos()?.f_mul_scalar(self.scale)?.f_to_kind(kind)?.f_unsqueeze(1)?;
-        let sin = emb.f_sin()?.f_mul_scalar(self.scale)?.f_to_kind(kind)?.f_unsqueeze(1)?;
+        let cos = emb
+            .f_cos()?
+            .f_mul_scalar(self.scale)?
+            .f_to_kind(kind)?
+            .f_unsqueeze(1)?;
+        let sin = emb
+            .f_sin()?
+            .f_mul_scalar(self.scale)?
+            .f_to_kind(kind)?
+            .f_unsqueeze(1)?;
         Ok((cos, sin))
     }
 }

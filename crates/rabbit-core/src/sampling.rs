@@ -25,7 +25,13 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: None, top_p: None, repetition_penalty: None, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            repetition_penalty: None,
+            seed: 0,
+        }
     }
 }
 
@@ -43,7 +49,9 @@ impl SamplingParams {
         }
         if let Some(p) = self.top_p {
             if !(p > 0.0 && p <= 1.0) {
-                return Err(CoreError::InvalidInput(format!("top-p must be in (0, 1], got {p}")));
+                return Err(CoreError::InvalidInput(format!(
+                    "top-p must be in (0, 1], got {p}"
+                )));
             }
         }
         if let Some(r) = self.repetition_penalty {
@@ -108,7 +116,10 @@ pub fn apply_top_p(scores: &mut [f32], p: f64) {
     let mut order: Vec<usize> = (0..scores.len()).collect();
     order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = order.iter().map(|&i| ((scores[i] - max) as f64).exp()).collect();
+    let exps: Vec<f64> = order
+        .iter()
+        .map(|&i| ((scores[i] - max) as f64).exp())
+        .collect();
     let total: f64 = exps.iter().sum();
     let threshold = 1.0 - p;
     let mut cum = 0.0f64;
@@ -163,7 +174,9 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler seeded with `seed`.
     pub fn new(seed: u64) -> Sampler {
-        Sampler { rng: ChaCha20Rng::seed_from_u64(seed) }
+        Sampler {
+            rng: ChaCha20Rng::seed_from_u64(seed),
+        }
     }
 
     /// Processes `scores` in place and picks the next token.
@@ -222,17 +235,28 @@ mod tests {
 
     #[test]
     fn same_seed_same_tokens() {
-        let params = SamplingParams { temperature: 1.0, seed: 7, ..Default::default() };
+        let params = SamplingParams {
+            temperature: 1.0,
+            seed: 7,
+            ..Default::default()
+        };
         let scores = vec![0.1f32; 50];
         let a: Vec<u32> = {
             let mut s = Sampler::new(7);
-            (0..20).map(|_| s.choose(&mut scores.clone(), &[], &params)).collect()
+            (0..20)
+                .map(|_| s.choose(&mut scores.clone(), &[], &params))
+                .collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(7);
-            (0..20).map(|_| s.choose(&mut scores.clone(), &[], &params)).collect()
+            (0..20)
+                .map(|_| s.choose(&mut scores.clone(), &[], &params))
+                .collect()
         };
         assert_eq!(a, b);
-        assert!(a.iter().any(|&t| t != a[0]), "uniform scores should not always give one token");
+        assert!(
+            a.iter().any(|&t| t != a[0]),
+            "uniform scores should not always give one token"
+        );
     }
 }

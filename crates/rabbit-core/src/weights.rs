@@ -40,7 +40,10 @@ impl UnitTensors {
                 tensor: t.name.clone(),
                 reason: format!("dtype {} cannot hold weights", t.dtype.name()),
             })?;
-            let end = t.offset.checked_add(t.len).filter(|e| *e as usize <= data.len());
+            let end = t
+                .offset
+                .checked_add(t.len)
+                .filter(|e| *e as usize <= data.len());
             if end.is_none() {
                 return Err(CoreError::BadTensor {
                     file: entry.file.clone().into(),
@@ -53,7 +56,13 @@ impl UnitTensors {
             // alignment; the view lives no longer than `self`, which the caller drops before
             // recycling `data`.
             let view = unsafe {
-                Tensor::f_from_blob(data.as_ptr().add(t.offset as usize), &shape, &[], stored, Device::Cpu)?
+                Tensor::f_from_blob(
+                    data.as_ptr().add(t.offset as usize),
+                    &shape,
+                    &[],
+                    stored,
+                    Device::Cpu,
+                )?
             };
             let on_device = if device == Device::Cpu {
                 if stored == kind {
@@ -67,7 +76,10 @@ impl UnitTensors {
             };
             tensors.insert(t.name.clone(), on_device);
         }
-        Ok(UnitTensors { tensors, file: entry.file.clone() })
+        Ok(UnitTensors {
+            tensors,
+            file: entry.file.clone(),
+        })
     }
 
     /// Replaces every tensor that may alias the source bytes with an owned copy.
@@ -82,11 +94,13 @@ impl UnitTensors {
 
     /// Takes a tensor out by full name.
     pub fn take(&mut self, name: &str) -> Result<Tensor> {
-        self.tensors.remove(name).ok_or_else(|| CoreError::BadTensor {
-            file: self.file.clone().into(),
-            tensor: name.to_string(),
-            reason: "missing from the split".into(),
-        })
+        self.tensors
+            .remove(name)
+            .ok_or_else(|| CoreError::BadTensor {
+                file: self.file.clone().into(),
+                tensor: name.to_string(),
+                reason: "missing from the split".into(),
+            })
     }
 
     /// Takes a tensor if present.
@@ -107,7 +121,11 @@ impl Linear {
     fn take(u: &mut UnitTensors, prefix: &str, name: &str, bias: bool) -> Result<Linear> {
         Ok(Linear {
             weight: u.take(&format!("{prefix}{name}.weight"))?,
-            bias: if bias { Some(u.take(&format!("{prefix}{name}.bias"))?) } else { None },
+            bias: if bias {
+                Some(u.take(&format!("{prefix}{name}.bias"))?)
+            } else {
+                None
+            },
         })
     }
 

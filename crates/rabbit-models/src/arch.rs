@@ -134,7 +134,10 @@ const COMMON_HARMLESS_KEYS: &[&str] = &[
 ];
 
 fn unsupported(v: &Variant, reason: impl Into<String>) -> ModelError {
-    ModelError::Unsupported { architecture: v.name.to_string(), reason: reason.into() }
+    ModelError::Unsupported {
+        architecture: v.name.to_string(),
+        reason: reason.into(),
+    }
 }
 
 fn bias(v: &Variant, b: Bias, cfg: &HfConfig) -> bool {
@@ -151,21 +154,26 @@ fn bias(v: &Variant, b: Bias, cfg: &HfConfig) -> bool {
 pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
     // Refuse fields that would change the numerics in a way we do not implement.
     for key in cfg.extra.keys() {
-        if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str())
-        {
+        if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str()) {
             continue;
         }
         let hint = match key.as_str() {
             "quantization_config" => " (pre-quantized checkpoints are not supported; use an unquantized one and `--compression`)",
             _ => " (rabbitllm does not know what it changes and refuses to guess)",
         };
-        return Err(unsupported(v, format!("field `{key}` is not supported{hint}")));
+        return Err(unsupported(
+            v,
+            format!("field `{key}` is not supported{hint}"),
+        ));
     }
     if let Some(mt) = &cfg.model_type {
         if mt != v.model_type {
             return Err(unsupported(
                 v,
-                format!("model_type `{mt}` contradicts the architecture (expected `{}`)", v.model_type),
+                format!(
+                    "model_type `{mt}` contradicts the architecture (expected `{}`)",
+                    v.model_type
+                ),
             ));
         }
     }
@@ -178,7 +186,10 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     };
     let hidden = positive("hidden_size", cfg.hidden_size)?;
     let heads = positive("num_attention_heads", cfg.num_attention_heads)?;
-    let kv_heads = positive("num_key_value_heads", cfg.num_key_value_heads.unwrap_or(heads))?;
+    let kv_heads = positive(
+        "num_key_value_heads",
+        cfg.num_key_value_heads.unwrap_or(heads),
+    )?;
     positive("num_hidden_layers", cfg.num_hidden_layers)?;
     positive("vocab_size", cfg.vocab_size)?;
     positive("intermediate_size", cfg.intermediate_size)?;
@@ -203,31 +214,49 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         }
     };
     if head_dim % 2 != 0 {
-        return Err(unsupported(v, format!("head_dim {head_dim} must be even for RoPE")));
+        return Err(unsupported(
+            v,
+            format!("head_dim {head_dim} must be even for RoPE"),
+        ));
     }
     match cfg.hidden_act.as_deref() {
         None | Some("silu") => {}
         Some(other) => {
-            return Err(unsupported(v, format!("hidden_act `{other}` is not supported (only `silu`)")))
+            return Err(unsupported(
+                v,
+                format!("hidden_act `{other}` is not supported (only `silu`)"),
+            ))
         }
     }
     if let Some(p) = cfg.partial_rotary_factor {
         if p != 1.0 {
-            return Err(unsupported(v, format!("partial_rotary_factor {p} is not supported")));
+            return Err(unsupported(
+                v,
+                format!("partial_rotary_factor {p} is not supported"),
+            ));
         }
     }
     // Rope: transformers 5 `rope_parameters` or classic `rope_theta` + `rope_scaling`.
     let rope_params = match (&cfg.rope_parameters, &cfg.rope_scaling) {
         (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
-            return Err(unsupported(v, "both `rope_parameters` and `rope_scaling` are set and differ"))
+            return Err(unsupported(
+                v,
+                "both `rope_parameters` and `rope_scaling` are set and differ",
+            ))
         }
         (Some(p), _) if !p.is_null() => Some(p),
         (_, Some(s)) if !s.is_null() => Some(s),
         _ => None,
     };
-    if let (Some(t), Some(p)) = (cfg.rope_theta, rope_params.and_then(|p| p.get("rope_theta"))) {
+    if let (Some(t), Some(p)) = (
+        cfg.rope_theta,
+        rope_params.and_then(|p| p.get("rope_theta")),
+    ) {
         if p.as_f64() != Some(t) {
-            return Err(unsupported(v, format!("`rope_theta` ({t}) contradicts rope settings ({p})")));
+            return Err(unsupported(
+                v,
+                format!("`rope_theta` ({t}) contradicts rope settings ({p})"),
+            ));
         }
     }
     let theta = cfg.rope_theta.unwrap_or(v.default_rope_theta);
@@ -237,7 +266,10 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     let layers = cfg.num_hidden_layers;
     let sliding_windows = sliding_windows(v, cfg, layers)?;
 
-    let storage_dtype = cfg.storage_dtype().map_err(|e| unsupported(v, e))?.map(str::to_string);
+    let storage_dtype = cfg
+        .storage_dtype()
+        .map_err(|e| unsupported(v, e))?
+        .map(str::to_string);
     if let Some(d) = &storage_dtype {
         if !matches!(d.as_str(), "float32" | "bfloat16" | "float16") {
             return Err(unsupported(
@@ -247,7 +279,8 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         }
     }
 
-    let first = |ids: Option<&crate::config::TokenIds>| ids.and_then(|t| t.to_vec().first().copied());
+    let first =
+        |ids: Option<&crate::config::TokenIds>| ids.and_then(|t| t.to_vec().first().copied());
     let eos_token_ids = gen
         .and_then(|g| g.eos_token_id.as_ref())
         .or(cfg.eos_token_id.as_ref())
@@ -264,7 +297,10 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         .unwrap_or_default();
     let rms = cfg.rms_norm_eps.unwrap_or(v.default_rms_norm_eps);
     if !(rms > 0.0 && rms.is_finite()) {
-        return Err(unsupported(v, format!("rms_norm_eps {rms} must be positive")));
+        return Err(unsupported(
+            v,
+            format!("rms_norm_eps {rms} must be positive"),
+        ));
     }
     Ok(ModelSpec {
         architecture: v.name.to_string(),
@@ -285,9 +321,13 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         o_bias: bias(v, v.o_bias, cfg),
         mlp_bias: bias(v, v.mlp_bias, cfg),
         qk_norm: v.qk_norm,
-        bos_token_id: gen.and_then(|g| first(g.bos_token_id.as_ref())).or(first(cfg.bos_token_id.as_ref())),
+        bos_token_id: gen
+            .and_then(|g| first(g.bos_token_id.as_ref()))
+            .or(first(cfg.bos_token_id.as_ref())),
         eos_token_ids,
-        pad_token_id: gen.and_then(|g| first(g.pad_token_id.as_ref())).or(first(cfg.pad_token_id.as_ref())),
+        pad_token_id: gen
+            .and_then(|g| first(g.pad_token_id.as_ref()))
+            .or(first(cfg.pad_token_id.as_ref())),
         generation,
     })
 }
@@ -298,7 +338,10 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
             if cfg.use_sliding_window == Some(true) || cfg.sliding_window.is_some() {
                 // Llama configs never carry a window; a present one means a different model.
                 if cfg.sliding_window.is_some() {
-                    return Err(unsupported(v, "`sliding_window` is not supported for this architecture"));
+                    return Err(unsupported(
+                        v,
+                        "`sliding_window` is not supported for this architecture",
+                    ));
                 }
             }
             None
@@ -319,7 +362,10 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
         if types.len() != layers {
             return Err(unsupported(
                 v,
-                format!("`layer_types` has {} entries but num_hidden_layers is {layers}", types.len()),
+                format!(
+                    "`layer_types` has {} entries but num_hidden_layers is {layers}",
+                    types.len()
+                ),
             ));
         }
         return types

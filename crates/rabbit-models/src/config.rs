@@ -130,7 +130,10 @@ impl HfConfig {
             if source.kind() == std::io::ErrorKind::NotFound {
                 ModelError::MissingConfig { path: path.clone() }
             } else {
-                ModelError::Io { path: path.clone(), source }
+                ModelError::Io {
+                    path: path.clone(),
+                    source,
+                }
             }
         })?;
         Self::from_json_str(&text).map_err(|reason| ModelError::BadConfig { path, reason })
@@ -149,9 +152,9 @@ impl HfConfig {
     /// The storage dtype, from either layout (`dtype` wins when both are present and agree).
     pub fn storage_dtype(&self) -> std::result::Result<Option<&str>, String> {
         match (&self.dtype, &self.torch_dtype) {
-            (Some(a), Some(b)) if a != b => Err(format!(
-                "`dtype` ({a}) and `torch_dtype` ({b}) disagree"
-            )),
+            (Some(a), Some(b)) if a != b => {
+                Err(format!("`dtype` ({a}) and `torch_dtype` ({b}) disagree"))
+            }
             (Some(a), _) => Ok(Some(a)),
             (None, Some(b)) => Ok(Some(b)),
             (None, None) => Ok(None),
@@ -198,7 +201,10 @@ impl GenerationConfig {
         match std::fs::read_to_string(&path) {
             Ok(text) => serde_json::from_str(&text)
                 .map(Some)
-                .map_err(|e| ModelError::BadConfig { path, reason: e.to_string() }),
+                .map_err(|e| ModelError::BadConfig {
+                    path,
+                    reason: e.to_string(),
+                }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(ModelError::Io { path, source }),
         }

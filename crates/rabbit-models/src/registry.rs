@@ -49,9 +49,15 @@ pub fn lookup(architecture: &str) -> Result<&'static dyn Architecture> {
     }
     let supported = supported_architectures().join(", ");
     if NOT_YET_SUPPORTED.contains(&architecture) {
-        Err(ModelError::NotYetSupported { architecture: architecture.to_string(), supported })
+        Err(ModelError::NotYetSupported {
+            architecture: architecture.to_string(),
+            supported,
+        })
     } else {
-        Err(ModelError::UnknownArchitecture { architecture: architecture.to_string(), supported })
+        Err(ModelError::UnknownArchitecture {
+            architecture: architecture.to_string(),
+            supported,
+        })
     }
 }
 
@@ -80,7 +86,10 @@ pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
     let cfg = HfConfig::load(dir)?;
     let gen = GenerationConfig::load(dir)?;
     spec_from_config(&cfg, gen.as_ref()).map_err(|e| match e {
-        ModelError::Unsupported { architecture, reason } => ModelError::BadConfig {
+        ModelError::Unsupported {
+            architecture,
+            reason,
+        } => ModelError::BadConfig {
             path: dir.join("config.json"),
             reason: format!("{architecture}: {reason}"),
         },

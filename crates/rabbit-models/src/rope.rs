@@ -72,13 +72,19 @@ impl RopeSpec {
         max_position_embeddings: usize,
     ) -> Result<RopeSpec, String> {
         let Some(params) = rope_params.filter(|v| !v.is_null()) else {
-            return Ok(RopeSpec { theta, dim, scaling: RopeScaling::Default });
+            return Ok(RopeSpec {
+                theta,
+                dim,
+                scaling: RopeScaling::Default,
+            });
         };
         let obj = params
             .as_object()
             .ok_or_else(|| format!("rope settings must be an object, got {params}"))?;
         let theta = match obj.get("rope_theta") {
-            Some(v) => v.as_f64().ok_or_else(|| format!("rope_theta is not a number: {v}"))?,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| format!("rope_theta is not a number: {v}"))?,
             None => theta,
         };
         let kind = obj
@@ -104,7 +110,9 @@ impl RopeSpec {
             }
         }
         let original = |default: usize| -> Result<usize, String> {
-            Ok(num("original_max_position_embeddings")?.map(|v| v as usize).unwrap_or(default))
+            Ok(num("original_max_position_embeddings")?
+                .map(|v| v as usize)
+                .unwrap_or(default))
         };
         let scaling = match kind {
             "default" => RopeScaling::Default,
@@ -162,7 +170,11 @@ impl RopeSpec {
                 ))
             }
         };
-        Ok(RopeSpec { theta, dim, scaling })
+        Ok(RopeSpec {
+            theta,
+            dim,
+            scaling,
+        })
     }
 
     /// Inverse frequencies (`dim / 2` values) and the cos/sin multiplier for a forward pass whose
@@ -181,10 +193,17 @@ impl RopeSpec {
         };
         match &self.scaling {
             RopeScaling::Default => (base_inv(self.theta), 1.0),
-            RopeScaling::Linear { factor } => {
-                (base_inv(self.theta).into_iter().map(|f| f / *factor as f32).collect(), 1.0)
-            }
-            RopeScaling::Dynamic { factor, max_position_embeddings } => {
+            RopeScaling::Linear { factor } => (
+                base_inv(self.theta)
+                    .into_iter()
+                    .map(|f| f / *factor as f32)
+                    .collect(),
+                1.0,
+            ),
+            RopeScaling::Dynamic {
+                factor,
+                max_position_embeddings,
+            } => {
                 let seq = seq_len.max(*max_position_embeddings) as f64;
                 let max = *max_position_embeddings as f64;
                 let base = self.theta
@@ -221,7 +240,8 @@ impl RopeSpec {
                         let pos_freq = (base as f32).powf(i as f32 / dim as f32);
                         let extrapolation = 1.0 / pos_freq;
                         let interpolation = 1.0 / (factor * pos_freq);
-                        let ramp = ((j as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        let ramp =
+                            ((j as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
                         let extra_factor = 1.0 - ramp;
                         interpolation * (1.0 - extra_factor) + extrapolation * extra_factor
                     })
@@ -235,8 +255,11 @@ impl RopeSpec {
                 original_max_position_embeddings,
             } => {
                 let old = *original_max_position_embeddings as f32;
-                let (factor, low_ff, high_ff) =
-                    (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+                let (factor, low_ff, high_ff) = (
+                    *factor as f32,
+                    *low_freq_factor as f32,
+                    *high_freq_factor as f32,
+                );
                 let low_wavelen = old / low_ff;
                 let high_wavelen = old / high_ff;
                 let inv = base_inv(self.theta)
@@ -244,7 +267,8 @@ impl RopeSpec {
                     .map(|f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
-                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        // Written as transformers does (NaN-free inputs, so this is `high <= w <= low`).
+                        let medium = wavelen >= high_wavelen && wavelen <= low_wavelen;
                         if medium {
                             let smooth = (old / wavelen - low_ff) / (high_ff - low_ff);
                             (1.0 - smooth) * scaled / factor + smooth * scaled
@@ -289,17 +313,24 @@ mod tests {
         let v = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
         let r = RopeSpec::from_config(10000.0, 16, Some(&v), 512).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, 512).unwrap().inv_freq(1);
+        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, 512)
+            .unwrap()
+            .inv_freq(1);
         let (inv, _) = r.inv_freq(1);
         assert_eq!(inv[0], plain[0], "highest frequency untouched");
-        assert!((inv[7] - plain[7] / 8.0).abs() < 1e-9, "lowest frequency divided by factor");
+        assert!(
+            (inv[7] - plain[7] / 8.0).abs() < 1e-9,
+            "lowest frequency divided by factor"
+        );
     }
 
     #[test]
     fn dynamic_only_changes_past_the_configured_length() {
         let v = json!({"rope_type": "dynamic", "factor": 2.0});
         let r = RopeSpec::from_config(10000.0, 8, Some(&v), 100).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, 100).unwrap().inv_freq(1);
+        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, 100)
+            .unwrap()
+            .inv_freq(1);
         assert_eq!(r.inv_freq(50).0, plain);
         assert!(r.inv_freq(300).0[1] < plain[1]);
     }

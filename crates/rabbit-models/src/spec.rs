@@ -122,13 +122,19 @@ impl ModelSpec {
     /// Every tensor a checkpoint of this model holds, with its shape, in execution order
     /// (embedding, layers, final norm, lm_head when untied).
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut out = vec![(names::EMBED.to_string(), vec![self.vocab_size, self.hidden_size])];
+        let mut out = vec![(
+            names::EMBED.to_string(),
+            vec![self.vocab_size, self.hidden_size],
+        )];
         for i in 0..self.num_layers {
             out.extend(self.layer_tensor_shapes(i));
         }
         out.push((names::FINAL_NORM.to_string(), vec![self.hidden_size]));
         if !self.tie_word_embeddings {
-            out.push((names::LM_HEAD.to_string(), vec![self.vocab_size, self.hidden_size]));
+            out.push((
+                names::LM_HEAD.to_string(),
+                vec![self.vocab_size, self.hidden_size],
+            ));
         }
         out
     }
@@ -136,7 +142,12 @@ impl ModelSpec {
     /// The tensors of decoder layer `i` with their shapes.
     pub fn layer_tensor_shapes(&self, i: usize) -> Vec<(String, Vec<usize>)> {
         let p = names::layer_prefix(i);
-        let (h, q, kv, m) = (self.hidden_size, self.q_dim(), self.kv_dim(), self.intermediate_size);
+        let (h, q, kv, m) = (
+            self.hidden_size,
+            self.q_dim(),
+            self.kv_dim(),
+            self.intermediate_size,
+        );
         let mut out = vec![(format!("{p}{}", names::INPUT_NORM), vec![h])];
         let mut linear = |name: &str, rows: usize, cols: usize, bias: bool| {
             out.push((format!("{p}{name}.weight"), vec![rows, cols]));
