@@ -95,7 +95,11 @@ pub fn run(a: SynthArgs) -> Result<()> {
         report.num_parameters,
         human_bytes(report.total_bytes),
         report.files.len(),
-        if report.reused { " (already there with these options, reused)" } else { "" },
+        if report.reused {
+            " (already there with these options, reused)"
+        } else {
+            ""
+        },
         start.elapsed().as_secs_f64()
     );
     Ok(())

@@ -252,7 +252,11 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 fn generate_fixture(extra: &[&str], split: &Path) -> Output {
-    let device: &[&str] = if extra.contains(&"--device") { &[] } else { &["--device", "cpu"] };
+    let device: &[&str] = if extra.contains(&"--device") {
+        &[]
+    } else {
+        &["--device", "cpu"]
+    };
     run(rabbit()
         .arg("generate")
         .args(device)
@@ -379,8 +383,20 @@ fn bad_inputs_fail_clearly() {
 
 fn synth(dir: &Path, layers: usize) {
     let o = run(rabbit()
-        .args(["synth", "--arch", "qwen2", "--preset", "tiny", "--dtype", "f32", "--hidden", "512"])
-        .args(["--intermediate", "2048", "--heads", "8", "--kv-heads", "8", "--seed", "3", "--layers"])
+        .args([
+            "synth", "--arch", "qwen2", "--preset", "tiny", "--dtype", "f32", "--hidden", "512",
+        ])
+        .args([
+            "--intermediate",
+            "2048",
+            "--heads",
+            "8",
+            "--kv-heads",
+            "8",
+            "--seed",
+            "3",
+            "--layers",
+        ])
         .arg(layers.to_string())
         .arg("--out")
         .arg(dir));
@@ -391,7 +407,12 @@ fn layer_bytes(split: &Path) -> u64 {
     std::fs::read_dir(split)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with("layer."))
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("layer.")
+        })
         .map(|p| p.metadata().unwrap().len())
         .sum()
 }
@@ -408,7 +429,16 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         let split = tmp.path().join(format!("s{layers}"));
         synth(&model, layers);
         let o = run(rabbit()
-            .args(["generate", "--device", "cpu", "--json", "--max-new-tokens", "4", "--input-ids", "1,2,3,4,5"])
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-new-tokens",
+                "4",
+                "--input-ids",
+                "1,2,3,4,5",
+            ])
             .arg("--model")
             .arg(&model)
             .arg("--split-dir")
@@ -420,7 +450,10 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         sizes.push(layer_bytes(&split));
     }
     let growth = sizes[1] as f64 / sizes[0] as f64;
-    assert!((7.9..8.1).contains(&growth), "layer files grew {growth}x, expected 8x");
+    assert!(
+        (7.9..8.1).contains(&growth),
+        "layer files grew {growth}x, expected 8x"
+    );
     let ratio = peaks[1] as f64 / peaks[0] as f64;
     assert!(
         ratio <= 1.2,
@@ -431,7 +464,12 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         sizes[1]
     );
     // And the 32-layer run never held anything like the whole model.
-    assert!(peaks[1] < sizes[1], "peak RSS {} >= streamed model {}", peaks[1], sizes[1]);
+    assert!(
+        peaks[1] < sizes[1],
+        "peak RSS {} >= streamed model {}",
+        peaks[1],
+        sizes[1]
+    );
 }
 
 /// Text in, text out on a synthetic checkpoint with its own tokenizer.
@@ -439,15 +477,28 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
 fn prompt_generates_text_with_the_synthetic_tokenizer() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    let o = run(rabbit().args(["synth", "--arch", "qwen3", "--preset", "tiny", "--out"]).arg(&model));
+    let o = run(rabbit()
+        .args(["synth", "--arch", "qwen3", "--preset", "tiny", "--out"])
+        .arg(&model));
     assert!(o.status.success(), "{}", stderr(&o));
     let o = run(rabbit()
-        .args(["generate", "--device", "cpu", "--json", "--max-new-tokens", "12", "--prompt", "The quick brown fox"])
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--json",
+            "--max-new-tokens",
+            "12",
+            "--prompt",
+            "The quick brown fox",
+        ])
         .arg("--model")
         .arg(&model));
     assert!(o.status.success(), "{}", stderr(&o));
     let v = last_json_line(&o);
-    let text = v["sequences"][0]["text"].as_str().expect("text present with a tokenizer");
+    let text = v["sequences"][0]["text"]
+        .as_str()
+        .expect("text present with a tokenizer");
     assert!(!text.trim().is_empty(), "generated text is empty");
     assert!(v["sequences"][0]["input_ids"].as_array().unwrap().len() >= 4);
     // The split was made next to the checkpoint on first use, and is reused the second time.

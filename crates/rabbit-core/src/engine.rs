@@ -12,14 +12,13 @@ use rabbit_split::manifest::{Manifest, UnitEntry};
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
-use crate::buffer::AlignedBuf;
 use crate::decoder::{layer_forward, rms_norm, AttnContext};
 use crate::device::DType;
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
-use crate::reader::LayerReader;
+use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
-use crate::weights::{validate_split, LayerWeights, UnitTensors};
+use crate::weights::{kind_of, validate_split, LayerWeights, UnitTensors};
 
 /// How to run a split model.
 #[derive(Debug, Clone)]
@@ -86,20 +85,36 @@ pub struct Engine {
     pub profile: Profile,
 }
 
+/// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
+/// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
 fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
     let path = dir.join(&entry.file);
     let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
-    let mut buf = AlignedBuf::new(entry.data_len as usize);
-    file.read_exact_at(
-        &mut buf.spare_mut()[..entry.data_len as usize],
-        entry.data_offset,
-    )
-    .map_err(|e| CoreError::io(&path, e))?;
-    buf.set_len(entry.data_len as usize);
-    let mut tensors = UnitTensors::from_region(entry, buf.as_slice(), device, kind)?;
-    // Resident tensors must own their memory: the buffer is freed on return.
-    tensors.make_owned()?;
-    Ok(tensors)
+    let mut tensors = Vec::with_capacity(entry.tensors.len());
+    for t in &entry.tensors {
+        let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
+            file: path.clone(),
+            tensor: t.name.clone(),
+            reason: format!("dtype {} cannot hold weights", t.dtype.name()),
+        })?;
+        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        let host = Tensor::f_empty(shape.as_slice(), (stored, Device::Cpu))?;
+        let numel: i64 = shape.iter().product();
+        if (numel as u64) * (t.dtype.size_bytes() as u64) != t.len {
+            return Err(CoreError::BadTensor {
+                file: path.clone(),
+                tensor: t.name.clone(),
+                reason: format!("{} bytes for shape {:?}", t.len, t.shape),
+            });
+        }
+        // SAFETY: `host` is a fresh contiguous CPU tensor of exactly `t.len` bytes.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, t.len as usize) };
+        file.read_exact_at(dst, entry.data_offset + t.offset)
+            .map_err(|e| CoreError::io(&path, e))?;
+        tensors.push((t.name.clone(), host.f_to_kind(kind)?.f_to_device(device)?));
+    }
+    Ok(UnitTensors::from_tensors(tensors, &entry.file))
 }
 
 impl Engine {
@@ -130,7 +145,13 @@ impl Engine {
         let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
         let refs: Vec<&UnitEntry> = layers.iter().collect();
         let depth = opts.prefetch_depth.max(1);
-        let reader = LayerReader::start(split_dir, &refs, depth)?;
+        // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
+        let mode = if device == Device::Cpu {
+            ReadMode::Map
+        } else {
+            ReadMode::Copy
+        };
+        let reader = LayerReader::start(split_dir, &refs, depth, mode)?;
         let staging_bytes =
             (depth as u64 + 1) * layers.iter().map(|l| l.data_len).max().unwrap_or(0);
         let windows: Vec<usize> = spec.sliding_windows.iter().flatten().copied().collect();
@@ -275,14 +296,14 @@ impl Engine {
             let (unit, wait) = self.reader.next(i)?;
             self.profile.read_wait_s += wait.as_secs_f64();
             self.profile.read_s += unit.read_time.as_secs_f64();
-            self.profile.bytes_streamed += unit.buf.len() as u64;
+            self.profile.bytes_streamed += unit.bytes.as_slice().len() as u64;
             self.profile.layers_streamed += 1;
             let windowed = self.spec.sliding_windows[i].is_some();
             let result = (|| {
                 let stage = Instant::now();
                 let tensors = UnitTensors::from_region(
                     &self.layers[i],
-                    unit.buf.as_slice(),
+                    unit.bytes.as_slice(),
                     self.device,
                     self.kind,
                 )?;
@@ -294,7 +315,7 @@ impl Engine {
                 out
             })();
             // The weights (which may alias the buffer) are gone; the buffer can be refilled.
-            self.reader.recycle(unit.buf);
+            self.reader.recycle(unit.bytes);
             h = result?;
         }
 

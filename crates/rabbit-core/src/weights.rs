@@ -82,14 +82,12 @@ impl UnitTensors {
         })
     }
 
-    /// Replaces every tensor that may alias the source bytes with an owned copy.
-    pub fn make_owned(&mut self) -> Result<()> {
-        for t in self.tensors.values_mut() {
-            if t.device() == Device::Cpu {
-                *t = t.f_detach_copy()?;
-            }
+    /// Wraps tensors that already own their memory.
+    pub fn from_tensors(tensors: Vec<(String, Tensor)>, file: &str) -> Self {
+        UnitTensors {
+            tensors: tensors.into_iter().collect(),
+            file: file.to_string(),
         }
-        Ok(())
     }
 
     /// Takes a tensor out by full name.
