@@ -67,15 +67,13 @@ impl ModelArgs {
         }
         let start = Instant::now();
         let model = AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
-            LoadEvent::Split(SplitEvent::Planned { units, bytes, .. }) => {
-                // Always said once: splitting a big model takes a while and must not look like a hang.
-                if !quiet {
-                    eprintln!(
-                        "splitting {} into {units} layer files ({})...",
-                        self.model,
-                        human_bytes(*bytes)
-                    );
-                }
+            // Always said once: splitting a big model takes a while and must not look like a hang.
+            LoadEvent::Split(SplitEvent::Planned { units, bytes, .. }) if !quiet => {
+                eprintln!(
+                    "splitting {} into {units} layer files ({})...",
+                    self.model,
+                    human_bytes(*bytes)
+                );
             }
             LoadEvent::Split(SplitEvent::UnitDone { index, total, .. })
                 if !quiet && show_progress(false) =>
@@ -205,7 +203,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed)
             {
                 let mut lock = stdout.lock();
-                let _ = lock.write_all(text[printed..].as_bytes());
+                let _ = lock.write_all(&text.as_bytes()[printed..]);
                 let _ = lock.flush();
                 printed = text.len();
             }

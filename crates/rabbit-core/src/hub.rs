@@ -101,6 +101,9 @@ const OPTIONAL: &[&str] = &[
     "tokenizer_config.json",
 ];
 
+/// Fetches one repo file into the cache (or finds it there): `None` when the repo lacks it.
+type Fetch = dyn Fn(&str) -> Result<Option<PathBuf>>;
+
 /// Resolves a local path or repo id to a directory with the model's files, downloading what is
 /// missing unless offline.
 pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
@@ -125,7 +128,7 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
     let repo = Repo::with_revision(id_or_path.to_string(), RepoType::Model, revision.clone());
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(hub_cache_dir);
     let offline = opts.offline || offline_from_env();
-    let fetch: Box<dyn Fn(&str) -> Result<Option<PathBuf>>> = if offline {
+    let fetch: Box<Fetch> = if offline {
         let cache = Cache::new(cache_dir.clone()).repo(repo.clone());
         Box::new(move |f| Ok(cache.get(f)))
     } else {
