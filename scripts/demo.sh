@@ -10,4 +10,5 @@ cargo build --release -p rabbit-cli
 rabbit="$CARGO_TARGET_DIR/release/rabbit"
 model="$RABBIT_CACHE/demo/qwen2.5-0.5b-synthetic"
 "$rabbit" synth --arch qwen2 --preset qwen2.5-0.5b --dtype bf16 --seed 7 --out "$model"
-"$rabbit" generate --model "$model" --prompt "The quick brown fox" --max-new-tokens 24 "$@"
+# --resident-layers 0: stream every layer (the planner would keep a model this small resident).
+"$rabbit" generate --model "$model" --prompt "The quick brown fox" --max-new-tokens 24 --resident-layers 0 "$@"

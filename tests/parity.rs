@@ -76,10 +76,12 @@ impl Case {
     fn open_dir(&self, dir: &Path, dtype: DType, split: &Path) -> Model {
         AutoModel::from_pretrained(
             dir.to_str().unwrap(),
+            // Every layer streamed: the path under test (residency has its own test below).
             LoadOptions::default()
                 .device(DeviceSpec::Cpu)
                 .dtype(dtype)
-                .split_dir(split),
+                .split_dir(split)
+                .resident_layers(0),
         )
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
     }
@@ -368,4 +370,48 @@ fn logits_processors_match_transformers() {
         out.sequences[0].output_ids, greedy_ids,
         "greedy with repetition penalty"
     );
+}
+
+/// Every residency setting (all streamed, some resident, all resident, planner default) gives
+/// bit-identical logits and tokens.
+#[test]
+fn every_residency_plan_gives_identical_results() {
+    let case = Case::load("qwen2_untied_f32");
+    let (input, want) = case.sequences().remove(0);
+    let split = tempfile::tempdir().unwrap();
+    let mut reference: Option<Vec<f32>> = None;
+    for resident in [Some(0usize), Some(1), Some(99), None] {
+        let mut opts = LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .dtype(DType::F32)
+            .split_dir(split.path());
+        if let Some(n) = resident {
+            opts = opts.resident_layers(n);
+        }
+        let mut model = AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).unwrap();
+        let plan = model.engine.plan().clone();
+        match resident {
+            Some(n) => assert_eq!(plan.resident_layers.len(), n.min(3), "{plan:?}"),
+            None => assert_eq!(
+                plan.resident_layers.len(),
+                3,
+                "tiny model fits the default budget: {plan:?}"
+            ),
+        }
+        let out = greedy(
+            &mut model,
+            vec![input.clone()],
+            want.len(),
+            SamplingParams::default(),
+        );
+        assert_eq!(out.sequences[0].output_ids, want, "resident {resident:?}");
+        let logits = out.sequences[0].logits.clone().unwrap();
+        match &reference {
+            None => reference = Some(logits),
+            Some(r) => assert!(
+                r == &logits,
+                "resident {resident:?}: logits differ from all-streamed"
+            ),
+        }
+    }
 }

@@ -9,8 +9,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::memory::{current_rss, peak_rss};
 use rabbit_core::{
-    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions, Model,
-    SamplingParams,
+    AutoModel, ByteSize, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions,
+    Model, SamplingParams,
 };
 use rabbit_split::SplitEvent;
 use serde_json::json;
@@ -44,6 +44,14 @@ pub struct ModelArgs {
     /// Delete the original weights once the split is verified.
     #[arg(long)]
     pub delete_original: bool,
+    /// Memory for resident layers, KV cache and activations on the compute device (host RAM on
+    /// CPU), e.g. 4GiB; default: half of the free memory.
+    #[arg(long, value_name = "SIZE")]
+    pub device_memory_budget: Option<String>,
+    /// Keep exactly the first N decoder layers resident (0 streams every layer); overrides the
+    /// budget.
+    #[arg(long, value_name = "N")]
+    pub resident_layers: Option<usize>,
 }
 
 impl ModelArgs {
@@ -65,6 +73,13 @@ impl ModelArgs {
         if let Some(r) = &self.revision {
             opts = opts.revision(r);
         }
+        if let Some(b) = &self.device_memory_budget {
+            let size: ByteSize = b.parse().context("--device-memory-budget")?;
+            opts = opts.device_memory_budget(size.0);
+        }
+        if let Some(n) = self.resident_layers {
+            opts = opts.resident_layers(n);
+        }
         let start = Instant::now();
         let model = AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
             // Always said once: splitting a big model takes a while and must not look like a hang.
@@ -82,6 +97,21 @@ impl ModelArgs {
                 if index + 1 == *total {
                     eprintln!();
                 }
+            }
+            LoadEvent::Planned(p) if !quiet => {
+                eprintln!(
+                    "plan: {} layers resident ({}), {} streamed ({} per sweep); budget {}{}",
+                    p.resident_layers.len(),
+                    human_bytes(p.resident_layer_bytes),
+                    p.streamed_layers.len(),
+                    human_bytes(p.streamed_bytes_per_sweep),
+                    human_bytes(p.device_budget),
+                    if p.budget_derived {
+                        " (half of free memory)"
+                    } else {
+                        ""
+                    }
+                );
             }
             LoadEvent::Opened { device, dtype } if !quiet => {
                 eprintln!("model on {device} ({dtype})");
@@ -131,6 +161,13 @@ pub struct GenerateArgs {
     /// Write every step's float32 logits to this safetensors file (`logits.<i>`).
     #[arg(long, value_name = "FILE")]
     dump_logits: Option<PathBuf>,
+    /// Print per-stage and per-layer timings (read wait, read, staging, compute) and the
+    /// bottleneck on stderr.
+    #[arg(long)]
+    profile: bool,
+    /// Write the profile as JSON to this file.
+    #[arg(long, value_name = "FILE")]
+    profile_json: Option<PathBuf>,
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -234,6 +271,34 @@ pub fn run(a: GenerateArgs) -> Result<()> {
 
     if let Some(path) = &a.dump_logits {
         write_logits(path, &out.sequences, spec.vocab_size)?;
+    }
+    let prof = &model.engine.profile;
+    if let Some(path) = &a.profile_json {
+        std::fs::write(path, serde_json::to_vec_pretty(prof)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if a.profile {
+        eprintln!("layer  where     MiB    wait_s    read_s   stage_s compute_s");
+        for (i, l) in prof.layers.iter().enumerate() {
+            eprintln!(
+                "{i:>5}  {:<8} {:>5.1} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
+                if l.resident { "resident" } else { "streamed" },
+                l.bytes as f64 / (1 << 20) as f64,
+                l.read_wait_s,
+                l.read_s,
+                l.stage_s,
+                l.compute_s
+            );
+        }
+        eprintln!(
+            "total: wait {:.3} s | read {:.3} s (overlapped) | stage {:.3} s | compute {:.3} s | head {:.3} s | bottleneck: {}",
+            prof.read_wait_s,
+            prof.read_s,
+            prof.stage_s,
+            prof.compute_s,
+            prof.head_s,
+            prof.bottleneck()
+        );
     }
     let t = &out.timings;
     let peak = peak_rss();

@@ -1,5 +1,6 @@
 //! `rabbit`: run, split and benchmark layer-streamed language models from the command line.
 
+mod bench;
 mod generate;
 mod split;
 mod synth;
@@ -23,6 +24,10 @@ enum Command {
     Split(split::SplitArgs),
     /// Generate tokens from a prompt or token ids.
     Generate(generate::GenerateArgs),
+    /// Measure decode/prefill speed, memory and the distance to the I/O and compute floor.
+    Bench(bench::BenchArgs),
+    /// Show a model's shape, the residency plan and the I/O floor on this machine.
+    Info(bench::InfoArgs),
 }
 
 fn main() {
@@ -32,6 +37,8 @@ fn main() {
         Command::Synth(a) => synth::run(a),
         Command::Split(a) => split::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Info(a) => bench::info(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

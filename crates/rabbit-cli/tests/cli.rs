@@ -439,6 +439,7 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
                 "--input-ids",
                 "1,2,3,4,5",
             ])
+            .args(["--resident-layers", "0"])
             .arg("--model")
             .arg(&model)
             .arg("--split-dir")
@@ -446,6 +447,7 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         assert!(o.status.success(), "{}", stderr(&o));
         let v = last_json_line(&o);
         assert_eq!(v["sequences"][0]["output_ids"].as_array().unwrap().len(), 4);
+        assert_eq!(v["memory"]["staging_bytes"].as_u64().unwrap() > 0, true, "every layer streams");
         peaks.push(v["memory"]["peak_rss_bytes"].as_u64().unwrap());
         sizes.push(layer_bytes(&split));
     }
@@ -503,4 +505,144 @@ fn prompt_generates_text_with_the_synthetic_tokenizer() {
     assert!(v["sequences"][0]["input_ids"].as_array().unwrap().len() >= 4);
     // The split was made next to the checkpoint on first use, and is reused the second time.
     assert!(model.join("rabbit-split/manifest.json").exists());
+}
+
+#[test]
+fn bench_reports_the_contract_fields_and_streamed_bytes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split = tmp.path().join("split");
+    for extra in [
+        &["--resident-layers", "0"][..],
+        &["--resident-layers", "0", "--cold"][..],
+    ] {
+        let o = run(rabbit()
+            .args([
+                "bench",
+                "--device",
+                "cpu",
+                "--json",
+                "--new-tokens",
+                "4",
+                "--repeat",
+                "2",
+                "--prompt-len",
+                "8",
+            ])
+            .arg("--model")
+            .arg(fixture("qwen2_untied_f32"))
+            .arg("--split-dir")
+            .arg(&split)
+            .args(extra));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v = last_json_line(&o);
+        for k in [
+            "decode_s_per_token",
+            "prefill_tokens_per_s",
+            "read_bytes_per_s",
+            "io_floor_s_per_token",
+        ] {
+            assert!(v[k].as_f64().is_some_and(|x| x > 0.0), "{k} in {v}");
+        }
+        assert!(v["peak_memory_bytes"].as_u64().unwrap() > 0);
+        let manifest: Value =
+            serde_json::from_str(&std::fs::read_to_string(split.join("manifest.json")).unwrap())
+                .unwrap();
+        let layer_bytes: u64 = manifest["units"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|u| u["kind"] == "layer")
+            .map(|u| u["data_len"].as_u64().unwrap())
+            .sum();
+        assert_eq!(
+            v["bytes_streamed_per_token"].as_u64().unwrap(),
+            layer_bytes,
+            "every layer streams once per token"
+        );
+        assert_eq!(v["streamed_layers"], 3);
+        assert!(
+            v["compute_s_per_token"].as_f64().is_some(),
+            "resident baseline measured"
+        );
+    }
+}
+
+#[test]
+fn info_shows_the_plan_and_budgets_are_checked() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split = tmp.path().join("split");
+    let o = run(rabbit()
+        .args([
+            "info",
+            "--device",
+            "cpu",
+            "--json",
+            "--resident-layers",
+            "1",
+            "--model",
+        ])
+        .arg(fixture("qwen2_untied_f32"))
+        .arg("--split-dir")
+        .arg(&split));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = last_json_line(&o);
+    assert_eq!(v["plan"]["resident_layers"], serde_json::json!([0]));
+    assert_eq!(v["plan"]["streamed_layers"], serde_json::json!([1, 2]));
+    assert!(v["read_bytes_per_s"].as_f64().unwrap() > 0.0);
+
+    let o = run(rabbit()
+        .args([
+            "info",
+            "--device",
+            "cpu",
+            "--device-memory-budget",
+            "12 parsecs",
+            "--model",
+        ])
+        .arg(fixture("qwen2_untied_f32"))
+        .arg("--split-dir")
+        .arg(&split));
+    assert_clean_failure(&o, "parsecs");
+    let o = run(rabbit()
+        .args([
+            "info",
+            "--device",
+            "cpu",
+            "--device-memory-budget",
+            "1KiB",
+            "--model",
+        ])
+        .arg(fixture("qwen2_untied_f32"))
+        .arg("--split-dir")
+        .arg(&split));
+    assert_clean_failure(&o, "--device-memory-budget");
+}
+
+#[test]
+fn generate_profile_names_the_bottleneck() {
+    let tmp = tempfile::tempdir().unwrap();
+    let prof = tmp.path().join("profile.json");
+    let o = generate_fixture(
+        &[
+            "--max-new-tokens",
+            "3",
+            "--input-ids",
+            "1,2,3",
+            "--resident-layers",
+            "1",
+            "--profile",
+            "--profile-json",
+            prof.to_str().unwrap(),
+        ],
+        &tmp.path().join("split"),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("bottleneck:"), "{}", stderr(&o));
+    let p: Value = serde_json::from_str(&std::fs::read_to_string(&prof).unwrap()).unwrap();
+    let layers = p["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2);
+    assert_eq!(layers[0]["resident"], true);
+    assert_eq!(layers[1]["resident"], false);
+    assert!(layers[1]["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(layers[0]["bytes"], 0);
 }

@@ -16,6 +16,7 @@ use crate::decoder::{layer_forward, rms_norm, AttnContext};
 use crate::device::DType;
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
+use crate::plan::{make_plan, MemoryBudget, Plan, PlanInputs};
 use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
 use crate::weights::{kind_of, validate_split, LayerWeights, UnitTensors};
@@ -29,6 +30,28 @@ pub struct EngineOptions {
     pub dtype: DType,
     /// Layers read ahead of the one computing.
     pub prefetch_depth: usize,
+    /// Memory the planner may fill with resident layers.
+    pub budget: MemoryBudget,
+    /// Batch size the KV/activation reservation is planned for.
+    pub plan_batch: usize,
+    /// Context length (prompt + new tokens) the KV/activation reservation is planned for
+    /// (capped at max_position_embeddings).
+    pub plan_context: usize,
+}
+
+impl EngineOptions {
+    /// CPU/f32 defaults: read 2 layers ahead, budget from free memory, planned for batch 1 and a
+    /// 4096-token context.
+    pub fn new(device: Device, dtype: DType) -> EngineOptions {
+        EngineOptions {
+            device,
+            dtype,
+            prefetch_depth: 2,
+            budget: MemoryBudget::default(),
+            plan_batch: 1,
+            plan_context: 4096,
+        }
+    }
 }
 
 /// Accumulated time per pipeline stage.
@@ -48,6 +71,43 @@ pub struct Profile {
     pub compute_s: f64,
     /// Time in embedding, final norm and LM head.
     pub head_s: f64,
+    /// The same figures per decoder layer.
+    pub layers: Vec<LayerProfile>,
+}
+
+/// Stage times of one decoder layer, summed over sweeps.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LayerProfile {
+    /// Whether the layer is resident (never streamed).
+    pub resident: bool,
+    /// Bytes read for this layer.
+    pub bytes: u64,
+    /// Waiting for the reader.
+    pub read_wait_s: f64,
+    /// Reading (in the reader thread).
+    pub read_s: f64,
+    /// Bytes → device tensors.
+    pub stage_s: f64,
+    /// Layer compute.
+    pub compute_s: f64,
+}
+
+impl Profile {
+    /// The stage that dominated, by total time: `read` (waiting for I/O), `stage`
+    /// (transfer/conversion), `compute`, or `head`.
+    pub fn bottleneck(&self) -> &'static str {
+        let stages = [
+            ("read", self.read_wait_s),
+            ("stage", self.stage_s),
+            ("compute", self.compute_s),
+            ("head", self.head_s),
+        ];
+        stages
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|s| s.0)
+            .unwrap_or("compute")
+    }
 }
 
 /// One forward's inputs: a left-padded batch.
@@ -76,7 +136,12 @@ pub struct Engine {
     norm: Tensor,
     lm_head: Tensor,
     layers: Vec<UnitEntry>,
-    reader: LayerReader,
+    /// Per layer: the weights when the plan keeps it resident.
+    resident: Vec<Option<LayerWeights>>,
+    /// Per layer: its slot in the reader's cycle when streamed.
+    stream_slot: Vec<Option<usize>>,
+    reader: Option<LayerReader>,
+    plan: Plan,
     rope: RopeTables,
     window: Option<usize>,
     resident_bytes: u64,
@@ -143,7 +208,49 @@ impl Engine {
             read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?
         };
         let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
-        let refs: Vec<&UnitEntry> = layers.iter().collect();
+        let elem = opts.dtype.size() as u64;
+        let compute_bytes = |u: &UnitEntry| -> u64 {
+            u.tensors
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64 * elem)
+                .sum()
+        };
+        let context = opts.plan_context.min(spec.max_position_embeddings).max(1);
+        let batch = opts.plan_batch.max(1);
+        let inputs = PlanInputs {
+            layer_bytes: layers.iter().map(compute_bytes).collect(),
+            head_bytes: [UnitKind::Embedding, UnitKind::FinalNorm, UnitKind::LmHead]
+                .iter()
+                .filter_map(|k| manifest.unit(*k))
+                .map(compute_bytes)
+                .sum(),
+            kv_bytes: KvCache::bytes(
+                spec.num_layers,
+                batch,
+                spec.num_kv_heads,
+                context,
+                spec.head_dim,
+                elem as usize,
+            ),
+            activation_bytes: (batch
+                * context
+                * (4 * spec.hidden_size + 2 * spec.intermediate_size))
+                as u64
+                * elem
+                + (batch * spec.vocab_size * 4) as u64,
+            prefetch_depth: opts.prefetch_depth,
+        };
+        let plan = make_plan(&inputs, opts.budget)?;
+        let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();
+        for &i in &plan.resident_layers {
+            let tensors = read_resident(split_dir, &layers[i], device, kind)?;
+            resident[i] = Some(LayerWeights::from_unit(&spec, i, tensors)?);
+        }
+        let mut stream_slot = vec![None; layers.len()];
+        for (slot, &i) in plan.streamed_layers.iter().enumerate() {
+            stream_slot[i] = Some(slot);
+        }
+        let refs: Vec<&UnitEntry> = plan.streamed_layers.iter().map(|&i| &layers[i]).collect();
         let depth = opts.prefetch_depth.max(1);
         // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
         let mode = if device == Device::Cpu {
@@ -151,9 +258,13 @@ impl Engine {
         } else {
             ReadMode::Copy
         };
-        let reader = LayerReader::start(split_dir, &refs, depth, mode)?;
-        let staging_bytes =
-            (depth as u64 + 1) * layers.iter().map(|l| l.data_len).max().unwrap_or(0);
+        let reader = if refs.is_empty() {
+            None
+        } else {
+            Some(LayerReader::start(split_dir, &refs, depth, mode)?)
+        };
+        resident_bytes += plan.resident_layer_bytes;
+        let staging_bytes = plan.staging_bytes;
         let windows: Vec<usize> = spec.sliding_windows.iter().flatten().copied().collect();
         let window = windows.first().copied();
         if windows.iter().any(|w| Some(*w) != window) {
@@ -171,7 +282,10 @@ impl Engine {
             norm,
             lm_head,
             layers,
+            resident,
+            stream_slot,
             reader,
+            plan,
             rope,
             window,
             resident_bytes,
@@ -210,9 +324,31 @@ impl Engine {
         self.staging_bytes
     }
 
-    /// Bytes streamed per full sweep (all decoder layers).
+    /// Bytes streamed per full sweep (the layers the plan does not keep resident).
     pub fn bytes_per_sweep(&self) -> u64 {
-        self.layers.iter().map(|l| l.data_len).sum()
+        self.plan
+            .streamed_layers
+            .iter()
+            .map(|&i| self.layers[i].data_len)
+            .sum()
+    }
+
+    /// Where the planner put each part of the model.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The layer files' entries, in execution order.
+    pub fn layer_units(&self) -> &[UnitEntry] {
+        &self.layers
+    }
+
+    /// Drop each streamed layer from the page cache after use, so every sweep reads from the
+    /// disk as it would for a model larger than RAM (for cold-storage benchmarks).
+    pub fn set_evict_after_use(&mut self, on: bool) {
+        if let Some(r) = self.reader.as_mut() {
+            r.set_evict(on);
+        }
     }
 
     /// Clears the stage timings.
@@ -293,12 +429,40 @@ impl Engine {
         let mut head_time = head_start.elapsed();
 
         for i in 0..self.layers.len() {
-            let (unit, wait) = self.reader.next(i)?;
+            let windowed = self.spec.sliding_windows[i].is_some();
+            if self.profile.layers.len() != self.layers.len() {
+                self.profile.layers = self
+                    .resident
+                    .iter()
+                    .map(|r| LayerProfile {
+                        resident: r.is_some(),
+                        ..Default::default()
+                    })
+                    .collect();
+            }
+            if let Some(w) = &self.resident[i] {
+                let compute = Instant::now();
+                h = layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed)?;
+                let dt = compute.elapsed().as_secs_f64();
+                self.profile.compute_s += dt;
+                self.profile.layers[i].compute_s += dt;
+                continue;
+            }
+            let (Some(reader), Some(slot)) = (self.reader.as_mut(), self.stream_slot[i]) else {
+                return Err(CoreError::Reader(format!(
+                    "layer {i} is neither resident nor streamed"
+                )));
+            };
+            let (unit, wait) = reader.next(slot)?;
+            let n = unit.bytes.as_slice().len() as u64;
             self.profile.read_wait_s += wait.as_secs_f64();
             self.profile.read_s += unit.read_time.as_secs_f64();
-            self.profile.bytes_streamed += unit.bytes.as_slice().len() as u64;
+            self.profile.bytes_streamed += n;
             self.profile.layers_streamed += 1;
-            let windowed = self.spec.sliding_windows[i].is_some();
+            let lp = &mut self.profile.layers[i];
+            lp.read_wait_s += wait.as_secs_f64();
+            lp.read_s += unit.read_time.as_secs_f64();
+            lp.bytes += n;
             let result = (|| {
                 let stage = Instant::now();
                 let tensors = UnitTensors::from_region(
@@ -308,14 +472,20 @@ impl Engine {
                     self.kind,
                 )?;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
-                self.profile.stage_s += stage.elapsed().as_secs_f64();
+                let staged = stage.elapsed().as_secs_f64();
+                self.profile.stage_s += staged;
+                self.profile.layers[i].stage_s += staged;
                 let compute = Instant::now();
                 let out = layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed);
-                self.profile.compute_s += compute.elapsed().as_secs_f64();
+                let dt = compute.elapsed().as_secs_f64();
+                self.profile.compute_s += dt;
+                self.profile.layers[i].compute_s += dt;
                 out
             })();
-            // The weights (which may alias the buffer) are gone; the buffer can be refilled.
-            self.reader.recycle(unit.bytes);
+            // The weights (which may alias the bytes) are gone; the bytes can be recycled.
+            if let Some(reader) = self.reader.as_ref() {
+                reader.recycle(slot, unit.bytes);
+            }
             h = result?;
         }
 

@@ -4,6 +4,7 @@
 //!
 //! Most users want [`AutoModel::from_pretrained`] and [`Model::generate`].
 
+pub mod bench;
 pub mod buffer;
 pub mod decoder;
 pub mod device;
@@ -14,6 +15,7 @@ pub mod hub;
 pub mod kv;
 pub mod memory;
 pub mod model;
+pub mod plan;
 pub mod reader;
 pub mod rope;
 pub mod sampling;
@@ -21,12 +23,13 @@ pub mod text;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
-pub use engine::{Engine, EngineOptions, Profile};
+pub use engine::{Engine, EngineOptions, LayerProfile, Profile};
 pub use error::{CoreError, Result};
 pub use generate::{
     Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, Timings, TokenEvent,
 };
 pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
+pub use plan::{ByteSize, MemoryBudget, Plan};
 pub use sampling::SamplingParams;
 
 /// Re-exported so library users can build devices/tensors without a direct tch dependency.

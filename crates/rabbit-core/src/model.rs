@@ -11,6 +11,7 @@ use crate::engine::{Engine, EngineOptions};
 use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
 use crate::hub::{locate, HubOptions};
+use crate::plan::MemoryBudget;
 use crate::text::{self, load_tokenizer};
 
 /// Options of [`AutoModel::from_pretrained`], as a typed builder.
@@ -29,6 +30,8 @@ pub struct LoadOptions {
     pub hub: HubOptions,
     /// Delete the original weight files once the split is verified complete.
     pub delete_original: bool,
+    /// Memory the residency planner may fill with resident layers.
+    pub budget: MemoryBudget,
 }
 
 impl Default for LoadOptions {
@@ -40,6 +43,7 @@ impl Default for LoadOptions {
             prefetch_depth: 2,
             hub: HubOptions::default(),
             delete_original: false,
+            budget: MemoryBudget::default(),
         }
     }
 }
@@ -80,6 +84,18 @@ impl LoadOptions {
         self.hub.offline = yes;
         self
     }
+    /// Compute-device memory for resident weights, KV cache and activations (host RAM on CPU);
+    /// 0 streams every layer.
+    pub fn device_memory_budget(mut self, bytes: u64) -> Self {
+        self.budget.device = Some(bytes);
+        self
+    }
+    /// Keep exactly the first `n` decoder layers resident (0: stream every layer), instead of
+    /// planning from the budget.
+    pub fn resident_layers(mut self, n: usize) -> Self {
+        self.budget.resident_layers = Some(n);
+        self
+    }
     /// Delete original weights after a verified split.
     pub fn delete_original(mut self, yes: bool) -> Self {
         self.delete_original = yes;
@@ -94,6 +110,8 @@ pub enum LoadEvent {
     Located(PathBuf),
     /// A split step happened.
     Split(SplitEvent),
+    /// The residency plan.
+    Planned(crate::plan::Plan),
     /// The engine is open on this device.
     Opened {
         /// `cpu` / `cuda:N`.
@@ -151,11 +169,12 @@ impl AutoModel {
             &split_dir,
             spec,
             &EngineOptions {
-                device,
-                dtype,
                 prefetch_depth: opts.prefetch_depth,
+                budget: opts.budget,
+                ..EngineOptions::new(device, dtype)
             },
         )?;
+        progress(&LoadEvent::Planned(engine.plan().clone()));
         progress(&LoadEvent::Opened {
             device: device_name(device),
             dtype,

@@ -66,7 +66,7 @@ pub struct LoadedUnit {
 
 struct Source {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     offset: u64,
     len: usize,
 }
@@ -79,6 +79,10 @@ pub struct LayerReader {
     handle: Option<JoinHandle<()>>,
     cycle_len: usize,
     next_slot: usize,
+    /// When set, each unit's pages are dropped from the page cache once it has been used, so
+    /// every sweep reads from the disk (benchmarks of models larger than RAM).
+    evict: Option<Vec<(Arc<File>, u64, u64)>>,
+    evicting: bool,
 }
 
 impl LayerReader {
@@ -98,7 +102,7 @@ impl LayerReader {
         let mut max_len = 0usize;
         for u in units {
             let path = dir.join(&u.file);
-            let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+            let file = Arc::new(File::open(&path).map_err(|e| CoreError::io(&path, e))?);
             let len = usize::try_from(u.data_len).map_err(|_| {
                 CoreError::InvalidInput(format!("{}: unit too large", path.display()))
             })?;
@@ -110,6 +114,10 @@ impl LayerReader {
                 len,
             });
         }
+        let evict_list: Vec<(Arc<File>, u64, u64)> = sources
+            .iter()
+            .map(|s| (s.file.clone(), s.offset, s.len as u64))
+            .collect();
         let depth = depth.max(1);
         let (tx, rx) = bounded::<Result<LoadedUnit>>(depth);
         // depth buffers may sit in the channel, one is being filled, one is being computed on.
@@ -132,7 +140,22 @@ impl LayerReader {
             handle: Some(handle),
             cycle_len: units.len(),
             next_slot: 0,
-        })
+            evict: None,
+            evicting: false,
+        }
+        .with_evict_list(evict_list))
+    }
+
+    fn with_evict_list(mut self, list: Vec<(Arc<File>, u64, u64)>) -> Self {
+        self.evict = Some(list);
+        self.set_evict(false);
+        self
+    }
+
+    /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evict` field). The
+    /// file handles stay either way.
+    pub fn set_evict(&mut self, on: bool) {
+        self.evicting = on;
     }
 
     /// Number of units in the cycle.
@@ -154,7 +177,7 @@ impl LayerReader {
             if unit.slot == slot {
                 return Ok((unit, start.elapsed()));
             }
-            self.recycle(unit.bytes);
+            self.recycle(unit.slot, unit.bytes);
         }
     }
 
@@ -165,11 +188,27 @@ impl LayerReader {
 
     /// Returns a unit's bytes once its tensors are gone: buffers go back to the reader, maps
     /// are unmapped.
-    pub fn recycle(&self, bytes: UnitBytes) {
+    pub fn recycle(&self, slot: usize, bytes: UnitBytes) {
         if let UnitBytes::Buf(buf) = bytes {
             // The channel has room for every buffer ever created; failure means the thread is
             // gone, and then the buffer is simply freed.
             let _ = self.free_tx.try_send(buf);
+        } else {
+            drop(bytes);
+        }
+        if self.evicting {
+            if let Some((file, offset, len)) = self.evict.as_ref().and_then(|l| l.get(slot)) {
+                use std::os::fd::AsRawFd;
+                // SAFETY: plain syscall on an open descriptor; advisory, failure is harmless.
+                unsafe {
+                    libc::posix_fadvise(
+                        file.as_raw_fd(),
+                        *offset as i64,
+                        *len as i64,
+                        libc::POSIX_FADV_DONTNEED,
+                    );
+                }
+            }
         }
     }
 }
@@ -276,4 +315,46 @@ fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
     })?;
     buf.set_len(src.len);
     Ok(())
+}
+
+/// Reads every unit once, sequentially, the way the reader would (`mode`), and returns
+/// `(bytes, seconds)`: the raw bandwidth of this machine's path for these files. With `cold`,
+/// each file's pages are dropped from the page cache first, so the figure is the disk's.
+pub fn measure_read(
+    dir: &Path,
+    units: &[&UnitEntry],
+    mode: ReadMode,
+    cold: bool,
+) -> Result<(u64, f64)> {
+    use std::os::fd::AsRawFd;
+    let mut sources = Vec::with_capacity(units.len());
+    for u in units {
+        let path = dir.join(&u.file);
+        let file = Arc::new(File::open(&path).map_err(|e| CoreError::io(&path, e))?);
+        sources.push(Source {
+            path,
+            file,
+            offset: u.data_offset,
+            len: u.data_len as usize,
+        });
+    }
+    if cold {
+        for s in &sources {
+            // SAFETY: advisory syscall on an open descriptor.
+            unsafe {
+                libc::posix_fadvise(s.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
+            }
+        }
+    }
+    let mut buf = AlignedBuf::new(sources.iter().map(|s| s.len).max().unwrap_or(1));
+    let mut bytes = 0u64;
+    let start = Instant::now();
+    for s in &sources {
+        match mode {
+            ReadMode::Copy => read_region(s, &mut buf)?,
+            ReadMode::Map => drop(map_region(s)?),
+        }
+        bytes += s.len as u64;
+    }
+    Ok((bytes, start.elapsed().as_secs_f64()))
 }

@@ -1,0 +1,225 @@
+//! `rabbit bench` and `rabbit info`: measured figures and the residency plan.
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rabbit_core::bench::{self, BenchConfig, BenchReport};
+use rabbit_core::plan::host_available;
+use rabbit_core::reader::{measure_read, ReadMode};
+use serde_json::json;
+
+use crate::generate::ModelArgs;
+use crate::util::human_bytes;
+
+/// Arguments of `rabbit bench`.
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Sequences decoded together.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Prompt tokens per sequence.
+    #[arg(long, default_value_t = 32)]
+    prompt_len: usize,
+    /// New tokens per sequence.
+    #[arg(long, default_value_t = 16)]
+    new_tokens: usize,
+    /// Repetitions; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
+    /// Read streamed layers from the disk every sweep (drop them from the page cache after use),
+    /// as for a model larger than RAM.
+    #[arg(long)]
+    cold: bool,
+    /// Skip the fully resident compute-only baseline run.
+    #[arg(long)]
+    no_baseline: bool,
+    /// Seed of the prompt ids.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+fn print_report(r: &BenchReport) {
+    println!(
+        "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {}",
+        r.decode_s_per_token,
+        r.config.batch,
+        r.prefill_tokens_per_s,
+        human_bytes(r.peak_memory_bytes)
+    );
+    println!(
+        "streamed: {} per token from {} layers ({} resident) | read {}/s{} | I/O floor {:.4} s/token",
+        human_bytes(r.bytes_streamed_per_token),
+        r.streamed_layers,
+        r.resident_layers,
+        human_bytes(r.read_bytes_per_s as u64),
+        if r.config.cold { " (cold)" } else { "" },
+        r.io_floor_s_per_token
+    );
+    if let (Some(c), Some(f), Some(ratio)) =
+        (r.compute_s_per_token, r.floor_s_per_token, r.ratio_to_floor)
+    {
+        println!("compute-only (resident) {c:.4} s/token | floor max(I/O, compute) {f:.4} s/token | decode / floor = {ratio:.2}");
+    }
+    let p = &r.profile;
+    println!(
+        "profile: wait {:.3} s | read {:.3} s | stage {:.3} s | compute {:.3} s | head {:.3} s | bottleneck: {}",
+        p.read_wait_s,
+        p.read_s,
+        p.stage_s,
+        p.compute_s,
+        p.head_s,
+        p.bottleneck()
+    );
+}
+
+/// Runs `rabbit bench`.
+pub fn run(a: BenchArgs) -> Result<()> {
+    let cfg = BenchConfig {
+        batch: a.batch,
+        prompt_len: a.prompt_len,
+        new_tokens: a.new_tokens,
+        repeat: a.repeat,
+        cold: a.cold,
+        seed: a.seed,
+    };
+    let (mut model, _) = a.model.load(a.json)?;
+    let limit = model
+        .tokenizer()
+        .map(|t| t.get_vocab_size(true) as u32)
+        .unwrap_or(u32::MAX);
+    let mut report = bench::run(&mut model.engine, &cfg, limit).context("bench")?;
+    let layer_bytes: u64 = model.engine.layer_units().iter().map(|u| u.data_len).sum();
+    let all_resident = report.streamed_layers == 0;
+    drop(model);
+    if !a.no_baseline {
+        if all_resident {
+            report = report
+                .clone()
+                .with_compute_baseline(report.decode_s_per_token);
+        } else if host_available().is_some_and(|free| layer_bytes < free / 2) {
+            let mut resident = a.model.clone();
+            resident.resident_layers = Some(usize::MAX);
+            resident.device_memory_budget = None;
+            let (mut m, _) = resident.load(true)?;
+            let base = bench::run(
+                &mut m.engine,
+                &BenchConfig {
+                    cold: false,
+                    ..cfg.clone()
+                },
+                limit,
+            )
+            .context("compute-only baseline")?;
+            report = report.with_compute_baseline(base.decode_s_per_token);
+        } else if !a.json {
+            eprintln!(
+                "compute-only baseline skipped: the layers ({}) do not fit in half of free memory",
+                human_bytes(layer_bytes)
+            );
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+/// Arguments of `rabbit info`.
+#[derive(Args)]
+pub struct InfoArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Print one JSON object as the last line of stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Runs `rabbit info`.
+pub fn info(a: InfoArgs) -> Result<()> {
+    let (model, _) = a.model.load(true)?;
+    let e = &model.engine;
+    let spec = e.spec();
+    let plan = e.plan();
+    let units = e.layer_units();
+    let per_layer = units.iter().map(|u| u.data_len).max().unwrap_or(0);
+    // A sample of the streamed layers is enough to measure the path's bandwidth.
+    let sample: Vec<_> = plan
+        .streamed_layers
+        .iter()
+        .take(4)
+        .map(|&i| &units[i])
+        .collect();
+    let mode = if e.device() == rabbit_core::tch::Device::Cpu {
+        ReadMode::Map
+    } else {
+        ReadMode::Copy
+    };
+    let (bw, floor) = if sample.is_empty() {
+        (None, 0.0)
+    } else {
+        let (bytes, secs) = measure_read(e.split_dir(), &sample, mode, false)?;
+        let bw = bytes as f64 / secs.max(1e-9);
+        (Some(bw), plan.streamed_bytes_per_sweep as f64 / bw)
+    };
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "architecture": spec.architecture,
+                "parameters": spec.num_parameters(),
+                "layers": spec.num_layers,
+                "bytes_per_layer": per_layer,
+                "plan": plan,
+                "read_bytes_per_s": bw,
+                "io_floor_s_per_token": floor,
+                "device": rabbit_core::device::device_name(e.device()),
+            })
+        );
+        return Ok(());
+    }
+    println!(
+        "{} ({}), {} parameters",
+        spec.architecture,
+        model.model_dir().display(),
+        spec.num_parameters()
+    );
+    println!(
+        "{} layers of {} each | hidden {} | heads {}/{} x {} | vocab {} | context {}",
+        spec.num_layers,
+        human_bytes(per_layer),
+        spec.hidden_size,
+        spec.num_heads,
+        spec.num_kv_heads,
+        spec.head_dim,
+        spec.vocab_size,
+        spec.max_position_embeddings
+    );
+    println!(
+        "plan on {} (budget {}{}): embedding/norm/LM head {} resident; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
+        rabbit_core::device::device_name(e.device()),
+        human_bytes(plan.device_budget),
+        if plan.budget_derived { ", half of free memory" } else { "" },
+        human_bytes(plan.head_bytes),
+        plan.resident_layers.len(),
+        human_bytes(plan.resident_layer_bytes),
+        plan.streamed_layers.len(),
+        human_bytes(plan.streamed_bytes_per_sweep),
+        human_bytes(plan.kv_bytes),
+        human_bytes(plan.activation_bytes)
+    );
+    match bw {
+        Some(bw) => println!(
+            "measured read bandwidth {}/s -> I/O floor {:.4} s/token",
+            human_bytes(bw as u64),
+            floor
+        ),
+        None => println!("nothing streams: no I/O floor"),
+    }
+    Ok(())
+}

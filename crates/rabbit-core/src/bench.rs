@@ -1,0 +1,173 @@
+//! `rabbit bench` as a library function: a fixed synthetic workload (seeded prompt ids, greedy,
+//! no early stop) with medians over repetitions, plus the physical floor it is compared with.
+
+use serde::Serialize;
+
+use crate::engine::{Engine, Profile};
+use crate::error::{CoreError, Result};
+use crate::generate::{Control, GenerateRequest};
+use crate::memory::peak_rss;
+use crate::reader::{measure_read, ReadMode};
+use crate::sampling::SamplingParams;
+
+/// The workload.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchConfig {
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Prompt tokens per sequence.
+    pub prompt_len: usize,
+    /// New tokens per sequence.
+    pub new_tokens: usize,
+    /// Repetitions (medians are reported).
+    pub repeat: usize,
+    /// Drop streamed layers from the page cache after use: every sweep reads the disk, as for a
+    /// model larger than RAM.
+    pub cold: bool,
+    /// Seed of the prompt ids.
+    pub seed: u64,
+}
+
+/// What one bench run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The workload.
+    pub config: BenchConfig,
+    /// Median decode sweep (one token for each of `batch` sequences).
+    pub decode_s_per_token: f64,
+    /// Median prefill throughput.
+    pub prefill_tokens_per_s: f64,
+    /// Peak RSS of the process (bytes).
+    pub peak_memory_bytes: u64,
+    /// Bytes of layer files read per decode sweep.
+    pub bytes_streamed_per_token: u64,
+    /// Sequential read bandwidth of the same files through the same path, measured separately.
+    pub read_bytes_per_s: f64,
+    /// `bytes_streamed_per_token / read_bytes_per_s`: the I/O floor of one decode sweep.
+    pub io_floor_s_per_token: f64,
+    /// Compute-only time of one decode sweep (from a fully resident run), when measured.
+    pub compute_s_per_token: Option<f64>,
+    /// `max(io floor, compute)`, when compute was measured.
+    pub floor_s_per_token: Option<f64>,
+    /// `decode_s_per_token / floor_s_per_token` (1.0 = at the physical limit).
+    pub ratio_to_floor: Option<f64>,
+    /// Layers resident / streamed.
+    pub resident_layers: usize,
+    /// Layers streamed each sweep.
+    pub streamed_layers: usize,
+    /// Stage timings of the last repetition.
+    pub profile: Profile,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Deterministic prompt ids below `limit`.
+fn prompt_ids(seed: u64, seq: usize, len: usize, limit: u32) -> Vec<u32> {
+    let mut x = seed ^ (seq as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 0xD1B5_4A32_D192_ED03;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x % limit as u64) as u32
+        })
+        .collect()
+}
+
+/// Runs the workload `repeat` times on `engine` and measures the read floor of its streamed
+/// layers. `token_limit` bounds the prompt ids (e.g. the tokenizer's size).
+pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<BenchReport> {
+    if cfg.batch == 0 || cfg.prompt_len == 0 || cfg.new_tokens < 2 || cfg.repeat == 0 {
+        return Err(CoreError::InvalidInput(
+            "bench needs --batch >= 1, --prompt-len >= 1, --new-tokens >= 2 and --repeat >= 1"
+                .into(),
+        ));
+    }
+    let req = GenerateRequest {
+        sequences: (0..cfg.batch)
+            .map(|i| {
+                prompt_ids(
+                    cfg.seed,
+                    i,
+                    cfg.prompt_len,
+                    token_limit.min(engine.spec().vocab_size as u32).max(1),
+                )
+            })
+            .collect(),
+        max_new_tokens: cfg.new_tokens,
+        sampling: SamplingParams::default(),
+        eos_token_ids: vec![],
+        keep_logits: false,
+    };
+    engine.validate_request(&req)?;
+    engine.set_evict_after_use(cfg.cold);
+    let mut decode = Vec::new();
+    let mut prefill = Vec::new();
+    let mut bytes_per_token = 0;
+    for _ in 0..cfg.repeat {
+        engine.reset_profile();
+        let out = engine.generate(&req, &mut |_| Control::Continue)?;
+        decode.push(out.timings.decode_s_per_token);
+        prefill.push(out.timings.prefill_tokens_per_s);
+        let sweeps = out.timings.decode_steps as u64 + 1;
+        bytes_per_token = engine.profile.bytes_streamed / sweeps;
+    }
+    engine.set_evict_after_use(false);
+    let plan = engine.plan().clone();
+    let units: Vec<_> = plan
+        .streamed_layers
+        .iter()
+        .map(|&i| &engine.layer_units()[i])
+        .collect();
+    let mode = if engine.device() == tch::Device::Cpu {
+        ReadMode::Map
+    } else {
+        ReadMode::Copy
+    };
+    let (read_bytes_per_s, io_floor) = if units.is_empty() {
+        (0.0, 0.0)
+    } else {
+        // Median of three passes, like the decode figures.
+        let mut rates = Vec::new();
+        for _ in 0..3 {
+            let (bytes, secs) = measure_read(engine.split_dir(), &units, mode, cfg.cold)?;
+            rates.push(bytes as f64 / secs.max(1e-9));
+        }
+        let rate = median(rates);
+        (rate, bytes_per_token as f64 / rate)
+    };
+    Ok(BenchReport {
+        config: cfg.clone(),
+        decode_s_per_token: median(decode),
+        prefill_tokens_per_s: median(prefill),
+        peak_memory_bytes: peak_rss().unwrap_or(0),
+        bytes_streamed_per_token: bytes_per_token,
+        read_bytes_per_s,
+        io_floor_s_per_token: io_floor,
+        compute_s_per_token: None,
+        floor_s_per_token: None,
+        ratio_to_floor: None,
+        resident_layers: plan.resident_layers.len(),
+        streamed_layers: plan.streamed_layers.len(),
+        profile: engine.profile.clone(),
+    })
+}
+
+impl BenchReport {
+    /// Adds the compute-only figure (from a fully resident run of the same workload) and the
+    /// derived floor.
+    pub fn with_compute_baseline(mut self, compute_s_per_token: f64) -> Self {
+        let floor = compute_s_per_token.max(self.io_floor_s_per_token);
+        self.compute_s_per_token = Some(compute_s_per_token);
+        self.floor_s_per_token = Some(floor);
+        self.ratio_to_floor = Some(self.decode_s_per_token / floor);
+        self
+    }
+}
