@@ -12,10 +12,11 @@ use rabbit_core::{
     AutoModel, ByteSize, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions,
     Model, SamplingParams,
 };
+use rabbit_models::chat::Message;
 use rabbit_split::SplitEvent;
 use serde_json::json;
 
-use crate::util::{human_bytes, show_progress};
+use crate::util::{bar, human_bytes, show_progress};
 
 /// Options shared by every command that loads a model.
 #[derive(Args, Clone)]
@@ -80,45 +81,68 @@ impl ModelArgs {
         if let Some(n) = self.resident_layers {
             opts = opts.resident_layers(n);
         }
+        opts.hub.progress = show_progress(quiet);
         let start = Instant::now();
-        let model = AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
-            // Always said once: splitting a big model takes a while and must not look like a hang.
-            LoadEvent::Split(SplitEvent::Planned { units, bytes, .. }) if !quiet => {
-                eprintln!(
-                    "splitting {} into {units} layer files ({})...",
-                    self.model,
-                    human_bytes(*bytes)
-                );
-            }
-            LoadEvent::Split(SplitEvent::UnitDone { index, total, .. })
-                if !quiet && show_progress(false) =>
-            {
-                eprint!("\r  split {}/{total}", index + 1);
-                if index + 1 == *total {
-                    eprintln!();
-                }
-            }
-            LoadEvent::Planned(p) if !quiet => {
-                eprintln!(
-                    "plan: {} layers resident ({}), {} streamed ({} per sweep); budget {}{}",
-                    p.resident_layers.len(),
-                    human_bytes(p.resident_layer_bytes),
-                    p.streamed_layers.len(),
-                    human_bytes(p.streamed_bytes_per_sweep),
-                    human_bytes(p.device_budget),
-                    if p.budget_derived {
-                        " (half of free memory)"
-                    } else {
-                        ""
+        let mut split_bar: Option<indicatif::ProgressBar> = None;
+        let mut model =
+            AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
+                // Always said once: splitting a big model takes a while and must not look like a hang.
+                LoadEvent::Split(SplitEvent::Planned {
+                    units,
+                    bytes,
+                    already_done,
+                }) if !quiet => {
+                    eprintln!(
+                        "splitting {} into {units} layer files ({})...",
+                        self.model,
+                        human_bytes(*bytes)
+                    );
+                    if show_progress(quiet) {
+                        let pb = bar((*units - *already_done) as u64, "split");
+                        split_bar = Some(pb);
                     }
-                );
-            }
-            LoadEvent::Opened { device, dtype } if !quiet => {
-                eprintln!("model on {device} ({dtype})");
-            }
-            _ => {}
-        })
-        .with_context(|| format!("loading {}", self.model))?;
+                }
+                LoadEvent::Split(SplitEvent::UnitDone { .. }) => {
+                    if let Some(pb) = &split_bar {
+                        pb.inc(1);
+                    }
+                }
+                LoadEvent::Planned(p) if !quiet => {
+                    if let Some(pb) = split_bar.take() {
+                        pb.finish_and_clear();
+                    }
+                    eprintln!(
+                        "plan: {} layers resident ({}), {} streamed ({} per sweep); budget {}{}",
+                        p.resident_layers.len(),
+                        human_bytes(p.resident_layer_bytes),
+                        p.streamed_layers.len(),
+                        human_bytes(p.streamed_bytes_per_sweep),
+                        human_bytes(p.device_budget),
+                        if p.budget_derived {
+                            " (half of free memory)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                LoadEvent::Opened { device, dtype } if !quiet => {
+                    eprintln!("model on {device} ({dtype})");
+                }
+                _ => {}
+            })
+            .with_context(|| format!("loading {}", self.model))?;
+        if show_progress(quiet) {
+            // A bar across the layers of a prefill sweep (long prompts take a while per layer).
+            let mut pb: Option<indicatif::ProgressBar> = None;
+            model.engine.on_prefill_layer = Some(Box::new(move |done, total| {
+                let b = pb.get_or_insert_with(|| bar(total as u64, "prefill"));
+                b.set_position(done as u64);
+                if done == total {
+                    b.finish_and_clear();
+                    pb = None;
+                }
+            }));
+        }
         Ok((model, start.elapsed().as_secs_f64()))
     }
 }
@@ -131,6 +155,12 @@ pub struct GenerateArgs {
     /// Text prompt (needs the model's tokenizer.json).
     #[arg(long, conflicts_with = "input_ids")]
     prompt: Option<String>,
+    /// Wrap --prompt in the model's chat template (one user turn, generation prompt added).
+    #[arg(long, requires = "prompt")]
+    chat: bool,
+    /// System prompt for --chat.
+    #[arg(long, requires = "chat")]
+    system: Option<String>,
     /// Comma-separated token ids of one sequence; repeat for a batch.
     #[arg(long = "input-ids", value_name = "IDS")]
     input_ids: Vec<String>,
@@ -203,6 +233,21 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let (mut model, load_s) = a.model.load(a.json)?;
     let sequences = match &a.prompt {
+        Some(p) if a.chat => {
+            let tpl = crate::chat::template_of(model.model_dir())?;
+            let mut messages = Vec::new();
+            if let Some(s) = &a.system {
+                messages.push(Message {
+                    role: "system".into(),
+                    content: s.clone(),
+                });
+            }
+            messages.push(Message {
+                role: "user".into(),
+                content: p.clone(),
+            });
+            vec![model.encode_chat(&tpl, &messages, true)?]
+        }
         Some(p) => vec![model.encode(p)?],
         None => sequences_from_ids,
     };
@@ -222,35 +267,39 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     model.engine.validate_request(&req)?;
 
-    let stream = !a.json && sequences.len() == 1 && model.tokenizer().is_some();
-    let mut decoded: HashMap<usize, Vec<u32>> = HashMap::new();
-    let mut printed = 0usize;
-    let stdout = std::io::stdout();
-    let tokenizer = model.tokenizer().cloned();
+    let stream = !a.json && sequences.len() == 1 && model.codec().is_some();
+    let codec = model.codec().cloned();
+    let mut streams: Vec<_> = match &codec {
+        Some(c) if stream => vec![c.stream()],
+        _ => vec![],
+    };
+    let mut generated: HashMap<usize, Vec<u32>> = HashMap::new();
     let stops = a.stop.clone();
+    let stdout = std::io::stdout();
     let out = model.generate(&req, &mut |ev| {
-        let ids = decoded.entry(ev.sequence).or_default();
-        ids.push(ev.token);
-        let Some(tok) = &tokenizer else {
-            return Control::Continue;
-        };
-        let text = tok.decode(ids, true).unwrap_or_default();
-        if stream {
-            // Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD.
-            if text.len() > printed && !text.ends_with('\u{FFFD}') && text.is_char_boundary(printed)
-            {
+        if let Some(s) = streams.first_mut() {
+            if let Ok(Some(piece)) = s.step(ev.token) {
                 let mut lock = stdout.lock();
-                let _ = lock.write_all(&text.as_bytes()[printed..]);
+                let _ = lock.write_all(piece.as_bytes());
                 let _ = lock.flush();
-                printed = text.len();
             }
         }
+        if stops.is_empty() {
+            return Control::Continue;
+        }
+        let ids = generated.entry(ev.sequence).or_default();
+        ids.push(ev.token);
+        let Some(c) = &codec else {
+            return Control::Continue;
+        };
+        let text = c.decode(ids).unwrap_or_default();
         if stops.iter().any(|s| text.contains(s.as_str())) {
             Control::StopSequence
         } else {
             Control::Continue
         }
     })?;
+    drop(streams);
     if stream {
         println!();
     }
@@ -259,8 +308,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .sequences
         .iter()
         .map(|s| {
-            model.tokenizer().map(|t| {
-                let text = t.decode(&s.output_ids, true).unwrap_or_default();
+            model.codec().map(|c| {
+                let text = c.decode(&s.output_ids).unwrap_or_default();
                 match stops.iter().filter_map(|st| text.find(st.as_str())).min() {
                     Some(cut) => text[..cut].to_string(),
                     None => text,

@@ -1,6 +1,7 @@
 //! `rabbit`: run, split and benchmark layer-streamed language models from the command line.
 
 mod bench;
+mod chat;
 mod generate;
 mod split;
 mod synth;
@@ -28,6 +29,10 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Show a model's shape, the residency plan and the I/O floor on this machine.
     Info(bench::InfoArgs),
+    /// Interactive multi-turn chat with the model's chat template.
+    Chat(chat::ChatArgs),
+    /// Print the prompt a chat template renders for a JSON list of messages.
+    Template(chat::TemplateArgs),
 }
 
 fn main() {
@@ -39,6 +44,8 @@ fn main() {
         Command::Generate(a) => generate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Info(a) => bench::info(a),
+        Command::Chat(a) => chat::chat(a),
+        Command::Template(a) => chat::template(a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -13,23 +13,27 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// `1234567` → `1.18 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.2} {}", UNITS[u])
-    }
-}
+/// `1234567` → `1.2 MiB` (the splitter's formatting, so every message reads alike).
+pub use rabbit_split::error::human_bytes;
 
 /// Whether progress lines should be shown (stderr is a terminal and JSON output is off).
 pub fn show_progress(json: bool) -> bool {
     !json && std::io::stderr().is_terminal()
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    pb.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:30}] {pos}/{len} {elapsed_precise}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
 }

@@ -447,7 +447,10 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         assert!(o.status.success(), "{}", stderr(&o));
         let v = last_json_line(&o);
         assert_eq!(v["sequences"][0]["output_ids"].as_array().unwrap().len(), 4);
-        assert!(v["memory"]["staging_bytes"].as_u64().unwrap() > 0, "every layer streams");
+        assert!(
+            v["memory"]["staging_bytes"].as_u64().unwrap() > 0,
+            "every layer streams"
+        );
         peaks.push(v["memory"]["peak_rss_bytes"].as_u64().unwrap());
         sizes.push(layer_bytes(&split));
     }
@@ -645,4 +648,178 @@ fn generate_profile_names_the_bottleneck() {
     assert_eq!(layers[1]["resident"], false);
     assert!(layers[1]["bytes"].as_u64().unwrap() > 0);
     assert_eq!(layers[0]["bytes"], 0);
+}
+
+fn shared_tokenizer(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../../shared/data/tokenizers")
+        .join(name)
+}
+
+/// `rabbit template` prints exactly what transformers' apply_chat_template gives, nothing else.
+#[test]
+fn template_prints_exactly_the_transformers_rendering() {
+    let goldens: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../rabbit-models/tests/fixtures/chat/goldens.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    for tok in ["qwen2", "qwen3"] {
+        for case in goldens["tokenizers"][tok]["cases"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .take(6)
+        {
+            let file = tmp.path().join("messages.json");
+            std::fs::write(&file, case["messages"].to_string()).unwrap();
+            let mut cmd = rabbit();
+            cmd.args(["template", "--model"])
+                .arg(shared_tokenizer(tok))
+                .arg("--messages")
+                .arg(&file);
+            if case["add_generation_prompt"] == false {
+                cmd.arg("--no-generation-prompt");
+            }
+            let o = run(&mut cmd);
+            assert!(o.status.success(), "{}", stderr(&o));
+            assert_eq!(
+                String::from_utf8(o.stdout).unwrap(),
+                case["expected"].as_str().unwrap(),
+                "{tok} {}",
+                case["name"]
+            );
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 12);
+    let bad = tmp.path().join("bad.json");
+    std::fs::write(&bad, r#"[{"role": "user"}]"#).unwrap();
+    let o = run(rabbit()
+        .args(["template", "--model"])
+        .arg(shared_tokenizer("qwen2"))
+        .arg("--messages")
+        .arg(&bad));
+    assert_clean_failure(&o, "bad.json");
+}
+
+fn tiny_chat_model(dir: &Path) {
+    let o = run(rabbit()
+        .args([
+            "synth", "--arch", "qwen2", "--preset", "tiny", "--seed", "5", "--out",
+        ])
+        .arg(dir));
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn generate_chat_applies_the_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_chat_model(&model);
+    let o = run(rabbit()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--json",
+            "--max-new-tokens",
+            "4",
+            "--chat",
+            "--system",
+            "Be brief.",
+        ])
+        .args(["--prompt", "Hello <|im_end|> there"])
+        .arg("--model")
+        .arg(&model));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = last_json_line(&o);
+    let ids: Vec<u64> = v["sequences"][0]["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let cfg: Value = serde_json::from_str(
+        &std::fs::read_to_string(model.join("generation_config.json")).unwrap(),
+    )
+    .unwrap();
+    let im_end = cfg["eos_token_id"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .max()
+        .unwrap();
+    let im_start = im_end - 1;
+    assert_eq!(ids[0], im_start, "starts with <|im_start|>: {ids:?}");
+    // system turn, user turn: exactly two <|im_end|> from the markup; the one the user typed stays text.
+    assert_eq!(ids.iter().filter(|&&t| t == im_end).count(), 2, "{ids:?}");
+    assert_eq!(
+        ids.iter().filter(|&&t| t == im_start).count(),
+        3,
+        "system, user, assistant opener: {ids:?}"
+    );
+}
+
+#[test]
+fn chat_repl_commands_and_ctrl_c() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_chat_model(&model);
+    let mut child = rabbit()
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "100000",
+            "--model",
+        ])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "Tell me a long story").unwrap();
+    stdin.flush().unwrap();
+    // Let the answer run (up to the 2048-token context: seconds), then Ctrl-C it.
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // SAFETY: plain kill(2) on our child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    writeln!(stdin, "/system You are terse.").unwrap();
+    writeln!(stdin, "/bogus").unwrap();
+    writeln!(stdin, "/reset").unwrap();
+    writeln!(stdin, "/exit").unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(
+        o.status.success(),
+        "chat exits cleanly after Ctrl-C and /exit: {err}"
+    );
+    assert!(
+        err.contains("stopped"),
+        "Ctrl-C stopped the answer, not the program: {err}"
+    );
+    assert!(err.contains("tok/s"), "per-answer speed shown: {err}");
+    assert!(err.contains("system prompt set"), "{err}");
+    assert!(err.contains("unknown command `/bogus`"), "{err}");
+    assert!(err.contains("conversation reset"), "{err}");
+    assert!(
+        !String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+        "the answer was printed"
+    );
 }

@@ -148,6 +148,9 @@ pub struct Engine {
     staging_bytes: u64,
     /// Stage timings since the engine opened (or since [`Engine::reset_profile`]).
     pub profile: Profile,
+    /// Called after each decoder layer of a multi-token sweep (a prefill) with
+    /// `(layers done, layers total)`: for progress bars on long prompts.
+    pub on_prefill_layer: Option<Box<dyn FnMut(usize, usize)>>,
 }
 
 /// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
@@ -291,6 +294,7 @@ impl Engine {
             resident_bytes,
             staging_bytes,
             profile: Profile::default(),
+            on_prefill_layer: None,
         })
     }
 
@@ -446,6 +450,9 @@ impl Engine {
                 let dt = compute.elapsed().as_secs_f64();
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
+                if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+                    hook(i + 1, self.layers.len());
+                }
                 continue;
             }
             let (Some(reader), Some(slot)) = (self.reader.as_mut(), self.stream_slot[i]) else {
@@ -487,6 +494,9 @@ impl Engine {
                 reader.recycle(slot, unit.bytes);
             }
             h = result?;
+            if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+                hook(i + 1, self.layers.len());
+            }
         }
 
         let head_start = Instant::now();

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Cache, Repo, RepoType};
+use hf_hub::{Repo, RepoType};
 
 use crate::error::{CoreError, Result};
 
@@ -20,6 +20,10 @@ pub struct HubOptions {
     pub offline: bool,
     /// Override of the hub cache directory (else HF_HUB_CACHE, else HF_HOME/hub).
     pub cache_dir: Option<PathBuf>,
+    /// Show download progress bars.
+    pub progress: bool,
+    /// Hub URL (else HF_ENDPOINT, else huggingface.co).
+    pub endpoint: Option<String>,
 }
 
 /// Where a model's files are.
@@ -93,6 +97,20 @@ pub fn looks_like_repo_id(s: &str) -> bool {
         })
 }
 
+/// The snapshot directory of `repo@revision` in an HF cache, as huggingface_hub lays it out
+/// (`models--org--name/refs/<branch>` holds a commit; `snapshots/<commit>/` holds the files);
+/// a revision that is itself a commit resolves directly.
+pub fn offline_snapshot(cache_dir: &Path, repo: &str, revision: &str) -> Option<PathBuf> {
+    let repo_dir = cache_dir.join(format!("models--{}", repo.replace('/', "--")));
+    let direct = repo_dir.join("snapshots").join(revision);
+    if revision.len() == 40 && revision.chars().all(|c| c.is_ascii_hexdigit()) && direct.is_dir() {
+        return Some(direct);
+    }
+    let commit = std::fs::read_to_string(repo_dir.join("refs").join(revision)).ok()?;
+    let dir = repo_dir.join("snapshots").join(commit.trim());
+    dir.is_dir().then_some(dir)
+}
+
 /// Files a model needs besides its weights; the optional ones may be absent.
 const REQUIRED: &[&str] = &["config.json"];
 const OPTIONAL: &[&str] = &[
@@ -129,13 +147,22 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
     let cache_dir = opts.cache_dir.clone().unwrap_or_else(hub_cache_dir);
     let offline = opts.offline || offline_from_env();
     let fetch: Box<Fetch> = if offline {
-        let cache = Cache::new(cache_dir.clone()).repo(repo.clone());
-        Box::new(move |f| Ok(cache.get(f)))
+        // Offline: read the HF cache layout directly (never build an HTTP client).
+        let snapshot = offline_snapshot(&cache_dir, id_or_path, &revision);
+        Box::new(move |f| Ok(snapshot.as_ref().map(|d| d.join(f)).filter(|p| p.exists())))
     } else {
-        let api = ApiBuilder::new()
+        let mut builder = ApiBuilder::new()
             .with_cache_dir(cache_dir.clone())
             .with_token(token(opts))
-            .with_progress(false)
+            .with_progress(opts.progress);
+        if let Some(endpoint) = opts
+            .endpoint
+            .clone()
+            .or_else(|| env_nonempty("HF_ENDPOINT"))
+        {
+            builder = builder.with_endpoint(endpoint);
+        }
+        let api = builder
             .build()
             .map_err(|e| CoreError::Hub(e.to_string()))?
             .repo(repo.clone());

@@ -12,7 +12,7 @@ use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
 use crate::hub::{locate, HubOptions};
 use crate::plan::MemoryBudget;
-use crate::text::{self, load_tokenizer};
+use crate::text::{load_tokenizer, TextCodec};
 
 /// Options of [`AutoModel::from_pretrained`], as a typed builder.
 #[derive(Debug, Clone)]
@@ -179,10 +179,10 @@ impl AutoModel {
             device: device_name(device),
             dtype,
         });
-        let tokenizer = load_tokenizer(&loc.dir)?;
+        let codec = load_tokenizer(&loc.dir)?.map(TextCodec::new);
         Ok(Model {
             engine,
-            tokenizer,
+            codec,
             model_dir: loc.dir,
         })
     }
@@ -215,14 +215,19 @@ fn default_hub_split_dir(repo: &str, revision: &str, snapshot: &Path) -> PathBuf
 pub struct Model {
     /// The executor.
     pub engine: Engine,
-    tokenizer: Option<Tokenizer>,
+    codec: Option<TextCodec>,
     model_dir: PathBuf,
 }
 
 impl Model {
     /// The tokenizer, when the model directory has a tokenizer.json.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
-        self.tokenizer.as_ref()
+        self.codec.as_ref().map(TextCodec::tokenizer)
+    }
+
+    /// Text encoding/decoding, when the model has a tokenizer.
+    pub fn codec(&self) -> Option<&TextCodec> {
+        self.codec.as_ref()
     }
 
     /// Directory of the original checkpoint (config, tokenizer).
@@ -230,8 +235,9 @@ impl Model {
         &self.model_dir
     }
 
-    fn require_tokenizer(&self) -> Result<&Tokenizer> {
-        self.tokenizer.as_ref().ok_or_else(|| {
+    /// The codec, or an error saying the model has no tokenizer.
+    pub fn require_codec(&self) -> Result<&TextCodec> {
+        self.codec.as_ref().ok_or_else(|| {
             CoreError::Tokenizer(format!(
                 "{} has no tokenizer.json: pass token ids instead of text",
                 self.model_dir.display()
@@ -239,15 +245,41 @@ impl Model {
         })
     }
 
-    /// Text → ids (special tokens typed in the text are not given special meaning beyond what
-    /// the tokenizer's added-token rules say).
+    /// User text → ids. Special-token strings typed in the text stay plain text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        text::encode(self.require_tokenizer()?, text)
+        self.require_codec()?.encode(text, false)
+    }
+
+    /// Text whose special-token markup is meant (a rendered chat template) → ids.
+    pub fn encode_markup(&self, text: &str) -> Result<Vec<u32>> {
+        self.require_codec()?.encode(text, true)
+    }
+
+    /// Renders `messages` with the model's chat template and encodes the result: the template's
+    /// markup becomes control tokens, special-token strings typed in the messages stay text.
+    pub fn encode_chat(
+        &self,
+        template: &rabbit_models::chat::ChatTemplate,
+        messages: &[rabbit_models::chat::Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        let codec = self.require_codec()?;
+        let protected: Vec<rabbit_models::chat::Message> = messages
+            .iter()
+            .map(|m| rabbit_models::chat::Message {
+                role: m.role.clone(),
+                content: codec.protect(&m.content),
+            })
+            .collect();
+        let rendered = template
+            .render(&protected, add_generation_prompt)
+            .map_err(|e| CoreError::Tokenizer(format!("chat template: {e}")))?;
+        codec.encode_rendered(&rendered)
     }
 
     /// Ids → text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        text::decode(self.require_tokenizer()?, ids)
+        self.require_codec()?.decode(ids)
     }
 
     /// Runs a generation; see [`Engine::generate`].

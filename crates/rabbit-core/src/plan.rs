@@ -53,18 +53,7 @@ impl FromStr for ByteSize {
 
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-        let mut v = self.0 as f64;
-        let mut u = 0;
-        while v >= 1024.0 && u + 1 < UNITS.len() {
-            v /= 1024.0;
-            u += 1;
-        }
-        if u == 0 {
-            write!(f, "{} B", self.0)
-        } else {
-            write!(f, "{v:.2} {}", UNITS[u])
-        }
+        f.write_str(&rabbit_split::error::human_bytes(self.0))
     }
 }
 

@@ -18,16 +18,149 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
         .map_err(|e| CoreError::Tokenizer(format!("{}: {e}", path.display())))
 }
 
-/// Text → ids, without adding BOS/EOS (the Qwen/Llama chat templates carry their own).
-pub fn encode(tok: &Tokenizer, text: &str) -> Result<Vec<u32>> {
-    let enc = tok
-        .encode(text, false)
-        .map_err(|e| CoreError::Tokenizer(e.to_string()))?;
-    Ok(enc.get_ids().to_vec())
+/// A tokenizer in two modes: special-token strings in the text (`<|im_end|>`) either become
+/// control tokens (for a rendered chat template, whose markup must) or stay plain text (for what
+/// a user typed, which must not be able to end a turn or fake a role).
+#[derive(Clone)]
+pub struct TextCodec {
+    special: Tokenizer,
+    plain: Tokenizer,
 }
 
-/// Ids → text, skipping special tokens.
-pub fn decode(tok: &Tokenizer, ids: &[u32]) -> Result<String> {
-    tok.decode(ids, true)
-        .map_err(|e| CoreError::Tokenizer(e.to_string()))
+impl TextCodec {
+    /// Wraps a loaded tokenizer.
+    pub fn new(tok: Tokenizer) -> TextCodec {
+        let mut plain = tok.clone();
+        plain.set_encode_special_tokens(true);
+        let mut special = tok;
+        special.set_encode_special_tokens(false);
+        TextCodec { special, plain }
+    }
+
+    /// The tokenizer (special-token parsing on).
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.special
+    }
+
+    /// Text → ids without BOS/EOS. `parse_special`: whether special-token strings in the text
+    /// become control tokens.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let tok = if parse_special {
+            &self.special
+        } else {
+            &self.plain
+        };
+        let enc = tok
+            .encode(text, false)
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Ids → text, skipping special tokens.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.special
+            .decode(ids, true)
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+    }
+
+    /// Incremental decoder for streaming: yields text only once it forms whole characters, so a
+    /// multi-byte character split across tokens is never printed half.
+    pub fn stream(&self) -> TextStream<'_> {
+        TextStream {
+            inner: self.special.decode_stream(true),
+        }
+    }
+}
+
+/// Start/end of a placeholder standing for a special-token string that a message's content
+/// contains (private-use code points no tokenizer or template produces).
+const SENTINEL_OPEN: char = '\u{10FFFD}';
+const SENTINEL_CLOSE: char = '\u{10FFFE}';
+
+impl TextCodec {
+    /// The special tokens' strings (`<|im_end|>`, ...), longest first.
+    fn special_strings(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .special
+            .get_added_tokens_decoder()
+            .into_values()
+            .filter(|t| t.special)
+            .map(|t| t.content)
+            .collect();
+        v.sort_by(|a, b| b.len().cmp(&a.len()).then(a.cmp(b)));
+        v.dedup();
+        v
+    }
+
+    /// Replaces special-token strings in user-provided text by placeholders, so that a template
+    /// rendering it keeps them apart from its own markup. Undo with [`TextCodec::encode_rendered`].
+    pub fn protect(&self, content: &str) -> String {
+        let specials = self.special_strings();
+        let mut out = String::with_capacity(content.len());
+        let mut rest = content;
+        'outer: while !rest.is_empty() {
+            for (k, sp) in specials.iter().enumerate() {
+                if rest.starts_with(sp.as_str()) {
+                    out.push(SENTINEL_OPEN);
+                    out.push_str(&k.to_string());
+                    out.push(SENTINEL_CLOSE);
+                    rest = &rest[sp.len()..];
+                    continue 'outer;
+                }
+            }
+            let c = rest.chars().next().expect("non-empty");
+            out.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        out
+    }
+
+    /// Encodes a rendered chat template whose message contents went through
+    /// [`TextCodec::protect`]: the template's markup becomes control tokens, while a special-token
+    /// string a user typed stays plain text. Without placeholders this is exactly
+    /// `encode(text, true)`, i.e. what transformers' `apply_chat_template(tokenize=True)` gives.
+    pub fn encode_rendered(&self, rendered: &str) -> Result<Vec<u32>> {
+        let specials = self.special_strings();
+        let mut ids = Vec::new();
+        let mut rest = rendered;
+        while let Some(open) = rest.find(SENTINEL_OPEN) {
+            let after = &rest[open + SENTINEL_OPEN.len_utf8()..];
+            let Some(close) = after.find(SENTINEL_CLOSE) else {
+                break;
+            };
+            let Some(sp) = after[..close]
+                .parse::<usize>()
+                .ok()
+                .and_then(|k| specials.get(k))
+            else {
+                break;
+            };
+            ids.extend(self.encode(&rest[..open], true)?);
+            ids.extend(self.encode(sp, false)?);
+            rest = &after[close + SENTINEL_CLOSE.len_utf8()..];
+        }
+        ids.extend(self.encode(rest, true)?);
+        Ok(ids)
+    }
+}
+
+/// See [`TextCodec::stream`].
+pub struct TextStream<'a> {
+    inner: tokenizers::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
+}
+
+impl TextStream<'_> {
+    /// Feeds one token; returns the new text it completes, if any.
+    pub fn step(&mut self, id: u32) -> Result<Option<String>> {
+        self.inner
+            .step(id)
+            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+    }
 }

@@ -5,6 +5,7 @@
 //! One file per family (`qwen2.rs`, `qwen3.rs`, `llama.rs`, `mistral.rs`) says only what differs.
 
 pub mod arch;
+pub mod chat;
 pub mod config;
 pub mod error;
 pub mod llama;
@@ -17,6 +18,7 @@ pub mod spec;
 pub mod synth;
 
 pub use arch::{Architecture, Variant};
+pub use chat::{load_messages, ChatError, ChatTemplate, Message};
 pub use config::{GenerationConfig, HfConfig, TokenIds};
 pub use error::{ModelError, Result};
 pub use registry::{load_spec, lookup, spec_from_config, supported_architectures};

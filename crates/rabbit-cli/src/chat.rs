@@ -1,0 +1,233 @@
+//! `rabbit chat` (interactive multi-turn REPL) and `rabbit template` (render a chat template).
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use rabbit_core::{Control, GenerateRequest, Model, SamplingParams};
+use rabbit_models::chat::{load_messages, ChatTemplate, Message};
+
+use crate::generate::ModelArgs;
+
+/// The model's chat template, or a clear error.
+pub fn template_of(dir: &Path) -> Result<ChatTemplate> {
+    match ChatTemplate::from_tokenizer_config(dir)? {
+        Some(t) => Ok(t),
+        None => bail!(
+            "{} has no chat_template in tokenizer_config.json: this is not a chat model (use --prompt without --chat)",
+            dir.display()
+        ),
+    }
+}
+
+/// Arguments of `rabbit template`.
+#[derive(Args)]
+pub struct TemplateArgs {
+    /// Model directory (or hub repo id) whose tokenizer_config.json holds the template.
+    #[arg(long)]
+    model: String,
+    /// JSON file: an array of {"role", "content"} objects.
+    #[arg(long, value_name = "FILE.json")]
+    messages: PathBuf,
+    /// Do not append the assistant turn opener (add_generation_prompt = false).
+    #[arg(long)]
+    no_generation_prompt: bool,
+    /// Hugging Face token (else HF_TOKEN).
+    #[arg(long)]
+    token: Option<String>,
+    /// Hub revision.
+    #[arg(long)]
+    revision: Option<String>,
+}
+
+/// Runs `rabbit template`: prints exactly the rendered prompt, nothing else.
+pub fn template(a: TemplateArgs) -> Result<()> {
+    let hub = rabbit_core::hub::HubOptions {
+        token: a.token,
+        revision: a.revision,
+        ..Default::default()
+    };
+    let loc = rabbit_core::hub::locate(&a.model, &hub)?;
+    let tpl = template_of(&loc.dir)?;
+    let messages = load_messages(&a.messages)?;
+    let text = tpl.render(&messages, !a.no_generation_prompt)?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Arguments of `rabbit chat`.
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// System prompt for the conversation.
+    #[arg(long)]
+    system: Option<String>,
+    /// Upper bound of tokens per answer.
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.7)]
+    temperature: f64,
+    /// Nucleus sampling threshold.
+    #[arg(long, default_value_t = 0.9)]
+    top_p: f64,
+    /// Keep only the K most likely tokens.
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Penalise tokens already present (> 1).
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// Sampler seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit; Ctrl-C stops an answer";
+
+/// Runs `rabbit chat`.
+pub fn chat(a: ChatArgs) -> Result<()> {
+    let (mut model, _) = a.model.load(false)?;
+    let tpl = template_of(model.model_dir())?;
+    model.require_codec()?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // Ctrl-C while answering stops the answer; at the prompt it does the same (nothing to stop),
+    // so the program itself ends only with /exit or end of input.
+    ctrlc::set_handler(move || flag.store(true, Ordering::SeqCst))
+        .context("installing the Ctrl-C handler")?;
+    let mut system = a.system.clone();
+    let mut history: Vec<Message> = Vec::new();
+    eprintln!("{HELP}");
+    let stdin = std::io::stdin();
+    let mut line = String::new();
+    loop {
+        eprint!("> ");
+        line.clear();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            eprintln!();
+            return Ok(());
+        }
+        let input = line.trim_end_matches(['\n', '\r']);
+        match input.trim() {
+            "" => continue,
+            "/exit" | "/quit" => return Ok(()),
+            "/reset" => {
+                history.clear();
+                eprintln!("(conversation reset)");
+                continue;
+            }
+            "/help" => {
+                eprintln!("{HELP}");
+                continue;
+            }
+            _ => {}
+        }
+        if let Some(rest) = input.trim().strip_prefix("/system") {
+            let text = rest.trim();
+            system = (!text.is_empty()).then(|| text.to_string());
+            history.clear();
+            eprintln!(
+                "(system prompt {}; conversation reset)",
+                if system.is_some() { "set" } else { "cleared" }
+            );
+            continue;
+        }
+        if input.trim().starts_with('/') {
+            eprintln!("unknown command `{}`; {HELP}", input.trim());
+            continue;
+        }
+        history.push(Message {
+            role: "user".into(),
+            content: input.to_string(),
+        });
+        stop.store(false, Ordering::SeqCst);
+        match answer(&mut model, &tpl, system.as_deref(), &history, &a, &stop) {
+            Ok(text) => history.push(Message {
+                role: "assistant".into(),
+                content: text,
+            }),
+            Err(e) => {
+                history.pop();
+                eprintln!("error: {e:#}");
+            }
+        }
+    }
+}
+
+fn answer(
+    model: &mut Model,
+    tpl: &ChatTemplate,
+    system: Option<&str>,
+    history: &[Message],
+    a: &ChatArgs,
+    stop: &AtomicBool,
+) -> Result<String> {
+    let mut messages = Vec::with_capacity(history.len() + 1);
+    if let Some(s) = system {
+        messages.push(Message {
+            role: "system".into(),
+            content: s.to_string(),
+        });
+    }
+    messages.extend(history.iter().cloned());
+    let ids = model.encode_chat(tpl, &messages, true)?;
+    let spec = model.engine.spec().clone();
+    let room = spec.max_position_embeddings.saturating_sub(ids.len());
+    if room == 0 {
+        bail!(
+            "the conversation fills the context ({} tokens); /reset to start over",
+            ids.len()
+        );
+    }
+    let req = GenerateRequest {
+        sequences: vec![ids],
+        max_new_tokens: a.max_new_tokens.min(room),
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: Some(a.top_p),
+            repetition_penalty: a.repetition_penalty,
+            seed: a.seed,
+        },
+        eos_token_ids: spec.eos_token_ids.clone(),
+        keep_logits: false,
+    };
+    let codec = model.require_codec()?.clone();
+    let mut stream = codec.stream();
+    let stdout = std::io::stdout();
+    let start = Instant::now();
+    let out = model.generate(&req, &mut |ev| {
+        if let Ok(Some(piece)) = stream.step(ev.token) {
+            let mut lock = stdout.lock();
+            let _ = lock.write_all(piece.as_bytes());
+            let _ = lock.flush();
+        }
+        if stop.load(Ordering::SeqCst) {
+            Control::Cancel
+        } else {
+            Control::Continue
+        }
+    })?;
+    println!();
+    let s = &out.sequences[0];
+    let n = s.output_ids.len();
+    let secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "[{n} tokens, {:.2} tok/s, prefill {:.2} s{}]",
+        n as f64 / secs.max(1e-9),
+        out.timings.prefill_s,
+        if stop.load(Ordering::SeqCst) {
+            ", stopped"
+        } else {
+            ""
+        }
+    );
+    Ok(codec.decode(&s.output_ids)?)
+}

@@ -1,0 +1,161 @@
+//! Model location through a local fake of the Hugging Face cache layout (no network): offline
+//! resolution, revision pinning, the error when a file is missing offline, and the message for a
+//! gated repo (from a fake hub answering 401 on loopback).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+
+use rabbit_core::hub::{locate, HubOptions};
+use rabbit_core::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions};
+
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+const OLD_COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
+
+fn fixture(case: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures")
+        .join(case)
+}
+
+/// Lays out `models--acme--tiny` like huggingface_hub does: blobs, snapshot symlinks, refs.
+fn fake_cache(root: &Path) -> PathBuf {
+    let repo = root.join("models--acme--tiny");
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    for (commit, reference) in [(COMMIT, "main"), (OLD_COMMIT, "v1")] {
+        let snap = repo.join("snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        for f in ["config.json", "generation_config.json", "model.safetensors"] {
+            let blob = repo.join("blobs").join(format!("{commit}-{f}"));
+            std::fs::copy(fixture("qwen2_tied_f32").join(f), &blob).unwrap();
+            std::os::unix::fs::symlink(&blob, snap.join(f)).unwrap();
+        }
+        std::fs::write(repo.join("refs").join(reference), commit).unwrap();
+    }
+    repo
+}
+
+fn offline(cache: &Path) -> HubOptions {
+    HubOptions {
+        cache_dir: Some(cache.to_path_buf()),
+        offline: true,
+        // Nothing listens there: any attempt to use the network would fail loudly.
+        endpoint: Some("http://127.0.0.1:9".into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn offline_resolution_uses_the_hf_cache_layout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = fake_cache(tmp.path());
+    let loc = locate("acme/tiny", &offline(tmp.path())).unwrap();
+    assert_eq!(loc.dir, repo.join("snapshots").join(COMMIT));
+    assert_eq!(loc.hub, Some(("acme/tiny".to_string(), "main".to_string())));
+
+    let pinned = HubOptions {
+        revision: Some("v1".into()),
+        ..offline(tmp.path())
+    };
+    assert_eq!(
+        locate("acme/tiny", &pinned).unwrap().dir,
+        repo.join("snapshots").join(OLD_COMMIT)
+    );
+    let by_commit = HubOptions {
+        revision: Some(OLD_COMMIT.into()),
+        ..offline(tmp.path())
+    };
+    assert_eq!(
+        locate("acme/tiny", &by_commit).unwrap().dir,
+        repo.join("snapshots").join(OLD_COMMIT)
+    );
+}
+
+#[test]
+fn a_cached_hub_model_loads_and_generates_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_cache(tmp.path());
+    let split = tmp.path().join("split");
+    let opts = LoadOptions {
+        hub: offline(tmp.path()),
+        ..LoadOptions::default()
+    }
+    .device(DeviceSpec::Cpu)
+    .dtype(DType::F32)
+    .split_dir(&split);
+    let mut model = AutoModel::from_pretrained("acme/tiny", opts).unwrap();
+    let req = GenerateRequest {
+        sequences: vec![vec![1, 2, 3]],
+        max_new_tokens: 3,
+        ..Default::default()
+    };
+    let out = model.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_eq!(out.sequences[0].output_ids.len(), 3);
+    assert!(
+        split.join("manifest.json").exists(),
+        "the split goes to the given dir, not into the HF cache"
+    );
+}
+
+#[test]
+fn offline_and_missing_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = fake_cache(tmp.path());
+    let e = locate("acme/absent", &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("acme/absent") && e.contains("offline"), "{e}");
+    std::fs::remove_file(
+        repo.join("snapshots")
+            .join(COMMIT)
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    let e = locate("acme/tiny", &offline(tmp.path()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("model.safetensors") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_gated_repo_says_how_to_pass_a_token() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    // A fake hub that refuses every request, as huggingface.co does for gated repos.
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = s.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\ncontent-length: 25\r\nconnection: close\r\n\r\n{\"error\":\"gated repo\"}\r\n",
+            );
+        }
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let opts = HubOptions {
+        cache_dir: Some(tmp.path().to_path_buf()),
+        endpoint: Some(format!("http://127.0.0.1:{port}")),
+        ..Default::default()
+    };
+    let e = locate("acme/gated", &opts).unwrap_err().to_string();
+    assert!(
+        e.contains("gated") && e.contains("--token") && e.contains("HF_TOKEN"),
+        "{e}"
+    );
+}
+
+#[test]
+fn not_a_repo_id_and_not_a_directory() {
+    let e = locate("./no/such/dir", &HubOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("./no/such/dir") && e.contains("does not exist"),
+        "{e}"
+    );
+}
