@@ -117,7 +117,7 @@ fn chat_encoding_keeps_user_typed_special_tokens_plain() {
     let encode_chat = |msgs: &[Message]| {
         let protected: Vec<Message> = msgs
             .iter()
-            .map(|m| Message::new(&m.role, &codec.protect(&m.content)))
+            .map(|m| Message::new(&m.role, codec.protect(&m.content)))
             .collect();
         codec
             .encode_rendered(&tpl.render(&protected, true).unwrap())
