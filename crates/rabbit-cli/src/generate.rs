@@ -276,7 +276,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut generated: HashMap<usize, Vec<u32>> = HashMap::new();
     let stops = a.stop.clone();
     let stdout = std::io::stdout();
+    // Without text streaming to watch, a long generation gets a progress bar (terminal only).
+    let gen_bar =
+        (!stream && show_progress(a.json)).then(|| bar(a.max_new_tokens as u64, "generate"));
     let out = model.generate(&req, &mut |ev| {
+        if let (Some(b), 0) = (&gen_bar, ev.sequence) {
+            b.set_position(ev.step as u64 + 1);
+        }
         if let Some(s) = streams.first_mut() {
             if let Ok(Some(piece)) = s.step(ev.token) {
                 let mut lock = stdout.lock();
@@ -300,6 +306,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
     })?;
     drop(streams);
+    if let Some(b) = gen_bar {
+        b.finish_and_clear();
+    }
     if stream {
         println!();
     }

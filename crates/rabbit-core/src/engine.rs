@@ -242,6 +242,7 @@ impl Engine {
                 * elem
                 + (batch * spec.vocab_size * 4) as u64,
             prefetch_depth: opts.prefetch_depth,
+            context,
         };
         let plan = make_plan(&inputs, opts.budget)?;
         let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();

@@ -113,6 +113,8 @@ pub struct PlanInputs {
     pub activation_bytes: u64,
     /// Layers read ahead when streaming.
     pub prefetch_depth: usize,
+    /// Context length (tokens per sequence) the KV cache and activations are sized for.
+    pub context: usize,
 }
 
 /// Chooses resident layers greedily in execution order within the budget. With no budget given,
@@ -144,9 +146,18 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
     };
     let fixed = inputs.head_bytes + inputs.kv_bytes + inputs.activation_bytes;
     if !derived && fixed > device_budget {
+        // KV cache and activations grow with the context: say which context would fit.
+        let per_token = (inputs.kv_bytes + inputs.activation_bytes) / inputs.context.max(1) as u64;
+        let fits = device_budget.saturating_sub(inputs.head_bytes) / per_token.max(1);
+        let hint = if fits == 0 {
+            "not even one token of context fits next to the embedding/LM head".to_string()
+        } else {
+            format!("the largest context that fits is about {fits} tokens")
+        };
         return Err(CoreError::InvalidInput(format!(
-            "--device-memory-budget {} is too small: embedding/norm/LM head {} + KV cache {} + activations {} need {}",
+            "--device-memory-budget {} is too small for a {}-token context: embedding/norm/LM head {} + KV cache {} + activations {} need {}; {hint}",
             ByteSize(device_budget),
+            inputs.context,
             ByteSize(inputs.head_bytes),
             ByteSize(inputs.kv_bytes),
             ByteSize(inputs.activation_bytes),
@@ -208,6 +219,7 @@ mod tests {
             kv_bytes: 10,
             activation_bytes: 40,
             prefetch_depth: 2,
+            context: 10,
         }
     }
 
@@ -292,5 +304,15 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("--device-memory-budget"), "{e}");
+        // 50 bytes of head leave 40 for KV + activations at 5 bytes per token.
+        let budget = MemoryBudget {
+            device: Some(90),
+            ..Default::default()
+        };
+        let e = make_plan(&inputs(4), budget).unwrap_err().to_string();
+        assert!(
+            e.contains("largest context that fits is about 8 tokens"),
+            "{e}"
+        );
     }
 }

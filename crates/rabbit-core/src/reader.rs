@@ -367,13 +367,18 @@ pub fn measure_read(
             }
         }
     }
-    let mut buf = AlignedBuf::new(sources.iter().map(|s| s.len).max().unwrap_or(1));
+    let mut buf = match mode {
+        ReadMode::Copy => Some(AlignedBuf::new(
+            sources.iter().map(|s| s.len).max().unwrap_or(1),
+        )),
+        ReadMode::Map => None,
+    };
     let mut bytes = 0u64;
     let start = Instant::now();
     for s in &sources {
-        match mode {
-            ReadMode::Copy => read_region(s, &mut buf)?,
-            ReadMode::Map => drop(map_region(s)?),
+        match buf.as_mut() {
+            Some(buf) => read_region(s, buf)?,
+            None => drop(map_region(s)?),
         }
         bytes += s.len as u64;
     }

@@ -1,0 +1,86 @@
+//! criterion benches of the streaming pipeline's pieces on a synthetic model made at start-up
+//! (qwen2.5-0.5b widths, 4 layers, bf16): reading a layer file (mmap view, and pread copy),
+//! staging its bytes into tensors, one decoder layer's compute, and a whole decode step streamed
+//! vs resident. `cargo bench --bench pipeline` (after `source scripts/env.sh`).
+
+use std::path::Path;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use rabbitllm::core::reader::{measure_read, ReadMode};
+use rabbitllm::core::weights::UnitTensors;
+use rabbitllm::models::synth::{synthesize, SynthOptions, SynthOverrides};
+use rabbitllm::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model};
+
+fn model(dir: &Path, resident: usize) -> Model {
+    AutoModel::from_pretrained(
+        dir.to_str().unwrap(),
+        LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .dtype(DType::BF16)
+            .resident_layers(resident),
+    )
+    .expect("synthetic model loads")
+}
+
+fn benches(c: &mut Criterion) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let mut opts = SynthOptions::new("qwen2", "qwen2.5-0.5b", &dir);
+    opts.overrides = SynthOverrides {
+        layers: Some(4),
+        vocab: Some(1024),
+        ..Default::default()
+    };
+    synthesize(&opts, &mut |_| {}).expect("synth");
+
+    let mut streamed = model(&dir, 0);
+    let split = streamed.engine.split_dir().to_path_buf();
+    let units: Vec<_> = streamed.engine.layer_units().to_vec();
+    let layer = &units[0];
+
+    let mut g = c.benchmark_group("read_layer");
+    g.throughput(criterion::Throughput::Bytes(layer.data_len));
+    g.bench_function("mmap_view", |b| {
+        b.iter(|| measure_read(&split, &[layer], ReadMode::Map, false).unwrap())
+    });
+    g.bench_function("pread_copy", |b| {
+        b.iter(|| measure_read(&split, &[layer], ReadMode::Copy, false).unwrap())
+    });
+    g.finish();
+
+    let bytes = std::fs::read(split.join(&layer.file)).unwrap();
+    let region = &bytes[layer.data_offset as usize..(layer.data_offset + layer.data_len) as usize];
+    let mut g = c.benchmark_group("stage_layer");
+    g.throughput(criterion::Throughput::Bytes(layer.data_len));
+    g.bench_function("views_bf16", |b| {
+        b.iter(|| {
+            UnitTensors::from_region(layer, region, tch::Device::Cpu, tch::Kind::BFloat16).unwrap()
+        })
+    });
+    g.bench_function("convert_to_f32", |b| {
+        b.iter(|| {
+            UnitTensors::from_region(layer, region, tch::Device::Cpu, tch::Kind::Float).unwrap()
+        })
+    });
+    g.finish();
+
+    let req = GenerateRequest {
+        sequences: vec![vec![1, 2, 3, 4, 5, 6, 7, 8]],
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let mut g = c.benchmark_group("generate_4_tokens");
+    g.sample_size(10);
+    g.bench_function("streamed", |b| {
+        b.iter(|| streamed.generate(&req, &mut |_| Control::Continue).unwrap())
+    });
+    drop(streamed);
+    let mut resident = model(&dir, usize::MAX);
+    g.bench_function("resident", |b| {
+        b.iter(|| resident.generate(&req, &mut |_| Control::Continue).unwrap())
+    });
+    g.finish();
+}
+
+criterion_group!(pipeline, benches);
+criterion_main!(pipeline);
