@@ -593,32 +593,25 @@ fn info_shows_the_plan_and_budgets_are_checked() {
     assert_eq!(v["plan"]["streamed_layers"], serde_json::json!([1, 2]));
     assert!(v["read_bytes_per_s"].as_f64().unwrap() > 0.0);
 
-    let o = run(rabbit()
-        .args([
-            "info",
-            "--device",
-            "cpu",
-            "--device-memory-budget",
-            "12 parsecs",
-            "--model",
-        ])
-        .arg(fixture("qwen2_untied_f32"))
-        .arg("--split-dir")
-        .arg(&split));
-    assert_clean_failure(&o, "parsecs");
-    let o = run(rabbit()
-        .args([
-            "info",
-            "--device",
-            "cpu",
-            "--device-memory-budget",
-            "1KiB",
-            "--model",
-        ])
-        .arg(fixture("qwen2_untied_f32"))
-        .arg("--split-dir")
-        .arg(&split));
-    assert_clean_failure(&o, "--device-memory-budget");
+    for (budget, needle) in [
+        ("12 parsecs", "parsecs"),
+        ("1KiB", "not even one token of context fits"),
+        ("1MiB", "largest context that fits is about 215 tokens"),
+    ] {
+        let o = run(rabbit()
+            .args([
+                "info",
+                "--device",
+                "cpu",
+                "--device-memory-budget",
+                budget,
+                "--model",
+            ])
+            .arg(fixture("qwen2_untied_f32"))
+            .arg("--split-dir")
+            .arg(&split));
+        assert_clean_failure(&o, needle);
+    }
 }
 
 #[test]
