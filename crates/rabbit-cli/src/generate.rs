@@ -53,6 +53,12 @@ pub struct ModelArgs {
     /// budget.
     #[arg(long, value_name = "N")]
     pub resident_layers: Option<usize>,
+    /// Stream block-wise compressed layers: 4bit (NF4) or 8bit (its own split directory).
+    #[arg(long, value_name = "4bit|8bit")]
+    pub compression: Option<String>,
+    /// With --compression, compress the embedding and LM head too.
+    #[arg(long, requires = "compression")]
+    pub compress_embeddings: bool,
 }
 
 impl ModelArgs {
@@ -80,6 +86,12 @@ impl ModelArgs {
         }
         if let Some(n) = self.resident_layers {
             opts = opts.resident_layers(n);
+        }
+        if let Some(c) = &self.compression {
+            let c: rabbit_split::Compression = c.parse().context("--compression")?;
+            opts = opts
+                .compression(Some(c))
+                .compress_embeddings(self.compress_embeddings);
         }
         opts.hub.progress = show_progress(quiet);
         let start = Instant::now();

@@ -20,6 +20,12 @@ pub struct SplitArgs {
     /// Delete the original weight files once the split is verified complete.
     #[arg(long)]
     delete_original: bool,
+    /// Compress the decoder layers' linear weights block-wise: 4bit (NF4) or 8bit.
+    #[arg(long, value_name = "4bit|8bit", conflicts_with = "verify")]
+    compression: Option<String>,
+    /// With --compression, compress the embedding and LM head too.
+    #[arg(long, requires = "compression")]
+    compress_embeddings: bool,
     /// Check sizes and checksums of an existing split directory and name any damaged file.
     #[arg(long, value_name = "SPLIT_DIR")]
     verify: Option<PathBuf>,
@@ -50,9 +56,18 @@ pub fn run(a: SplitArgs) -> Result<()> {
     }
     let model = a.model.expect("clap enforces --model without --verify");
     let spec = rabbit_models::load_spec(&model)?;
+    let compression = match &a.compression {
+        Some(c) => Some(
+            c.parse::<rabbit_split::Compression>()
+                .context("--compression")?,
+        ),
+        None => None,
+    };
     let opts = SplitOptions {
         out_dir: a.out,
         delete_original: a.delete_original,
+        compression,
+        compress_embeddings: a.compress_embeddings,
         ..SplitOptions::default()
     };
     let started = std::time::Instant::now();

@@ -67,6 +67,8 @@ pub struct Profile {
     pub read_s: f64,
     /// Time turning bytes into device tensors (views, dtype conversion, host→device copy).
     pub stage_s: f64,
+    /// Time dequantizing compressed layers (part of staging, reported apart).
+    pub dequant_s: f64,
     /// Time in the decoder layers.
     pub compute_s: f64,
     /// Time in embedding, final norm and LM head.
@@ -88,6 +90,8 @@ pub struct LayerProfile {
     pub read_s: f64,
     /// Bytes → device tensors.
     pub stage_s: f64,
+    /// Dequantization.
+    pub dequant_s: f64,
     /// Layer compute.
     pub compute_s: f64,
 }
@@ -99,6 +103,7 @@ impl Profile {
         let stages = [
             ("read", self.read_wait_s),
             ("stage", self.stage_s),
+            ("dequant", self.dequant_s),
             ("compute", self.compute_s),
             ("head", self.head_s),
         ];
@@ -158,7 +163,7 @@ pub struct Engine {
 fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
     let path = dir.join(&entry.file);
     let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
-    let mut tensors = Vec::with_capacity(entry.tensors.len());
+    let mut tensors = std::collections::BTreeMap::new();
     for t in &entry.tensors {
         let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
             file: path.clone(),
@@ -180,9 +185,9 @@ fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> R
             unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, t.len as usize) };
         file.read_exact_at(dst, entry.data_offset + t.offset)
             .map_err(|e| CoreError::io(&path, e))?;
-        tensors.push((t.name.clone(), host.f_to_kind(kind)?.f_to_device(device)?));
+        tensors.insert(t.name.clone(), host.f_to_device(device)?);
     }
-    Ok(UnitTensors::from_tensors(tensors, &entry.file))
+    UnitTensors::assemble(entry, tensors, kind)
 }
 
 impl Engine {
@@ -212,11 +217,26 @@ impl Engine {
         };
         let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
         let elem = opts.dtype.size() as u64;
+        // Bytes a unit takes once on the device in the compute dtype (quantized tensors are kept
+        // dequantized when resident).
         let compute_bytes = |u: &UnitEntry| -> u64 {
-            u.tensors
+            let quant_parts: Vec<&str> = u
+                .quantized
                 .iter()
+                .flat_map(|q| [q.codes.as_str(), q.scales.as_str()])
+                .collect();
+            let plain: u64 = u
+                .tensors
+                .iter()
+                .filter(|t| !quant_parts.contains(&t.name.as_str()))
                 .map(|t| t.shape.iter().product::<usize>() as u64 * elem)
-                .sum()
+                .sum();
+            let dequantized: u64 = u
+                .quantized
+                .iter()
+                .map(|q| q.shape.iter().product::<usize>() as u64 * elem)
+                .sum();
+            plain + dequantized
         };
         let context = opts.plan_context.min(spec.max_position_embeddings).max(1);
         let batch = opts.plan_batch.max(1);
@@ -479,8 +499,11 @@ impl Engine {
                     self.device,
                     self.kind,
                 )?;
+                let dequant = tensors.dequant_s;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
-                let staged = stage.elapsed().as_secs_f64();
+                let staged = stage.elapsed().as_secs_f64() - dequant;
+                self.profile.dequant_s += dequant;
+                self.profile.layers[i].dequant_s += dequant;
                 self.profile.stage_s += staged;
                 self.profile.layers[i].stage_s += staged;
                 let compute = Instant::now();

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rabbit_split::{SplitEvent, SplitOptions, SplitOutcome};
+use rabbit_split::{Compression, SplitEvent, SplitOptions, SplitOutcome};
 use tokenizers::Tokenizer;
 
 use crate::device::{device_name, DType, DeviceSpec};
@@ -32,6 +32,10 @@ pub struct LoadOptions {
     pub delete_original: bool,
     /// Memory the residency planner may fill with resident layers.
     pub budget: MemoryBudget,
+    /// Block-wise compression of the decoder layers' linear weights (its own split directory).
+    pub compression: Option<Compression>,
+    /// Also compress the embedding and LM head.
+    pub compress_embeddings: bool,
 }
 
 impl Default for LoadOptions {
@@ -44,6 +48,8 @@ impl Default for LoadOptions {
             hub: HubOptions::default(),
             delete_original: false,
             budget: MemoryBudget::default(),
+            compression: None,
+            compress_embeddings: false,
         }
     }
 }
@@ -94,6 +100,16 @@ impl LoadOptions {
     /// planning from the budget.
     pub fn resident_layers(mut self, n: usize) -> Self {
         self.budget.resident_layers = Some(n);
+        self
+    }
+    /// Stream 4-bit (NF4) or 8-bit block-wise compressed layers, dequantized on the device.
+    pub fn compression(mut self, c: Option<Compression>) -> Self {
+        self.compression = c;
+        self
+    }
+    /// Compress the embedding and LM head too (with [`LoadOptions::compression`]).
+    pub fn compress_embeddings(mut self, yes: bool) -> Self {
+        self.compress_embeddings = yes;
         self
     }
     /// Delete original weights after a verified split.
@@ -150,12 +166,26 @@ impl AutoModel {
         };
         let split_dir = match (&opts.split_dir, &loc.hub) {
             (Some(d), _) => Some(d.clone()),
-            (None, Some((repo, rev))) => Some(default_hub_split_dir(repo, rev, &loc.dir)),
+            (None, Some((repo, rev))) => {
+                let dir = default_hub_split_dir(repo, rev, &loc.dir);
+                // One split per compression, side by side.
+                Some(match opts.compression {
+                    Some(c) => dir.with_file_name(format!(
+                        "{}-{c}",
+                        dir.file_name()
+                            .map(|n| n.to_string_lossy().into_owned())
+                            .unwrap_or_default()
+                    )),
+                    None => dir,
+                })
+            }
             (None, None) => None,
         };
         let split_opts = SplitOptions {
             out_dir: split_dir,
             delete_original: opts.delete_original,
+            compression: opts.compression,
+            compress_embeddings: opts.compress_embeddings,
             ..SplitOptions::default()
         };
         let layout = spec.layout();

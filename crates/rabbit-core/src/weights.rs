@@ -6,34 +6,85 @@ use std::path::Path;
 
 use rabbit_models::{names, ModelSpec};
 use rabbit_split::dtype::Dtype;
-use rabbit_split::manifest::{Manifest, UnitEntry};
+use rabbit_split::manifest::{Manifest, QuantizedEntry, UnitEntry};
+use rabbit_split::{Compression, NF4_CODEBOOK};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 
-/// The libtorch kind of a stored dtype (only the float types a checkpoint's weights use).
+/// The libtorch kind of a stored dtype (the float types of weights, and the integer types of
+/// quantized codes).
 pub fn kind_of(d: Dtype) -> Option<Kind> {
     match d {
         Dtype::F32 => Some(Kind::Float),
         Dtype::BF16 => Some(Kind::BFloat16),
         Dtype::F16 => Some(Kind::Half),
         Dtype::F64 => Some(Kind::Double),
+        Dtype::U8 => Some(Kind::Uint8),
+        Dtype::I8 => Some(Kind::Int8),
         _ => None,
     }
+}
+
+fn is_float(k: Kind) -> bool {
+    matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double)
+}
+
+/// Dequantizes one block-wise compressed tensor on whatever device `codes`/`scales` are on, into
+/// `kind`: NF4 codes (two per byte, low nibble first) index the NF4 codebook, int8 codes are
+/// scaled; one f32 scale (absmax) per block.
+pub fn dequantize(
+    q: &QuantizedEntry,
+    codes: &Tensor,
+    scales: &Tensor,
+    kind: Kind,
+) -> Result<Tensor> {
+    let numel: i64 = q.shape.iter().product::<usize>() as i64;
+    let block = q.block_size as i64;
+    let blocks = scales.size()[0];
+    let values = match q.scheme {
+        Compression::Nf4 => {
+            let high = codes.f_bitwise_right_shift_tensor_scalar(4)?;
+            let low = codes.f_sub(&high.f_mul_scalar(16)?)?;
+            let idx = Tensor::f_stack(&[low, high], -1)?
+                .f_view([-1])?
+                .f_to_kind(Kind::Int64)?;
+            let book = Tensor::f_from_slice(&NF4_CODEBOOK)?.f_to_device(codes.device())?;
+            book.f_index_select(0, &idx)?
+        }
+        Compression::Int8 => codes.f_to_kind(Kind::Float)?,
+    };
+    if values.size()[0] != blocks * block || numel > blocks * block {
+        return Err(CoreError::InvalidInput(format!(
+            "quantized tensor `{}`: {} codes and {blocks} scales do not make {numel} values in blocks of {block}",
+            q.name,
+            values.size()[0]
+        )));
+    }
+    let shape: Vec<i64> = q.shape.iter().map(|&d| d as i64).collect();
+    Ok(values
+        .f_view([blocks, block])?
+        .f_mul(&scales.f_view([blocks, 1])?)?
+        .f_view([-1])?
+        .f_narrow(0, 0, numel)?
+        .f_view(shape.as_slice())?
+        .f_to_kind(kind)?)
 }
 
 /// Named tensors of one unit on the compute device, in the compute dtype.
 pub struct UnitTensors {
     tensors: BTreeMap<String, Tensor>,
     file: String,
+    /// Time spent dequantizing (compressed splits).
+    pub dequant_s: f64,
 }
 
 impl UnitTensors {
     /// Views the unit's tensors inside `data` (the unit's data region) and moves/converts them to
-    /// `device`/`kind`. On CPU with a matching dtype the tensors alias `data`: the caller must drop
-    /// this value before reusing the buffer.
+    /// `device`/`kind`, dequantizing compressed ones. On CPU with a matching dtype the tensors
+    /// alias `data`: the caller must drop this value before reusing the buffer.
     pub fn from_region(entry: &UnitEntry, data: &[u8], device: Device, kind: Kind) -> Result<Self> {
-        let mut tensors = BTreeMap::new();
+        let mut raw = BTreeMap::new();
         for t in &entry.tensors {
             let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
                 file: entry.file.clone().into(),
@@ -64,30 +115,58 @@ impl UnitTensors {
                     Device::Cpu,
                 )?
             };
+            // Stored bytes go to the device as they are (fewer bytes over PCIe); conversion and
+            // dequantization happen there.
             let on_device = if device == Device::Cpu {
-                if stored == kind {
-                    view
-                } else {
-                    view.f_to_kind(kind)?
-                }
+                view
             } else {
-                // Copy the stored bytes first (fewer bytes over PCIe), convert on the device.
-                view.f_to_device(device)?.f_to_kind(kind)?
+                view.f_to_device(device)?
             };
-            tensors.insert(t.name.clone(), on_device);
+            raw.insert(t.name.clone(), on_device);
+        }
+        Self::assemble(entry, raw, kind)
+    }
+
+    /// Turns a unit's stored tensors (already on the compute device, stored dtypes) into compute
+    /// tensors: floats converted to `kind`, quantized pairs dequantized under their original name.
+    pub fn assemble(
+        entry: &UnitEntry,
+        mut raw: BTreeMap<String, Tensor>,
+        kind: Kind,
+    ) -> Result<Self> {
+        let missing = |name: &str| CoreError::BadTensor {
+            file: entry.file.clone().into(),
+            tensor: name.to_string(),
+            reason: "named by the manifest's quantized list but absent".into(),
+        };
+        let start = std::time::Instant::now();
+        let mut tensors = BTreeMap::new();
+        for q in &entry.quantized {
+            let codes = raw.remove(&q.codes).ok_or_else(|| missing(&q.codes))?;
+            let scales = raw.remove(&q.scales).ok_or_else(|| missing(&q.scales))?;
+            tensors.insert(q.name.clone(), dequantize(q, &codes, &scales, kind)?);
+        }
+        let dequant_s = start.elapsed().as_secs_f64();
+        for (name, t) in raw {
+            if !is_float(t.kind()) {
+                return Err(CoreError::BadTensor {
+                    file: entry.file.clone().into(),
+                    tensor: name,
+                    reason: format!("{:?} tensor that no quantized entry claims", t.kind()),
+                });
+            }
+            let t = if t.kind() == kind {
+                t
+            } else {
+                t.f_to_kind(kind)?
+            };
+            tensors.insert(name, t);
         }
         Ok(UnitTensors {
             tensors,
             file: entry.file.clone(),
+            dequant_s,
         })
-    }
-
-    /// Wraps tensors that already own their memory.
-    pub fn from_tensors(tensors: Vec<(String, Tensor)>, file: &str) -> Self {
-        UnitTensors {
-            tensors: tensors.into_iter().collect(),
-            file: file.to_string(),
-        }
     }
 
     /// Takes a tensor out by full name.
@@ -189,11 +268,15 @@ impl LayerWeights {
 /// Checks that a split holds exactly the tensors, shapes and float dtypes the spec expects, so a
 /// mismatch is reported by name before any compute (never a shape error mid-generation).
 pub fn validate_split(spec: &ModelSpec, manifest: &Manifest, dir: &Path) -> Result<()> {
-    let mut found: BTreeMap<&str, (&UnitEntry, &rabbit_split::manifest::TensorEntry)> =
-        BTreeMap::new();
+    // name -> (unit, logical shape, logical dtype): quantized tensors count under their
+    // original name and shape.
+    let mut found: BTreeMap<&str, (&UnitEntry, &[usize], Dtype)> = BTreeMap::new();
     for u in &manifest.units {
         for t in &u.tensors {
-            found.insert(t.name.as_str(), (u, t));
+            found.insert(t.name.as_str(), (u, &t.shape, t.dtype));
+        }
+        for q in &u.quantized {
+            found.insert(q.name.as_str(), (u, &q.shape, q.dtype));
         }
     }
     if manifest.num_layers() != spec.num_layers {
@@ -214,27 +297,82 @@ pub fn validate_split(spec: &ModelSpec, manifest: &Manifest, dir: &Path) -> Resu
         )));
     }
     for (name, shape) in expected.drain(..) {
-        let Some((u, t)) = found.get(name.as_str()) else {
+        let Some(&(u, found_shape, dtype)) = found.get(name.as_str()) else {
             return Err(CoreError::BadTensor {
                 file: dir.to_path_buf(),
                 tensor: name,
                 reason: "expected by config.json but absent from the split".into(),
             });
         };
-        if t.shape != shape {
+        if found_shape != shape.as_slice() {
             return Err(CoreError::BadTensor {
                 file: dir.join(&u.file),
                 tensor: name,
-                reason: format!("shape {:?} but config.json implies {:?}", t.shape, shape),
+                reason: format!("shape {found_shape:?} but config.json implies {shape:?}"),
             });
         }
-        if kind_of(t.dtype).is_none() {
+        if !kind_of(dtype).is_some_and(is_float) {
             return Err(CoreError::BadTensor {
                 file: dir.join(&u.file),
                 tensor: name,
-                reason: format!("dtype {} is not a float type", t.dtype.name()),
+                reason: format!("dtype {} is not a float type", dtype.name()),
             });
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rabbit_split::{dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4};
+
+    fn entry(scheme: Compression, shape: Vec<usize>) -> QuantizedEntry {
+        QuantizedEntry {
+            name: "w".into(),
+            scheme,
+            block_size: 64,
+            shape,
+            dtype: Dtype::F32,
+            codes: "w.q".into(),
+            scales: "w.scale".into(),
+        }
+    }
+
+    /// The libtorch dequantization equals the splitter's reference bit for bit (including a
+    /// padded last block), so what streams is exactly what was quantized.
+    #[test]
+    fn device_dequantization_matches_the_reference() {
+        let n = 64 * 5 + 17;
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (1.0 + (i % 13) as f32))
+            .collect();
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        quantize_nf4(&values, &mut codes, &mut scales);
+        let got = dequantize(
+            &entry(Compression::Nf4, vec![n]),
+            &Tensor::from_slice(&codes),
+            &Tensor::from_slice(&scales),
+            Kind::Float,
+        )
+        .unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(got).unwrap(),
+            dequantize_nf4(&codes, &scales, n)
+        );
+
+        let (mut q, mut s) = (Vec::new(), Vec::new());
+        quantize_int8(&values, &mut q, &mut s);
+        let got = dequantize(
+            &entry(Compression::Int8, vec![n]),
+            &Tensor::from_slice(&q),
+            &Tensor::from_slice(&s),
+            Kind::Float,
+        )
+        .unwrap();
+        assert_eq!(
+            Vec::<f32>::try_from(got).unwrap(),
+            dequantize_int8(&q, &s, n)
+        );
+    }
 }

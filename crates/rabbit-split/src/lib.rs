@@ -27,6 +27,7 @@ pub mod error;
 mod fsutil;
 pub mod layout;
 pub mod manifest;
+pub mod quant;
 mod split;
 #[doc(hidden)]
 pub mod testing;
@@ -37,10 +38,14 @@ pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc
 pub use dtype::Dtype;
 pub use error::{Damage, Result, SplitError};
 pub use layout::{Layout, UnitKind, UnitSpec};
-pub use manifest::{Manifest, SplitSettings, TensorEntry, UnitEntry};
+pub use manifest::{Manifest, QuantizedEntry, SplitSettings, TensorEntry, UnitEntry};
+pub use quant::{
+    dequantize_int8, dequantize_nf4, quantize_int8, quantize_nf4, Compression,
+    ParseCompressionError, NF4_CODEBOOK, QUANT_BLOCK,
+};
 pub use split::{
-    default_split_dir, is_current, split, stale_reason, SplitEvent, SplitOptions, SplitOutcome,
-    COPY_CHUNK, DEFAULT_ALIGNMENT, DEFAULT_SPLIT_DIR_NAME,
+    default_split_dir, default_split_dir_for, is_current, split, stale_reason, SplitEvent,
+    SplitOptions, SplitOutcome, COPY_CHUNK, DEFAULT_ALIGNMENT, DEFAULT_SPLIT_DIR_NAME,
 };
 pub use verify::{verify, VerifyReport};
 pub use writer::{AlignedWriter, TensorHeader, WrittenFile};

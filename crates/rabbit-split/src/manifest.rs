@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::dtype::Dtype;
 use crate::error::{Result, SplitError};
 use crate::layout::UnitKind;
+use crate::quant::{Compression, QUANT_BLOCK};
 
 /// Value of [`Manifest::format`].
 pub const FORMAT_NAME: &str = "rabbit-split";
@@ -26,8 +27,27 @@ pub const PLAN_FILE: &str = "split.plan.json";
 pub struct SplitSettings {
     /// Data-region alignment of every unit file, in bytes.
     pub alignment: u64,
-    /// Weight compression / quantization scheme; always `None` (raw copy) in format version 1.
-    pub compression: Option<String>,
+    /// Weight compression scheme (`None`: raw copy). Written as `"4bit"` / `"8bit"` / `null`.
+    #[serde(with = "crate::quant::label_serde")]
+    pub compression: Option<Compression>,
+    /// Elements per quantization block ([`QUANT_BLOCK`]) when `compression` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_size: Option<usize>,
+    /// The embedding and LM head matrices are compressed too (only with `compression`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub compress_embeddings: bool,
+}
+
+impl SplitSettings {
+    /// Uncompressed settings with the given alignment.
+    pub fn uncompressed(alignment: u64) -> SplitSettings {
+        SplitSettings {
+            alignment,
+            compression: None,
+            block_size: None,
+            compress_embeddings: false,
+        }
+    }
 }
 
 /// The manifest of a complete split.
@@ -74,6 +94,30 @@ pub struct UnitEntry {
     pub data_len: u64,
     /// Tensors in file order.
     pub tensors: Vec<TensorEntry>,
+    /// Source tensors stored compressed in this unit (each as a codes and a scales tensor of
+    /// `tensors`); absent from the JSON when empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quantized: Vec<QuantizedEntry>,
+}
+
+/// A source tensor stored block-quantized: `codes` and `scales` name entries of the unit's
+/// `tensors`; the tensor `name` itself is not in the file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuantizedEntry {
+    /// Checkpoint name of the original tensor (`W`).
+    pub name: String,
+    /// Quantization scheme (`"nf4"` or `"int8"`).
+    pub scheme: Compression,
+    /// Elements per block ([`QUANT_BLOCK`]).
+    pub block_size: usize,
+    /// Shape of the original tensor.
+    pub shape: Vec<usize>,
+    /// Dtype of the original tensor (what dequantized values should be cast back to).
+    pub dtype: Dtype,
+    /// Name of the codes tensor (`W.q`: `U8` packed NF4 pairs, or `I8`).
+    pub codes: String,
+    /// Name of the `F32` per-block scales tensor (`W.scale`).
+    pub scales: String,
 }
 
 /// One tensor inside a unit file.
@@ -95,6 +139,11 @@ impl UnitEntry {
     /// Looks up a tensor of this unit by full name.
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
         self.tensors.iter().find(|t| t.name == name)
+    }
+
+    /// Looks up a quantized tensor of this unit by its original full name.
+    pub fn quantized_tensor(&self, name: &str) -> Option<&QuantizedEntry> {
+        self.quantized.iter().find(|q| q.name == name)
     }
 }
 
@@ -167,6 +216,9 @@ impl Manifest {
                     ));
                 }
             }
+            for q in &u.quantized {
+                check_quantized(u, q)?;
+            }
             if let UnitKind::Layer(i) = u.kind {
                 if i != layers {
                     return Err(format!(
@@ -178,6 +230,11 @@ impl Manifest {
             }
         }
         Ok(())
+    }
+
+    /// The compression of this split (`options.compression`).
+    pub fn compression(&self) -> Option<Compression> {
+        self.options.compression
     }
 
     /// The unit of a given kind (`UnitKind::LmHead` is `None` for tied models).
@@ -210,6 +267,49 @@ impl Manifest {
     }
 }
 
+/// A quantized entry must name a codes and a scales tensor of the unit with the dtypes and
+/// lengths its scheme, block size and shape imply.
+fn check_quantized(u: &UnitEntry, q: &QuantizedEntry) -> std::result::Result<(), String> {
+    let bad = |what: &str| {
+        Err(format!(
+            "quantized tensor {} of unit {}: {what}",
+            q.name, u.name
+        ))
+    };
+    if q.block_size != QUANT_BLOCK {
+        return bad(&format!(
+            "block size {} (this build reads {QUANT_BLOCK})",
+            q.block_size
+        ));
+    }
+    let Some(numel) = crate::dtype::numel(&q.shape).and_then(|n| usize::try_from(n).ok()) else {
+        return bad("shape overflows");
+    };
+    let want_codes = vec![q.scheme.codes_len(numel)];
+    let want_scales = vec![Compression::num_blocks(numel)];
+    match u.tensor(&q.codes) {
+        Some(t) if t.dtype == q.scheme.codes_dtype() && t.shape == want_codes => {}
+        Some(_) => {
+            return bad(&format!(
+                "codes tensor {} has the wrong dtype or shape",
+                q.codes
+            ))
+        }
+        None => return bad(&format!("codes tensor {} is missing", q.codes)),
+    }
+    match u.tensor(&q.scales) {
+        Some(t) if t.dtype == Dtype::F32 && t.shape == want_scales => {}
+        Some(_) => {
+            return bad(&format!(
+                "scales tensor {} has the wrong dtype or shape",
+                q.scales
+            ))
+        }
+        None => return bad(&format!("scales tensor {} is missing", q.scales)),
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,10 +321,7 @@ mod tests {
             architecture: "X".into(),
             source_fingerprint: "xxh3:0".into(),
             layout_digest: "xxh3:1".into(),
-            options: SplitSettings {
-                alignment: 4096,
-                compression: None,
-            },
+            options: SplitSettings::uncompressed(4096),
             tied_lm_head: true,
             original_deleted: false,
             units: vec![
@@ -243,6 +340,7 @@ mod tests {
                         offset: 0,
                         len: 4,
                     }],
+                    quantized: vec![],
                 },
                 UnitEntry {
                     name: "layer.000".into(),
@@ -253,6 +351,7 @@ mod tests {
                     data_offset: 4096,
                     data_len: 0,
                     tensors: vec![],
+                    quantized: vec![],
                 },
             ],
         }
@@ -278,6 +377,38 @@ mod tests {
         assert_eq!(back.unit(UnitKind::Embedding).unwrap().name, "embed");
         assert!(back.unit(UnitKind::LmHead).is_none());
         assert_eq!(back.layers().next().unwrap().kind, UnitKind::Layer(0));
+    }
+
+    #[test]
+    fn settings_serialize_as_labels_and_old_manifests_parse() {
+        let m = sample();
+        let text = String::from_utf8(m.to_json()).unwrap();
+        // Uncompressed settings are written exactly as before compression existed.
+        assert!(
+            text.contains(
+                "\"options\": {\n    \"alignment\": 4096,\n    \"compression\": null\n  },"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("quantized"), "{text}");
+        let mut q = sample();
+        q.options = SplitSettings {
+            alignment: 4096,
+            compression: Some(Compression::Nf4),
+            block_size: Some(QUANT_BLOCK),
+            compress_embeddings: true,
+        };
+        let text = String::from_utf8(q.to_json()).unwrap();
+        assert!(text.contains("\"compression\": \"4bit\""), "{text}");
+        assert!(text.contains("\"block_size\": 64"), "{text}");
+        assert!(text.contains("\"compress_embeddings\": true"), "{text}");
+        assert_eq!(Manifest::parse(Path::new("m"), text.as_bytes()).unwrap(), q);
+        // "nf4" / "int8" are accepted on input; unknown labels are not.
+        let alt = text.replace("\"4bit\"", "\"nf4\"");
+        assert_eq!(Manifest::parse(Path::new("m"), alt.as_bytes()).unwrap(), q);
+        let bad = text.replace("\"4bit\"", "\"2bit\"");
+        let e = Manifest::parse(Path::new("m"), bad.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("2bit"), "{e}");
     }
 
     #[test]

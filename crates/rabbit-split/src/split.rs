@@ -19,11 +19,12 @@ use crate::checkpoint::{
 };
 use crate::error::{Result, SplitError};
 use crate::fsutil::{self, remove_if_exists, write_atomic, DirLock};
-use crate::layout::{Layout, UnitSpec};
+use crate::layout::{Layout, UnitKind, UnitSpec};
 use crate::manifest::{
-    Manifest, SplitSettings, TensorEntry, UnitEntry, FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
-    PLAN_FILE,
+    Manifest, QuantizedEntry, SplitSettings, TensorEntry, UnitEntry, FORMAT_NAME, FORMAT_VERSION,
+    MANIFEST_FILE, PLAN_FILE,
 };
+use crate::quant::{self, Compression, QUANT_BLOCK};
 use crate::verify::verify_against;
 use crate::writer::{
     build_header, check_alignment, file_checksum, AlignedWriter, HeaderLayout, TensorHeader,
@@ -48,6 +49,11 @@ pub struct SplitOptions {
     pub delete_original: bool,
     /// Data-region alignment of every unit file (power of two, >= 8). Default 4096.
     pub alignment: u64,
+    /// Block-wise compression of the 2-D `.weight` matrices of layer units (see
+    /// docs/FORMAT.md). Default `None`: tensors are copied verbatim.
+    pub compression: Option<Compression>,
+    /// With `compression`, also compress the embedding and LM head matrices.
+    pub compress_embeddings: bool,
 }
 
 impl Default for SplitOptions {
@@ -56,6 +62,8 @@ impl Default for SplitOptions {
             out_dir: None,
             delete_original: false,
             alignment: DEFAULT_ALIGNMENT,
+            compression: None,
+            compress_embeddings: false,
         }
     }
 }
@@ -65,15 +73,35 @@ impl SplitOptions {
     pub fn settings(&self) -> SplitSettings {
         SplitSettings {
             alignment: self.alignment,
-            compression: None,
+            compression: self.compression,
+            block_size: self.compression.map(|_| QUANT_BLOCK),
+            compress_embeddings: self.compression.is_some() && self.compress_embeddings,
         }
     }
 
-    /// The split directory these options select for a checkpoint.
+    /// The split directory these options select for a checkpoint: `out_dir`, else
+    /// [`default_split_dir_for`] the checkpoint and compression.
     pub fn split_dir(&self, checkpoint_dir: &Path) -> PathBuf {
         self.out_dir
             .clone()
-            .unwrap_or_else(|| default_split_dir(checkpoint_dir))
+            .unwrap_or_else(|| default_split_dir_for(checkpoint_dir, self.compression))
+    }
+
+    /// The scheme a tensor of a unit of `kind` is stored with (`None`: copied verbatim): 2-D
+    /// float `.weight` tensors of layer units, and of the embedding / LM head units with
+    /// `compress_embeddings`.
+    pub fn compression_for(&self, kind: UnitKind, loc: &TensorLoc) -> Option<Compression> {
+        let scheme = self.compression?;
+        let unit_ok = match kind {
+            UnitKind::Layer(_) => true,
+            UnitKind::Embedding | UnitKind::LmHead => self.compress_embeddings,
+            UnitKind::FinalNorm => false,
+        };
+        (unit_ok
+            && loc.name.ends_with(".weight")
+            && loc.shape.len() == 2
+            && quant::is_quantizable_dtype(loc.dtype))
+        .then_some(scheme)
     }
 }
 
@@ -128,9 +156,18 @@ pub enum SplitOutcome {
     },
 }
 
-/// Where the split of a checkpoint goes by default: `<checkpoint>/rabbit-split`.
+/// Where the uncompressed split of a checkpoint goes by default: `<checkpoint>/rabbit-split`.
 pub fn default_split_dir(checkpoint_dir: &Path) -> PathBuf {
     checkpoint_dir.join(DEFAULT_SPLIT_DIR_NAME)
+}
+
+/// Where the split of a checkpoint with a given compression goes by default:
+/// `<checkpoint>/rabbit-split` (none), `rabbit-split-4bit` or `rabbit-split-8bit`.
+pub fn default_split_dir_for(checkpoint_dir: &Path, compression: Option<Compression>) -> PathBuf {
+    match compression {
+        None => default_split_dir(checkpoint_dir),
+        Some(c) => checkpoint_dir.join(format!("{DEFAULT_SPLIT_DIR_NAME}-{}", c.label())),
+    }
 }
 
 /// Contents of `split.plan.json`: identifies the split being written so a rerun knows whether
@@ -153,13 +190,33 @@ struct PlanUnit {
     header_digest: String,
 }
 
+/// Where the bytes of one output tensor come from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    /// Copied verbatim.
+    Copy,
+    /// The per-block `f32` scales of the source tensor.
+    Scales(Compression),
+    /// The codes of the source tensor.
+    Codes(Compression),
+}
+
+/// One tensor of a unit file.
+struct Piece<'a> {
+    loc: &'a TensorLoc,
+    source: Source,
+    out: TensorHeader,
+}
+
 /// One unit, resolved against the checkpoint.
 struct UnitPlan<'a> {
     spec: &'a UnitSpec,
     file: String,
     path: PathBuf,
-    /// Source tensors in file order.
-    locs: Vec<&'a TensorLoc>,
+    /// Output tensors in file order.
+    pieces: Vec<Piece<'a>>,
+    /// Source tensors stored quantized, in layout order.
+    quantized: Vec<QuantizedEntry>,
     header: HeaderLayout,
 }
 
@@ -184,19 +241,57 @@ fn plan_units<'a>(
         }
         locs.extend(spec.optional.iter().filter_map(|n| ckpt.tensor(n)));
         claimed.extend(locs.iter().map(|l| l.name.as_str()));
+        let mut pieces = Vec::with_capacity(locs.len());
+        let mut quantized = Vec::new();
+        for loc in locs {
+            let Some(scheme) = opts.compression_for(spec.kind, loc) else {
+                pieces.push(Piece {
+                    loc,
+                    source: Source::Copy,
+                    out: TensorHeader {
+                        name: loc.name.clone(),
+                        dtype: loc.dtype,
+                        shape: loc.shape.clone(),
+                    },
+                });
+                continue;
+            };
+            let numel = loc.shape.iter().product::<usize>();
+            let q = QuantizedEntry {
+                name: loc.name.clone(),
+                scheme,
+                block_size: QUANT_BLOCK,
+                shape: loc.shape.clone(),
+                dtype: loc.dtype,
+                codes: format!("{}.q", loc.name),
+                scales: format!("{}.scale", loc.name),
+            };
+            pieces.push(Piece {
+                loc,
+                source: Source::Scales(scheme),
+                out: TensorHeader {
+                    name: q.scales.clone(),
+                    dtype: crate::dtype::Dtype::F32,
+                    shape: vec![Compression::num_blocks(numel)],
+                },
+            });
+            pieces.push(Piece {
+                loc,
+                source: Source::Codes(scheme),
+                out: TensorHeader {
+                    name: q.codes.clone(),
+                    dtype: scheme.codes_dtype(),
+                    shape: vec![scheme.codes_len(numel)],
+                },
+            });
+            quantized.push(q);
+        }
         // Widest elements first: every size is a multiple of the element size, so each tensor
         // starts naturally aligned. Stable sort keeps the layout's order among equals.
-        locs.sort_by_key(|l| std::cmp::Reverse(l.dtype.size_bytes()));
+        pieces.sort_by_key(|p| std::cmp::Reverse(p.out.dtype.size_bytes()));
         let file = format!("{}.safetensors", spec.name);
         let path = out.join(&file);
-        let tensors: Vec<TensorHeader> = locs
-            .iter()
-            .map(|l| TensorHeader {
-                name: l.name.clone(),
-                dtype: l.dtype,
-                shape: l.shape.clone(),
-            })
-            .collect();
+        let tensors: Vec<TensorHeader> = pieces.iter().map(|p| p.out.clone()).collect();
         let mut md = BTreeMap::new();
         md.insert("format".to_string(), FORMAT_NAME.to_string());
         md.insert("format_version".to_string(), FORMAT_VERSION.to_string());
@@ -207,7 +302,8 @@ fn plan_units<'a>(
             spec,
             file,
             path,
-            locs,
+            pieces,
+            quantized,
             header,
         });
     }
@@ -253,19 +349,79 @@ fn write_unit(
     buf: &mut Vec<u8>,
 ) -> Result<crate::writer::WrittenFile> {
     let mut w = AlignedWriter::with_layout(&up.path, up.header.clone())?;
-    for loc in &up.locs {
-        let mut done = 0u64;
-        while done < loc.len {
-            let n = (loc.len - done).min(COPY_CHUNK as u64) as usize;
-            if buf.len() < n {
-                buf.resize(n, 0);
+    let mut qbuf = QuantBuffers::default();
+    for p in &up.pieces {
+        let loc = p.loc;
+        match p.source {
+            Source::Copy => {
+                let mut done = 0u64;
+                while done < loc.len {
+                    let n = (loc.len - done).min(COPY_CHUNK as u64) as usize;
+                    if buf.len() < n {
+                        buf.resize(n, 0);
+                    }
+                    ckpt.read_range(loc, done, &mut buf[..n])?;
+                    w.write_data(&buf[..n])?;
+                    done += n as u64;
+                }
             }
-            ckpt.read_range(loc, done, &mut buf[..n])?;
-            w.write_data(&buf[..n])?;
-            done += n as u64;
+            Source::Scales(scheme) => write_quantized(ckpt, loc, scheme, false, &mut w, &mut qbuf)?,
+            Source::Codes(scheme) => write_quantized(ckpt, loc, scheme, true, &mut w, &mut qbuf)?,
         }
     }
     w.finish()
+}
+
+/// Elements of a source tensor quantized per step (a multiple of [`QUANT_BLOCK`]).
+const QUANT_CHUNK_ELEMS: usize = 1 << 20;
+
+/// Buffers reused across the quantized tensors of a unit.
+#[derive(Default)]
+struct QuantBuffers {
+    raw: Vec<u8>,
+    values: Vec<f32>,
+    codes: Vec<u8>,
+    scales: Vec<f32>,
+}
+
+/// Streams one quantized tensor's scales (`codes == false`) or codes into `w`, reading and
+/// converting the source in block-aligned chunks of [`QUANT_CHUNK_ELEMS`] elements. Scales and
+/// codes are computed by the same function on the same chunks, so the two passes agree.
+fn write_quantized(
+    ckpt: &Checkpoint,
+    loc: &TensorLoc,
+    scheme: Compression,
+    codes: bool,
+    w: &mut AlignedWriter,
+    b: &mut QuantBuffers,
+) -> Result<()> {
+    let elem = loc.dtype.size_bytes() as u64;
+    let numel = loc.len / elem;
+    let mut done = 0u64;
+    while done < numel {
+        let n = (numel - done).min(QUANT_CHUNK_ELEMS as u64) as usize;
+        let bytes = n * elem as usize;
+        if b.raw.len() < bytes {
+            b.raw.resize(bytes, 0);
+        }
+        ckpt.read_range(loc, done * elem, &mut b.raw[..bytes])?;
+        b.values.clear();
+        let ok = quant::to_f32(loc.dtype, &b.raw[..bytes], &mut b.values);
+        debug_assert!(ok, "only float dtypes are planned for quantization");
+        b.codes.clear();
+        b.scales.clear();
+        if codes {
+            quant::quantize_append(scheme, &b.values, &mut b.codes, &mut b.scales);
+            w.write_data(&b.codes)?;
+        } else {
+            quant::block_scales(scheme, &b.values, &mut b.scales);
+            b.codes
+                .extend(b.scales.iter().flat_map(|s| s.to_le_bytes()));
+            w.write_data(&b.codes)?;
+        }
+        done += n as u64;
+    }
+    Ok(())
 }
 
 /// When the split goes into the checkpoint directory itself, no file of the split may have the
@@ -552,17 +708,18 @@ pub fn split(
             data_offset: u.header.data_offset,
             data_len: u.header.data_len,
             tensors: u
-                .locs
+                .pieces
                 .iter()
                 .zip(&u.header.offsets)
-                .map(|(l, &(s, e))| TensorEntry {
-                    name: l.name.clone(),
-                    dtype: l.dtype,
-                    shape: l.shape.clone(),
+                .map(|(p, &(s, e))| TensorEntry {
+                    name: p.out.name.clone(),
+                    dtype: p.out.dtype,
+                    shape: p.out.shape.clone(),
                     offset: s,
                     len: e - s,
                 })
                 .collect(),
+            quantized: u.quantized.clone(),
         });
     }
     drop(buf);

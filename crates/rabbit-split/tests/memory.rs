@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use common::*;
-use rabbit_split::{Dtype, Manifest, COPY_CHUNK};
+use rabbit_split::{Compression, Dtype, Manifest, SplitOptions, COPY_CHUNK};
 use serde::{Deserialize, Serialize};
 
 const CHILD_ENV: &str = "RABBIT_SPLIT_MEMORY_CHILD";
@@ -21,6 +21,8 @@ struct ChildCfg {
     out: PathBuf,
     spec: Spec,
     result: PathBuf,
+    #[serde(default)]
+    compression: Option<Compression>,
 }
 
 fn vm_hwm_bytes() -> u64 {
@@ -39,7 +41,11 @@ fn memory_child() {
     };
     let cfg: ChildCfg = serde_json::from_str(&cfg).unwrap();
     let l = layout(&cfg.spec);
-    let opts = opts_to(&cfg.out);
+    let opts = SplitOptions {
+        compression: cfg.compression,
+        compress_embeddings: cfg.compression.is_some(),
+        ..opts_to(&cfg.out)
+    };
     // Reset the high-water mark to the current RSS (Linux >= 4.0); if that is not allowed the
     // baseline is the startup peak, which only makes the check stricter.
     let _ = fs::write("/proc/self/clear_refs", "5");
@@ -52,6 +58,10 @@ fn memory_child() {
 /// Splits `spec` in a child process and returns (peak RSS growth, largest unit file size,
 /// checkpoint weight bytes).
 fn measure(spec: Spec) -> (u64, u64, u64) {
+    measure_with(spec, None)
+}
+
+fn measure_with(spec: Spec, compression: Option<Compression>) -> (u64, u64, u64) {
     let tmp = tempfile::tempdir().unwrap();
     let ckpt = tmp.path().join("model");
     write_checkpoint(&ckpt, &spec);
@@ -60,6 +70,7 @@ fn measure(spec: Spec) -> (u64, u64, u64) {
         out: tmp.path().join("out"),
         result: tmp.path().join("result"),
         spec: spec.clone(),
+        compression,
     };
     let status = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -119,6 +130,29 @@ fn one_huge_tensor_is_copied_in_bounded_chunks() {
     let bound = COPY_CHUNK as u64 + 8 * MIB;
     eprintln!("peak growth {growth} B, largest unit {largest} B");
     assert!(largest > 2 * bound, "fixture too small to prove anything");
+    assert!(
+        growth < bound,
+        "peak RSS grew by {growth} bytes, bound {bound}"
+    );
+}
+
+#[test]
+fn compressed_split_memory_is_bounded_by_one_layer_too() {
+    // As above, quantizing every matrix (embedding included) to NF4: memory stays near one
+    // (compressed) layer plus the quantizer's bounded chunk buffers.
+    let spec = Spec {
+        layers: 24,
+        hidden: 256,
+        kv: 64,
+        inter: 1024,
+        vocab: 512,
+        dtype: Dtype::BF16,
+        ..Spec::tiny()
+    };
+    let (growth, largest, total) = measure_with(spec, Some(Compression::Nf4));
+    let bound = 2 * largest + 8 * MIB;
+    eprintln!("nf4: peak growth {growth} B, largest unit {largest} B, checkpoint {total} B");
+    assert!(total > 3 * bound, "fixture too small to prove anything");
     assert!(
         growth < bound,
         "peak RSS grew by {growth} bytes, bound {bound}"
