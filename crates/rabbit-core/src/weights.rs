@@ -88,7 +88,10 @@ fn dequantize_cpu(
         Compression::Nf4 => block / 2,
         Compression::Int8 => block,
     };
-    if codes.numel() != blocks * codes_per_block || numel > blocks * block || !block.is_multiple_of(2) {
+    if codes.numel() != blocks * codes_per_block
+        || numel > blocks * block
+        || !block.is_multiple_of(2)
+    {
         return Err(CoreError::InvalidInput(format!(
             "quantized tensor `{}`: {} codes and {blocks} scales do not make {numel} values in blocks of {block}",
             q.name,
