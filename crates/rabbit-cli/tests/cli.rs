@@ -787,17 +787,39 @@ fn chat_repl_commands_and_ctrl_c() {
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "Tell me a long story").unwrap();
     stdin.flush().unwrap();
-    // Let the answer run (up to the 2048-token context: seconds), then Ctrl-C it.
-    std::thread::sleep(std::time::Duration::from_millis(1500));
+    // Wait until the answer is streaming (its first bytes on stdout), then Ctrl-C it: the
+    // answer (up to the 2048-token context) takes seconds, so the signal lands mid-answer.
+    let mut out = child.stdout.take().unwrap();
+    let (first_tx, first_rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::Read as _;
+        let mut all = Vec::new();
+        let mut buf = [0u8; 256];
+        let mut told = false;
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if !told {
+                let _ = first_tx.send(());
+                told = true;
+            }
+        }
+        all
+    });
+    first_rx
+        .recv_timeout(std::time::Duration::from_secs(120))
+        .expect("the answer starts streaming");
     // SAFETY: plain kill(2) on our child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    std::thread::sleep(std::time::Duration::from_millis(300));
     writeln!(stdin, "/system You are terse.").unwrap();
     writeln!(stdin, "/bogus").unwrap();
     writeln!(stdin, "/reset").unwrap();
     writeln!(stdin, "/exit").unwrap();
     drop(stdin);
     let o = child.wait_with_output().unwrap();
+    let answer = reader.join().unwrap();
     let err = stderr(&o);
     assert!(
         o.status.success(),
@@ -812,7 +834,7 @@ fn chat_repl_commands_and_ctrl_c() {
     assert!(err.contains("unknown command `/bogus`"), "{err}");
     assert!(err.contains("conversation reset"), "{err}");
     assert!(
-        !String::from_utf8_lossy(&o.stdout).trim().is_empty(),
+        !String::from_utf8_lossy(&answer).trim().is_empty(),
         "the answer was printed"
     );
 }
