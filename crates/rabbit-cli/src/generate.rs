@@ -124,16 +124,20 @@ impl ModelArgs {
                         pb.finish_and_clear();
                     }
                     eprintln!(
-                        "plan: {} layers resident ({}), {} streamed ({} per sweep); budget {}{}",
+                        "plan: {} layers resident ({}), {} streamed ({} per sweep); {}",
                         p.resident_layers.len(),
                         human_bytes(p.resident_layer_bytes),
                         p.streamed_layers.len(),
                         human_bytes(p.streamed_bytes_per_sweep),
-                        human_bytes(p.device_budget),
                         if p.budget_derived {
-                            " (half of free memory)"
+                            format!(
+                                "budget {} (half of free memory)",
+                                human_bytes(p.device_budget)
+                            )
+                        } else if p.device_budget == 0 {
+                            "set by --resident-layers".to_string()
                         } else {
-                            ""
+                            format!("budget {}", human_bytes(p.device_budget))
                         }
                     );
                 }
