@@ -267,6 +267,21 @@ fn generate_fixture(extra: &[&str], split: &Path) -> Output {
         .args(extra))
 }
 
+fn generate_one_token(model: &Path) -> Output {
+    run(rabbit()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+            "--input-ids",
+            "1",
+            "--model",
+        ])
+        .arg(model))
+}
+
 #[test]
 fn bad_inputs_fail_clearly() {
     let tmp = tempfile::tempdir().unwrap();
@@ -344,18 +359,7 @@ fn bad_inputs_fail_clearly() {
             cfg.replace("Qwen2ForCausalLM", arch),
         )
         .unwrap();
-        let o = run(rabbit()
-            .args([
-                "generate",
-                "--device",
-                "cpu",
-                "--max-new-tokens",
-                "1",
-                "--input-ids",
-                "1",
-                "--model",
-            ])
-            .arg(&dir));
+        let o = generate_one_token(&dir);
         assert_clean_failure(&o, needle);
         assert!(stderr(&o).contains(arch));
     }
@@ -366,18 +370,7 @@ fn bad_inputs_fail_clearly() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     cfg["quantization_config"] = serde_json::json!({"quant_method": "gptq"});
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let o = run(rabbit()
-        .args([
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "1",
-            "--input-ids",
-            "1",
-            "--model",
-        ])
-        .arg(&dir));
+    let o = generate_one_token(&dir);
     assert_clean_failure(&o, "quantization_config");
 }
 

@@ -54,9 +54,6 @@ pub enum CoreError {
     /// The background reader thread died.
     #[error("layer reader stopped: {0}")]
     Reader(String),
-    /// Generation was cancelled by the caller.
-    #[error("cancelled")]
-    Cancelled,
 }
 
 impl CoreError {

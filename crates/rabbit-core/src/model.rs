@@ -280,11 +280,6 @@ impl Model {
         self.require_codec()?.encode(text, false)
     }
 
-    /// Text whose special-token markup is meant (a rendered chat template) → ids.
-    pub fn encode_markup(&self, text: &str) -> Result<Vec<u32>> {
-        self.require_codec()?.encode(text, true)
-    }
-
     /// Renders `messages` with the model's chat template and encodes the result: the template's
     /// markup becomes control tokens, special-token strings typed in the messages stay text.
     pub fn encode_chat(

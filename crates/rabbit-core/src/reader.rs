@@ -78,10 +78,10 @@ pub struct LayerReader {
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     cycle_len: usize,
-    next_slot: usize,
+    /// Each unit's file and data range, for dropping its pages from the page cache.
+    regions: Vec<(Arc<File>, u64, u64)>,
     /// When set, each unit's pages are dropped from the page cache once it has been used, so
     /// every sweep reads from the disk (benchmarks of models larger than RAM).
-    evict: Option<Vec<(Arc<File>, u64, u64)>>,
     evicting: bool,
 }
 
@@ -114,7 +114,7 @@ impl LayerReader {
                 len,
             });
         }
-        let evict_list: Vec<(Arc<File>, u64, u64)> = sources
+        let regions: Vec<(Arc<File>, u64, u64)> = sources
             .iter()
             .map(|s| (s.file.clone(), s.offset, s.len as u64))
             .collect();
@@ -139,21 +139,12 @@ impl LayerReader {
             stop,
             handle: Some(handle),
             cycle_len: units.len(),
-            next_slot: 0,
-            evict: None,
+            regions,
             evicting: false,
-        }
-        .with_evict_list(evict_list))
+        })
     }
 
-    fn with_evict_list(mut self, list: Vec<(Arc<File>, u64, u64)>) -> Self {
-        self.evict = Some(list);
-        self.set_evict(false);
-        self
-    }
-
-    /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evict` field). The
-    /// file handles stay either way.
+    /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evicting` field).
     pub fn set_evict(&mut self, on: bool) {
         self.evicting = on;
     }
@@ -173,17 +164,11 @@ impl LayerReader {
                 .rx
                 .recv()
                 .map_err(|_| CoreError::Reader("reader thread exited".into()))??;
-            self.next_slot = (unit.slot + 1) % self.cycle_len;
             if unit.slot == slot {
                 return Ok((unit, start.elapsed()));
             }
             self.recycle(unit.slot, unit.bytes);
         }
-    }
-
-    /// The slot the reader will hand out next.
-    pub fn expected_slot(&self) -> usize {
-        self.next_slot
     }
 
     /// Returns a unit's bytes once its tensors are gone: buffers go back to the reader, maps
@@ -197,7 +182,7 @@ impl LayerReader {
             drop(bytes);
         }
         if self.evicting {
-            if let Some((file, offset, len)) = self.evict.as_ref().and_then(|l| l.get(slot)) {
+            if let Some((file, offset, len)) = self.regions.get(slot) {
                 use std::os::fd::AsRawFd;
                 // SAFETY: plain syscall on an open descriptor; advisory, failure is harmless.
                 unsafe {
