@@ -1,14 +1,15 @@
 //! criterion benches of the streaming pipeline's pieces on a synthetic model made at start-up
 //! (qwen2.5-0.5b widths, 4 layers, bf16): reading a layer file (mmap view, and pread copy),
-//! staging its bytes into tensors, one decoder layer's compute, and a whole decode step streamed
+//! staging its bytes into tensors, dequantizing a 4bit/8bit layer, one decoder layer's compute, and a whole decode step streamed
 //! vs resident. `cargo bench --bench pipeline` (after `source scripts/env.sh`).
 
 use std::path::Path;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use rabbitllm::core::reader::{measure_read, ReadMode};
-use rabbitllm::core::weights::UnitTensors;
+use rabbitllm::core::weights::{DequantBuffers, UnitTensors};
 use rabbitllm::models::synth::{synthesize, SynthOptions, SynthOverrides};
+use rabbitllm::split::Compression;
 use rabbitllm::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model};
 
 fn model(dir: &Path, resident: usize) -> Model {
@@ -62,6 +63,46 @@ fn benches(c: &mut Criterion) {
             UnitTensors::from_region(layer, region, tch::Device::Cpu, tch::Kind::Float).unwrap()
         })
     });
+    g.finish();
+
+    // Dequantizing one compressed layer (the CPU-side cost a compressed split adds per layer).
+    let mut g = c.benchmark_group("dequantize_layer");
+    for compression in [Compression::Nf4, Compression::Int8] {
+        let m = AutoModel::from_pretrained(
+            dir.to_str().unwrap(),
+            LoadOptions::default()
+                .device(DeviceSpec::Cpu)
+                .dtype(DType::BF16)
+                .resident_layers(0)
+                .compression(Some(compression)),
+        )
+        .expect("compressed split");
+        let unit = m.engine.layer_units()[0].clone();
+        let bytes = std::fs::read(m.engine.split_dir().join(&unit.file)).unwrap();
+        let region =
+            bytes[unit.data_offset as usize..(unit.data_offset + unit.data_len) as usize].to_vec();
+        let values: u64 = unit
+            .quantized
+            .iter()
+            .map(|q| q.shape.iter().product::<usize>() as u64)
+            .sum();
+        g.throughput(criterion::Throughput::Elements(values));
+        // As the engine does it: into reused buffers, handed back after each layer.
+        let mut buffers = DequantBuffers::default();
+        g.bench_function(format!("{}_to_bf16", compression.label()), |b| {
+            b.iter(|| {
+                let u = UnitTensors::from_region_into(
+                    &unit,
+                    &region,
+                    tch::Device::Cpu,
+                    tch::Kind::BFloat16,
+                    Some(&mut buffers),
+                )
+                .unwrap();
+                buffers.reclaim(u.into_tensors());
+            })
+        });
+    }
     g.finish();
 
     let req = GenerateRequest {

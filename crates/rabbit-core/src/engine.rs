@@ -19,7 +19,7 @@ use crate::kv::KvCache;
 use crate::plan::{make_plan, MemoryBudget, Plan, PlanInputs};
 use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
-use crate::weights::{kind_of, validate_split, LayerWeights, UnitTensors};
+use crate::weights::{kind_of, validate_split, DequantBuffers, LayerWeights, UnitTensors};
 
 /// How to run a split model.
 #[derive(Debug, Clone)]
@@ -146,6 +146,8 @@ pub struct Engine {
     /// Per layer: its slot in the reader's cycle when streamed.
     stream_slot: Vec<Option<usize>>,
     reader: Option<LayerReader>,
+    /// Where streamed compressed layers are dequantized on the CPU (reused every layer).
+    dequant_buffers: DequantBuffers,
     plan: Plan,
     rope: RopeTables,
     window: Option<usize>,
@@ -309,6 +311,7 @@ impl Engine {
             resident,
             stream_slot,
             reader,
+            dequant_buffers: DequantBuffers::default(),
             plan,
             rope,
             window,
@@ -493,11 +496,12 @@ impl Engine {
             lp.bytes += n;
             let result = (|| {
                 let stage = Instant::now();
-                let tensors = UnitTensors::from_region(
+                let tensors = UnitTensors::from_region_into(
                     &self.layers[i],
                     unit.bytes.as_slice(),
                     self.device,
                     self.kind,
+                    Some(&mut self.dequant_buffers),
                 )?;
                 let dequant = tensors.dequant_s;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
@@ -511,6 +515,8 @@ impl Engine {
                 let dt = compute.elapsed().as_secs_f64();
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
+                // The layer is computed: nothing references its weights any more.
+                self.dequant_buffers.reclaim(w.into_tensors());
                 out
             })();
             // The weights (which may alias the bytes) are gone; the bytes can be recycled.

@@ -74,12 +74,14 @@ pub fn dequantize(
 /// CPU dequantization written directly into the output tensor's memory, on all cores: libtorch
 /// ops would materialise int64 indices and f32 temporaries several times the layer's size, which
 /// is slower than reading the uncompressed layer. Per block, the 16 (NF4) scaled values are
-/// computed once in the output dtype, then every byte is two table lookups.
+/// computed once in the output dtype, then every byte is two table lookups; int8 is one multiply
+/// and one rounding per value. The loops are written on typed slices so they vectorize.
 fn dequantize_cpu(
     q: &QuantizedEntry,
     codes: &Tensor,
     scales: &Tensor,
     kind: Kind,
+    buffers: Option<&mut DequantBuffers>,
 ) -> Result<Tensor> {
     let numel: usize = q.shape.iter().product();
     let block = q.block_size;
@@ -91,6 +93,7 @@ fn dequantize_cpu(
     if codes.numel() != blocks * codes_per_block
         || numel > blocks * block
         || !block.is_multiple_of(2)
+        || block == 0
     {
         return Err(CoreError::InvalidInput(format!(
             "quantized tensor `{}`: {} codes and {blocks} scales do not make {numel} values in blocks of {block}",
@@ -98,15 +101,11 @@ fn dequantize_cpu(
             codes.numel()
         )));
     }
-    let elem = match kind {
-        Kind::Float => 4,
-        Kind::BFloat16 | Kind::Half => 2,
-        other => {
-            return Err(CoreError::InvalidInput(format!(
-                "cannot dequantize into {other:?}"
-            )))
-        }
-    };
+    if !matches!(kind, Kind::Float | Kind::BFloat16 | Kind::Half) {
+        return Err(CoreError::InvalidInput(format!(
+            "cannot dequantize into {kind:?}"
+        )));
+    }
     let codes = codes.f_contiguous()?;
     let scales = scales.f_contiguous()?.f_to_kind(Kind::Float)?;
     // SAFETY: contiguous CPU tensors of the checked element counts (U8/I8 codes, F32 scales),
@@ -115,66 +114,271 @@ fn dequantize_cpu(
         unsafe { std::slice::from_raw_parts(codes.data_ptr() as *const u8, codes.numel()) };
     let scale_vals = unsafe { std::slice::from_raw_parts(scales.data_ptr() as *const f32, blocks) };
     let shape: Vec<i64> = q.shape.iter().map(|&d| d as i64).collect();
-    let out = Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))?;
-    // SAFETY: fresh contiguous tensor of `numel` elements of `elem` bytes, written only here.
-    let dst = unsafe { std::slice::from_raw_parts_mut(out.data_ptr() as *mut u8, numel * elem) };
-    let to_bits = move |v: f32| -> u32 {
+    let out = match buffers {
+        Some(b) => b.take(&shape, kind)?,
+        None => Tensor::f_empty(shape.as_slice(), (kind, Device::Cpu))?,
+    };
+    let src = Quantized {
+        scheme: q.scheme,
+        block,
+        codes: code_bytes,
+        scales: scale_vals,
+    };
+    // SAFETY: a contiguous tensor of `numel` elements of the matching width that nothing else
+    // references (fresh, or returned to the pool after its layer was computed), written only here.
+    unsafe {
         match kind {
-            Kind::Float => v.to_bits(),
-            Kind::BFloat16 => {
-                let b = v.to_bits();
-                (b + 0x7fff + ((b >> 16) & 1)) >> 16
-            }
-            _ => half::f16::from_f32(v).to_bits() as u32,
+            Kind::Float => src.fill_parallel(std::slice::from_raw_parts_mut(
+                out.data_ptr() as *mut f32,
+                numel,
+            )),
+            Kind::BFloat16 => src.fill_parallel(std::slice::from_raw_parts_mut(
+                out.data_ptr() as *mut Bf16Bits,
+                numel,
+            )),
+            _ => src.fill_parallel(std::slice::from_raw_parts_mut(
+                out.data_ptr() as *mut half::f16,
+                numel,
+            )),
         }
-    };
-    let scheme = q.scheme;
-    let fill = move |first_block: usize, dst: &mut [u8]| {
-        let mut table = [0u32; 16];
-        let n_blocks = dst.len().div_ceil(block * elem);
-        for b in 0..n_blocks {
-            let gb = first_block + b;
-            let s = scale_vals[gb];
-            let end = ((b + 1) * block * elem).min(dst.len());
-            let out_block = &mut dst[b * block * elem..end];
-            let values = out_block.len() / elem;
-            let src = &code_bytes[gb * codes_per_block..(gb + 1) * codes_per_block];
-            let mut put = |i: usize, bits: u32| {
-                out_block[i * elem..(i + 1) * elem].copy_from_slice(&bits.to_le_bytes()[..elem]);
-            };
-            match scheme {
-                Compression::Nf4 => {
-                    for (k, c) in NF4_CODEBOOK.iter().enumerate() {
-                        table[k] = to_bits(c * s);
-                    }
-                    for (j, byte) in src.iter().enumerate() {
-                        if 2 * j < values {
-                            put(2 * j, table[(byte & 0x0f) as usize]);
-                        }
-                        if 2 * j + 1 < values {
-                            put(2 * j + 1, table[(byte >> 4) as usize]);
-                        }
-                    }
-                }
-                Compression::Int8 => {
-                    for (j, byte) in src.iter().take(values).enumerate() {
-                        put(j, to_bits(*byte as i8 as f32 * s));
-                    }
-                }
-            }
-        }
-    };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(8);
-    let chunk_blocks = blocks.div_ceil(threads).max(1);
-    std::thread::scope(|scope| {
-        for (t, part) in dst.chunks_mut(chunk_blocks * block * elem).enumerate() {
-            let fill = &fill;
-            scope.spawn(move || fill(t * chunk_blocks, part));
-        }
-    });
+    }
     Ok(out)
+}
+
+/// Reusable output tensors for CPU dequantization. Every streamed layer dequantizes into tensors
+/// of the same few shapes; fresh allocations that large are mmapped by the allocator and
+/// page-faulted in again on every layer, which costs as much as the dequantization itself. The
+/// engine lends buffers out while a layer is staged and takes them back once its compute is done.
+#[derive(Default)]
+pub struct DequantBuffers {
+    free: Vec<Tensor>,
+    /// Data pointers of the buffers lent out (only those are taken back).
+    lent: Vec<usize>,
+}
+
+impl DequantBuffers {
+    /// A buffer of `shape`/`kind` (reused when one is free), counted as lent.
+    fn take(&mut self, shape: &[i64], kind: Kind) -> Result<Tensor> {
+        let t = match self
+            .free
+            .iter()
+            .position(|t| t.kind() == kind && t.size() == shape)
+        {
+            Some(i) => self.free.swap_remove(i),
+            None => Tensor::f_empty(shape, (kind, Device::Cpu))?,
+        };
+        self.lent.push(t.data_ptr() as usize);
+        Ok(t)
+    }
+
+    /// Takes back the buffers among `tensors` (a computed layer's weights, dropped by the caller
+    /// otherwise); the rest (views of the layer's bytes) are simply dropped.
+    pub fn reclaim(&mut self, tensors: impl IntoIterator<Item = Tensor>) {
+        for t in tensors {
+            let ptr = t.data_ptr() as usize;
+            if let Some(i) = self.lent.iter().position(|&p| p == ptr) {
+                self.lent.swap_remove(i);
+                self.free.push(t);
+            }
+        }
+    }
+
+    /// Bytes held by free buffers.
+    pub fn free_bytes(&self) -> u64 {
+        self.free
+            .iter()
+            .map(|t| (t.numel() * t.kind().elt_size_in_bytes()) as u64)
+            .sum()
+    }
+}
+
+/// An output element of CPU dequantization.
+trait OutElem: Copy + Default + Send + Sync {
+    fn from_f32(v: f32) -> Self;
+
+    /// Fills the leading full NF4 blocks of `out` with a vectorized kernel where this type has
+    /// one; returns how many blocks it filled (the rest take the portable loop).
+    fn nf4_fast(_codes: &[u8], _scales: &[f32], _block: usize, _out: &mut [Self]) -> usize {
+        0
+    }
+}
+
+impl OutElem for f32 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+}
+
+/// bf16 as its bits, rounded to nearest even (the values are finite: codes times a finite
+/// scale), written branch-free so the int8 loop vectorizes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+struct Bf16Bits(u16);
+
+impl OutElem for Bf16Bits {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        let b = v.to_bits();
+        Bf16Bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+    }
+
+    fn nf4_fast(codes: &[u8], scales: &[f32], block: usize, out: &mut [Self]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if block.is_multiple_of(32)
+            && std::arch::is_x86_feature_detected!("ssse3")
+            && std::arch::is_x86_feature_detected!("sse4.1")
+        {
+            let blocks = (out.len() / block)
+                .min(scales.len())
+                .min(codes.len() / (block / 2));
+            // SAFETY: the features were detected; `blocks` full blocks of codes, scales and
+            // output exist (checked just above).
+            unsafe { nf4_bf16_sse(codes, scales, block, blocks, out.as_mut_ptr() as *mut u16) };
+            return blocks;
+        }
+        let _ = (codes, scales, block, out);
+        0
+    }
+}
+
+/// NF4 → bf16 for `blocks` full blocks, 16 code bytes (32 values) per step: the block's 16
+/// scaled codebook values are rounded to bf16 once and split into a low-byte and a high-byte
+/// table, so each lookup is one `pshufb`; the results are interleaved back into bf16 words in
+/// the stored order (low nibble first). Rounds exactly like [`Bf16Bits::from_f32`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "ssse3,sse4.1")]
+unsafe fn nf4_bf16_sse(codes: &[u8], scales: &[f32], block: usize, blocks: usize, out: *mut u16) {
+    use std::arch::x86_64::*;
+    let cpb = block / 2;
+    let book = [
+        _mm_loadu_ps(NF4_CODEBOOK.as_ptr()),
+        _mm_loadu_ps(NF4_CODEBOOK.as_ptr().add(4)),
+        _mm_loadu_ps(NF4_CODEBOOK.as_ptr().add(8)),
+        _mm_loadu_ps(NF4_CODEBOOK.as_ptr().add(12)),
+    ];
+    let nibble = _mm_set1_epi8(0x0f);
+    let one = _mm_set1_epi32(1);
+    let half = _mm_set1_epi32(0x7fff);
+    // Even bytes (low halves of 8 words) to the low 8 lanes, odd bytes to the high 8.
+    let split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    for b in 0..blocks {
+        let s = _mm_set1_ps(*scales.get_unchecked(b));
+        let mut bits = [_mm_setzero_si128(); 4];
+        for (k, word) in bits.iter_mut().enumerate() {
+            let i = _mm_castps_si128(_mm_mul_ps(book[k], s));
+            let lsb = _mm_and_si128(_mm_srli_epi32(i, 16), one);
+            *word = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(i, half), lsb), 16);
+        }
+        let a = _mm_shuffle_epi8(_mm_packus_epi32(bits[0], bits[1]), split);
+        let c = _mm_shuffle_epi8(_mm_packus_epi32(bits[2], bits[3]), split);
+        let tab_lo = _mm_unpacklo_epi64(a, c);
+        let tab_hi = _mm_unpackhi_epi64(a, c);
+        let src = codes.as_ptr().add(b * cpb);
+        let dst = out.add(b * block);
+        for j in (0..cpb).step_by(16) {
+            let x = _mm_loadu_si128(src.add(j) as *const __m128i);
+            let lo = _mm_and_si128(x, nibble);
+            let hi = _mm_and_si128(_mm_srli_epi16(x, 4), nibble);
+            let (llo, hlo) = (_mm_shuffle_epi8(tab_lo, lo), _mm_shuffle_epi8(tab_hi, lo));
+            let (lhi, hhi) = (_mm_shuffle_epi8(tab_lo, hi), _mm_shuffle_epi8(tab_hi, hi));
+            let first = _mm_unpacklo_epi8(llo, hlo); // table[lo] of bytes 0..8
+            let second = _mm_unpackhi_epi8(llo, hlo); // bytes 8..16
+            let first_hi = _mm_unpacklo_epi8(lhi, hhi); // table[hi] of bytes 0..8
+            let second_hi = _mm_unpackhi_epi8(lhi, hhi);
+            let o = dst.add(2 * j) as *mut __m128i;
+            _mm_storeu_si128(o, _mm_unpacklo_epi16(first, first_hi));
+            _mm_storeu_si128(o.add(1), _mm_unpackhi_epi16(first, first_hi));
+            _mm_storeu_si128(o.add(2), _mm_unpacklo_epi16(second, second_hi));
+            _mm_storeu_si128(o.add(3), _mm_unpackhi_epi16(second, second_hi));
+        }
+    }
+}
+
+impl OutElem for half::f16 {
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        half::f16::from_f32(v)
+    }
+}
+
+/// The stored form of one quantized tensor, borrowed.
+struct Quantized<'a> {
+    scheme: Compression,
+    block: usize,
+    codes: &'a [u8],
+    scales: &'a [f32],
+}
+
+impl Quantized<'_> {
+    fn codes_per_block(&self) -> usize {
+        match self.scheme {
+            Compression::Nf4 => self.block / 2,
+            Compression::Int8 => self.block,
+        }
+    }
+
+    /// Fills `out` (the first `out.len()` values) on up to 8 threads, split on block boundaries.
+    fn fill_parallel<T: OutElem>(&self, out: &mut [T]) {
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(8);
+        let blocks = out.len().div_ceil(self.block);
+        let chunk_blocks = blocks.div_ceil(threads).max(1);
+        let cpb = self.codes_per_block();
+        if threads == 1 || blocks < 2 * threads {
+            return self.fill(out);
+        }
+        std::thread::scope(|scope| {
+            for (t, part) in out.chunks_mut(chunk_blocks * self.block).enumerate() {
+                let first = t * chunk_blocks;
+                let sub = Quantized {
+                    scheme: self.scheme,
+                    block: self.block,
+                    codes: &self.codes[first * cpb..],
+                    scales: &self.scales[first..],
+                };
+                scope.spawn(move || sub.fill(part));
+            }
+        });
+    }
+
+    /// Fills `out` from the first block on.
+    fn fill<T: OutElem>(&self, out: &mut [T]) {
+        let block = self.block;
+        let codes = self.codes.chunks_exact(self.codes_per_block());
+        let scales = self.scales;
+        match self.scheme {
+            Compression::Nf4 => {
+                let done = T::nf4_fast(self.codes, scales, block, out);
+                let out = &mut out[done * block..];
+                let (codes, scales) = (codes.skip(done), &scales[done..]);
+                for ((o, c), &s) in out.chunks_mut(block).zip(codes).zip(scales) {
+                    let table: [T; 16] = std::array::from_fn(|k| T::from_f32(NF4_CODEBOOK[k] * s));
+                    if o.len() == block {
+                        for (pair, &byte) in o.chunks_exact_mut(2).zip(c) {
+                            pair[0] = table[(byte & 0x0f) as usize];
+                            pair[1] = table[(byte >> 4) as usize];
+                        }
+                    } else {
+                        // The last, partial block.
+                        for (i, v) in o.iter_mut().enumerate() {
+                            let byte = c[i / 2];
+                            let nib = if i % 2 == 0 { byte & 0x0f } else { byte >> 4 };
+                            *v = table[nib as usize];
+                        }
+                    }
+                }
+            }
+            Compression::Int8 => {
+                for ((o, c), &s) in out.chunks_mut(block).zip(codes).zip(scales) {
+                    for (v, &byte) in o.iter_mut().zip(c) {
+                        *v = T::from_f32(byte as i8 as f32 * s);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Named tensors of one unit on the compute device, in the compute dtype.
@@ -190,6 +394,18 @@ impl UnitTensors {
     /// `device`/`kind`, dequantizing compressed ones. On CPU with a matching dtype the tensors
     /// alias `data`: the caller must drop this value before reusing the buffer.
     pub fn from_region(entry: &UnitEntry, data: &[u8], device: Device, kind: Kind) -> Result<Self> {
+        Self::from_region_into(entry, data, device, kind, None)
+    }
+
+    /// [`UnitTensors::from_region`], dequantizing on the CPU into `buffers` when given (hand the
+    /// layer's tensors back with [`DequantBuffers::reclaim`] once it is computed).
+    pub fn from_region_into(
+        entry: &UnitEntry,
+        data: &[u8],
+        device: Device,
+        kind: Kind,
+        buffers: Option<&mut DequantBuffers>,
+    ) -> Result<Self> {
         let mut raw = BTreeMap::new();
         for t in &entry.tensors {
             let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
@@ -230,15 +446,20 @@ impl UnitTensors {
             };
             raw.insert(t.name.clone(), on_device);
         }
-        Self::assemble(entry, raw, kind)
+        Self::assemble_into(entry, raw, kind, buffers)
     }
 
     /// Turns a unit's stored tensors (already on the compute device, stored dtypes) into compute
     /// tensors: floats converted to `kind`, quantized pairs dequantized under their original name.
-    pub fn assemble(
+    pub fn assemble(entry: &UnitEntry, raw: BTreeMap<String, Tensor>, kind: Kind) -> Result<Self> {
+        Self::assemble_into(entry, raw, kind, None)
+    }
+
+    fn assemble_into(
         entry: &UnitEntry,
         mut raw: BTreeMap<String, Tensor>,
         kind: Kind,
+        mut buffers: Option<&mut DequantBuffers>,
     ) -> Result<Self> {
         let missing = |name: &str| CoreError::BadTensor {
             file: entry.file.clone().into(),
@@ -251,7 +472,7 @@ impl UnitTensors {
             let codes = raw.remove(&q.codes).ok_or_else(|| missing(&q.codes))?;
             let scales = raw.remove(&q.scales).ok_or_else(|| missing(&q.scales))?;
             let w = if codes.device() == Device::Cpu {
-                dequantize_cpu(q, &codes, &scales, kind)?
+                dequantize_cpu(q, &codes, &scales, kind, buffers.as_deref_mut())?
             } else {
                 dequantize(q, &codes, &scales, kind)?
             };
@@ -289,6 +510,11 @@ impl UnitTensors {
                 tensor: name.to_string(),
                 reason: "missing from the split".into(),
             })
+    }
+
+    /// All remaining tensors (to hand dequantization buffers back).
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        self.tensors.into_values().collect()
     }
 
     /// Takes a tensor if present.
@@ -373,6 +599,20 @@ impl LayerWeights {
             up: Linear::take(&mut u, &p, names::UP_PROJ, spec.mlp_bias)?,
             down: Linear::take(&mut u, &p, names::DOWN_PROJ, spec.mlp_bias)?,
         })
+    }
+
+    /// Every tensor of the layer (to hand dequantization buffers back).
+    pub fn into_tensors(self) -> Vec<Tensor> {
+        let mut out = vec![self.input_norm, self.post_norm];
+        out.extend(self.q_norm);
+        out.extend(self.k_norm);
+        for l in [
+            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
+        ] {
+            out.push(l.weight);
+            out.extend(l.bias);
+        }
+        out
     }
 }
 
@@ -502,20 +742,75 @@ mod tests {
             ),
         ];
         for (scheme, codes, scales, want) in cases {
-            let e = entry(scheme, vec![n]);
-            let f = dequantize_cpu(&e, &codes, &scales, Kind::Float).unwrap();
-            assert_eq!(Vec::<f32>::try_from(&f).unwrap(), want, "{scheme} f32");
-            for kind in [Kind::BFloat16, Kind::Half] {
-                let got = dequantize_cpu(&e, &codes, &scales, kind)
-                    .unwrap()
-                    .to_kind(Kind::Float);
-                let rounded = Tensor::from_slice(&want).to_kind(kind).to_kind(Kind::Float);
-                assert_eq!(
-                    Vec::<f32>::try_from(&got).unwrap(),
-                    Vec::<f32>::try_from(&rounded).unwrap(),
-                    "{scheme} {kind:?}"
-                );
-            }
+            check_cpu(scheme, n, &codes, &scales, &want);
+        }
+
+        // Large enough for the threaded and vectorized paths, with a partial last block.
+        let n = 64 * 1000 + 33;
+        let values: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 / 500.0 - 1.0) * (0.01 + (i % 97) as f32))
+            .collect();
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        quantize_nf4(&values, &mut codes, &mut scales);
+        let want = dequantize_nf4(&codes, &scales, n);
+        let (codes, scales) = (Tensor::from_slice(&codes), Tensor::from_slice(&scales));
+        check_cpu(Compression::Nf4, n, &codes, &scales, &want);
+        let (mut q, mut s) = (Vec::new(), Vec::new());
+        quantize_int8(&values, &mut q, &mut s);
+        let want = dequantize_int8(&q, &s, n);
+        check_cpu(
+            Compression::Int8,
+            n,
+            &Tensor::from_slice(&q),
+            &Tensor::from_slice(&s),
+            &want,
+        );
+    }
+
+    /// Buffers lent for a layer come back and are reused for the next one, and only they do.
+    #[test]
+    fn dequant_buffers_are_reused() {
+        let n = 64 * 300;
+        let values: Vec<f32> = (0..n).map(|i| (i % 37) as f32 - 18.0).collect();
+        let (mut codes, mut scales) = (Vec::new(), Vec::new());
+        quantize_nf4(&values, &mut codes, &mut scales);
+        let want = dequantize_nf4(&codes, &scales, n);
+        let (codes, scales) = (Tensor::from_slice(&codes), Tensor::from_slice(&scales));
+        let e = entry(Compression::Nf4, vec![n / 64, 64]);
+        let mut pool = DequantBuffers::default();
+        let first = dequantize_cpu(&e, &codes, &scales, Kind::Float, Some(&mut pool)).unwrap();
+        let ptr = first.data_ptr();
+        let stranger = Tensor::zeros([n as i64 / 64, 64], (Kind::Float, Device::Cpu));
+        pool.reclaim([first, stranger]);
+        assert_eq!(
+            pool.free_bytes(),
+            (n * 4) as u64,
+            "only the lent buffer is kept"
+        );
+        let again = dequantize_cpu(&e, &codes, &scales, Kind::Float, Some(&mut pool)).unwrap();
+        assert_eq!(again.data_ptr(), ptr, "the buffer is reused");
+        assert_eq!(pool.free_bytes(), 0);
+        assert_eq!(Vec::<f32>::try_from(again.view([-1])).unwrap(), want);
+        // Another shape or dtype gets its own buffer.
+        let other = dequantize_cpu(&e, &codes, &scales, Kind::BFloat16, Some(&mut pool)).unwrap();
+        assert_ne!(other.data_ptr(), ptr);
+    }
+
+    /// The CPU path is exact in f32 and equals the reference rounded once in bf16/f16.
+    fn check_cpu(scheme: Compression, n: usize, codes: &Tensor, scales: &Tensor, want: &[f32]) {
+        let e = entry(scheme, vec![n]);
+        let f = dequantize_cpu(&e, codes, scales, Kind::Float, None).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&f).unwrap(), want, "{scheme} f32");
+        for kind in [Kind::BFloat16, Kind::Half] {
+            let got = dequantize_cpu(&e, codes, scales, kind, None)
+                .unwrap()
+                .to_kind(Kind::Float);
+            let rounded = Tensor::from_slice(want).to_kind(kind).to_kind(Kind::Float);
+            assert_eq!(
+                Vec::<f32>::try_from(&got).unwrap(),
+                Vec::<f32>::try_from(&rounded).unwrap(),
+                "{scheme} {kind:?}"
+            );
         }
     }
 }

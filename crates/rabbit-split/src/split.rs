@@ -411,7 +411,7 @@ fn write_quantized(
         b.codes.clear();
         b.scales.clear();
         if codes {
-            quant::quantize_append(scheme, &b.values, &mut b.codes, &mut b.scales);
+            quant::quantize_append_parallel(scheme, &b.values, &mut b.codes, &mut b.scales);
             w.write_data(&b.codes)?;
         } else {
             quant::block_scales(scheme, &b.values, &mut b.scales);
