@@ -121,11 +121,15 @@ impl LayerReader {
         let depth = depth.max(1);
         let (tx, rx) = bounded::<Result<LoadedUnit>>(depth);
         // depth buffers may sit in the channel, one is being filled, one is being computed on.
+        // Mapped reads need none: allocating them anyway would cost depth + 1 layers of RSS
+        // (aligned zeroed allocations are written, so every page is resident).
         let (free_tx, free_rx) = bounded::<AlignedBuf>(depth + 2);
-        for _ in 0..depth + 1 {
-            free_tx
-                .send(AlignedBuf::new(max_len))
-                .expect("fresh channel has room");
+        if mode == ReadMode::Copy {
+            for _ in 0..depth + 1 {
+                free_tx
+                    .send(AlignedBuf::new(max_len))
+                    .expect("fresh channel has room");
+            }
         }
         let stop = Arc::new(AtomicBool::new(false));
         let stop_thread = stop.clone();
