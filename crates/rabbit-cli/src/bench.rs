@@ -1,6 +1,8 @@
 //! `rabbit bench` and `rabbit info`: measured figures and the residency plan.
 
-use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::bench::{self, BenchConfig, BenchReport};
 use rabbit_core::plan::host_available;
@@ -37,18 +39,63 @@ pub struct BenchArgs {
     /// Seed of the prompt ids.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Take the prompt ids from this file instead: one sequence per line, ids separated by commas
+    /// or spaces (or a JSON list of lists); the file sets the batch and the prompt length.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["batch", "prompt_len", "seed"])]
+    prompt_ids_file: Option<PathBuf>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
     json: bool,
 }
 
+/// Reads `--prompt-ids-file`: one sequence per non-empty line (`#` starts a comment line), ids
+/// separated by commas and/or whitespace; or a JSON list of lists of ids.
+fn read_prompt_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--prompt-ids-file {}", path.display()))?;
+    let seqs: Vec<Vec<u32>> = if text.trim_start().starts_with('[') {
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--prompt-ids-file {}: expected a JSON list of lists of token ids",
+                path.display()
+            )
+        })?
+    } else {
+        text.lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .enumerate()
+            .map(|(i, l)| {
+                l.split(|c: char| c == ',' || c.is_whitespace())
+                    .filter(|t| !t.is_empty())
+                    .map(|t| t.parse::<u32>())
+                    .collect::<Result<Vec<u32>, _>>()
+                    .with_context(|| {
+                        format!(
+                            "--prompt-ids-file {}: sequence {i}: expected non-negative integer ids",
+                            path.display()
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?
+    };
+    if seqs.is_empty() || seqs.iter().any(Vec::is_empty) {
+        bail!(
+            "--prompt-ids-file {}: needs at least one non-empty sequence",
+            path.display()
+        );
+    }
+    Ok(seqs)
+}
+
 fn print_report(r: &BenchReport) {
     println!(
-        "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {}",
+        "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {} | load {:.2} s",
         r.decode_s_per_token,
         r.config.batch,
         r.prefill_tokens_per_s,
-        human_bytes(r.peak_memory_bytes)
+        human_bytes(r.peak_memory_bytes),
+        r.load_s.unwrap_or(0.0)
     );
     println!(
         "streamed: {} per token from {} layers ({} resident) | read {}/s{} | I/O floor {:.4} s/token",
@@ -78,20 +125,29 @@ fn print_report(r: &BenchReport) {
 
 /// Runs `rabbit bench`.
 pub fn run(a: BenchArgs) -> Result<()> {
+    let prompt_ids = a
+        .prompt_ids_file
+        .as_deref()
+        .map(read_prompt_ids)
+        .transpose()?;
     let cfg = BenchConfig {
-        batch: a.batch,
-        prompt_len: a.prompt_len,
+        batch: prompt_ids.as_ref().map_or(a.batch, Vec::len),
+        prompt_len: prompt_ids
+            .as_ref()
+            .map_or(a.prompt_len, |p| p.iter().map(Vec::len).max().unwrap_or(0)),
         new_tokens: a.new_tokens,
         repeat: a.repeat,
         cold: a.cold,
         seed: a.seed,
+        prompt_ids,
     };
-    let (mut model, _) = a.model.load(a.json)?;
+    let (mut model, load_s) = a.model.load(a.json)?;
     let limit = model
         .tokenizer()
         .map(|t| t.get_vocab_size(true) as u32)
         .unwrap_or(u32::MAX);
     let mut report = bench::run(&mut model.engine, &cfg, limit).context("bench")?;
+    report.load_s = Some(load_s);
     let layer_bytes: u64 = model.engine.layer_units().iter().map(|u| u.data_len).sum();
     let all_resident = report.streamed_layers == 0;
     drop(model);

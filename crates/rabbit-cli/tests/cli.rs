@@ -564,6 +564,65 @@ fn bench_reports_the_contract_fields_and_streamed_bytes() {
 }
 
 #[test]
+fn bench_takes_prompt_ids_from_a_file_and_reports_its_tokens() {
+    let tmp = tempfile::tempdir().unwrap();
+    let split = tmp.path().join("split");
+    let ids = tmp.path().join("ids.txt");
+    std::fs::write(&ids, "# two sequences\n1,2,3,4,5\n6 7 8 9 10\n").unwrap();
+    let o = run(rabbit()
+        .args(["bench", "--device", "cpu", "--json", "--no-baseline"])
+        .args(["--new-tokens", "3", "--repeat", "1", "--model"])
+        .arg(fixture("qwen2_tied_f32"))
+        .arg("--split-dir")
+        .arg(&split)
+        .arg("--prompt-ids-file")
+        .arg(&ids));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v = last_json_line(&o);
+    assert_eq!(v["config"]["batch"], 2, "the file sets the batch: {v}");
+    assert_eq!(
+        v["config"]["prompt_ids"][1],
+        serde_json::json!([6, 7, 8, 9, 10])
+    );
+    assert!(v["load_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    assert!(v["prefill_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+    let out = v["output_ids"].as_array().expect("output_ids");
+    assert_eq!(out.len(), 2);
+    assert!(out.iter().all(|s| s.as_array().unwrap().len() == 3));
+    // The same greedy tokens as `rabbit generate` on that prompt (which may stop at EOS earlier).
+    let o = generate_fixture(
+        &[
+            "--max-new-tokens",
+            "3",
+            "--input-ids",
+            "1,2,3,4,5",
+            "--json",
+        ],
+        &split,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let g = last_json_line(&o)["sequences"][0]["output_ids"].clone();
+    let g = g.as_array().unwrap();
+    assert_eq!(&out[0].as_array().unwrap()[..g.len()], &g[..]);
+    // The file decides batch and prompt length: the flags that would contradict it are refused.
+    let o = run(rabbit()
+        .args(["bench", "--device", "cpu", "--batch", "2", "--model"])
+        .arg(fixture("qwen2_tied_f32"))
+        .arg("--prompt-ids-file")
+        .arg(&ids));
+    assert_clean_failure(&o, "cannot be used with");
+    std::fs::write(&ids, "1,x\n").unwrap();
+    let o = run(rabbit()
+        .args(["bench", "--device", "cpu", "--model"])
+        .arg(fixture("qwen2_tied_f32"))
+        .arg("--split-dir")
+        .arg(&split)
+        .arg("--prompt-ids-file")
+        .arg(&ids));
+    assert_clean_failure(&o, "--prompt-ids-file");
+}
+
+#[test]
 fn info_shows_the_plan_and_budgets_are_checked() {
     let tmp = tempfile::tempdir().unwrap();
     let split = tmp.path().join("split");

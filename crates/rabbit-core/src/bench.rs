@@ -1,5 +1,6 @@
-//! `rabbit bench` as a library function: a fixed synthetic workload (seeded prompt ids, greedy,
-//! no early stop) with medians over repetitions, plus the physical floor it is compared with.
+//! `rabbit bench` as a library function: a fixed synthetic workload (seeded or given prompt ids,
+//! greedy, no early stop) with medians over repetitions, plus the physical floor it is compared
+//! with.
 
 use serde::Serialize;
 
@@ -26,6 +27,10 @@ pub struct BenchConfig {
     pub cold: bool,
     /// Seed of the prompt ids.
     pub seed: u64,
+    /// Explicit prompt ids, one sequence each (then `batch`/`prompt_len`/`seed` are not used to
+    /// make them), e.g. to run the same prompt as another engine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_ids: Option<Vec<Vec<u32>>>,
 }
 
 /// What one bench run measured.
@@ -37,6 +42,13 @@ pub struct BenchReport {
     pub decode_s_per_token: f64,
     /// Median prefill throughput.
     pub prefill_tokens_per_s: f64,
+    /// Median prefill time: the prompt sweep plus choosing the first token (time to first token).
+    pub prefill_s: f64,
+    /// Time to load the model (split reused or made, plan, resident weights), when the caller
+    /// measured it.
+    pub load_s: Option<f64>,
+    /// The greedy tokens of the first repetition, one list per sequence.
+    pub output_ids: Vec<Vec<u32>>,
     /// Peak RSS of the process (bytes).
     pub peak_memory_bytes: u64,
     /// Bytes of layer files read per decode sweep.
@@ -90,8 +102,9 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
                 .into(),
         ));
     }
-    let req = GenerateRequest {
-        sequences: (0..cfg.batch)
+    let sequences = match &cfg.prompt_ids {
+        Some(given) => given.clone(),
+        None => (0..cfg.batch)
             .map(|i| {
                 prompt_ids(
                     cfg.seed,
@@ -101,6 +114,9 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
                 )
             })
             .collect(),
+    };
+    let req = GenerateRequest {
+        sequences,
         max_new_tokens: cfg.new_tokens,
         sampling: SamplingParams::default(),
         eos_token_ids: vec![],
@@ -110,12 +126,18 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
     engine.set_evict_after_use(cfg.cold);
     let mut decode = Vec::new();
     let mut prefill = Vec::new();
+    let mut prefill_s = Vec::new();
+    let mut output_ids = Vec::new();
     let mut bytes_per_token = 0;
-    for _ in 0..cfg.repeat {
+    for rep in 0..cfg.repeat {
         engine.reset_profile();
         let out = engine.generate(&req, &mut |_| Control::Continue)?;
         decode.push(out.timings.decode_s_per_token);
         prefill.push(out.timings.prefill_tokens_per_s);
+        prefill_s.push(out.timings.prefill_s);
+        if rep == 0 {
+            output_ids = out.sequences.iter().map(|s| s.output_ids.clone()).collect();
+        }
         let sweeps = out.timings.decode_steps as u64 + 1;
         bytes_per_token = engine.profile.bytes_streamed / sweeps;
     }
@@ -147,6 +169,9 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         config: cfg.clone(),
         decode_s_per_token: median(decode),
         prefill_tokens_per_s: median(prefill),
+        prefill_s: median(prefill_s),
+        load_s: None,
+        output_ids,
         peak_memory_bytes: peak_rss().unwrap_or(0),
         bytes_streamed_per_token: bytes_per_token,
         read_bytes_per_s,
