@@ -415,3 +415,73 @@ fn every_residency_plan_gives_identical_results() {
         }
     }
 }
+
+/// Budgets too small for the embedding and LM head: the embedding lookup moves to the host (rows
+/// gathered from the mapped split), then the LM head streams from the split in chunks. Tokens are
+/// the same as fully resident, logits equal to f32 rounding (a chunked matmul may sum in another
+/// order), for an untied and a tied model.
+#[test]
+fn embedding_and_lm_head_off_the_device_give_the_same_results() {
+    for name in ["qwen2_untied_f32", "qwen2_tied_f32"] {
+        let case = Case::load(name);
+        let (input, want) = case.sequences().remove(0);
+        let split = tempfile::tempdir().unwrap();
+        let open = |budget: Option<u64>| {
+            let mut opts = LoadOptions::default()
+                .device(DeviceSpec::Cpu)
+                .dtype(DType::F32)
+                .split_dir(split.path());
+            if let Some(b) = budget {
+                opts = opts.device_memory_budget(b);
+            }
+            AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).unwrap()
+        };
+        let mut model = open(None);
+        let p0 = model.engine.plan().clone();
+        assert!(!p0.embedding_on_host && p0.lm_head_chunk_bytes.is_none());
+        let spec = model.engine.spec().clone();
+        let matrix = (spec.vocab_size * spec.hidden_size * 4) as u64;
+        let norm = (spec.hidden_size * 4) as u64;
+        let others = p0.kv_bytes + p0.activation_bytes;
+        let run = |model: &mut Model| {
+            let out = greedy(
+                model,
+                vec![input.clone()],
+                want.len(),
+                SamplingParams::default(),
+            );
+            assert_eq!(out.sequences[0].output_ids, want, "{name}");
+            out.sequences[0].logits.clone().unwrap()
+        };
+        let reference = run(&mut model);
+        drop(model);
+        let mut budgets = vec![norm + others + matrix / 2];
+        if !spec.tie_word_embeddings {
+            // Room for the LM head but not the embedding too.
+            budgets.insert(0, norm + others + matrix + 1);
+        }
+        for (k, budget) in budgets.into_iter().enumerate() {
+            let mut model = open(Some(budget));
+            let p = model.engine.plan().clone();
+            assert!(p.embedding_on_host, "{name} budget {budget}: {p:?}");
+            let streams = spec.tie_word_embeddings || k == 1;
+            assert_eq!(p.lm_head_chunk_bytes.is_some(), streams, "{name}: {p:?}");
+            if let Some(c) = p.lm_head_chunk_bytes {
+                assert!(
+                    c < matrix,
+                    "{name}: the LM head goes in several chunks ({c})"
+                );
+            }
+            let logits = run(&mut model);
+            let diff = reference
+                .iter()
+                .zip(&logits)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "{name} budget {budget}: logits differ by {diff}"
+            );
+        }
+    }
+}

@@ -257,11 +257,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
         spec.max_position_embeddings
     );
     println!(
-        "plan on {} (budget {}{}): embedding/norm/LM head {} resident; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
+        "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
         rabbit_core::device::device_name(e.device()),
         human_bytes(plan.device_budget),
         if plan.budget_derived { ", half of free memory" } else { "" },
         human_bytes(plan.head_bytes),
+        head_note(plan),
         plan.resident_layers.len(),
         human_bytes(plan.resident_layer_bytes),
         plan.streamed_layers.len(),
@@ -278,4 +279,23 @@ pub fn info(a: InfoArgs) -> Result<()> {
         None => println!("nothing streams: no I/O floor"),
     }
     Ok(())
+}
+
+/// How the plan placed the embedding and LM head when they did not fit on the device.
+pub fn head_note(plan: &rabbit_core::plan::Plan) -> String {
+    let mut parts = Vec::new();
+    if plan.embedding_on_host {
+        parts.push("embedding lookup on the host".to_string());
+    }
+    if let Some(c) = plan.lm_head_chunk_bytes {
+        parts.push(format!(
+            "LM head streamed every token in chunks of {}",
+            human_bytes(c)
+        ));
+    }
+    if parts.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", parts.join(", "))
+    }
 }

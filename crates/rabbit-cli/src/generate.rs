@@ -124,11 +124,12 @@ impl ModelArgs {
                         pb.finish_and_clear();
                     }
                     eprintln!(
-                        "plan: {} layers resident ({}), {} streamed ({} per sweep); {}",
+                        "plan: {} layers resident ({}), {} streamed ({} per sweep){}; {}",
                         p.resident_layers.len(),
                         human_bytes(p.resident_layer_bytes),
                         p.streamed_layers.len(),
                         human_bytes(p.streamed_bytes_per_sweep),
+                        crate::bench::head_note(p),
                         if p.budget_derived {
                             format!(
                                 "budget {} (half of free memory)",

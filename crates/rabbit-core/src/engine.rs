@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use rabbit_models::{names, ModelSpec};
@@ -15,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 use crate::decoder::{layer_forward, rms_norm, AttnContext};
 use crate::device::DType;
 use crate::error::{CoreError, Result};
+use crate::head::MappedMatrix;
 use crate::kv::KvCache;
 use crate::plan::{make_plan, MemoryBudget, Plan, PlanInputs};
 use crate::reader::{LayerReader, ReadMode};
@@ -131,15 +133,22 @@ pub struct StepInput {
     pub slot: i64,
 }
 
+/// The embedding or LM head: on the device, or used from the mapped split file (with the LM
+/// head's chunk rows).
+enum HeadMatrix {
+    Resident(Tensor),
+    Mapped(Arc<MappedMatrix>, i64),
+}
+
 /// A model opened for streamed execution.
 pub struct Engine {
     spec: ModelSpec,
     split_dir: PathBuf,
     device: Device,
     kind: Kind,
-    embed: Tensor,
+    embed: HeadMatrix,
     norm: Tensor,
-    lm_head: Tensor,
+    lm_head: HeadMatrix,
     layers: Vec<UnitEntry>,
     /// Per layer: the weights when the plan keeps it resident.
     resident: Vec<Option<LayerWeights>>,
@@ -206,16 +215,11 @@ impl Engine {
             })
         };
         let embed_entry = unit(UnitKind::Embedding)?;
-        let embed = read_resident(split_dir, embed_entry, device, kind)?.take(names::EMBED)?;
         let norm_entry = unit(UnitKind::FinalNorm)?;
-        let norm = read_resident(split_dir, norm_entry, device, kind)?.take(names::FINAL_NORM)?;
-        let mut resident_bytes = embed_entry.data_len + norm_entry.data_len;
-        let lm_head = if spec.tie_word_embeddings {
-            embed.shallow_clone()
+        let lm_head_entry = if spec.tie_word_embeddings {
+            None
         } else {
-            let e = unit(UnitKind::LmHead)?;
-            resident_bytes += e.data_len;
-            read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?
+            Some(unit(UnitKind::LmHead)?)
         };
         let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
         let elem = opts.dtype.size() as u64;
@@ -242,6 +246,14 @@ impl Engine {
         };
         let context = opts.plan_context.min(spec.max_position_embeddings).max(1);
         let batch = opts.plan_batch.max(1);
+        // A compressed embedding/LM head cannot be used from the file row by row: it stays put.
+        let movable = |u: &UnitEntry| {
+            if u.quantized.is_empty() {
+                compute_bytes(u)
+            } else {
+                0
+            }
+        };
         let inputs = PlanInputs {
             layer_bytes: layers.iter().map(compute_bytes).collect(),
             head_bytes: [UnitKind::Embedding, UnitKind::FinalNorm, UnitKind::LmHead]
@@ -249,6 +261,9 @@ impl Engine {
                 .filter_map(|k| manifest.unit(*k))
                 .map(compute_bytes)
                 .sum(),
+            embed_bytes: movable(embed_entry),
+            lm_head_bytes: lm_head_entry.map_or(0, movable),
+            tied: spec.tie_word_embeddings,
             kv_bytes: KvCache::bytes(
                 spec.num_layers,
                 batch,
@@ -267,6 +282,41 @@ impl Engine {
             context,
         };
         let plan = make_plan(&inputs, opts.budget)?;
+
+        let norm = read_resident(split_dir, norm_entry, device, kind)?.take(names::FINAL_NORM)?;
+        let mut resident_bytes = norm_entry.data_len;
+        let embed = if plan.embedding_on_host {
+            HeadMatrix::Mapped(MappedMatrix::open(split_dir, embed_entry, names::EMBED)?, 0)
+        } else {
+            resident_bytes += embed_entry.data_len;
+            HeadMatrix::Resident(
+                read_resident(split_dir, embed_entry, device, kind)?.take(names::EMBED)?,
+            )
+        };
+        let chunk_rows =
+            |m: &MappedMatrix, bytes: u64| (bytes / (m.cols() as u64 * elem).max(1)).max(1) as i64;
+        let lm_head = match (lm_head_entry, plan.lm_head_chunk_bytes, &embed) {
+            (None, None, HeadMatrix::Resident(t)) => HeadMatrix::Resident(t.shallow_clone()),
+            (None, Some(c), HeadMatrix::Mapped(m, _)) => {
+                HeadMatrix::Mapped(m.clone(), chunk_rows(m, c))
+            }
+            (Some(e), None, _) => {
+                resident_bytes += e.data_len;
+                HeadMatrix::Resident(
+                    read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?,
+                )
+            }
+            (Some(e), Some(c), _) => {
+                let m = MappedMatrix::open(split_dir, e, names::LM_HEAD)?;
+                let rows = chunk_rows(&m, c);
+                HeadMatrix::Mapped(m, rows)
+            }
+            _ => {
+                return Err(CoreError::InvalidInput(
+                    "a tied embedding and LM head must be placed together".into(),
+                ))
+            }
+        };
         let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();
         for &i in &plan.resident_layers {
             let tensors = read_resident(split_dir, &layers[i], device, kind)?;
@@ -431,7 +481,10 @@ impl Engine {
         let size = input.ids.size();
         let (b, t) = (size[0], size[1]);
         let head_start = Instant::now();
-        let mut h = Tensor::f_embedding(&self.embed, &input.ids, -1, false, false)?;
+        let mut h = match &self.embed {
+            HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
+            HeadMatrix::Mapped(m, _) => m.embed(&input.ids, self.device, self.kind)?,
+        };
         let (cos, sin) = self
             .rope
             .cos_sin(&input.positions, input.max_position, self.kind)?;
@@ -534,9 +587,11 @@ impl Engine {
             h = h.f_narrow(1, t - 1, 1)?;
         }
         let h = rms_norm(&h, &self.norm, self.spec.rms_norm_eps)?;
-        let logits = h
-            .f_linear::<Tensor>(&self.lm_head, None)?
-            .f_to_kind(Kind::Float)?;
+        let logits = match &self.lm_head {
+            HeadMatrix::Resident(w) => h.f_linear::<Tensor>(w, None)?,
+            HeadMatrix::Mapped(m, rows) => m.linear_chunked(&h, *rows, self.device, self.kind)?,
+        }
+        .f_to_kind(Kind::Float)?;
         let logits = if all_positions {
             logits
         } else {

@@ -11,6 +11,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod head;
 pub mod hub;
 pub mod kv;
 pub mod memory;

@@ -3,7 +3,10 @@
 //!
 //! Order of preference: the embedding, final norm and LM head first (needed every sweep, small
 //! per byte of benefit), then as many decoder layers as fit, in execution order, after reserving
-//! the KV cache, activations and the streaming staging buffers.
+//! the KV cache, activations and the streaming staging buffers. When even the embedding and LM
+//! head do not fit (a 70B model on a 4 GB card), the embedding lookup moves to the host (rows
+//! gathered from the mapped split file) and, if that is not enough, the LM head streams from the
+//! split in chunks every sweep (see [`crate::head`]).
 
 use std::fmt;
 use std::str::FromStr;
@@ -75,8 +78,13 @@ pub struct Plan {
     pub device_budget: u64,
     /// Whether the budget was derived from free memory (rather than given).
     pub budget_derived: bool,
-    /// Embedding + final norm + LM head bytes (always resident in this version).
+    /// Embedding + final norm + LM head bytes on the device (what of them stays resident).
     pub head_bytes: u64,
+    /// The embedding lookup runs on the host, from the mapped split file.
+    pub embedding_on_host: bool,
+    /// The LM head streams from the split file every sweep, in chunks of this many bytes (in the
+    /// compute dtype); `None`: resident.
+    pub lm_head_chunk_bytes: Option<u64>,
     /// KV cache bytes reserved.
     pub kv_bytes: u64,
     /// Activation allowance.
@@ -107,6 +115,13 @@ pub struct PlanInputs {
     pub layer_bytes: Vec<u64>,
     /// Embedding + final norm + LM head in the compute dtype.
     pub head_bytes: u64,
+    /// Of `head_bytes`: the embedding (0 when it cannot leave the device, e.g. compressed).
+    pub embed_bytes: u64,
+    /// Of `head_bytes`: the LM head's own matrix (0 when tied to the embedding, or when it
+    /// cannot stream).
+    pub lm_head_bytes: u64,
+    /// The LM head is the embedding matrix: moving one moves both.
+    pub tied: bool,
     /// KV cache for the expected batch and context.
     pub kv_bytes: u64,
     /// Activations for the expected batch and context.
@@ -115,6 +130,67 @@ pub struct PlanInputs {
     pub prefetch_depth: usize,
     /// Context length (tokens per sequence) the KV cache and activations are sized for.
     pub context: usize,
+}
+
+/// Where the embedding and LM head go for a budget.
+struct HeadPlacement {
+    /// Bytes of embedding/norm/LM head left on the device.
+    device_bytes: u64,
+    embedding_on_host: bool,
+    /// LM head chunk bytes when it streams.
+    chunk: Option<u64>,
+}
+
+impl HeadPlacement {
+    fn describe(&self) -> String {
+        match (self.embedding_on_host, self.chunk) {
+            (false, None) => String::new(),
+            (true, None) => " (embedding on the host)".into(),
+            (e, Some(c)) => format!(
+                " ({}LM head streamed in chunks of {})",
+                if e { "embedding on the host, " } else { "" },
+                ByteSize(c)
+            ),
+        }
+    }
+}
+
+/// Smallest and largest LM-head chunk: small chunks waste the matmul's efficiency, large ones
+/// the budget.
+const MIN_HEAD_CHUNK: u64 = 16 << 20;
+const MAX_HEAD_CHUNK: u64 = 256 << 20;
+
+/// Keeps the embedding and LM head on the device when they fit next to the KV cache and
+/// activations; otherwise moves the embedding lookup to the host first (cheap: a few rows per
+/// token), then streams the LM head in chunks (a full read of it every sweep). A tied matrix
+/// serves both, so it moves as one.
+fn place_head(inputs: &PlanInputs, budget: u64) -> HeadPlacement {
+    let others = inputs.kv_bytes + inputs.activation_bytes;
+    let mut p = HeadPlacement {
+        device_bytes: inputs.head_bytes,
+        embedding_on_host: false,
+        chunk: None,
+    };
+    if p.device_bytes + others <= budget || inputs.embed_bytes == 0 {
+        return p;
+    }
+    let stream = |p: &mut HeadPlacement, matrix: u64| {
+        p.device_bytes -= matrix;
+        let room = budget.saturating_sub(p.device_bytes + others);
+        // Small matrices (tests, tiny models) may go in quarters.
+        let min = MIN_HEAD_CHUNK.min(matrix / 4).max(1);
+        p.chunk = Some((room / 2).clamp(min, MAX_HEAD_CHUNK).min(matrix.max(1)));
+    };
+    p.embedding_on_host = true;
+    if inputs.tied {
+        stream(&mut p, inputs.embed_bytes);
+        return p;
+    }
+    p.device_bytes -= inputs.embed_bytes;
+    if p.device_bytes + others > budget && inputs.lm_head_bytes > 0 {
+        stream(&mut p, inputs.lm_head_bytes);
+    }
+    p
 }
 
 /// Chooses resident layers greedily in execution order within the budget. With no budget given,
@@ -131,6 +207,8 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
             device_budget: budget.device.unwrap_or(0),
             budget_derived: false,
             head_bytes: inputs.head_bytes,
+            embedding_on_host: false,
+            lm_head_chunk_bytes: None,
             kv_bytes: inputs.kv_bytes,
             activation_bytes: inputs.activation_bytes,
             staging_bytes: if streamed.is_empty() { 0 } else { staging },
@@ -144,21 +222,25 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
         Some(b) => (b, false),
         None => (host_available().map(|a| a / 2).unwrap_or(0), true),
     };
-    let fixed = inputs.head_bytes + inputs.kv_bytes + inputs.activation_bytes;
+    let head = place_head(inputs, device_budget);
+    let fixed =
+        head.device_bytes + head.chunk.unwrap_or(0) + inputs.kv_bytes + inputs.activation_bytes;
     if !derived && fixed > device_budget {
         // KV cache and activations grow with the context: say which context would fit.
         let per_token = (inputs.kv_bytes + inputs.activation_bytes) / inputs.context.max(1) as u64;
-        let fits = device_budget.saturating_sub(inputs.head_bytes) / per_token.max(1);
+        let fits = device_budget.saturating_sub(head.device_bytes + head.chunk.unwrap_or(0))
+            / per_token.max(1);
         let hint = if fits == 0 {
             "not even one token of context fits next to the embedding/LM head".to_string()
         } else {
             format!("the largest context that fits is about {fits} tokens")
         };
         return Err(CoreError::InvalidInput(format!(
-            "--device-memory-budget {} is too small for a {}-token context: embedding/norm/LM head {} + KV cache {} + activations {} need {}; {hint}",
+            "--device-memory-budget {} is too small for a {}-token context: embedding/norm/LM head {}{} + KV cache {} + activations {} need {}; {hint}",
             ByteSize(device_budget),
             inputs.context,
-            ByteSize(inputs.head_bytes),
+            ByteSize(head.device_bytes + head.chunk.unwrap_or(0)),
+            head.describe(),
             ByteSize(inputs.kv_bytes),
             ByteSize(inputs.activation_bytes),
             ByteSize(fixed)
@@ -186,7 +268,9 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
     Ok(Plan {
         device_budget,
         budget_derived: derived,
-        head_bytes: inputs.head_bytes,
+        head_bytes: head.device_bytes,
+        embedding_on_host: head.embedding_on_host,
+        lm_head_chunk_bytes: head.chunk,
         kv_bytes: inputs.kv_bytes,
         activation_bytes: inputs.activation_bytes,
         staging_bytes: if streamed.is_empty() { 0 } else { staging },
@@ -216,6 +300,9 @@ mod tests {
         PlanInputs {
             layer_bytes: vec![100; layers],
             head_bytes: 50,
+            embed_bytes: 0,
+            lm_head_bytes: 0,
+            tied: false,
             kv_bytes: 10,
             activation_bytes: 40,
             prefetch_depth: 2,
@@ -314,5 +401,64 @@ mod tests {
             e.contains("largest context that fits is about 8 tokens"),
             "{e}"
         );
+    }
+
+    /// A head of 2 x 40 MiB matrices + a norm, 4 layers of 64 MiB, 10 MiB of KV + activations.
+    fn big_head(tied: bool) -> PlanInputs {
+        let m = 40u64 << 20;
+        PlanInputs {
+            layer_bytes: vec![64 << 20; 4],
+            head_bytes: if tied { m } else { 2 * m } + 4096,
+            embed_bytes: m,
+            lm_head_bytes: if tied { 0 } else { m },
+            tied,
+            kv_bytes: 5 << 20,
+            activation_bytes: 5 << 20,
+            prefetch_depth: 1,
+            context: 10,
+        }
+    }
+
+    #[test]
+    fn the_head_leaves_the_device_only_when_it_must() {
+        let plan = |tied, budget: u64| {
+            make_plan(
+                &big_head(tied),
+                MemoryBudget {
+                    device: Some(budget),
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        // Room for the head: it stays.
+        let p = plan(false, 100 << 20);
+        assert!(!p.embedding_on_host && p.lm_head_chunk_bytes.is_none());
+        // 60 MiB: the embedding goes to the host, the LM head stays.
+        let p = plan(false, 60 << 20);
+        assert!(p.embedding_on_host && p.lm_head_chunk_bytes.is_none());
+        assert_eq!(p.head_bytes, (40 << 20) + 4096);
+        // 30 MiB: the LM head streams too, in chunks that fit the rest.
+        let p = plan(false, 30 << 20);
+        assert!(p.embedding_on_host);
+        let chunk = p.lm_head_chunk_bytes.unwrap();
+        assert!(((10 << 20)..=MAX_HEAD_CHUNK).contains(&chunk), "{chunk}");
+        assert!(p.head_bytes + chunk + (10 << 20) <= 30 << 20);
+        assert!(p.resident_layers.is_empty());
+        // Tied: one matrix, so both move together.
+        let p = plan(true, 45 << 20);
+        assert!(p.embedding_on_host && p.lm_head_chunk_bytes.is_some());
+        assert_eq!(p.head_bytes, 4096);
+        // Far too small even so: the error says what was tried.
+        let e = make_plan(
+            &big_head(false),
+            MemoryBudget {
+                device: Some(12 << 20),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("LM head streamed in chunks"), "{e}");
     }
 }

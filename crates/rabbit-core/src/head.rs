@@ -1,0 +1,196 @@
+//! The embedding and LM-head matrices when the device budget cannot hold them (a 70B model's are
+//! 2.1 GB each in bf16, more than half of a 4 GB card): the matrix stays in its split file,
+//! mapped, and is used in place on the host.
+//!
+//! - Embedding lookup: the rows of the batch's ids are gathered on the host (a few KB per token)
+//!   and only the hidden states go to the device.
+//! - LM head: the rows are walked in chunks of at most `chunk_rows`; each chunk goes to the device
+//!   (or is viewed in place on the CPU), is multiplied, and its pages are released again, so the
+//!   LM head costs one chunk of memory, not the whole matrix.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rabbit_split::manifest::UnitEntry;
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{CoreError, Result};
+use crate::weights::kind_of;
+
+/// A `[rows, cols]` matrix viewed in a mapped split file.
+pub struct MappedMatrix {
+    map: memmap2::Mmap,
+    /// Byte offset of the tensor inside the mapping.
+    offset: usize,
+    stored: Kind,
+    elem: usize,
+    rows: i64,
+    cols: i64,
+    path: PathBuf,
+}
+
+impl MappedMatrix {
+    /// Maps tensor `name` of `entry` (a unit of the split in `dir`). Quantized tensors cannot be
+    /// used this way (their rows are not stored as rows).
+    pub fn open(dir: &Path, entry: &UnitEntry, name: &str) -> Result<Arc<MappedMatrix>> {
+        let path = dir.join(&entry.file);
+        let bad = |reason: String| CoreError::BadTensor {
+            file: path.clone(),
+            tensor: name.to_string(),
+            reason,
+        };
+        if entry.quantized.iter().any(|q| q.name == name) {
+            return Err(CoreError::InvalidInput(format!(
+                "{}: `{name}` is compressed (--compress-embeddings) and cannot be streamed from the \
+                 split; give the device budget room for it or split without --compress-embeddings",
+                path.display()
+            )));
+        }
+        let t = entry
+            .tensors
+            .iter()
+            .find(|t| t.name == name)
+            .ok_or_else(|| bad("missing from the split".into()))?;
+        let stored = kind_of(t.dtype)
+            .filter(|k| matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half))
+            .ok_or_else(|| bad(format!("dtype {} cannot hold weights", t.dtype.name())))?;
+        if t.shape.len() != 2 {
+            return Err(bad(format!("shape {:?} is not a matrix", t.shape)));
+        }
+        let elem = t.dtype.size_bytes();
+        let (rows, cols) = (t.shape[0], t.shape[1]);
+        if (rows * cols * elem) as u64 != t.len {
+            return Err(bad(format!("{} bytes for shape {:?}", t.len, t.shape)));
+        }
+        let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+        let file_len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
+        if file_len < entry.data_offset + t.offset + t.len {
+            return Err(CoreError::io(
+                &path,
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
+                ),
+            ));
+        }
+        // SAFETY: split files are written once (tmp + rename) and never modified in place.
+        let map = unsafe {
+            memmap2::MmapOptions::new()
+                .offset(entry.data_offset)
+                .len(entry.data_len as usize)
+                .map(&file)
+        }
+        .map_err(|e| CoreError::io(&path, e))?;
+        Ok(Arc::new(MappedMatrix {
+            map,
+            offset: t.offset as usize,
+            stored,
+            elem,
+            rows: rows as i64,
+            cols: cols as i64,
+            path,
+        }))
+    }
+
+    /// Rows of the matrix.
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+
+    /// Columns of the matrix (the hidden size).
+    pub fn cols(&self) -> i64 {
+        self.cols
+    }
+
+    /// A CPU view of rows `start..start + n` (stored dtype). Must not outlive `self`.
+    fn view(&self, start: i64, n: i64) -> Result<Tensor> {
+        let at = self.offset + (start * self.cols) as usize * self.elem;
+        // SAFETY: the range lies inside the mapping (checked at open; callers stay within
+        // `rows`), the split aligns tensors naturally, and the view is dropped before `self`.
+        Ok(unsafe {
+            Tensor::f_from_blob(
+                self.map.as_ptr().add(at),
+                &[n, self.cols],
+                &[],
+                self.stored,
+                Device::Cpu,
+            )?
+        })
+    }
+
+    /// Releases the pages of rows `start..start + n` from this process (they stay in the page
+    /// cache), so walking the matrix never piles it up in RSS.
+    fn release(&self, start: i64, n: i64) {
+        let page = 4096usize;
+        let from = self.offset + (start * self.cols) as usize * self.elem;
+        let to = from + (n * self.cols) as usize * self.elem;
+        // Whole pages inside the range only (a page shared with a neighbouring chunk stays).
+        let a = from.div_ceil(page) * page;
+        let b = to / page * page;
+        if b > a {
+            // SAFETY: advisory call on a range inside our own read-only file mapping; with
+            // MADV_DONTNEED the next access simply faults the page in again from the file.
+            unsafe {
+                libc::madvise(
+                    self.map.as_ptr().add(a) as *mut libc::c_void,
+                    b - a,
+                    libc::MADV_DONTNEED,
+                );
+            }
+        }
+    }
+
+    /// Embedding lookup on the host: `ids` (any shape, any device) → `[..ids, cols]` on `device`
+    /// in `kind`.
+    pub fn embed(&self, ids: &Tensor, device: Device, kind: Kind) -> Result<Tensor> {
+        let flat = ids.f_to_device(Device::Cpu)?.f_reshape([-1])?;
+        let (lo, hi) = (
+            flat.f_min()?.int64_value(&[]),
+            flat.f_max()?.int64_value(&[]),
+        );
+        if lo < 0 || hi >= self.rows {
+            return Err(CoreError::InvalidInput(format!(
+                "{}: token id {} is outside the embedding's {} rows",
+                self.path.display(),
+                if lo < 0 { lo } else { hi },
+                self.rows
+            )));
+        }
+        let rows = self.view(0, self.rows)?.f_index_select(0, &flat)?;
+        let mut shape = ids.size();
+        shape.push(self.cols);
+        Ok(rows
+            .f_to_device(device)?
+            .f_to_kind(kind)?
+            .f_reshape(shape.as_slice())?)
+    }
+
+    /// `h @ M^T` for `h` `[.., cols]` on `device`, walking the rows in chunks of `chunk_rows`:
+    /// `[.., rows]` logits in `kind`.
+    pub fn linear_chunked(
+        &self,
+        h: &Tensor,
+        chunk_rows: i64,
+        device: Device,
+        kind: Kind,
+    ) -> Result<Tensor> {
+        let chunk_rows = chunk_rows.max(1);
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < self.rows {
+            let n = chunk_rows.min(self.rows - start);
+            let w = self.view(start, n)?;
+            let w = if device == Device::Cpu && self.stored == kind {
+                w
+            } else {
+                w.f_to_device(device)?.f_to_kind(kind)?
+            };
+            parts.push(h.f_linear::<Tensor>(&w, None)?);
+            drop(w);
+            self.release(start, n);
+            start += n;
+        }
+        Ok(Tensor::f_cat(&parts, -1)?)
+    }
+}
