@@ -201,6 +201,11 @@ trait OutElem: Copy + Default + Send + Sync {
     fn nf4_fast(_codes: &[u8], _scales: &[f32], _block: usize, _out: &mut [Self]) -> usize {
         0
     }
+
+    /// The same for int8 blocks.
+    fn int8_fast(_codes: &[u8], _scales: &[f32], _block: usize, _out: &mut [Self]) -> usize {
+        0
+    }
 }
 
 impl OutElem for f32 {
@@ -240,6 +245,57 @@ impl OutElem for Bf16Bits {
         let _ = (codes, scales, block, out);
         0
     }
+
+    fn int8_fast(codes: &[u8], scales: &[f32], block: usize, out: &mut [Self]) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        if block.is_multiple_of(16) && std::arch::is_x86_feature_detected!("sse4.1") {
+            let blocks = (out.len() / block)
+                .min(scales.len())
+                .min(codes.len() / block);
+            // SAFETY: the feature was detected; `blocks` full blocks of codes, scales and output
+            // exist (checked just above).
+            unsafe { int8_bf16_sse(codes, scales, block, blocks, out.as_mut_ptr() as *mut u16) };
+            return blocks;
+        }
+        let _ = (codes, scales, block, out);
+        0
+    }
+}
+
+/// Rounds four f32 lanes to bf16 bits (in the low half of each 32-bit lane), exactly like
+/// [`Bf16Bits::from_f32`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+unsafe fn bf16_round_sse(v: std::arch::x86_64::__m128) -> std::arch::x86_64::__m128i {
+    use std::arch::x86_64::*;
+    let i = _mm_castps_si128(v);
+    let lsb = _mm_and_si128(_mm_srli_epi32(i, 16), _mm_set1_epi32(1));
+    _mm_srli_epi32(
+        _mm_add_epi32(_mm_add_epi32(i, _mm_set1_epi32(0x7fff)), lsb),
+        16,
+    )
+}
+
+/// int8 → bf16 for `blocks` full blocks, 16 codes per step: sign-extend, convert, scale, round.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "sse4.1")]
+unsafe fn int8_bf16_sse(codes: &[u8], scales: &[f32], block: usize, blocks: usize, out: *mut u16) {
+    use std::arch::x86_64::*;
+    for b in 0..blocks {
+        let s = _mm_set1_ps(*scales.get_unchecked(b));
+        let src = codes.as_ptr().add(b * block);
+        let dst = out.add(b * block);
+        for j in (0..block).step_by(16) {
+            let x = _mm_loadu_si128(src.add(j) as *const __m128i);
+            let quarter = |g: __m128i| bf16_round_sse(_mm_mul_ps(_mm_cvtepi32_ps(g), s));
+            let q0 = quarter(_mm_cvtepi8_epi32(x));
+            let q1 = quarter(_mm_cvtepi8_epi32(_mm_srli_si128(x, 4)));
+            let q2 = quarter(_mm_cvtepi8_epi32(_mm_srli_si128(x, 8)));
+            let q3 = quarter(_mm_cvtepi8_epi32(_mm_srli_si128(x, 12)));
+            _mm_storeu_si128(dst.add(j) as *mut __m128i, _mm_packus_epi32(q0, q1));
+            _mm_storeu_si128(dst.add(j + 8) as *mut __m128i, _mm_packus_epi32(q2, q3));
+        }
+    }
 }
 
 /// NF4 → bf16 for `blocks` full blocks, 16 code bytes (32 values) per step: the block's 16
@@ -258,17 +314,13 @@ unsafe fn nf4_bf16_sse(codes: &[u8], scales: &[f32], block: usize, blocks: usize
         _mm_loadu_ps(NF4_CODEBOOK.as_ptr().add(12)),
     ];
     let nibble = _mm_set1_epi8(0x0f);
-    let one = _mm_set1_epi32(1);
-    let half = _mm_set1_epi32(0x7fff);
     // Even bytes (low halves of 8 words) to the low 8 lanes, odd bytes to the high 8.
     let split = _mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
     for b in 0..blocks {
         let s = _mm_set1_ps(*scales.get_unchecked(b));
         let mut bits = [_mm_setzero_si128(); 4];
         for (k, word) in bits.iter_mut().enumerate() {
-            let i = _mm_castps_si128(_mm_mul_ps(book[k], s));
-            let lsb = _mm_and_si128(_mm_srli_epi32(i, 16), one);
-            *word = _mm_srli_epi32(_mm_add_epi32(_mm_add_epi32(i, half), lsb), 16);
+            *word = bf16_round_sse(_mm_mul_ps(book[k], s));
         }
         let a = _mm_shuffle_epi8(_mm_packus_epi32(bits[0], bits[1]), split);
         let c = _mm_shuffle_epi8(_mm_packus_epi32(bits[2], bits[3]), split);
@@ -371,6 +423,9 @@ impl Quantized<'_> {
                 }
             }
             Compression::Int8 => {
+                let done = T::int8_fast(self.codes, scales, block, out);
+                let out = &mut out[done * block..];
+                let (codes, scales) = (codes.skip(done), &scales[done..]);
                 for ((o, c), &s) in out.chunks_mut(block).zip(codes).zip(scales) {
                     for (v, &byte) in o.iter_mut().zip(c) {
                         *v = T::from_f32(byte as i8 as f32 * s);
