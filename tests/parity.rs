@@ -372,18 +372,25 @@ fn logits_processors_match_transformers() {
     );
 }
 
-/// Every residency setting (all streamed, some resident, all resident, planner default) gives
-/// bit-identical logits and tokens.
+/// Every residency setting (all streamed, also with O_DIRECT reads, some resident, all resident,
+/// planner default) gives bit-identical logits and tokens.
 #[test]
 fn every_residency_plan_gives_identical_results() {
     let case = Case::load("qwen2_untied_f32");
     let (input, want) = case.sequences().remove(0);
     let split = tempfile::tempdir().unwrap();
     let mut reference: Option<Vec<f32>> = None;
-    for resident in [Some(0usize), Some(1), Some(99), None] {
+    for (resident, direct) in [
+        (Some(0usize), false),
+        (Some(0), true),
+        (Some(1), false),
+        (Some(99), false),
+        (None, false),
+    ] {
         let mut opts = LoadOptions::default()
             .device(DeviceSpec::Cpu)
             .dtype(DType::F32)
+            .direct_io(direct)
             .split_dir(split.path());
         if let Some(n) = resident {
             opts = opts.resident_layers(n);
@@ -410,7 +417,7 @@ fn every_residency_plan_gives_identical_results() {
             None => reference = Some(logits),
             Some(r) => assert!(
                 r == &logits,
-                "resident {resident:?}: logits differ from all-streamed"
+                "resident {resident:?} direct {direct}: logits differ from all-streamed"
             ),
         }
     }

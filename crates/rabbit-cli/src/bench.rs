@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::bench::{self, BenchConfig, BenchReport};
 use rabbit_core::plan::host_available;
-use rabbit_core::reader::{measure_read, ReadMode};
+use rabbit_core::reader::measure_read;
 use serde_json::json;
 
 use crate::generate::ModelArgs;
@@ -211,11 +211,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         .take(4)
         .map(|&i| &units[i])
         .collect();
-    let mode = if e.device() == rabbit_core::tch::Device::Cpu {
-        ReadMode::Map
-    } else {
-        ReadMode::Copy
-    };
+    let mode = e.read_mode();
     let (bw, floor) = if sample.is_empty() {
         (None, 0.0)
     } else {

@@ -36,6 +36,9 @@ pub struct ModelArgs {
     /// Layers read ahead of the one computing.
     #[arg(long, default_value_t = 2)]
     pub prefetch: usize,
+    /// Read streamed layers with O_DIRECT, bypassing the page cache (models larger than RAM).
+    #[arg(long)]
+    pub direct_io: bool,
     /// Hugging Face token for gated or private repos (else HF_TOKEN).
     #[arg(long)]
     pub token: Option<String>,
@@ -67,6 +70,7 @@ impl ModelArgs {
         let mut opts = LoadOptions::default()
             .device(self.device.parse::<DeviceSpec>()?)
             .prefetch_depth(self.prefetch)
+            .direct_io(self.direct_io)
             .delete_original(self.delete_original);
         if let Some(d) = &self.dtype {
             opts = opts.dtype(d.parse::<DType>()?);

@@ -8,7 +8,7 @@ use crate::engine::{Engine, Profile};
 use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateRequest};
 use crate::memory::peak_rss;
-use crate::reader::{measure_read, ReadMode};
+use crate::reader::measure_read;
 use crate::sampling::SamplingParams;
 
 /// The workload.
@@ -148,11 +148,7 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         .iter()
         .map(|&i| &engine.layer_units()[i])
         .collect();
-    let mode = if engine.device() == tch::Device::Cpu {
-        ReadMode::Map
-    } else {
-        ReadMode::Copy
-    };
+    let mode = engine.read_mode();
     let (read_bytes_per_s, io_floor) = if units.is_empty() {
         (0.0, 0.0)
     } else {

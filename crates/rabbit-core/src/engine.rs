@@ -32,6 +32,8 @@ pub struct EngineOptions {
     pub dtype: DType,
     /// Layers read ahead of the one computing.
     pub prefetch_depth: usize,
+    /// Read streamed layers with `O_DIRECT` into recycled buffers (bypassing the page cache).
+    pub direct_io: bool,
     /// Memory the planner may fill with resident layers.
     pub budget: MemoryBudget,
     /// Batch size the KV/activation reservation is planned for.
@@ -49,6 +51,7 @@ impl EngineOptions {
             device,
             dtype,
             prefetch_depth: 2,
+            direct_io: false,
             budget: MemoryBudget::default(),
             plan_batch: 1,
             plan_context: 4096,
@@ -155,6 +158,7 @@ pub struct Engine {
     /// Per layer: its slot in the reader's cycle when streamed.
     stream_slot: Vec<Option<usize>>,
     reader: Option<LayerReader>,
+    read_mode: ReadMode,
     /// Where streamed compressed layers are dequantized on the CPU (reused every layer).
     dequant_buffers: DequantBuffers,
     plan: Plan,
@@ -329,11 +333,7 @@ impl Engine {
         let refs: Vec<&UnitEntry> = plan.streamed_layers.iter().map(|&i| &layers[i]).collect();
         let depth = opts.prefetch_depth.max(1);
         // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
-        let mode = if device == Device::Cpu {
-            ReadMode::Map
-        } else {
-            ReadMode::Copy
-        };
+        let mode = ReadMode::for_device(device, opts.direct_io);
         let reader = if refs.is_empty() {
             None
         } else {
@@ -361,6 +361,7 @@ impl Engine {
             resident,
             stream_slot,
             reader,
+            read_mode: mode,
             dequant_buffers: DequantBuffers::default(),
             plan,
             rope,
@@ -409,6 +410,11 @@ impl Engine {
             .iter()
             .map(|&i| self.layers[i].data_len)
             .sum()
+    }
+
+    /// How streamed layers are read.
+    pub fn read_mode(&self) -> ReadMode {
+        self.read_mode
     }
 
     /// Where the planner put each part of the model.

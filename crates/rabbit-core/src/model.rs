@@ -26,6 +26,9 @@ pub struct LoadOptions {
     pub split_dir: Option<PathBuf>,
     /// Layers read ahead while one computes (default 2; 0 is treated as 1).
     pub prefetch_depth: usize,
+    /// Read streamed layers with `O_DIRECT`, bypassing the page cache (for models larger than
+    /// RAM; buffered reads where the file system refuses it).
+    pub direct_io: bool,
     /// Hub access.
     pub hub: HubOptions,
     /// Delete the original weight files once the split is verified complete.
@@ -45,6 +48,7 @@ impl Default for LoadOptions {
             dtype: None,
             split_dir: None,
             prefetch_depth: 2,
+            direct_io: false,
             hub: HubOptions::default(),
             delete_original: false,
             budget: MemoryBudget::default(),
@@ -73,6 +77,11 @@ impl LoadOptions {
     /// Read-ahead depth.
     pub fn prefetch_depth(mut self, n: usize) -> Self {
         self.prefetch_depth = n;
+        self
+    }
+    /// Read streamed layers with `O_DIRECT`.
+    pub fn direct_io(mut self, on: bool) -> Self {
+        self.direct_io = on;
         self
     }
     /// Hub token.
@@ -200,6 +209,7 @@ impl AutoModel {
             spec,
             &EngineOptions {
                 prefetch_depth: opts.prefetch_depth,
+                direct_io: opts.direct_io,
                 budget: opts.budget,
                 ..EngineOptions::new(device, dtype)
             },

@@ -11,6 +11,11 @@
 //!   stealing a core and not. The mapping is dropped (munmap) after the layer, so mapped pages
 //!   never pile up in RSS.
 //!
+//! - [`ReadMode::Direct`]: like `Copy`, with the files opened `O_DIRECT`: the bytes go from the
+//!   disk into the buffer without passing through (and evicting) the page cache, for models
+//!   larger than RAM. Where the file system refuses `O_DIRECT` (tmpfs, some overlays) the reader
+//!   falls back to buffered reads of the same buffers, with a warning.
+//!
 //! The reader cycles through its units forever (token after token) until it is dropped.
 
 use std::fs::File;
@@ -34,6 +39,49 @@ pub enum ReadMode {
     Copy,
     /// mmap + populate, viewed in place.
     Map,
+    /// pread with `O_DIRECT` (page cache bypassed) into recycled page-aligned buffers.
+    Direct,
+}
+
+impl ReadMode {
+    /// The mode for a compute device: mapped views on the CPU, buffers a device copy can read
+    /// from otherwise; `direct` asks for `O_DIRECT` buffers on either.
+    pub fn for_device(device: tch::Device, direct: bool) -> ReadMode {
+        if direct {
+            ReadMode::Direct
+        } else if device == tch::Device::Cpu {
+            ReadMode::Map
+        } else {
+            ReadMode::Copy
+        }
+    }
+}
+
+/// Alignment `O_DIRECT` needs of offsets, lengths and buffer addresses (the largest logical block
+/// size in use; the split aligns data regions to it).
+const DIRECT_ALIGN: u64 = 4096;
+
+/// Opens a unit file for `mode`: `O_DIRECT` when asked and the file system allows it.
+fn open_unit(path: &Path, mode: ReadMode, offset: u64) -> Result<(File, bool)> {
+    if mode == ReadMode::Direct && offset.is_multiple_of(DIRECT_ALIGN) {
+        use std::os::unix::fs::OpenOptionsExt;
+        match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(f) => return Ok((f, true)),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the file system does not support O_DIRECT; reading through the page cache"
+                );
+            }
+            Err(e) => return Err(CoreError::io(path, e)),
+        }
+    }
+    let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
+    Ok((f, false))
 }
 
 /// The bytes of one unit's data region.
@@ -69,6 +117,8 @@ struct Source {
     file: Arc<File>,
     offset: u64,
     len: usize,
+    /// Opened with `O_DIRECT`: reads must be aligned.
+    direct: bool,
 }
 
 /// A prefetching reader over a fixed cycle of unit files.
@@ -102,16 +152,17 @@ impl LayerReader {
         let mut max_len = 0usize;
         for u in units {
             let path = dir.join(&u.file);
-            let file = Arc::new(File::open(&path).map_err(|e| CoreError::io(&path, e))?);
+            let (file, direct) = open_unit(&path, mode, u.data_offset)?;
             let len = usize::try_from(u.data_len).map_err(|_| {
                 CoreError::InvalidInput(format!("{}: unit too large", path.display()))
             })?;
             max_len = max_len.max(len);
             sources.push(Source {
                 path,
-                file,
+                file: Arc::new(file),
                 offset: u.data_offset,
                 len,
+                direct,
             });
         }
         let regions: Vec<(Arc<File>, u64, u64)> = sources
@@ -124,7 +175,7 @@ impl LayerReader {
         // Mapped reads need none: allocating them anyway would cost depth + 1 layers of RSS
         // (aligned zeroed allocations are written, so every page is resident).
         let (free_tx, free_rx) = bounded::<AlignedBuf>(depth + 2);
-        if mode == ReadMode::Copy {
+        if mode != ReadMode::Map {
             for _ in 0..depth + 1 {
                 free_tx
                     .send(AlignedBuf::new(max_len))
@@ -233,7 +284,7 @@ fn read_loop(
     while !stop.load(Ordering::SeqCst) {
         let src = &sources[slot];
         let result = match mode {
-            ReadMode::Copy => {
+            ReadMode::Copy | ReadMode::Direct => {
                 let Ok(mut buf) = free_rx.recv() else { return };
                 if stop.load(Ordering::SeqCst) {
                     return;
@@ -311,6 +362,9 @@ fn all_cached(m: &memmap2::Mmap) -> bool {
 }
 
 fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
+    if src.direct {
+        return read_region_direct(src, buf);
+    }
     let dst = &mut buf.spare_mut()[..src.len];
     src.file.read_exact_at(dst, src.offset).map_err(|e| {
         let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
@@ -323,6 +377,44 @@ fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
         };
         CoreError::io(&src.path, e)
     })?;
+    buf.set_len(src.len);
+    Ok(())
+}
+
+/// `O_DIRECT` read of a region: whole aligned blocks into the aligned buffer (its capacity is a
+/// multiple of the alignment), up to the end of the region or of the file.
+fn read_region_direct(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
+    let want = (src.len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let spare = buf.spare_mut();
+    let want = (want as usize).min(spare.len());
+    let mut got = 0usize;
+    while got < src.len {
+        match src
+            .file
+            .read_at(&mut spare[got..want], src.offset + got as u64)
+        {
+            Ok(0) => break,
+            Ok(n) => {
+                got += n;
+                // An unaligned short read is the end of the file (and another read from an
+                // unaligned offset would be refused).
+                if !(got as u64).is_multiple_of(DIRECT_ALIGN) {
+                    break;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(CoreError::io(&src.path, e)),
+        }
+    }
+    if got < src.len {
+        return Err(CoreError::io(
+            &src.path,
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
+            ),
+        ));
+    }
     buf.set_len(src.len);
     Ok(())
 }
@@ -340,12 +432,13 @@ pub fn measure_read(
     let mut sources = Vec::with_capacity(units.len());
     for u in units {
         let path = dir.join(&u.file);
-        let file = Arc::new(File::open(&path).map_err(|e| CoreError::io(&path, e))?);
+        let (file, direct) = open_unit(&path, mode, u.data_offset)?;
         sources.push(Source {
             path,
-            file,
+            file: Arc::new(file),
             offset: u.data_offset,
             len: u.data_len as usize,
+            direct,
         });
     }
     if cold {
@@ -357,7 +450,7 @@ pub fn measure_read(
         }
     }
     let mut buf = match mode {
-        ReadMode::Copy => Some(AlignedBuf::new(
+        ReadMode::Copy | ReadMode::Direct => Some(AlignedBuf::new(
             sources.iter().map(|s| s.len).max().unwrap_or(1),
         )),
         ReadMode::Map => None,
