@@ -257,6 +257,18 @@ def write_prompts(path: Path, seed: int, batch: int, length: int, limit: int) ->
 # ---- one engine run ----------------------------------------------------------------------------
 
 
+def run_key(engine: str, preset: str, batch: int, compression: str, rep: int) -> dict:
+    """The fields that identify one timed run in results.json."""
+    return {
+        "kind": "run",
+        "engine": engine,
+        "preset": preset,
+        "batch": batch,
+        "compression": compression,
+        "rep": rep,
+    }
+
+
 class Bench:
     """The matrix: runs every engine process and keeps the records and the results files."""
 
@@ -427,14 +439,7 @@ class Bench:
     ) -> dict:
         """One timed run of ``engine`` in a fresh process."""
         a = self.args
-        base = {
-            "kind": "run",
-            "engine": engine,
-            "preset": preset,
-            "batch": batch,
-            "compression": compression,
-            "rep": rep,
-        }
+        base = run_key(engine, preset, batch, compression, rep)
         if engine == "rabbit":
             cmd = [str(a.rabbit), "bench", *self.rabbit_common(model, compression)]
             cmd += ["--prompt-ids-file", str(prompts), "--new-tokens", str(a.new_tokens)]
@@ -565,14 +570,7 @@ class Bench:
                         for engine in a.engines:
                             family = "rabbit" if engine == "rabbit" else "airllm"
                             if family in split_failed:
-                                base = {
-                                    "kind": "run",
-                                    "engine": engine,
-                                    "preset": preset,
-                                    "batch": batch,
-                                    "compression": compression,
-                                    "rep": rep,
-                                }
+                                base = run_key(engine, preset, batch, compression, rep)
                                 self.record(
                                     {
                                         **base,

@@ -63,6 +63,17 @@ impl CoreError {
             source,
         }
     }
+
+    /// A split file that ends before the manifest says it should.
+    pub(crate) fn truncated(path: impl Into<PathBuf>) -> Self {
+        CoreError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
+            ),
+        )
+    }
 }
 
 /// Result alias for this crate.

@@ -66,13 +66,7 @@ impl MappedMatrix {
         let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
         let file_len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
         if file_len < entry.data_offset + t.offset + t.len {
-            return Err(CoreError::io(
-                &path,
-                std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
-                ),
-            ));
+            return Err(CoreError::truncated(&path));
         }
         // SAFETY: split files are written once (tmp + rename) and never modified in place.
         let map = unsafe {

@@ -320,13 +320,7 @@ fn map_region(src: &Source) -> Result<memmap2::Mmap> {
         .map_err(|e| CoreError::io(&src.path, e))?
         .len();
     if file_len < src.offset + src.len as u64 {
-        return Err(CoreError::io(
-            &src.path,
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
-            ),
-        ));
+        return Err(CoreError::truncated(&src.path));
     }
     let map = |populate: bool| {
         let mut opts = memmap2::MmapOptions::new();
@@ -366,17 +360,12 @@ fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
         return read_region_direct(src, buf);
     }
     let dst = &mut buf.spare_mut()[..src.len];
-    src.file.read_exact_at(dst, src.offset).map_err(|e| {
-        let e = if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            std::io::Error::new(
-                e.kind(),
-                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
-            )
-        } else {
-            e
-        };
-        CoreError::io(&src.path, e)
-    })?;
+    src.file
+        .read_exact_at(dst, src.offset)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => CoreError::truncated(&src.path),
+            _ => CoreError::io(&src.path, e),
+        })?;
     buf.set_len(src.len);
     Ok(())
 }
@@ -407,13 +396,7 @@ fn read_region_direct(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
         }
     }
     if got < src.len {
-        return Err(CoreError::io(
-            &src.path,
-            std::io::Error::new(
-                std::io::ErrorKind::UnexpectedEof,
-                "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
-            ),
-        ));
+        return Err(CoreError::truncated(&src.path));
     }
     buf.set_len(src.len);
     Ok(())

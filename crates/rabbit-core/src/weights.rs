@@ -86,10 +86,7 @@ fn dequantize_cpu(
     let numel: usize = q.shape.iter().product();
     let block = q.block_size;
     let blocks = scales.numel();
-    let codes_per_block = match q.scheme {
-        Compression::Nf4 => block / 2,
-        Compression::Int8 => block,
-    };
+    let codes_per_block = codes_per_block(q.scheme, block);
     if codes.numel() != blocks * codes_per_block
         || numel > blocks * block
         || !block.is_multiple_of(2)
@@ -354,6 +351,14 @@ impl OutElem for half::f16 {
     }
 }
 
+/// Code bytes per block: NF4 packs two values per byte, int8 stores one.
+fn codes_per_block(scheme: Compression, block: usize) -> usize {
+    match scheme {
+        Compression::Nf4 => block / 2,
+        Compression::Int8 => block,
+    }
+}
+
 /// The stored form of one quantized tensor, borrowed.
 struct Quantized<'a> {
     scheme: Compression,
@@ -364,10 +369,7 @@ struct Quantized<'a> {
 
 impl Quantized<'_> {
     fn codes_per_block(&self) -> usize {
-        match self.scheme {
-            Compression::Nf4 => self.block / 2,
-            Compression::Int8 => self.block,
-        }
+        codes_per_block(self.scheme, self.block)
     }
 
     /// Fills `out` (the first `out.len()` values) on up to 8 threads, split on block boundaries.
