@@ -1,17 +1,29 @@
 //! rabbitllm: run language models far larger than device memory by streaming one decoder layer
-//! at a time. This facade re-exports the workspace crates; most users need only [`AutoModel`].
+//! at a time.
+//!
+//! This crate is the front end: it finds (or downloads) a checkpoint ([`hub`]), splits it on
+//! first use, opens the executor ([`rabbit_core::Engine`]) and turns text into token ids and back
+//! ([`text`]). Most users need only [`AutoModel`]. The executor itself (`rabbit-core`) builds and
+//! runs without network or tokenizer crates.
 //!
 //! ```no_run
 //! use rabbitllm::{AutoModel, LoadOptions};
 //! let mut model = AutoModel::from_pretrained("Qwen/Qwen2.5-0.5B-Instruct", LoadOptions::default())?;
 //! println!("{}", model.generate_text("The capital of France is", 16)?);
-//! # Ok::<(), rabbitllm::CoreError>(())
+//! # Ok::<(), rabbitllm::Error>(())
 //! ```
 
+pub mod error;
+pub mod hub;
+pub mod model;
+pub mod text;
+
+pub use error::{Error, Result};
+pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
 pub use rabbit_core as core;
 pub use rabbit_core::{
-    AutoModel, Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, LoadOptions,
-    Model, SamplingParams, TokenEvent,
+    Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, SamplingParams,
+    TokenEvent,
 };
 pub use rabbit_models as models;
 pub use rabbit_split as split;

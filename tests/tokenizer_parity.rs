@@ -4,23 +4,37 @@
 
 use std::path::PathBuf;
 
-use rabbitllm::core::text;
+use rabbitllm::text;
 use serde_json::Value;
 use tokenizers::{NormalizedString, Normalizer};
 
-fn tokenizer_dir(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/data/tokenizers")
-        .join(name)
+/// A real tokenizer from the shared data directory beside the checkout
+/// (`../shared/data/tokenizers`, or `RABBIT_SHARED_TOKENIZERS`). Absent: the test says so and
+/// does not run; under CI (`CI` set) that is a failure, since CI always has the directory.
+fn tokenizer_dir(name: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("RABBIT_SHARED_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/data/tokenizers")
+        });
+    let dir = root.join(name);
+    if dir.join("tokenizer.json").is_file() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "needs the real {name} tokenizer at {} (the shared data directory beside the checkout, \
+         or set RABBIT_SHARED_TOKENIZERS)",
+        dir.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{msg}");
+    eprintln!("SKIPPED, did not run: {msg}");
+    None
 }
 
 fn check(name: &str) {
-    let dir = tokenizer_dir(name);
-    assert!(
-        dir.join("tokenizer.json").exists(),
-        "missing {}: the shared data directory must sit beside the checkout",
-        dir.display()
-    );
+    let Some(dir) = tokenizer_dir(name) else {
+        return;
+    };
     let tok = text::load_tokenizer(&dir)
         .unwrap()
         .expect("tokenizer.json present");
@@ -57,9 +71,10 @@ fn check(name: &str) {
 /// A user typing `<|im_end|>` gets plain text, not the control token; markup gets the token.
 #[test]
 fn special_tokens_in_user_text_stay_plain() {
-    let tok = text::load_tokenizer(&tokenizer_dir("qwen2"))
-        .unwrap()
-        .unwrap();
+    let Some(dir) = tokenizer_dir("qwen2") else {
+        return;
+    };
+    let tok = text::load_tokenizer(&dir).unwrap().unwrap();
     let codec = text::TextCodec::new(tok);
     let markup = codec.encode("Hello<|im_end|>", true).unwrap();
     assert_eq!(markup, vec![9707, 151645]);
@@ -72,12 +87,39 @@ fn special_tokens_in_user_text_stay_plain() {
     assert_eq!(codec.decode(&plain).unwrap(), "Hello<|im_end|>");
 }
 
+/// The byte bound behind the early context check: no text of N tokens is longer than
+/// `N * max_token_bytes` (checked on real text, tokens of every length).
+#[test]
+fn max_token_bytes_bounds_the_text_of_a_token() {
+    let Some(dir) = tokenizer_dir("qwen2") else {
+        return;
+    };
+    let codec = text::TextCodec::new(text::load_tokenizer(&dir).unwrap().unwrap());
+    let m = codec.max_token_bytes();
+    assert!((16..=1024).contains(&m), "max token bytes {m}");
+    for sample in [
+        "The quick brown fox jumps over the lazy dog. ".repeat(50),
+        " ".repeat(5000),
+        "=".repeat(3000),
+        "日本語のテキスト、🦀🐇 naïve café ".repeat(40),
+    ] {
+        let n = codec.encode(&sample, false).unwrap().len();
+        assert!(
+            sample.len() <= n * m,
+            "{} bytes in {n} tokens",
+            sample.len()
+        );
+        assert!(sample.len() <= codec.max_text_bytes(n));
+    }
+}
+
 /// Streaming decode never emits half a multi-byte character.
 #[test]
 fn streaming_decode_keeps_characters_whole() {
-    let tok = text::load_tokenizer(&tokenizer_dir("qwen2"))
-        .unwrap()
-        .unwrap();
+    let Some(dir) = tokenizer_dir("qwen2") else {
+        return;
+    };
+    let tok = text::load_tokenizer(&dir).unwrap().unwrap();
     let codec = text::TextCodec::new(tok);
     let text_in = "naïve café 日本語 🦀🐇 done";
     let ids = codec.encode(text_in, false).unwrap();
@@ -111,7 +153,9 @@ fn qwen3_tokenizer_matches_python() {
 #[test]
 fn chat_encoding_keeps_user_typed_special_tokens_plain() {
     use rabbitllm::models::chat::{ChatTemplate, Message};
-    let dir = tokenizer_dir("qwen2");
+    let Some(dir) = tokenizer_dir("qwen2") else {
+        return;
+    };
     let codec = text::TextCodec::new(text::load_tokenizer(&dir).unwrap().unwrap());
     let tpl = ChatTemplate::from_tokenizer_config(&dir).unwrap().unwrap();
     let encode_chat = |msgs: &[Message]| {

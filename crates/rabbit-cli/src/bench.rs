@@ -9,8 +9,9 @@ use rabbit_core::plan::host_available;
 use rabbit_core::reader::measure_read;
 use serde_json::json;
 
-use crate::generate::ModelArgs;
-use crate::util::human_bytes;
+use crate::load::ModelArgs;
+use crate::out::{note, outln};
+use crate::report::{head_note, human_bytes};
 
 /// Arguments of `rabbit bench`.
 #[derive(Args)]
@@ -88,16 +89,16 @@ fn read_prompt_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
     Ok(seqs)
 }
 
-fn print_report(r: &BenchReport) {
-    println!(
+fn print_report(r: &BenchReport) -> Result<()> {
+    outln!(
         "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {} | load {:.2} s",
         r.decode_s_per_token,
         r.config.batch,
         r.prefill_tokens_per_s,
         human_bytes(r.peak_memory_bytes),
         r.load_s.unwrap_or(0.0)
-    );
-    println!(
+    )?;
+    outln!(
         "streamed: {} per token from {} layers ({} resident) | read {}/s{} | I/O floor {:.4} s/token",
         human_bytes(r.bytes_streamed_per_token),
         r.streamed_layers,
@@ -105,14 +106,14 @@ fn print_report(r: &BenchReport) {
         human_bytes(r.read_bytes_per_s as u64),
         if r.config.cold { " (cold)" } else { "" },
         r.io_floor_s_per_token
-    );
+    )?;
     if let (Some(c), Some(f), Some(ratio)) =
         (r.compute_s_per_token, r.floor_s_per_token, r.ratio_to_floor)
     {
-        println!("compute-only (resident) {c:.4} s/token | floor max(I/O, compute) {f:.4} s/token | decode / floor = {ratio:.2}");
+        outln!("compute-only (resident) {c:.4} s/token | floor max(I/O, compute) {f:.4} s/token | decode / floor = {ratio:.2}")?;
     }
     let p = &r.profile;
-    println!(
+    outln!(
         "profile: wait {:.3} s | read {:.3} s | stage {:.3} s | compute {:.3} s | head {:.3} s | bottleneck: {}",
         p.read_wait_s,
         p.read_s,
@@ -120,7 +121,8 @@ fn print_report(r: &BenchReport) {
         p.compute_s,
         p.head_s,
         p.bottleneck()
-    );
+    )?;
+    Ok(())
 }
 
 /// Runs `rabbit bench`.
@@ -172,16 +174,16 @@ pub fn run(a: BenchArgs) -> Result<()> {
             .context("compute-only baseline")?;
             report = report.with_compute_baseline(base.decode_s_per_token);
         } else if !a.json {
-            eprintln!(
+            note!(
                 "compute-only baseline skipped: the layers ({}) do not fit in half of free memory",
                 human_bytes(layer_bytes)
             );
         }
     }
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
@@ -220,7 +222,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         (Some(bw), plan.streamed_bytes_per_sweep as f64 / bw)
     };
     if a.json {
-        println!(
+        outln!(
             "{}",
             json!({
                 "architecture": spec.architecture,
@@ -232,16 +234,16 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 "io_floor_s_per_token": floor,
                 "device": rabbit_core::device::device_name(e.device()),
             })
-        );
+        )?;
         return Ok(());
     }
-    println!(
+    outln!(
         "{} ({}), {} parameters",
         spec.architecture,
         model.model_dir().display(),
         spec.num_parameters()
-    );
-    println!(
+    )?;
+    outln!(
         "{} layers of {} each | hidden {} | heads {}/{} x {} | vocab {} | context {}",
         spec.num_layers,
         human_bytes(per_layer),
@@ -251,8 +253,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
         spec.head_dim,
         spec.vocab_size,
         spec.max_position_embeddings
-    );
-    println!(
+    )?;
+    outln!(
         "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
         rabbit_core::device::device_name(e.device()),
         human_bytes(plan.device_budget),
@@ -265,33 +267,14 @@ pub fn info(a: InfoArgs) -> Result<()> {
         human_bytes(plan.streamed_bytes_per_sweep),
         human_bytes(plan.kv_bytes),
         human_bytes(plan.activation_bytes)
-    );
+    )?;
     match bw {
-        Some(bw) => println!(
+        Some(bw) => outln!(
             "measured read bandwidth {}/s -> I/O floor {:.4} s/token",
             human_bytes(bw as u64),
             floor
-        ),
-        None => println!("nothing streams: no I/O floor"),
+        )?,
+        None => outln!("nothing streams: no I/O floor")?,
     }
     Ok(())
-}
-
-/// How the plan placed the embedding and LM head when they did not fit on the device.
-pub fn head_note(plan: &rabbit_core::plan::Plan) -> String {
-    let mut parts = Vec::new();
-    if plan.embedding_on_host {
-        parts.push("embedding lookup on the host".to_string());
-    }
-    if let Some(c) = plan.lm_head_chunk_bytes {
-        parts.push(format!(
-            "LM head streamed every token in chunks of {}",
-            human_bytes(c)
-        ));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!(" ({})", parts.join(", "))
-    }
 }

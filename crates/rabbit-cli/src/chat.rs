@@ -1,6 +1,6 @@
 //! `rabbit chat` (interactive multi-turn REPL) and `rabbit template` (render a chat template).
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -8,10 +8,12 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rabbit_core::{Control, GenerateRequest, Model, SamplingParams};
+use rabbit_core::{Control, GenerateRequest, SamplingParams};
 use rabbit_models::chat::{load_messages, ChatTemplate, Message};
+use rabbitllm::Model;
 
-use crate::generate::ModelArgs;
+use crate::load::ModelArgs;
+use crate::out::{self, note, note_inline, outln, StdoutError};
 
 /// The model's chat template, or a clear error.
 pub fn template_of(dir: &Path) -> Result<ChatTemplate> {
@@ -46,18 +48,16 @@ pub struct TemplateArgs {
 
 /// Runs `rabbit template`: prints exactly the rendered prompt, nothing else.
 pub fn template(a: TemplateArgs) -> Result<()> {
-    let hub = rabbit_core::hub::HubOptions {
+    let hub = rabbitllm::hub::HubOptions {
         token: a.token,
         revision: a.revision,
         ..Default::default()
     };
-    let loc = rabbit_core::hub::locate(&a.model, &hub)?;
+    let loc = rabbitllm::hub::locate(&a.model, &hub)?;
     let tpl = template_of(&loc.dir)?;
     let messages = load_messages(&a.messages)?;
     let text = tpl.render(&messages, !a.no_generation_prompt)?;
-    let mut out = std::io::stdout().lock();
-    out.write_all(text.as_bytes())?;
-    out.flush()?;
+    out::write(&text)?;
     Ok(())
 }
 
@@ -104,14 +104,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
         .context("installing the Ctrl-C handler")?;
     let mut system = a.system.clone();
     let mut history: Vec<Message> = Vec::new();
-    eprintln!("{HELP}");
+    note!("{HELP}");
     let stdin = std::io::stdin();
     let mut line = String::new();
     loop {
-        eprint!("> ");
+        note_inline!("> ");
         line.clear();
         if stdin.lock().read_line(&mut line)? == 0 {
-            eprintln!();
+            note!();
             return Ok(());
         }
         let input = line.trim_end_matches(['\n', '\r']);
@@ -120,11 +120,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             "/exit" | "/quit" => return Ok(()),
             "/reset" => {
                 history.clear();
-                eprintln!("(conversation reset)");
+                note!("(conversation reset)");
                 continue;
             }
             "/help" => {
-                eprintln!("{HELP}");
+                note!("{HELP}");
                 continue;
             }
             _ => {}
@@ -133,14 +133,14 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             let text = rest.trim();
             system = (!text.is_empty()).then(|| text.to_string());
             history.clear();
-            eprintln!(
+            note!(
                 "(system prompt {}; conversation reset)",
                 if system.is_some() { "set" } else { "cleared" }
             );
             continue;
         }
         if input.trim().starts_with('/') {
-            eprintln!("unknown command `{}`; {HELP}", input.trim());
+            note!("unknown command `{}`; {HELP}", input.trim());
             continue;
         }
         history.push(Message {
@@ -153,9 +153,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
                 role: "assistant".into(),
                 content: text,
             }),
+            // Nobody reads the answers any more: end the session.
+            Err(e) if e.downcast_ref::<StdoutError>().is_some() => return Err(e),
             Err(e) => {
                 history.pop();
-                eprintln!("error: {e:#}");
+                note!("error: {e:#}");
             }
         }
     }
@@ -201,13 +203,14 @@ fn answer(
     };
     let codec = model.require_codec()?.clone();
     let mut stream = codec.stream();
-    let stdout = std::io::stdout();
     let start = Instant::now();
+    let mut write_err: Option<StdoutError> = None;
     let out = model.generate(&req, &mut |ev| {
         if let Ok(Some(piece)) = stream.step(ev.token) {
-            let mut lock = stdout.lock();
-            let _ = lock.write_all(piece.as_bytes());
-            let _ = lock.flush();
+            if let Err(e) = out::write(&piece) {
+                write_err = Some(e);
+                return Control::Cancel;
+            }
         }
         if stop.load(Ordering::SeqCst) {
             Control::Cancel
@@ -215,11 +218,14 @@ fn answer(
             Control::Continue
         }
     })?;
-    println!();
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
+    outln!()?;
     let s = &out.sequences[0];
     let n = s.output_ids.len();
     let secs = start.elapsed().as_secs_f64();
-    eprintln!(
+    note!(
         "[{n} tokens, {:.2} tok/s, prefill {:.2} s{}]",
         n as f64 / secs.max(1e-9),
         out.timings.prefill_s,

@@ -1,172 +1,19 @@
 //! `rabbit generate`: prompts or token ids in, tokens out (streamed), with timings and memory.
 
 use std::collections::HashMap;
-use std::io::Write;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::memory::{current_rss, peak_rss};
-use rabbit_core::{
-    AutoModel, ByteSize, Control, DType, DeviceSpec, GenerateRequest, LoadEvent, LoadOptions,
-    Model, SamplingParams,
-};
+use rabbit_core::{Control, GenerateRequest, SamplingParams};
 use rabbit_models::chat::Message;
-use rabbit_split::SplitEvent;
 use serde_json::json;
 
-use crate::util::{bar, human_bytes, show_progress};
-
-/// Options shared by every command that loads a model.
-#[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// Model directory (HF checkpoint) or hub repo id.
-    #[arg(long)]
-    pub model: String,
-    /// Compute device: cpu, cuda, cuda:N or auto.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's dtype).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Where the per-layer split lives (default: next to the checkpoint).
-    #[arg(long)]
-    pub split_dir: Option<PathBuf>,
-    /// Layers read ahead of the one computing.
-    #[arg(long, default_value_t = 2)]
-    pub prefetch: usize,
-    /// Read streamed layers with O_DIRECT, bypassing the page cache (models larger than RAM).
-    #[arg(long)]
-    pub direct_io: bool,
-    /// Hugging Face token for gated or private repos (else HF_TOKEN).
-    #[arg(long)]
-    pub token: Option<String>,
-    /// Hub revision (branch, tag or commit).
-    #[arg(long)]
-    pub revision: Option<String>,
-    /// Delete the original weights once the split is verified.
-    #[arg(long)]
-    pub delete_original: bool,
-    /// Memory for resident layers, KV cache and activations on the compute device (host RAM on
-    /// CPU), e.g. 4GiB; default: half of the free memory.
-    #[arg(long, value_name = "SIZE")]
-    pub device_memory_budget: Option<String>,
-    /// Keep exactly the first N decoder layers resident (0 streams every layer); overrides the
-    /// budget.
-    #[arg(long, value_name = "N")]
-    pub resident_layers: Option<usize>,
-    /// Stream block-wise compressed layers: 4bit (NF4) or 8bit (its own split directory).
-    #[arg(long, value_name = "4bit|8bit")]
-    pub compression: Option<String>,
-    /// With --compression, compress the embedding and LM head too.
-    #[arg(long, requires = "compression")]
-    pub compress_embeddings: bool,
-}
-
-impl ModelArgs {
-    /// Loads the model, reporting split progress on stderr unless quiet.
-    pub fn load(&self, quiet: bool) -> Result<(Model, f64)> {
-        let mut opts = LoadOptions::default()
-            .device(self.device.parse::<DeviceSpec>()?)
-            .prefetch_depth(self.prefetch)
-            .direct_io(self.direct_io)
-            .delete_original(self.delete_original);
-        if let Some(d) = &self.dtype {
-            opts = opts.dtype(d.parse::<DType>()?);
-        }
-        if let Some(d) = &self.split_dir {
-            opts = opts.split_dir(d);
-        }
-        if let Some(t) = &self.token {
-            opts = opts.token(t);
-        }
-        if let Some(r) = &self.revision {
-            opts = opts.revision(r);
-        }
-        if let Some(b) = &self.device_memory_budget {
-            let size: ByteSize = b.parse().context("--device-memory-budget")?;
-            opts = opts.device_memory_budget(size.0);
-        }
-        if let Some(n) = self.resident_layers {
-            opts = opts.resident_layers(n);
-        }
-        if let Some(c) = &self.compression {
-            let c: rabbit_split::Compression = c.parse().context("--compression")?;
-            opts = opts
-                .compression(Some(c))
-                .compress_embeddings(self.compress_embeddings);
-        }
-        opts.hub.progress = show_progress(quiet);
-        let start = Instant::now();
-        let mut split_bar: Option<indicatif::ProgressBar> = None;
-        let mut model =
-            AutoModel::from_pretrained_with_progress(&self.model, opts, &mut |e| match e {
-                // Always said once: splitting a big model takes a while and must not look like a hang.
-                LoadEvent::Split(SplitEvent::Planned {
-                    units,
-                    bytes,
-                    already_done,
-                }) if !quiet => {
-                    eprintln!(
-                        "splitting {} into {units} layer files ({})...",
-                        self.model,
-                        human_bytes(*bytes)
-                    );
-                    if show_progress(quiet) {
-                        let pb = bar((*units - *already_done) as u64, "split");
-                        split_bar = Some(pb);
-                    }
-                }
-                LoadEvent::Split(SplitEvent::UnitDone { .. }) => {
-                    if let Some(pb) = &split_bar {
-                        pb.inc(1);
-                    }
-                }
-                LoadEvent::Planned(p) if !quiet => {
-                    if let Some(pb) = split_bar.take() {
-                        pb.finish_and_clear();
-                    }
-                    eprintln!(
-                        "plan: {} layers resident ({}), {} streamed ({} per sweep){}; {}",
-                        p.resident_layers.len(),
-                        human_bytes(p.resident_layer_bytes),
-                        p.streamed_layers.len(),
-                        human_bytes(p.streamed_bytes_per_sweep),
-                        crate::bench::head_note(p),
-                        if p.budget_derived {
-                            format!(
-                                "budget {} (half of free memory)",
-                                human_bytes(p.device_budget)
-                            )
-                        } else if p.device_budget == 0 {
-                            "set by --resident-layers".to_string()
-                        } else {
-                            format!("budget {}", human_bytes(p.device_budget))
-                        }
-                    );
-                }
-                LoadEvent::Opened { device, dtype } if !quiet => {
-                    eprintln!("model on {device} ({dtype})");
-                }
-                _ => {}
-            })
-            .with_context(|| format!("loading {}", self.model))?;
-        if show_progress(quiet) {
-            // A bar across the layers of a prefill sweep (long prompts take a while per layer).
-            let mut pb: Option<indicatif::ProgressBar> = None;
-            model.engine.on_prefill_layer = Some(Box::new(move |done, total| {
-                let b = pb.get_or_insert_with(|| bar(total as u64, "prefill"));
-                b.set_position(done as u64);
-                if done == total {
-                    b.finish_and_clear();
-                    pb = None;
-                }
-            }));
-        }
-        Ok((model, start.elapsed().as_secs_f64()))
-    }
-}
+use crate::load::ModelArgs;
+use crate::out::{self, note, outln, StdoutError};
+use crate::report::human_bytes;
+use crate::util::{bar, show_progress};
 
 /// Arguments of `rabbit generate`.
 #[derive(Args)]
@@ -174,10 +21,10 @@ pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Text prompt (needs the model's tokenizer.json).
-    #[arg(long, conflicts_with = "input_ids")]
+    #[arg(long, conflicts_with = "input_ids", allow_hyphen_values = true)]
     prompt: Option<String>,
     /// Wrap --prompt in the model's chat template (one user turn, generation prompt added).
-    #[arg(long, requires = "prompt")]
+    #[arg(long, requires = "prompt", conflicts_with = "input_ids")]
     chat: bool,
     /// System prompt for --chat.
     #[arg(long, requires = "chat")]
@@ -204,7 +51,7 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Stop a sequence when its text contains this string (repeatable).
-    #[arg(long = "stop")]
+    #[arg(long = "stop", value_parser = non_empty_stop, allow_hyphen_values = true)]
     stop: Vec<String>,
     /// Print one JSON object as the last line of stdout.
     #[arg(long)]
@@ -219,6 +66,35 @@ pub struct GenerateArgs {
     /// Write the profile as JSON to this file.
     #[arg(long, value_name = "FILE")]
     profile_json: Option<PathBuf>,
+}
+
+fn non_empty_stop(s: &str) -> Result<String, String> {
+    if s.is_empty() {
+        Err("a stop string must not be empty (it would stop before the first token)".into())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// Fails early when `path` cannot be written later: its directory must exist and the path must
+/// not be a directory (found out only after the whole run otherwise).
+pub fn check_output_path(flag: &str, path: &Path) -> Result<()> {
+    if path.is_dir() {
+        bail!(
+            "{flag} {}: is a directory; give a file name",
+            path.display()
+        );
+    }
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if !parent.is_dir() {
+            bail!(
+                "{flag} {}: directory {} does not exist",
+                path.display(),
+                parent.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn parse_ids(s: &str) -> Result<Vec<u32>> {
@@ -242,15 +118,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         .map(|s| parse_ids(s))
         .collect::<Result<_>>()?;
     if let Some(path) = &a.dump_logits {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            if !parent.is_dir() {
-                bail!(
-                    "--dump-logits {}: directory {} does not exist",
-                    path.display(),
-                    parent.display()
-                );
-            }
-        }
+        check_output_path("--dump-logits", path)?;
+    }
+    if let Some(path) = &a.profile_json {
+        check_output_path("--profile-json", path)?;
     }
     let (mut model, load_s) = a.model.load(a.json)?;
     let sequences = match &a.prompt {
@@ -296,7 +167,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let mut generated: HashMap<usize, Vec<u32>> = HashMap::new();
     let stops = a.stop.clone();
-    let stdout = std::io::stdout();
+    let mut write_err: Option<StdoutError> = None;
     // Without text streaming to watch, a long generation gets a progress bar (terminal only).
     let gen_bar =
         (!stream && show_progress(a.json)).then(|| bar(a.max_new_tokens as u64, "generate"));
@@ -306,9 +177,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         if let Some(s) = streams.first_mut() {
             if let Ok(Some(piece)) = s.step(ev.token) {
-                let mut lock = stdout.lock();
-                let _ = lock.write_all(piece.as_bytes());
-                let _ = lock.flush();
+                if let Err(e) = out::write(&piece) {
+                    // Nobody reads the answer any more: stop computing it.
+                    write_err = Some(e);
+                    return Control::Cancel;
+                }
             }
         }
         if stops.is_empty() {
@@ -330,8 +203,11 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(b) = gen_bar {
         b.finish_and_clear();
     }
+    if let Some(e) = write_err {
+        return Err(e.into());
+    }
     if stream {
-        println!();
+        outln!()?;
     }
 
     let texts: Vec<Option<String>> = out
@@ -353,13 +229,13 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     }
     let prof = &model.engine.profile;
     if let Some(path) = &a.profile_json {
-        std::fs::write(path, serde_json::to_vec_pretty(prof)?)
-            .with_context(|| format!("writing {}", path.display()))?;
+        rabbit_split::fsutil::write_atomic(path, &serde_json::to_vec_pretty(prof)?)
+            .with_context(|| format!("--profile-json {}", path.display()))?;
     }
     if a.profile {
-        eprintln!("layer  where     MiB    wait_s    read_s   stage_s compute_s");
+        note!("layer  where     MiB    wait_s    read_s   stage_s compute_s");
         for (i, l) in prof.layers.iter().enumerate() {
-            eprintln!(
+            note!(
                 "{i:>5}  {:<8} {:>5.1} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
                 if l.resident { "resident" } else { "streamed" },
                 l.bytes as f64 / (1 << 20) as f64,
@@ -369,7 +245,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 l.compute_s
             );
         }
-        eprintln!(
+        note!(
             "total: wait {:.3} s | read {:.3} s (overlapped) | stage {:.3} s | compute {:.3} s | head {:.3} s | bottleneck: {}",
             prof.read_wait_s,
             prof.read_s,
@@ -385,23 +261,23 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if !stream {
             for (i, s) in out.sequences.iter().enumerate() {
                 match &texts[i] {
-                    Some(text) => println!("[{i}] {text}"),
-                    None => println!(
+                    Some(text) => outln!("[{i}] {text}")?,
+                    None => outln!(
                         "[{i}] {}",
                         s.output_ids
                             .iter()
                             .map(u32::to_string)
                             .collect::<Vec<_>>()
                             .join(",")
-                    ),
+                    )?,
                 }
             }
         }
-        eprintln!(
+        note!(
             "prefill: {} tokens in {:.3} s ({:.1} tok/s) | decode: {:.4} s/token (median of {} steps) | load {:.2} s",
             t.prefill_tokens, t.prefill_s, t.prefill_tokens_per_s, t.decode_s_per_token, t.decode_steps, load_s
         );
-        eprintln!(
+        note!(
             "memory: peak RSS {} | KV cache {} | resident weights {} | staging {}",
             peak.map(human_bytes).unwrap_or_else(|| "n/a".into()),
             human_bytes(out.kv_cache_bytes),
@@ -445,7 +321,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "profile": model.engine.profile,
             "device": rabbit_core::device::device_name(model.engine.device()),
         });
-        println!("{obj}");
+        outln!("{obj}")?;
     }
     Ok(())
 }

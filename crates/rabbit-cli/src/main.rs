@@ -1,13 +1,17 @@
 //! `rabbit`: run, split and benchmark layer-streamed language models from the command line.
 
+mod out;
+
 mod bench;
 mod chat;
 mod generate;
+mod load;
+mod report;
 mod split;
 mod synth;
 mod util;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Run language models far larger than device memory by streaming one decoder layer at a time.
 #[derive(Parser)]
@@ -35,9 +39,24 @@ enum Command {
     Template(chat::TemplateArgs),
 }
 
+/// Parses the command line. Numbers may be negative on the command line so that `--top-k -1`
+/// is answered "invalid value '-1' for '--top-k'" rather than "unexpected argument '-1'".
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command().allow_negative_numbers(true);
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|s| s.get_name().to_string())
+        .collect();
+    for name in names {
+        cmd = cmd.mut_subcommand(name, |s| s.allow_negative_numbers(true));
+    }
+    let matches = cmd.get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
 fn main() {
     util::init_tracing();
-    let cli = Cli::parse();
+    let cli = parse_cli();
     let result = match cli.command {
         Command::Synth(a) => synth::run(a),
         Command::Split(a) => split::run(a),
@@ -48,7 +67,13 @@ fn main() {
         Command::Template(a) => chat::template(a),
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        if e.downcast_ref::<out::StdoutError>()
+            .is_some_and(out::StdoutError::is_closed_pipe)
+        {
+            // `rabbit generate ... | head`: the reader has what it wanted.
+            std::process::exit(0);
+        }
+        out::note!("error: {e:#}");
         std::process::exit(1);
     }
 }

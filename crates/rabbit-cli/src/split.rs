@@ -6,7 +6,8 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_split::{SplitEvent, SplitOptions, SplitOutcome};
 
-use crate::util::human_bytes;
+use crate::out::{note, outln};
+use crate::report::human_bytes;
 
 /// Arguments of `rabbit split`.
 #[derive(Args)]
@@ -37,16 +38,16 @@ pub fn run(a: SplitArgs) -> Result<()> {
         let report =
             rabbit_split::verify(&dir).with_context(|| format!("verifying {}", dir.display()))?;
         if report.is_ok() {
-            println!(
+            outln!(
                 "{}: OK ({} files, {} checked)",
                 dir.display(),
                 report.files_checked,
                 human_bytes(report.bytes_checked)
-            );
+            )?;
             return Ok(());
         }
         for d in &report.damaged {
-            eprintln!("damaged: {d}");
+            note!("damaged: {d}");
         }
         bail!(
             "{}: {} damaged file(s); rerun `rabbit split --model <checkpoint>` to repair",
@@ -76,7 +77,7 @@ pub fn run(a: SplitArgs) -> Result<()> {
             units,
             bytes,
             already_done,
-        } => eprintln!(
+        } => note!(
             "splitting {} into {units} files ({} to write{})",
             model.display(),
             human_bytes(*bytes),
@@ -88,21 +89,21 @@ pub fn run(a: SplitArgs) -> Result<()> {
         ),
         SplitEvent::UnitDone {
             index, total, name, ..
-        } => eprintln!("  [{}/{total}] {name}", index + 1),
-        SplitEvent::Verified => eprintln!("split verified"),
+        } => note!("  [{}/{total}] {name}", index + 1),
+        SplitEvent::Verified => note!("split verified"),
         SplitEvent::OriginalDeleted { files } => {
-            eprintln!("deleted {files} original weight file(s)")
+            note!("deleted {files} original weight file(s)")
         }
         SplitEvent::Reused => {}
     })
     .with_context(|| format!("splitting {}", model.display()))?;
     match outcome {
-        SplitOutcome::Reused => println!("{}: split is current, reused", dir.display()),
+        SplitOutcome::Reused => outln!("{}: split is current, reused", dir.display())?,
         SplitOutcome::Written {
             bytes_written,
             units_written,
             units_resumed,
-        } => println!(
+        } => outln!(
             "{}: wrote {units_written} files ({}){} in {:.2} s",
             dir.display(),
             human_bytes(bytes_written),
@@ -112,7 +113,7 @@ pub fn run(a: SplitArgs) -> Result<()> {
                 String::new()
             },
             started.elapsed().as_secs_f64()
-        ),
+        )?,
     }
     Ok(())
 }

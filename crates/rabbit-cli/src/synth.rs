@@ -6,7 +6,8 @@ use anyhow::{Context, Result};
 use clap::Args;
 use rabbit_models::synth::{synthesize, SynthOptions, SynthOverrides};
 
-use crate::util::human_bytes;
+use crate::out::outln;
+use crate::report::human_bytes;
 
 /// Arguments of `rabbit synth`.
 #[derive(Args)]
@@ -89,7 +90,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
     let start = std::time::Instant::now();
     let report =
         synthesize(&opts, &mut |_| {}).with_context(|| format!("writing {}", a.out.display()))?;
-    println!(
+    outln!(
         "{}: {} parameters, {} in {} file(s){}, {:.2} s",
         report.out_dir.display(),
         report.num_parameters,
@@ -101,6 +102,6 @@ pub fn run(a: SynthArgs) -> Result<()> {
             ""
         },
         start.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }

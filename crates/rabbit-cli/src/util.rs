@@ -13,16 +13,6 @@ pub fn init_tracing() {
         .try_init();
 }
 
-/// `1234567` → `1.18 MiB`: compact, for status lines (errors carry exact byte counts too).
-pub fn human_bytes(n: u64) -> String {
-    rabbit_core::ByteSize(n)
-        .to_string()
-        .split(" (")
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Whether progress lines should be shown (stderr is a terminal and JSON output is off).
 pub fn show_progress(json: bool) -> bool {
     !json && std::io::stderr().is_terminal()

@@ -452,20 +452,18 @@ fn peak_memory_does_not_grow_with_the_number_of_layers() {
         (7.9..8.1).contains(&growth),
         "layer files grew {growth}x, expected 8x"
     );
-    let ratio = peaks[1] as f64 / peaks[0] as f64;
+    // The process baseline (libtorch, CUDA libraries, allocator) differs between machines, so
+    // compare growth: 28 more layers streamed must add far less than those layers' bytes (the
+    // reader holds a few layers at a time, whatever the count).
+    let grown = peaks[1].saturating_sub(peaks[0]);
+    let added = sizes[1] - sizes[0];
     assert!(
-        ratio <= 1.2,
-        "peak RSS grew {ratio:.2}x ({} -> {} bytes) while the layers grew 8x ({} -> {} bytes)",
+        grown < added / 4,
+        "peak RSS grew by {grown} bytes ({} -> {}) while the layers grew by {added} bytes ({} -> {}): \
+         memory follows the model size",
         peaks[0],
         peaks[1],
         sizes[0],
-        sizes[1]
-    );
-    // And the 32-layer run never held anything like the whole model.
-    assert!(
-        peaks[1] < sizes[1],
-        "peak RSS {} >= streamed model {}",
-        peaks[1],
         sizes[1]
     );
 }
@@ -697,10 +695,27 @@ fn generate_profile_names_the_bottleneck() {
     assert_eq!(layers[0]["bytes"], 0);
 }
 
-fn shared_tokenizer(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../../shared/data/tokenizers")
-        .join(name)
+/// A real tokenizer from the shared data directory beside the checkout
+/// (`../shared/data/tokenizers`, or `RABBIT_SHARED_TOKENIZERS`). Absent: the test says so and
+/// does not run; under CI (`CI` set) that is a failure, since CI always has the directory.
+fn shared_tokenizer(name: &str) -> Option<PathBuf> {
+    let root = std::env::var_os("RABBIT_SHARED_TOKENIZERS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/tokenizers")
+        });
+    let dir = root.join(name);
+    if dir.join("tokenizer.json").is_file() {
+        return Some(dir);
+    }
+    let msg = format!(
+        "needs the real {name} tokenizer at {} (the shared data directory beside the checkout, \
+         or set RABBIT_SHARED_TOKENIZERS)",
+        dir.display()
+    );
+    assert!(std::env::var_os("CI").is_none(), "{msg}");
+    eprintln!("SKIPPED, did not run: {msg}");
+    None
 }
 
 /// `rabbit template` prints exactly what transformers' apply_chat_template gives, nothing else.
@@ -714,9 +729,12 @@ fn template_prints_exactly_the_transformers_rendering() {
         .unwrap(),
     )
     .unwrap();
+    let (Some(qwen2), Some(qwen3)) = (shared_tokenizer("qwen2"), shared_tokenizer("qwen3")) else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let mut checked = 0;
-    for tok in ["qwen2", "qwen3"] {
+    for (tok, dir) in [("qwen2", &qwen2), ("qwen3", &qwen3)] {
         for case in goldens["tokenizers"][tok]["cases"]
             .as_array()
             .unwrap()
@@ -727,7 +745,7 @@ fn template_prints_exactly_the_transformers_rendering() {
             std::fs::write(&file, case["messages"].to_string()).unwrap();
             let mut cmd = rabbit();
             cmd.args(["template", "--model"])
-                .arg(shared_tokenizer(tok))
+                .arg(dir)
                 .arg("--messages")
                 .arg(&file);
             if case["add_generation_prompt"] == false {
@@ -749,7 +767,7 @@ fn template_prints_exactly_the_transformers_rendering() {
     std::fs::write(&bad, r#"[{"role": "user"}]"#).unwrap();
     let o = run(rabbit()
         .args(["template", "--model"])
-        .arg(shared_tokenizer("qwen2"))
+        .arg(&qwen2)
         .arg("--messages")
         .arg(&bad));
     assert_clean_failure(&o, "bad.json");

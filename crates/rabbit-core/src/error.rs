@@ -45,12 +45,6 @@ pub enum CoreError {
         /// Expected vs found.
         reason: String,
     },
-    /// The tokenizer could not be loaded or used.
-    #[error("tokenizer: {0}")]
-    Tokenizer(String),
-    /// Downloading from the Hugging Face hub failed.
-    #[error("hub: {0}")]
-    Hub(String),
     /// The background reader thread died.
     #[error("layer reader stopped: {0}")]
     Reader(String),

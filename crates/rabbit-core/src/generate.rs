@@ -156,7 +156,7 @@ impl Engine {
                     spec.vocab_size
                 )));
             }
-            let total = s.len() + req.max_new_tokens;
+            let total = s.len().saturating_add(req.max_new_tokens);
             if total > spec.max_position_embeddings {
                 return Err(CoreError::ContextTooLong {
                     reason: format!(

@@ -2,7 +2,9 @@
 //! with the next layers already being read, a preallocated KV cache on the compute device, and
 //! batched generation.
 //!
-//! Most users want [`AutoModel::from_pretrained`] and [`Model::generate`].
+//! The executor works on token ids and a split directory; it needs no tokenizer and no network.
+//! Finding models, downloading them and text handling live in the front end (the `rabbitllm`
+//! crate, `rabbitllm::AutoModel`).
 
 pub mod bench;
 pub mod buffer;
@@ -12,15 +14,12 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod head;
-pub mod hub;
 pub mod kv;
 pub mod memory;
-pub mod model;
 pub mod plan;
 pub mod reader;
 pub mod rope;
 pub mod sampling;
-pub mod text;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
@@ -29,7 +28,6 @@ pub use error::{CoreError, Result};
 pub use generate::{
     Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, Timings, TokenEvent,
 };
-pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
 pub use plan::{ByteSize, MemoryBudget, Plan};
 pub use sampling::SamplingParams;
 

@@ -8,56 +8,17 @@
 //! gathered from the mapped split file) and, if that is not enough, the LM head streams from the
 //! split in chunks every sweep (see [`crate::head`]).
 
-use std::fmt;
-use std::str::FromStr;
-
 use serde::Serialize;
 
 use crate::error::{CoreError, Result};
 
-/// A byte size from the command line: plain bytes or with a KiB/MiB/GiB/TiB (binary) or
-/// KB/MB/GB/TB (decimal) suffix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-pub struct ByteSize(pub u64);
+/// A byte size (`4GiB`, `3500MB`, `512 MiB`, plain bytes): re-exported so callers parse budgets
+/// the same way the planner reports them.
+pub use bytesize::ByteSize;
 
-impl FromStr for ByteSize {
-    type Err = CoreError;
-    fn from_str(s: &str) -> Result<Self> {
-        let t = s.trim();
-        let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-            "" | "b" => 1,
-            "kib" | "k" => 1 << 10,
-            "mib" | "m" => 1 << 20,
-            "gib" | "g" => 1 << 30,
-            "tib" | "t" => 1 << 40,
-            "kb" => 1_000,
-            "mb" => 1_000_000,
-            "gb" => 1_000_000_000,
-            "tb" => 1_000_000_000_000,
-            other => {
-                return Err(CoreError::InvalidInput(format!(
-                "size `{s}`: unknown unit `{other}` (use bytes or KiB/MiB/GiB/TiB or KB/MB/GB/TB)"
-            )))
-            }
-        };
-        let value: f64 = num.trim().parse().map_err(|_| {
-            CoreError::InvalidInput(format!("size `{s}` is not a number with an optional unit"))
-        })?;
-        if !(value >= 0.0 && value.is_finite()) {
-            return Err(CoreError::InvalidInput(format!(
-                "size `{s}` must be a non-negative number"
-            )));
-        }
-        Ok(ByteSize((value * mult as f64) as u64))
-    }
-}
-
-impl fmt::Display for ByteSize {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&rabbit_split::error::human_bytes(self.0))
-    }
+/// `1.5 GiB (1610612736 bytes)`: exact figures in error messages.
+fn exact(n: u64) -> String {
+    rabbit_split::error::human_bytes(n)
 }
 
 /// Memory the caller allows the engine to use.
@@ -149,7 +110,7 @@ impl HeadPlacement {
             (e, Some(c)) => format!(
                 " ({}LM head streamed in chunks of {})",
                 if e { "embedding on the host, " } else { "" },
-                ByteSize(c)
+                exact(c)
             ),
         }
     }
@@ -237,13 +198,13 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
         };
         return Err(CoreError::InvalidInput(format!(
             "--device-memory-budget {} is too small for a {}-token context: embedding/norm/LM head {}{} + KV cache {} + activations {} need {}; {hint}",
-            ByteSize(device_budget),
+            exact(device_budget),
             inputs.context,
-            ByteSize(head.device_bytes + head.chunk.unwrap_or(0)),
+            exact(head.device_bytes + head.chunk.unwrap_or(0)),
             head.describe(),
-            ByteSize(inputs.kv_bytes),
-            ByteSize(inputs.activation_bytes),
-            ByteSize(fixed)
+            exact(inputs.kv_bytes),
+            exact(inputs.activation_bytes),
+            exact(fixed)
         )));
     }
     let total_layers: u64 = inputs.layer_bytes.iter().sum();

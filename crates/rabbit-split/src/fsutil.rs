@@ -32,7 +32,7 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
 
 /// Writes a small file atomically: `<path>.tmp`, fsync, rename, fsync of the directory. A crash
 /// leaves either the old file, the new file, or a stray `.tmp` — never a partial `path`.
-pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let tmp = tmp_path(path);
     let res = (|| {
         let mut f = File::create(&tmp).map_err(|e| SplitError::io(&tmp, e))?;

@@ -24,7 +24,7 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
-mod fsutil;
+pub mod fsutil;
 pub mod layout;
 pub mod manifest;
 pub mod quant;

@@ -6,12 +6,13 @@ use std::path::{Path, PathBuf};
 use rabbit_split::{Compression, SplitEvent, SplitOptions, SplitOutcome};
 use tokenizers::Tokenizer;
 
-use crate::device::{device_name, DType, DeviceSpec};
-use crate::engine::{Engine, EngineOptions};
-use crate::error::{CoreError, Result};
-use crate::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
+use rabbit_core::device::{device_name, DType, DeviceSpec};
+use rabbit_core::engine::{Engine, EngineOptions};
+use rabbit_core::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
+use rabbit_core::plan::MemoryBudget;
+
+use crate::error::{Error, Result};
 use crate::hub::{locate, HubOptions};
-use crate::plan::MemoryBudget;
 use crate::text::{load_tokenizer, TextCodec};
 
 /// Options of [`AutoModel::from_pretrained`], as a typed builder.
@@ -136,7 +137,7 @@ pub enum LoadEvent {
     /// A split step happened.
     Split(SplitEvent),
     /// The residency plan.
-    Planned(crate::plan::Plan),
+    Planned(rabbit_core::plan::Plan),
     /// The engine is open on this device.
     Opened {
         /// `cpu` / `cuda:N`.
@@ -204,11 +205,13 @@ impl AutoModel {
         if let SplitOutcome::Written { .. } = outcome {
             tracing::info!(dir = %split_dir.display(), "split written");
         }
+        // Reading further ahead than there are layers buys nothing and costs staging memory.
+        let prefetch_depth = opts.prefetch_depth.clamp(1, spec.num_layers.max(1));
         let engine = Engine::open(
             &split_dir,
             spec,
             &EngineOptions {
-                prefetch_depth: opts.prefetch_depth,
+                prefetch_depth,
                 direct_io: opts.direct_io,
                 budget: opts.budget,
                 ..EngineOptions::new(device, dtype)
@@ -278,15 +281,39 @@ impl Model {
     /// The codec, or an error saying the model has no tokenizer.
     pub fn require_codec(&self) -> Result<&TextCodec> {
         self.codec.as_ref().ok_or_else(|| {
-            CoreError::Tokenizer(format!(
+            Error::Tokenizer(format!(
                 "{} has no tokenizer.json: pass token ids instead of text",
                 self.model_dir.display()
             ))
         })
     }
 
+    /// The longest text (in bytes) that could still fit in the model's context; see
+    /// [`TextCodec::max_text_bytes`].
+    pub fn max_text_bytes(&self) -> Result<usize> {
+        let context = self.engine.spec().max_position_embeddings;
+        Ok(self.require_codec()?.max_text_bytes(context))
+    }
+
+    /// Refuses text that cannot fit in the context, before tokenizing it.
+    fn check_text_len(&self, what: &str, len: usize) -> Result<()> {
+        let max = self.max_text_bytes()?;
+        if len > max {
+            return Err(Error::Core(rabbit_core::CoreError::ContextTooLong {
+                reason: format!(
+                    "{what} is {len} bytes, more than any text of {} tokens (the model's context) \
+                     can be: no token of this tokenizer covers more than {} bytes",
+                    self.engine.spec().max_position_embeddings,
+                    self.require_codec()?.max_token_bytes()
+                ),
+            }));
+        }
+        Ok(())
+    }
+
     /// User text → ids. Special-token strings typed in the text stay plain text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        self.check_text_len("the prompt", text.len())?;
         self.require_codec()?.encode(text, false)
     }
 
@@ -299,6 +326,8 @@ impl Model {
         add_generation_prompt: bool,
     ) -> Result<Vec<u32>> {
         let codec = self.require_codec()?;
+        let typed: usize = messages.iter().map(|m| m.content.len()).sum();
+        self.check_text_len("the conversation", typed)?;
         let protected: Vec<rabbit_models::chat::Message> = messages
             .iter()
             .map(|m| rabbit_models::chat::Message {
@@ -306,9 +335,8 @@ impl Model {
                 content: codec.protect(&m.content),
             })
             .collect();
-        let rendered = template
-            .render(&protected, add_generation_prompt)
-            .map_err(|e| CoreError::Tokenizer(format!("chat template: {e}")))?;
+        let rendered = template.render(&protected, add_generation_prompt)?;
+        self.check_text_len("the rendered chat prompt", rendered.len())?;
         codec.encode_rendered(&rendered)
     }
 
@@ -323,7 +351,7 @@ impl Model {
         req: &GenerateRequest,
         on_token: &mut dyn FnMut(&TokenEvent) -> Control,
     ) -> Result<GenerateOutput> {
-        self.engine.generate(req, on_token)
+        Ok(self.engine.generate(req, on_token)?)
     }
 
     /// Convenience: greedy (or as `req.sampling` says) continuation of one text prompt.

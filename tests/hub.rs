@@ -6,15 +6,15 @@ use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
-use rabbit_core::hub::{locate, HubOptions};
-use rabbit_core::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions};
+use rabbitllm::hub::{locate, HubOptions};
+use rabbitllm::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions};
 
 const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
 const OLD_COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
 fn fixture(case: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../tests/fixtures")
+        .join("tests/fixtures")
         .join(case)
 }
 
@@ -158,4 +158,64 @@ fn not_a_repo_id_and_not_a_directory() {
         e.contains("./no/such/dir") && e.contains("does not exist"),
         "{e}"
     );
+}
+
+/// A hub that accepts the connection and then never answers: the download gives up after the
+/// stall timeout with a message naming the endpoint and the file, instead of hanging for ever.
+/// Also a server that sends headers and then stalls in the body.
+#[test]
+fn a_silent_hub_times_out_naming_the_endpoint() {
+    use std::time::Duration;
+    for answer_headers in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Holds the accepted connections open without answering (or after a partial answer).
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for stream in listener.incoming().take(8) {
+                let Ok(mut s) = stream else { continue };
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf);
+                if answer_headers {
+                    let req = String::from_utf8_lossy(&buf).to_ascii_lowercase();
+                    if req.contains("range: bytes=0-0") {
+                        // hf-hub's metadata probe: a proper answer, so the download starts.
+                        let _ = s.write_all(
+                            b"HTTP/1.1 206 Partial Content\r\ncontent-length: 1\r\n\
+                              content-range: bytes 0-0/1000\r\netag: \"abc\"\r\n\
+                              x-repo-commit: 0123456789abcdef0123456789abcdef01234567\r\n\r\n{",
+                        );
+                    } else {
+                        // The download itself: headers and a few bytes, then silence.
+                        let _ =
+                            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n{\"a\"");
+                    }
+                }
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_secs(120));
+        });
+        let tmp = tempfile::tempdir().unwrap();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let opts = HubOptions {
+            cache_dir: Some(tmp.path().to_path_buf()),
+            endpoint: Some(endpoint.clone()),
+            stall_timeout: Some(Duration::from_millis(500)),
+            ..Default::default()
+        };
+        // Bounded by the watchdog itself; a regression shows as this thread never returning,
+        // which the outer join turns into a failure instead of a hung test run.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(locate("acme/silent", &opts).map(|l| l.dir));
+        });
+        let res = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("locate returned (the watchdog fired)");
+        let e = res.unwrap_err().to_string();
+        assert!(
+            e.contains(&endpoint) && e.contains("config.json") && e.contains("RABBIT_HUB_TIMEOUT"),
+            "{e}"
+        );
+    }
 }

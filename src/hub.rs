@@ -3,11 +3,14 @@
 //! HF_HUB_OFFLINE.
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
-use hf_hub::api::sync::ApiBuilder;
-use hf_hub::{Repo, RepoType};
+use hf_hub::api::sync::{Api, ApiBuilder, ApiError};
+use hf_hub::api::Progress;
+use hf_hub::{Cache, Repo, RepoType};
 
-use crate::error::{CoreError, Result};
+use crate::error::{Error, Result};
 
 /// How to reach the hub.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +27,131 @@ pub struct HubOptions {
     pub progress: bool,
     /// Hub URL (else HF_ENDPOINT, else huggingface.co).
     pub endpoint: Option<String>,
+    /// Give up on a download when the server sends nothing (no answer to connect, no headers, no
+    /// bytes of the body) for this long (else `RABBIT_HUB_TIMEOUT` in seconds, else 60 s).
+    pub stall_timeout: Option<Duration>,
+}
+
+/// Default of [`HubOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn stall_timeout(opts: &HubOptions) -> Result<Duration> {
+    if let Some(t) = opts.stall_timeout {
+        return Ok(t);
+    }
+    match env_nonempty("RABBIT_HUB_TIMEOUT") {
+        None => Ok(DEFAULT_STALL_TIMEOUT),
+        Some(v) => match v.trim().parse::<f64>() {
+            Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+            _ => Err(Error::InvalidInput(format!(
+                "RABBIT_HUB_TIMEOUT={v}: expected a positive number of seconds"
+            ))),
+        },
+    }
+}
+
+/// What the download thread tells the waiting one.
+enum Tick {
+    /// Bytes arrived (or the download started): the server is alive.
+    Alive,
+    /// The download ended.
+    Done(std::result::Result<PathBuf, ApiError>),
+}
+
+/// hf-hub's progress hook, used as a heartbeat (and forwarded to a progress bar).
+struct Heartbeat {
+    tx: mpsc::Sender<Tick>,
+    bar: Option<indicatif::ProgressBar>,
+}
+
+impl Progress for Heartbeat {
+    fn init(&mut self, size: usize, filename: &str) {
+        let _ = self.tx.send(Tick::Alive);
+        if let Some(b) = &mut self.bar {
+            Progress::init(b, size, filename);
+        }
+    }
+    fn update(&mut self, size: usize) {
+        let _ = self.tx.send(Tick::Alive);
+        if let Some(b) = &mut self.bar {
+            Progress::update(b, size);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(b) = &mut self.bar {
+            Progress::finish(b);
+        }
+    }
+}
+
+/// Downloads `file` with a stall watchdog: hf-hub's HTTP client has no timeouts, so a server
+/// that accepts and never answers would hang for ever. The download runs on its own thread;
+/// when nothing arrives for `stall`, the caller gets an error naming the endpoint (the stuck
+/// thread is left behind, blocked on its socket, and ends with the process).
+fn download_watched(
+    api: &Api,
+    repo: &Repo,
+    file: &str,
+    endpoint: &str,
+    stall: Duration,
+    progress: bool,
+) -> std::result::Result<PathBuf, DownloadError> {
+    let (tx, rx) = mpsc::channel();
+    let api = api.repo(repo.clone());
+    let name = file.to_string();
+    let bar = progress.then(indicatif::ProgressBar::no_length);
+    std::thread::Builder::new()
+        .name(format!("download {file}"))
+        .spawn(move || {
+            let hb = Heartbeat {
+                tx: tx.clone(),
+                bar,
+            };
+            let _ = tx.send(Tick::Done(api.download_with_progress(&name, hb)));
+        })
+        .map_err(|e| DownloadError::Other(format!("starting the download thread: {e}")))?;
+    let mut waited = Duration::ZERO;
+    let step = stall.min(Duration::from_secs(10));
+    loop {
+        match rx.recv_timeout(step) {
+            Ok(Tick::Alive) => waited = Duration::ZERO,
+            Ok(Tick::Done(r)) => return r.map_err(DownloadError::Api),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                waited += step;
+                if waited >= stall {
+                    return Err(DownloadError::Stalled(format!(
+                        "no answer from {endpoint} for {:.0} s while downloading {file} \
+                         (connection or read stalled); check the network, HF_ENDPOINT, or set \
+                         RABBIT_HUB_TIMEOUT=SECONDS to wait longer",
+                        stall.as_secs_f64()
+                    )));
+                }
+                if progress {
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr(),
+                        "waiting for {endpoint} ({file}, {:.0} s)...",
+                        waited.as_secs_f64()
+                    );
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(DownloadError::Other(format!(
+                    "the download of {file} stopped without a result"
+                )))
+            }
+        }
+    }
+}
+
+/// Why a download failed.
+enum DownloadError {
+    /// hf-hub's own error (HTTP status, I/O, ...).
+    Api(ApiError),
+    /// The watchdog gave up.
+    Stalled(String),
+    /// Anything else.
+    Other(String),
 }
 
 /// Where a model's files are.
@@ -133,12 +261,12 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
         });
     }
     if path.exists() {
-        return Err(CoreError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "{id_or_path} is a file; --model takes a model directory or a hub repo id"
         )));
     }
     if !looks_like_repo_id(id_or_path) {
-        return Err(CoreError::InvalidInput(format!(
+        return Err(Error::InvalidInput(format!(
             "model directory {id_or_path} does not exist (and it is not a hub repo id like `Qwen/Qwen2.5-0.5B`)"
         )));
     }
@@ -155,44 +283,54 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
             .with_cache_dir(cache_dir.clone())
             .with_token(token(opts))
             .with_progress(opts.progress);
-        if let Some(endpoint) = opts
+        let endpoint = opts
             .endpoint
             .clone()
-            .or_else(|| env_nonempty("HF_ENDPOINT"))
-        {
-            builder = builder.with_endpoint(endpoint);
+            .or_else(|| env_nonempty("HF_ENDPOINT"));
+        if let Some(endpoint) = &endpoint {
+            builder = builder.with_endpoint(endpoint.clone());
         }
-        let api = builder
-            .build()
-            .map_err(|e| CoreError::Hub(e.to_string()))?
-            .repo(repo.clone());
+        let endpoint = endpoint.unwrap_or_else(|| "https://huggingface.co".into());
+        let stall = stall_timeout(opts)?;
+        let progress = opts.progress;
+        let api = builder.build().map_err(|e| Error::Hub(e.to_string()))?;
+        let cached = Cache::new(cache_dir.clone()).repo(repo.clone());
         let id = id_or_path.to_string();
-        Box::new(move |f| match api.get(f) {
-            Ok(p) => Ok(Some(p)),
-            Err(e) => {
-                let msg = e.to_string();
-                if msg.contains("404") {
-                    Ok(None)
-                } else if msg.contains("401") || msg.contains("403") {
-                    Err(CoreError::Hub(format!(
+        Box::new(move |f| {
+            if let Some(p) = cached.get(f) {
+                return Ok(Some(p));
+            }
+            match download_watched(&api, &repo, f, &endpoint, stall, progress) {
+                Ok(p) => Ok(Some(p)),
+                Err(DownloadError::Stalled(msg)) => Err(Error::Hub(format!("{id}: {msg}"))),
+                Err(DownloadError::Other(msg)) => Err(Error::Hub(format!("{id}: {msg}"))),
+                Err(DownloadError::Api(e)) => {
+                    let msg = e.to_string();
+                    if msg.contains("404") {
+                        Ok(None)
+                    } else if msg.contains("401") || msg.contains("403") {
+                        Err(Error::Hub(format!(
                         "{id} is gated or private ({msg}): accept its license on huggingface.co, \
                          then pass a token with --token or the HF_TOKEN environment variable"
                     )))
-                } else {
-                    Err(CoreError::Hub(format!("{id}: downloading {f}: {msg}")))
+                    } else {
+                        Err(Error::Hub(format!(
+                            "{id}: downloading {f} from {endpoint}: {msg}"
+                        )))
+                    }
                 }
             }
         })
     };
     let missing = |f: &str| {
         if offline {
-            CoreError::Hub(format!(
+            Error::Hub(format!(
                 "{id_or_path}@{revision}: {f} is not in the HF cache {} and offline mode is on \
                  (HF_HUB_OFFLINE); download it once with network access",
                 cache_dir.display()
             ))
         } else {
-            CoreError::Hub(format!("{id_or_path}@{revision}: the repo has no {f}"))
+            Error::Hub(format!("{id_or_path}@{revision}: the repo has no {f}"))
         }
     };
     let mut dir = None;
@@ -205,9 +343,9 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
     }
     match fetch("model.safetensors.index.json")? {
         Some(index) => {
-            let text = std::fs::read_to_string(&index).map_err(|e| CoreError::io(&index, e))?;
+            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
             let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| CoreError::Hub(format!("{}: {e}", index.display())))?;
+                .map_err(|e| Error::Hub(format!("{}: {e}", index.display())))?;
             let mut shards: Vec<String> = v
                 .get("weight_map")
                 .and_then(|m| m.as_object())

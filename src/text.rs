@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tokenizers::Tokenizer;
 
-use crate::error::{CoreError, Result};
+use crate::error::{Error, Result};
 
 /// Loads `<dir>/tokenizer.json` if present.
 pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
@@ -15,7 +15,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
     }
     Tokenizer::from_file(&path)
         .map(Some)
-        .map_err(|e| CoreError::Tokenizer(format!("{}: {e}", path.display())))
+        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
 }
 
 /// A tokenizer in two modes: special-token strings in the text (`<|im_end|>`) either become
@@ -25,6 +25,7 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
 pub struct TextCodec {
     special: Tokenizer,
     plain: Tokenizer,
+    max_token_bytes: usize,
 }
 
 impl TextCodec {
@@ -34,7 +35,35 @@ impl TextCodec {
         plain.set_encode_special_tokens(true);
         let mut special = tok;
         special.set_encode_special_tokens(false);
-        TextCodec { special, plain }
+        // A vocabulary entry is written with at least as many UTF-8 bytes as the text it covers
+        // (byte-level BPE maps each byte to one 1–2-byte char; SentencePiece's `▁` is 3 bytes for
+        // one space; byte-fallback `<0xNN>` is 6 for one), so this bounds bytes per token.
+        let max_token_bytes = special
+            .get_vocab(true)
+            .keys()
+            .map(String::len)
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        TextCodec {
+            special,
+            plain,
+            max_token_bytes,
+        }
+    }
+
+    /// The most bytes of text one token can stand for (an upper bound from the vocabulary).
+    pub fn max_token_bytes(&self) -> usize {
+        self.max_token_bytes
+    }
+
+    /// Text longer than this cannot encode to `context` tokens or fewer, whatever it says: such
+    /// text is refused before the tokenizer spends time and memory on it. The factor 4 leaves
+    /// room for normalizers that shorten text.
+    pub fn max_text_bytes(&self, context: usize) -> usize {
+        context
+            .saturating_mul(self.max_token_bytes)
+            .saturating_mul(4)
     }
 
     /// The tokenizer (special-token parsing on).
@@ -52,7 +81,7 @@ impl TextCodec {
         };
         let enc = tok
             .encode(text, false)
-            .map_err(|e| CoreError::Tokenizer(e.to_string()))?;
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -60,7 +89,7 @@ impl TextCodec {
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.special
             .decode(ids, true)
-            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
     /// Incremental decoder for streaming: yields text only once it forms whole characters, so a
@@ -161,6 +190,6 @@ impl TextStream<'_> {
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
         self.inner
             .step(id)
-            .map_err(|e| CoreError::Tokenizer(e.to_string()))
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }

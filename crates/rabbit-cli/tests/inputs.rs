@@ -1,0 +1,361 @@
+//! The command line under hostile conditions: closed or full stdout, negative numbers, flags
+//! that cannot go together, outputs that cannot be written, absurd sizes. Each must end with a
+//! clear message and a non-zero exit (or, for a closed pipe, quietly), never a panic or a hang.
+
+use std::io::Read;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+fn rabbit() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rabbit"));
+    c.env_remove("LD_LIBRARY_PATH").env("RUST_LOG", "warn");
+    c
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn no_panic(o: &Output) {
+    let err = stderr(o);
+    assert!(
+        !err.contains("panicked")
+            && !err.contains("RUST_BACKTRACE")
+            && o.status.code() != Some(101),
+        "panic: {err}"
+    );
+}
+
+/// A failing command: non-zero exit, a message containing `needle`, and never a panic.
+fn fails_with(o: &Output, needle: &str) {
+    no_panic(o);
+    assert!(
+        !o.status.success(),
+        "expected failure; stderr: {}",
+        stderr(o)
+    );
+    assert!(
+        stderr(o).contains(needle),
+        "stderr should mention `{needle}`: {}",
+        stderr(o)
+    );
+}
+
+fn tiny_model(dir: &Path) {
+    let o = rabbit()
+        .args([
+            "synth", "--arch", "qwen2", "--preset", "tiny", "--seed", "3", "--out",
+        ])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+fn generate(model: &Path, extra: &[&str]) -> Command {
+    let mut c = rabbit();
+    c.args(["generate", "--device", "cpu", "--model"])
+        .arg(model)
+        .args(extra);
+    c
+}
+
+/// `rabbit generate … | head -c 1`: the reader leaves, rabbit ends quietly with success.
+#[test]
+fn a_closed_stdout_ends_quietly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    for args in [
+        &["--prompt", "hello there", "--max-new-tokens", "64"][..],
+        &[
+            "--input-ids",
+            "1,2,3",
+            "--input-ids",
+            "4,5",
+            "--max-new-tokens",
+            "8",
+        ][..],
+    ] {
+        let mut child = generate(&model, args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 1];
+        let mut out = child.stdout.take().unwrap();
+        let _ = out.read(&mut first);
+        drop(out);
+        let o = child.wait_with_output().unwrap();
+        no_panic(&o);
+        assert!(o.status.success(), "{:?}: {}", o.status, stderr(&o));
+        assert!(!stderr(&o).contains("error"), "{}", stderr(&o));
+    }
+    // `info` prints several lines: the same.
+    let mut child = rabbit()
+        .args(["info", "--device", "cpu", "--model"])
+        .arg(&model)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    no_panic(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+/// A full disk behind stdout is an error worth a message.
+#[test]
+fn a_full_stdout_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    let full = || {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap()
+    };
+    for args in [
+        &["--prompt", "hello", "--max-new-tokens", "4"][..],
+        &["--input-ids", "1,2", "--max-new-tokens", "2", "--json"][..],
+    ] {
+        let o = generate(&model, args).stdout(full()).output().unwrap();
+        fails_with(&o, "writing to standard output");
+    }
+    let o = rabbit()
+        .args(["info", "--device", "cpu", "--model"])
+        .arg(&model)
+        .stdout(full())
+        .output()
+        .unwrap();
+    fails_with(&o, "writing to standard output");
+}
+
+/// Wrong values are named by their flag, negative numbers included.
+#[test]
+fn bad_flag_values_name_the_flag() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--input-ids", "1", "--max-new-tokens", "-1"],
+            "'-1' for '--max-new-tokens",
+        ),
+        (
+            &["--input-ids", "1", "--max-new-tokens", "2", "--top-k", "-1"],
+            "'-1' for '--top-k",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--device-memory-budget",
+                "-1GiB",
+            ],
+            "'-1GiB' for '--device-memory-budget",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--device-memory-budget",
+                "lots",
+            ],
+            "'lots' for '--device-memory-budget",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--device",
+                "gpu7",
+            ],
+            "'gpu7' for '--device",
+        ),
+        (
+            &["--input-ids", "1", "--max-new-tokens", "2", "--dtype", "f8"],
+            "'f8' for '--dtype",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--compression",
+                "3bit",
+            ],
+            "'3bit' for '--compression",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--prefetch",
+                "0",
+            ],
+            "'0' for '--prefetch",
+        ),
+        (
+            &["--input-ids", "1", "--max-new-tokens", "2", "--stop", ""],
+            "'--stop",
+        ),
+        (
+            &["--input-ids", "1,2", "--chat", "--max-new-tokens", "2"],
+            "--chat",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "18446744073709551615",
+            ],
+            "context too long",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--profile-json",
+                "/nonexistent-dir/p.json",
+            ],
+            "--profile-json /nonexistent-dir/p.json: directory /nonexistent-dir does not exist",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--dump-logits",
+                "/",
+            ],
+            "is a directory",
+        ),
+    ];
+    for (args, needle) in cases {
+        let o = if args.contains(&"--device") {
+            rabbit()
+                .args(["generate", "--model"])
+                .arg(&model)
+                .args(*args)
+                .output()
+                .unwrap()
+        } else {
+            generate(&model, args).output().unwrap()
+        };
+        fails_with(&o, needle);
+        // Refused before any model work.
+        if !needle.contains("context") {
+            assert!(
+                !stderr(&o).contains("plan:"),
+                "{args:?} loaded the model first"
+            );
+        }
+    }
+}
+
+/// A prompt far longer than the context is refused before it is tokenised, with a message that
+/// says why (the tokenizer's longest token bounds the text of a context).
+#[test]
+fn a_huge_prompt_is_refused_before_tokenising() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    let o = rabbit()
+        .args([
+            "synth",
+            "--arch",
+            "qwen2",
+            "--preset",
+            "tiny",
+            "--max-position",
+            "64",
+            "--out",
+        ])
+        .arg(&model)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::len);
+    let added = tok["added_tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["content"].as_str().unwrap().len());
+    let longest = vocab.chain(added).max().unwrap();
+    let big = "a".repeat(64 * longest * 4 + 1);
+    let o = generate(&model, &["--max-new-tokens", "1", "--prompt", &big])
+        .output()
+        .unwrap();
+    fails_with(&o, "more than any text of 64 tokens");
+    // Just under the bound it is tokenised, and then the ordinary context check answers.
+    let o = generate(
+        &model,
+        &["--max-new-tokens", "1", "--prompt", &"a b ".repeat(100)],
+    )
+    .output()
+    .unwrap();
+    fails_with(&o, "max_position_embeddings 64");
+}
+
+/// `--prefetch` beyond the layer count reads no further ahead than there are layers.
+#[test]
+fn prefetch_is_capped_at_the_layer_count() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    let run = |prefetch: &str| -> Value {
+        let o = generate(
+            &model,
+            &[
+                "--input-ids",
+                "1,2,3",
+                "--max-new-tokens",
+                "2",
+                "--json",
+                "--resident-layers",
+                "0",
+                "--prefetch",
+                prefetch,
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", stderr(&o));
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+    };
+    let capped = run("1000");
+    let at_layers = run("2");
+    assert_eq!(
+        capped["memory"]["staging_bytes"], at_layers["memory"]["staging_bytes"],
+        "a 2-layer model stages at most 2 layers ahead"
+    );
+    assert_eq!(
+        capped["sequences"][0]["output_ids"],
+        at_layers["sequences"][0]["output_ids"]
+    );
+}
