@@ -359,3 +359,25 @@ fn prefetch_is_capped_at_the_layer_count() {
         at_layers["sequences"][0]["output_ids"]
     );
 }
+
+/// Bench sizes that cannot fit are refused before the workload is built (they used to abort
+/// the process allocating prompt ids).
+#[test]
+fn bench_refuses_sizes_that_cannot_fit() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    for (args, needle) in [
+        (&["--batch", "100000000000"][..], "needs a KV cache of"),
+        (&["--prompt-len", "99999999999"][..], "context too long"),
+        (&["--repeat", "0"][..], "--repeat >= 1"),
+    ] {
+        let o = rabbit()
+            .args(["bench", "--device", "cpu", "--no-baseline", "--model"])
+            .arg(&model)
+            .args(args)
+            .output()
+            .unwrap();
+        fails_with(&o, needle);
+    }
+}

@@ -7,7 +7,9 @@ use serde::Serialize;
 use crate::engine::{Engine, Profile};
 use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateRequest};
+use crate::kv::KvCache;
 use crate::memory::peak_rss;
+use crate::plan::host_available;
 use crate::reader::measure_read;
 use crate::sampling::SamplingParams;
 
@@ -93,6 +95,43 @@ fn prompt_ids(seed: u64, seq: usize, len: usize, limit: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Refuses a workload that cannot fit before building it (a `--batch 100000000` would otherwise
+/// allocate its prompt ids first and abort the process).
+fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
+    let spec = engine.spec();
+    let context = cfg.prompt_len.saturating_add(cfg.new_tokens);
+    if context > spec.max_position_embeddings {
+        return Err(CoreError::ContextTooLong {
+            reason: format!(
+                "--prompt-len {} + --new-tokens {} = {context} > max_position_embeddings {}",
+                cfg.prompt_len, cfg.new_tokens, spec.max_position_embeddings
+            ),
+        });
+    }
+    let elem = engine.kind().elt_size_in_bytes();
+    let kv = KvCache::bytes(
+        spec.num_layers,
+        cfg.batch,
+        spec.num_kv_heads,
+        context,
+        spec.head_dim,
+        elem,
+    );
+    if engine.device() == tch::Device::Cpu {
+        if let Some(free) = host_available() {
+            if kv > free {
+                return Err(CoreError::InvalidInput(format!(
+                    "--batch {} x {context} positions needs a KV cache of {}, more than the {} of free memory",
+                    cfg.batch,
+                    rabbit_split::error::human_bytes(kv),
+                    rabbit_split::error::human_bytes(free)
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Runs the workload `repeat` times on `engine` and measures the read floor of its streamed
 /// layers. `token_limit` bounds the prompt ids (e.g. the tokenizer's size).
 pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<BenchReport> {
@@ -102,6 +141,7 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
                 .into(),
         ));
     }
+    check_size(engine, cfg)?;
     let sequences = match &cfg.prompt_ids {
         Some(given) => given.clone(),
         None => (0..cfg.batch)

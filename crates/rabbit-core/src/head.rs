@@ -123,15 +123,13 @@ impl MappedMatrix {
         let a = from.div_ceil(page) * page;
         let b = to / page * page;
         if b > a {
-            // SAFETY: advisory call on a range inside our own read-only file mapping; with
-            // MADV_DONTNEED the next access simply faults the page in again from the file.
-            unsafe {
-                libc::madvise(
-                    self.map.as_ptr().add(a) as *mut libc::c_void,
-                    b - a,
-                    libc::MADV_DONTNEED,
-                );
-            }
+            // SAFETY: the range lies inside our own read-only file mapping, and no view of it
+            // outlives this call (the chunk was copied out); with MADV_DONTNEED the next access
+            // simply faults the pages in again from the file. Failure only means they stay.
+            let _ = unsafe {
+                self.map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+            };
         }
     }
 

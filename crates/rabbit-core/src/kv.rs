@@ -43,7 +43,10 @@ impl KvCache {
         head_dim: usize,
         elem: usize,
     ) -> u64 {
-        2 * (layers * batch * kv_heads * capacity * head_dim * elem) as u64
+        // Saturating: a request absurd enough to overflow is refused by size, not wrapped.
+        [layers, batch, kv_heads, capacity, head_dim, elem]
+            .iter()
+            .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     /// Allocates the cache (fails cleanly, e.g. out of device memory).
