@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh clone: installs libtorch (cached), builds, tests.
+# Both the test targets and the doc tests always run; the exit status fails if either did.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
-cargo test --release --workspace --all-targets --no-fail-fast
-cargo test --release --workspace --doc
+status=0
+cargo test --release --workspace --all-targets --no-fail-fast || status=1
+cargo test --release --workspace --doc || status=1
+if [ "$status" -ne 0 ]; then
+    echo "[rabbitllm test] some tests failed (see above)" >&2
+fi
+exit "$status"
