@@ -24,7 +24,9 @@
 pub mod checkpoint;
 pub mod dtype;
 pub mod error;
-mod fsutil;
+pub mod fsutil;
+pub mod integrity;
+mod jsonutil;
 pub mod layout;
 pub mod manifest;
 pub mod quant;

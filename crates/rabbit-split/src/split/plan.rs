@@ -3,7 +3,7 @@
 //! files of the same split.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File};
+
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::error::{Result, SplitError};
+use crate::fsutil;
 use crate::layout::{Layout, UnitSpec};
 use crate::manifest::{QuantizedEntry, SplitSettings, FORMAT_NAME, FORMAT_VERSION, PLAN_FILE};
 use crate::quant::{Compression, QUANT_BLOCK};
@@ -175,10 +176,14 @@ pub(super) fn plan_units<'a>(
 /// (which carries the source fingerprint). Complete because files only get their final name
 /// after being fsynced.
 pub(super) fn unit_file_matches(path: &Path, header: &HeaderLayout) -> Result<bool> {
-    let f = match File::open(path) {
+    let f = match fsutil::open_regular(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(SplitError::io(path, e)),
+        Err(SplitError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(false)
+        }
+        // A FIFO, directory, ... in its place: not a unit file; writing the unit replaces it.
+        Err(SplitError::NotAFile { .. }) => return Ok(false),
+        Err(e) => return Err(e),
     };
     let len = f.metadata().map_err(|e| SplitError::io(path, e))?.len();
     if len != header.file_size() {
@@ -193,6 +198,6 @@ pub(super) fn unit_file_matches(path: &Path, header: &HeaderLayout) -> Result<bo
 }
 
 pub(super) fn read_plan(out: &Path) -> Option<Plan> {
-    let bytes = fs::read(out.join(PLAN_FILE)).ok()?;
+    let bytes = fsutil::read_regular(&out.join(PLAN_FILE)).ok()??;
     serde_json::from_slice(&bytes).ok()
 }

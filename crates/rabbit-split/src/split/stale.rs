@@ -5,15 +5,18 @@ use std::path::Path;
 
 use crate::checkpoint::source_fingerprint;
 use crate::error::{Result, SplitError};
+use crate::integrity::{self, Checksums};
 use crate::layout::Layout;
 use crate::manifest::Manifest;
 
 use super::SplitOptions;
 
-/// Fast check (stat calls and a manifest read, no tensor data) that `split_dir` holds a complete
-/// split of `checkpoint_dir` made with this layout and these options: manifest present and
-/// matching, every unit file present with its recorded size, and the source fingerprint
-/// unchanged — or the source weights deleted by a previous `delete_original` split.
+/// Whether `split_dir` holds a complete, undamaged split of `checkpoint_dir` made with this
+/// layout and these options: manifest present and matching, the source fingerprint unchanged
+/// (or the source weights deleted by a previous `delete_original` split), and every unit file
+/// passing the [`crate::integrity`] checks (a regular file of the recorded size with the
+/// expected header; checksums only for files changed since they were last verified). Fast:
+/// stat calls, the manifest and one small header read per file, unless files changed.
 pub fn is_current(
     split_dir: &Path,
     checkpoint_dir: &Path,
@@ -24,7 +27,7 @@ pub fn is_current(
 }
 
 /// Why the split in `split_dir` cannot be reused (`None` when it can); same checks as
-/// [`is_current`], for messages and logs.
+/// [`is_current`], for messages and logs. A damaged split's reason names every damaged file.
 pub fn stale_reason(
     split_dir: &Path,
     checkpoint_dir: &Path,
@@ -63,6 +66,9 @@ pub fn stale_reason(
         let p = split_dir.join(&u.file);
         match fs::metadata(&p) {
             Ok(md) if md.is_file() && md.len() == u.size => {}
+            Ok(md) if !md.is_file() => {
+                return Ok(Some(format!("{} is not a regular file", p.display())))
+            }
             Ok(md) => {
                 return Ok(Some(format!(
                     "{} is {} bytes, the manifest says {}",
@@ -74,21 +80,31 @@ pub fn stale_reason(
             Err(_) => return Ok(Some(format!("{} is missing", p.display()))),
         }
     }
-    match source_fingerprint(checkpoint_dir) {
-        Ok(fp) if fp == m.source_fingerprint => Ok(None),
-        Ok(_) => Ok(Some(format!(
+    let fresh = match source_fingerprint(checkpoint_dir) {
+        Ok(fp) if fp == m.source_fingerprint => None,
+        Ok(_) => Some(format!(
             "the checkpoint in {} changed since it was split",
             checkpoint_dir.display()
-        ))),
-        Err(e @ (SplitError::MissingConfig { .. } | SplitError::BadConfig { .. })) => Err(e),
+        )),
+        Err(e @ (SplitError::MissingConfig { .. } | SplitError::BadConfig { .. })) => {
+            return Err(e)
+        }
         Err(e @ (SplitError::MissingWeights { .. } | SplitError::MissingShard { .. })) => {
-            if m.original_deleted {
-                Ok(None)
-            } else {
-                Ok(Some(e.to_string()))
-            }
+            (!m.original_deleted).then(|| e.to_string())
         }
         // Anything else wrong with the source: not reusable; `split` reports the real error.
-        Err(e) => Ok(Some(e.to_string())),
+        Err(e) => Some(e.to_string()),
+    };
+    if fresh.is_some() {
+        return Ok(fresh);
     }
+    // Last, as the only check that may read data (files changed since their last verification).
+    let report = integrity::check(split_dir, &m, Checksums::Changed);
+    Ok((!report.is_ok()).then(|| {
+        SplitError::Damaged {
+            dir: split_dir.to_path_buf(),
+            damaged: report.damaged,
+        }
+        .to_string()
+    }))
 }
