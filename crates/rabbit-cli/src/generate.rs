@@ -39,6 +39,10 @@ pub struct ModelArgs {
     /// Read streamed layers with O_DIRECT, bypassing the page cache (models larger than RAM).
     #[arg(long)]
     pub direct_io: bool,
+    /// Checksum every file of the split before running, not only those changed since they were
+    /// last verified (reads the whole model once).
+    #[arg(long)]
+    pub verify_split: bool,
     /// Hugging Face token for gated or private repos (else HF_TOKEN).
     #[arg(long)]
     pub token: Option<String>,
@@ -71,6 +75,7 @@ impl ModelArgs {
             .device(self.device.parse::<DeviceSpec>()?)
             .prefetch_depth(self.prefetch)
             .direct_io(self.direct_io)
+            .verify_split(self.verify_split)
             .delete_original(self.delete_original);
         if let Some(d) = &self.dtype {
             opts = opts.dtype(d.parse::<DType>()?);
@@ -475,9 +480,10 @@ fn write_logits(
             ))
         })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    // A unique temporary next to `path`, renamed over it only once complete (never `run.tmp`,
+    // which may be the user's).
+    let bytes = safetensors::serialize(views, None)?;
+    rabbit_split::fsutil::write_atomic(path, &bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
