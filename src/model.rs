@@ -30,6 +30,10 @@ pub struct LoadOptions {
     /// Read streamed layers with `O_DIRECT`, bypassing the page cache (for models larger than
     /// RAM; buffered reads where the file system refuses it).
     pub direct_io: bool,
+    /// Checksum every file of the split when opening it, not only those changed since they were
+    /// last verified (a full read of the model; catches damage that left a file's size and
+    /// times unchanged).
+    pub verify_split: bool,
     /// Hub access.
     pub hub: HubOptions,
     /// Delete the original weight files once the split is verified complete.
@@ -50,6 +54,7 @@ impl Default for LoadOptions {
             split_dir: None,
             prefetch_depth: 2,
             direct_io: false,
+            verify_split: false,
             hub: HubOptions::default(),
             delete_original: false,
             budget: MemoryBudget::default(),
@@ -83,6 +88,11 @@ impl LoadOptions {
     /// Read streamed layers with `O_DIRECT`.
     pub fn direct_io(mut self, on: bool) -> Self {
         self.direct_io = on;
+        self
+    }
+    /// Checksum every split file at open.
+    pub fn verify_split(mut self, on: bool) -> Self {
+        self.verify_split = on;
         self
     }
     /// Hub token.
@@ -213,6 +223,7 @@ impl AutoModel {
             &EngineOptions {
                 prefetch_depth,
                 direct_io: opts.direct_io,
+                verify_split: opts.verify_split,
                 budget: opts.budget,
                 ..EngineOptions::new(device, dtype)
             },

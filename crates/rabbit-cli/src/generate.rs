@@ -351,9 +351,10 @@ fn write_logits(
             ))
         })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let tmp = path.with_extension("tmp");
-    safetensors::serialize_to_file(views, None, &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    // A unique temporary next to `path`, renamed over it only once complete (never `run.tmp`,
+    // which may be the user's).
+    let bytes = safetensors::serialize(views, None)?;
+    rabbit_split::fsutil::write_atomic(path, &bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

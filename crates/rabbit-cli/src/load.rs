@@ -35,6 +35,10 @@ pub struct ModelArgs {
     /// Read streamed layers with O_DIRECT, bypassing the page cache (models larger than RAM).
     #[arg(long)]
     pub direct_io: bool,
+    /// Checksum every file of the split before running, not only those changed since they were
+    /// last verified (reads the whole model once).
+    #[arg(long)]
+    pub verify_split: bool,
     /// Hugging Face token for gated or private repos (else HF_TOKEN).
     #[arg(long)]
     pub token: Option<String>,
@@ -67,6 +71,7 @@ impl ModelArgs {
             .device(self.device)
             .prefetch_depth(self.prefetch as usize)
             .direct_io(self.direct_io)
+            .verify_split(self.verify_split)
             .delete_original(self.delete_original);
         if let Some(d) = self.dtype {
             opts = opts.dtype(d);

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rabbit_models::{names, ModelSpec};
+use rabbit_split::integrity;
 use rabbit_split::layout::UnitKind;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use serde::Serialize;
@@ -34,6 +35,9 @@ pub struct EngineOptions {
     pub prefetch_depth: usize,
     /// Read streamed layers with `O_DIRECT` into recycled buffers (bypassing the page cache).
     pub direct_io: bool,
+    /// Checksum every unit file at open, not only those changed since their last verification
+    /// (see [`rabbit_split::integrity`]).
+    pub verify_split: bool,
     /// Memory the planner may fill with resident layers.
     pub budget: MemoryBudget,
     /// Batch size the KV/activation reservation is planned for.
@@ -52,6 +56,7 @@ impl EngineOptions {
             dtype,
             prefetch_depth: 2,
             direct_io: false,
+            verify_split: false,
             budget: MemoryBudget::default(),
             plan_batch: 1,
             plan_context: 4096,
@@ -211,6 +216,26 @@ impl Engine {
     pub fn open(split_dir: &Path, spec: ModelSpec, opts: &EngineOptions) -> Result<Engine> {
         let manifest = Manifest::load(split_dir)?;
         validate_split(&spec, &manifest, split_dir)?;
+        // Never compute with a damaged split: headers always, checksums of changed files (or of
+        // all with verify_split), before any unit is read.
+        let checksums = if opts.verify_split {
+            integrity::Checksums::All
+        } else {
+            integrity::Checksums::Changed
+        };
+        let report = integrity::check(split_dir, &manifest, checksums).into_result(split_dir)?;
+        if report.files_hashed > 0 {
+            tracing::info!(
+                files = report.files_hashed,
+                bytes = report.bytes_hashed,
+                "split files verified"
+            );
+        }
+        if let Some(e) = &report.record_error {
+            tracing::warn!(
+                "cannot record the verified split files (they will be hashed again): {e}"
+            );
+        }
         let kind = opts.dtype.kind();
         let device = opts.device;
         let unit = |k: UnitKind| {

@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rabbit_split::manifest::UnitEntry;
+use rabbit_split::{fsutil, SplitError};
 
 use crate::buffer::AlignedBuf;
 use crate::error::{CoreError, Result};
@@ -61,27 +62,22 @@ impl ReadMode {
 /// size in use; the split aligns data regions to it).
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Opens a unit file for `mode`: `O_DIRECT` when asked and the file system allows it.
+/// Opens a unit file for `mode`: `O_DIRECT` when asked and the file system allows it. Only a
+/// regular file opens (a FIFO in its place would block the reader forever).
 fn open_unit(path: &Path, mode: ReadMode, offset: u64) -> Result<(File, bool)> {
     if mode == ReadMode::Direct && offset.is_multiple_of(DIRECT_ALIGN) {
-        use std::os::unix::fs::OpenOptionsExt;
-        match std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
+        match fsutil::open_regular_with_flags(path, libc::O_DIRECT) {
             Ok(f) => return Ok((f, true)),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            Err(SplitError::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::warn!(
                     file = %path.display(),
                     "the file system does not support O_DIRECT; reading through the page cache"
                 );
             }
-            Err(e) => return Err(CoreError::io(path, e)),
+            Err(e) => return Err(e.into()),
         }
     }
-    let f = File::open(path).map_err(|e| CoreError::io(path, e))?;
-    Ok((f, false))
+    Ok((fsutil::open_regular(path)?, false))
 }
 
 /// The bytes of one unit's data region.

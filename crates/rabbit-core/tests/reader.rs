@@ -1,9 +1,11 @@
 //! The layer reader on its own: every read mode returns exactly the files' data regions, cycle
 //! after cycle; a file damaged while the reader runs surfaces as an error naming it; dropping
-//! the reader early (mid-cycle, after an error) returns at once.
+//! the reader early (mid-cycle, after an error) returns; a FIFO in place of a file is an error,
+//! not a hang.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::sync::mpsc;
+use std::time::Duration;
 
 use rabbit_core::reader::{measure_read, LayerReader, ReadMode};
 use rabbit_split::layout::UnitKind;
@@ -34,6 +36,20 @@ fn units(dir: &Path, n: usize) -> Vec<(UnitEntry, Vec<u8>)> {
             (entry, data)
         })
         .collect()
+}
+
+/// Runs `f` on its own thread and fails if it has not returned within a minute: a bounded join
+/// for what must not hang (a generous bound, not a performance figure).
+fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(mpsc::RecvTimeoutError::Timeout) => panic!("{what} hangs"),
+        Err(e) => panic!("{what} panicked ({e})"),
+    }
 }
 
 #[test]
@@ -92,9 +108,10 @@ fn a_file_truncated_under_the_reader_is_an_error_naming_it() {
         let msg = err.to_string();
         assert!(msg.contains("layer.004.safetensors"), "{mode:?}: {msg}");
         assert!(msg.contains("shorter than the manifest"), "{mode:?}: {msg}");
-        let start = Instant::now();
-        drop(reader);
-        assert!(start.elapsed() < Duration::from_secs(2), "{mode:?}");
+        within_a_minute(
+            &format!("{mode:?}: dropping the reader after an error"),
+            move || drop(reader),
+        );
     }
 }
 
@@ -108,9 +125,39 @@ fn dropping_the_reader_mid_cycle_returns_at_once() {
         let (u, _) = reader.next(0).unwrap();
         // The caller stops early holding a unit, with others queued behind it.
         std::thread::sleep(Duration::from_millis(20));
-        let start = Instant::now();
-        drop(reader);
-        drop(u);
-        assert!(start.elapsed() < Duration::from_secs(2), "{mode:?}");
+        within_a_minute(
+            &format!("{mode:?}: dropping the reader mid-cycle"),
+            move || {
+                drop(reader);
+                drop(u);
+            },
+        );
+    }
+}
+
+#[test]
+fn a_fifo_in_place_of_a_unit_file_is_an_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let units = units(tmp.path(), 2);
+    let victim = tmp.path().join(&units[1].0.file);
+    std::fs::remove_file(&victim).unwrap();
+    let c = std::ffi::CString::new(victim.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo with a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for mode in [ReadMode::Map, ReadMode::Copy, ReadMode::Direct] {
+        let dir = tmp.path().to_path_buf();
+        let entries: Vec<UnitEntry> = units.iter().map(|(u, _)| u.clone()).collect();
+        // Before: open() of the FIFO blocked for ever, waiting for a writer.
+        let err = within_a_minute(&format!("{mode:?}: starting on a FIFO"), move || {
+            let refs: Vec<&UnitEntry> = entries.iter().collect();
+            LayerReader::start(&dir, &refs, 1, mode)
+                .err()
+                .map(|e| e.to_string())
+        })
+        .expect("a FIFO is not a unit file");
+        assert!(
+            err.contains("layer.001.safetensors") && err.contains("FIFO"),
+            "{mode:?}: {err}"
+        );
     }
 }

@@ -63,14 +63,9 @@ pub fn read_config_json(checkpoint_dir: &Path) -> Result<serde_json::Value> {
 }
 
 fn read_config_bytes(dir: &Path) -> Result<Vec<u8>> {
-    let path = dir.join(CONFIG_FILE);
-    match fs::read(&path) {
-        Ok(b) => Ok(b),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(SplitError::MissingConfig {
-            dir: dir.to_path_buf(),
-        }),
-        Err(e) => Err(SplitError::io(&path, e)),
-    }
+    crate::fsutil::read_regular(&dir.join(CONFIG_FILE))?.ok_or_else(|| SplitError::MissingConfig {
+        dir: dir.to_path_buf(),
+    })
 }
 
 /// The weight files of a checkpoint, found without parsing any safetensors header.
@@ -88,7 +83,7 @@ pub struct WeightFiles {
 /// shard index. Fails when there are no weights or a listed shard is missing.
 pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
     let single = dir.join(SINGLE_FILE);
-    if single.is_file() {
+    if is_present_file(&single)? {
         return Ok(WeightFiles {
             files: vec![single],
             index: None,
@@ -96,14 +91,11 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
         });
     }
     let index = dir.join(INDEX_FILE);
-    let bytes = match fs::read(&index) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(SplitError::MissingWeights {
-                dir: dir.to_path_buf(),
-            })
-        }
-        Err(e) => return Err(SplitError::io(&index, e)),
+    is_present_file(&index)?;
+    let Some(bytes) = crate::fsutil::read_regular(&index)? else {
+        return Err(SplitError::MissingWeights {
+            dir: dir.to_path_buf(),
+        });
     };
     let bad = |reason: String| SplitError::BadIndex {
         index: index.clone(),
@@ -111,13 +103,24 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
     };
     let json: serde_json::Value =
         serde_json::from_slice(&bytes).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no \"weight_map\" object".into()))?;
+    if !json.get("weight_map").is_some_and(|m| m.is_object()) {
+        return Err(bad("no \"weight_map\" object".into()));
+    }
+    #[derive(serde::Deserialize)]
+    struct IndexJson {
+        weight_map: crate::jsonutil::Entries,
+    }
+    let map = serde_json::from_slice::<IndexJson>(&bytes)
+        .map_err(|e| bad(e.to_string()))?
+        .weight_map;
+    if let Some(tensor) = map.first_duplicate() {
+        return Err(bad(format!(
+            "weight_map lists tensor {tensor} more than once"
+        )));
+    }
     let mut weight_map = BTreeMap::new();
     let mut shards = BTreeSet::new();
-    for (tensor, shard) in map {
+    for (tensor, shard) in &map.0 {
         let shard = shard
             .as_str()
             .ok_or_else(|| bad(format!("weight_map entry for {tensor} is not a file name")))?;
@@ -140,7 +143,7 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
     let mut files = Vec::with_capacity(shards.len());
     for shard in shards {
         let p = dir.join(&shard);
-        if !p.is_file() {
+        if !is_present_file(&p)? {
             return Err(SplitError::MissingShard {
                 index: index.clone(),
                 shard,
@@ -153,6 +156,33 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
         index: Some(index),
         weight_map,
     })
+}
+
+/// Whether a weight file is there: `false` when nothing of that name exists, an error naming it
+/// when something that is not a regular file does (a directory, a FIFO, a symlink loop or a
+/// dangling symlink), so that is not mistaken for "no weights".
+fn is_present_file(path: &Path) -> Result<bool> {
+    match fs::metadata(path) {
+        Ok(md) if md.is_file() => Ok(true),
+        Ok(md) => Err(SplitError::NotAFile {
+            path: path.to_path_buf(),
+            kind: crate::fsutil::file_kind(md.file_type()),
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => match fs::read_link(path) {
+            Ok(target) => Err(SplitError::io(
+                path,
+                io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!(
+                        "symbolic link to {}, which does not exist",
+                        target.display()
+                    ),
+                ),
+            )),
+            Err(_) => Ok(false),
+        },
+        Err(e) => Err(SplitError::io(path, e)),
+    }
 }
 
 /// Cheap identity of a checkpoint's contents: XXH3 over the names, sizes and modification times
@@ -258,13 +288,20 @@ pub(crate) fn read_safetensors_header(path: &Path, file: &File) -> Result<RawHea
     if !text.trim_start().starts_with('{') {
         return Err(bad("header is not a JSON object".into()));
     }
-    let json: serde_json::Map<String, serde_json::Value> =
+    let json: crate::jsonutil::Entries =
         serde_json::from_str(text).map_err(|e| bad(format!("header is not valid JSON: {e}")))?;
     drop(hbuf);
+    if let Some(name) = json.first_duplicate() {
+        return Err(SplitError::BadTensor {
+            file: path.to_path_buf(),
+            tensor: name.to_string(),
+            reason: "appears twice in the header (a tensor name must be unique)".into(),
+        });
+    }
 
     let mut metadata = BTreeMap::new();
-    let mut tensors = Vec::with_capacity(json.len());
-    for (name, v) in json {
+    let mut tensors = Vec::with_capacity(json.0.len());
+    for (name, v) in json.0 {
         if name == "__metadata__" {
             let obj = v
                 .as_object()
@@ -398,7 +435,7 @@ impl Checkpoint {
         let w = weight_files(dir)?;
         let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
         for (file_index, path) in w.files.iter().enumerate() {
-            let f = File::open(path).map_err(|e| SplitError::io(path, e))?;
+            let f = crate::fsutil::open_regular(path)?;
             let h = read_safetensors_header(path, &f)?;
             let base = h.data_offset();
             for t in h.tensors {
@@ -470,7 +507,7 @@ impl Checkpoint {
             return Ok(f);
         }
         let path = &self.files[file_index];
-        let f = File::open(path).map_err(|e| SplitError::io(path, e))?;
+        let f = crate::fsutil::open_regular(path)?;
         crate::fsutil::advise_sequential(&f);
         Ok(self.handles[file_index].get_or_init(|| f))
     }

@@ -178,6 +178,32 @@ pub enum SplitError {
         #[source]
         source: io::Error,
     },
+    /// A path that must be a regular file is something else (a FIFO would block a reader
+    /// forever, a directory cannot be read as one).
+    #[error("{} is {kind}, not a regular file", path.display())]
+    NotAFile {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead (`a directory`, `a FIFO (named pipe)`, ...).
+        kind: &'static str,
+    },
+    /// The split's output directory holds files that are not a split of ours.
+    #[error(
+        "refusing to write the split into {}: it is not empty and holds no rabbit split (found {found}); choose a new or empty directory",
+        dir.display()
+    )]
+    ForeignDirectory {
+        /// The directory.
+        dir: PathBuf,
+        /// Some of its entries.
+        found: String,
+    },
+    /// A path that must be a directory is something else.
+    #[error("{} exists and is not a directory", path.display())]
+    NotADirectory {
+        /// The path.
+        path: PathBuf,
+    },
     /// Any other I/O error.
     #[error("I/O error on {}: {source}", path.display())]
     Io {
@@ -225,6 +251,20 @@ pub enum SplitError {
         /// Why the existing split does not fit.
         reason: String,
     },
+    /// `delete_original` would leave another split of the same weights unusable or unrepairable.
+    #[error(
+        "not deleting the original weights in {}: the split in {} was made from them too, and {reason}",
+        dir.display(),
+        split_dir.display()
+    )]
+    DependentSplit {
+        /// Checkpoint directory.
+        dir: PathBuf,
+        /// The other split.
+        split_dir: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Files of a split are missing or corrupt.
     #[error("split in {} is damaged: {}", dir.display(), list_damage(damaged))]
     Damaged {
@@ -255,7 +295,10 @@ impl SplitError {
     pub fn io(path: impl AsRef<Path>, source: io::Error) -> SplitError {
         let path = path.as_ref().to_path_buf();
         match source.raw_os_error() {
-            Some(code) if code == libc::ENOSPC || code == libc::EDQUOT => {
+            Some(code)
+                if code == rustix::io::Errno::NOSPC.raw_os_error()
+                    || code == rustix::io::Errno::DQUOT.raw_os_error() =>
+            {
                 SplitError::DiskFull { path, source }
             }
             _ => SplitError::Io { path, source },
@@ -316,10 +359,10 @@ mod tests {
 
     #[test]
     fn enospc_maps_to_disk_full() {
-        let e = SplitError::io("/x/y", io::Error::from_raw_os_error(libc::ENOSPC));
+        let e = SplitError::io("/x/y", io::Error::from(rustix::io::Errno::NOSPC));
         assert!(matches!(e, SplitError::DiskFull { .. }), "{e:?}");
         assert!(e.to_string().contains("/x/y"));
-        let e = SplitError::io("/x/y", io::Error::from_raw_os_error(libc::EACCES));
+        let e = SplitError::io("/x/y", io::Error::from(rustix::io::Errno::ACCESS));
         assert!(matches!(e, SplitError::Io { .. }), "{e:?}");
     }
 

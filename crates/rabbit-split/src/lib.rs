@@ -25,6 +25,8 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod integrity;
+mod jsonutil;
 pub mod layout;
 pub mod manifest;
 pub mod quant;

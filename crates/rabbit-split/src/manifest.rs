@@ -2,8 +2,6 @@
 //! sequential read (file, data region) and to view its tensors in place (names, dtypes, shapes,
 //! offsets), plus what reuse checks need (source fingerprint, options, layout digest).
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -151,14 +149,10 @@ impl Manifest {
     /// Loads and sanity-checks `manifest.json` from a split directory.
     pub fn load(split_dir: &Path) -> Result<Manifest> {
         let path = split_dir.join(MANIFEST_FILE);
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(SplitError::MissingManifest {
-                    dir: split_dir.to_path_buf(),
-                })
-            }
-            Err(e) => return Err(SplitError::io(&path, e)),
+        let Some(bytes) = crate::fsutil::read_regular(&path)? else {
+            return Err(SplitError::MissingManifest {
+                dir: split_dir.to_path_buf(),
+            });
         };
         Self::parse(&path, &bytes)
     }

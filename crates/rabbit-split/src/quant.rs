@@ -215,38 +215,30 @@ pub(crate) fn quantize_append(
     }
 }
 
-/// [`quantize_append`] on all cores: `values` is cut on block boundaries, each part quantized on
-/// its own thread, and the parts appended in order, so the output is identical byte for byte.
+/// [`quantize_append`] on all cores (rayon's pool): `values` is cut on block boundaries, the
+/// parts quantized in parallel and appended in order, so the output is identical byte for byte.
 pub(crate) fn quantize_append_parallel(
     scheme: Compression,
     values: &[f32],
     codes: &mut Vec<u8>,
     scales: &mut Vec<f32>,
 ) {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(16);
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads().min(16);
     let blocks = values.len().div_ceil(QUANT_BLOCK);
+    // Small tensors: not worth waking the pool.
     if threads == 1 || blocks < 64 * threads {
         return quantize_append(scheme, values, codes, scales);
     }
     let per = blocks.div_ceil(threads) * QUANT_BLOCK;
-    let parts: Vec<(Vec<u8>, Vec<f32>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = values
-            .chunks(per)
-            .map(|part| {
-                scope.spawn(move || {
-                    let (mut c, mut s) = (Vec::new(), Vec::new());
-                    quantize_append(scheme, part, &mut c, &mut s);
-                    (c, s)
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("quantization threads do not panic"))
-            .collect()
-    });
+    let parts: Vec<(Vec<u8>, Vec<f32>)> = values
+        .par_chunks(per)
+        .map(|part| {
+            let (mut c, mut s) = (Vec::new(), Vec::new());
+            quantize_append(scheme, part, &mut c, &mut s);
+            (c, s)
+        })
+        .collect();
     for (c, s) in parts {
         codes.extend_from_slice(&c);
         scales.extend_from_slice(&s);
@@ -337,7 +329,12 @@ mod tests {
         for scheme in [Compression::Nf4, Compression::Int8] {
             let (mut c1, mut s1, mut c2, mut s2) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             quantize_append(scheme, &values, &mut c1, &mut s1);
-            quantize_append_parallel(scheme, &values, &mut c2, &mut s2);
+            // A pool of several threads whatever this machine has, so the parts really split.
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(4)
+                .build()
+                .unwrap()
+                .install(|| quantize_append_parallel(scheme, &values, &mut c2, &mut s2));
             assert_eq!(c1, c2, "{scheme}");
             assert_eq!(s1, s2, "{scheme}");
         }

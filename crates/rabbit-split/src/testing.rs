@@ -8,6 +8,21 @@ use std::io;
 thread_local! {
     static WRITE_BUDGET: Cell<Option<u64>> = const { Cell::new(None) };
     static AVAILABLE: Cell<Option<u64>> = const { Cell::new(None) };
+    static CLOCK_SKEW: Cell<i64> = const { Cell::new(0) };
+}
+
+/// Shifts the clock the integrity record uses on this thread by `secs`: with a few seconds,
+/// files just written count as settled, as they would be on a later run.
+pub fn skew_clock(secs: i64) {
+    CLOCK_SKEW.with(|c| c.set(secs));
+}
+
+/// Seconds since the Unix epoch, as the integrity record sees them.
+pub(crate) fn now_secs() -> i64 {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    now + CLOCK_SKEW.with(Cell::get)
 }
 
 /// After `bytes` more bytes are written on this thread, every write fails with ENOSPC (the last
@@ -29,7 +44,7 @@ pub(crate) fn available_space_override() -> Option<u64> {
 pub(crate) fn allowed(len: usize) -> io::Result<usize> {
     WRITE_BUDGET.with(|b| match b.get() {
         None => Ok(len),
-        Some(0) if len > 0 => Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+        Some(0) if len > 0 => Err(io::Error::from(rustix::io::Errno::NOSPC)),
         Some(left) => {
             let n = (len as u64).min(left);
             b.set(Some(left - n));
@@ -43,7 +58,7 @@ pub(crate) fn check_write(len: usize) -> io::Result<()> {
     WRITE_BUDGET.with(|b| match b.get() {
         Some(left) if (len as u64) > left => {
             b.set(Some(0));
-            Err(io::Error::from_raw_os_error(libc::ENOSPC))
+            Err(io::Error::from(rustix::io::Errno::NOSPC))
         }
         Some(left) => {
             b.set(Some(left - len as u64));

@@ -7,8 +7,9 @@
 //! checksum costs no second read.
 
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::Xxh3;
@@ -165,19 +166,18 @@ pub fn format_checksum(digest: u64) -> String {
 
 const WRITE_BUF: usize = 1 << 20;
 
-/// Streams one safetensors file to `<final>.tmp`, then fsyncs and renames it into place.
+/// Streams one safetensors file to a temporary file next to its final path (an
+/// [`fsutil::AtomicFile`]), then fsyncs and renames it into place.
 ///
 /// Dropping it before [`finish`](Self::finish) removes the temporary file, so an error anywhere
 /// never leaves a complete-looking file behind.
 pub struct AlignedWriter {
     final_path: PathBuf,
-    tmp_path: PathBuf,
-    file: File,
+    file: fsutil::AtomicFile,
     buf: Vec<u8>,
     hasher: Box<Xxh3>,
     layout: HeaderLayout,
     data_written: u64,
-    done: bool,
 }
 
 impl std::fmt::Debug for AlignedWriter {
@@ -191,8 +191,7 @@ impl std::fmt::Debug for AlignedWriter {
 }
 
 impl AlignedWriter {
-    /// Creates `<final_path>.tmp` (replacing a stale one), reserves the file's space and writes
-    /// the padded header. Tensors are laid out contiguously in the order given.
+    /// Creates the temporary file, reserves the file's space and writes the padded header. Tensors are laid out contiguously in the order given.
     pub fn create(
         final_path: &Path,
         tensors: Vec<TensorHeader>,
@@ -205,20 +204,17 @@ impl AlignedWriter {
 
     /// Like [`create`](Self::create) with a header already laid out by [`build_header`].
     pub fn with_layout(final_path: &Path, layout: HeaderLayout) -> Result<AlignedWriter> {
-        let tmp_path = fsutil::tmp_path(final_path);
-        let file = File::create(&tmp_path).map_err(|e| SplitError::io(&tmp_path, e))?;
+        let file = fsutil::AtomicFile::create(final_path)?;
         let mut w = AlignedWriter {
             final_path: final_path.to_path_buf(),
-            tmp_path,
             file,
             buf: Vec::with_capacity(WRITE_BUF),
             hasher: Box::new(Xxh3::new()),
             layout,
             data_written: 0,
-            done: false,
         };
-        fsutil::preallocate(&w.file, w.layout.file_size())
-            .map_err(|e| SplitError::io(&w.tmp_path, e))?;
+        fsutil::preallocate(w.file.file(), w.layout.file_size())
+            .map_err(|e| SplitError::io(w.file.tmp_path(), e))?;
         let header = std::mem::take(&mut w.layout.bytes);
         w.hasher.update(&header);
         let res = w.write_raw(&header);
@@ -239,7 +235,7 @@ impl AlignedWriter {
 
     /// Path of the temporary file being written.
     pub fn tmp_path(&self) -> &Path {
-        &self.tmp_path
+        self.file.tmp_path()
     }
 
     /// Appends the next bytes of tensor data (tensors in order; a tensor may arrive in any
@@ -282,18 +278,18 @@ impl AlignedWriter {
 
     fn write_raw(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
-            let res =
-                crate::testing::allowed(bytes.len()).and_then(|n| self.file.write(&bytes[..n]));
+            let res = crate::testing::allowed(bytes.len())
+                .and_then(|n| self.file.file().write(&bytes[..n]));
             match res {
                 Ok(0) => {
                     return Err(SplitError::io(
-                        &self.tmp_path,
+                        self.file.tmp_path(),
                         io::Error::new(io::ErrorKind::WriteZero, "write returned 0 bytes"),
                     ))
                 }
                 Ok(n) => bytes = &bytes[n..],
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(SplitError::io(&self.tmp_path, e)),
+                Err(e) => return Err(SplitError::io(self.file.tmp_path(), e)),
             }
         }
         Ok(())
@@ -312,54 +308,58 @@ impl AlignedWriter {
             });
         }
         self.flush_buf()?;
-        self.file
-            .sync_all()
-            .map_err(|e| SplitError::io(&self.tmp_path, e))?;
         let size = self.layout.file_size();
+        let tmp = self.file.tmp_path();
         let on_disk = self
             .file
+            .file()
             .metadata()
-            .map_err(|e| SplitError::io(&self.tmp_path, e))?
+            .map_err(|e| SplitError::io(tmp, e))?
             .len();
         if on_disk != size {
             return Err(SplitError::Io {
-                path: self.tmp_path.clone(),
+                path: tmp.to_path_buf(),
                 source: io::Error::other(format!("file is {on_disk} bytes, expected {size}")),
             });
         }
-        fsutil::drop_cache(&self.file);
-        fs::rename(&self.tmp_path, &self.final_path)
-            .map_err(|e| SplitError::io(&self.final_path, e))?;
-        self.done = true;
-        fsutil::sync_dir(fsutil::parent_dir(&self.final_path))?;
+        // Durable first (commit fsyncs), then out of the page cache.
+        self.file
+            .file()
+            .sync_all()
+            .map_err(|e| SplitError::io(tmp, e))?;
+        fsutil::drop_cache(self.file.file());
+        self.file.commit()?;
         Ok(WrittenFile {
-            path: self.final_path.clone(),
+            path: self.final_path,
             size,
             checksum: format_checksum(self.hasher.digest()),
         })
     }
 }
 
-impl Drop for AlignedWriter {
-    fn drop(&mut self) {
-        if !self.done {
-            let _ = fs::remove_file(&self.tmp_path);
-        }
-    }
-}
-
 /// Size and checksum (same format as [`WrittenFile::checksum`]) of an existing file, read
 /// sequentially through `buf` (grown to at most 8 MiB and reused).
 pub fn file_checksum(path: &Path, buf: &mut Vec<u8>) -> Result<(u64, String)> {
-    let mut f = File::open(path).map_err(|e| SplitError::io(path, e))?;
-    fsutil::advise_sequential(&f);
-    if buf.len() < 8 << 20 {
-        buf.resize(8 << 20, 0);
+    let f = fsutil::open_regular(path)?;
+    checksum_file(&f, path, buf, false)
+}
+
+/// [`file_checksum`] of an open file, from its first byte whatever its position; with
+/// `keep_cache` its pages stay in the page cache (it is about to be read again).
+pub(crate) fn checksum_file(
+    f: &File,
+    path: &Path,
+    buf: &mut Vec<u8>,
+    keep_cache: bool,
+) -> Result<(u64, String)> {
+    fsutil::advise_sequential(f);
+    if buf.len() < CHECKSUM_BUF {
+        buf.resize(CHECKSUM_BUF, 0);
     }
     let mut h = Box::new(Xxh3::new());
     let mut total = 0u64;
     loop {
-        match f.read(&mut buf[..8 << 20]) {
+        match f.read_at(&mut buf[..CHECKSUM_BUF], total) {
             Ok(0) => break,
             Ok(n) => {
                 h.update(&buf[..n]);
@@ -369,13 +369,18 @@ pub fn file_checksum(path: &Path, buf: &mut Vec<u8>) -> Result<(u64, String)> {
             Err(e) => return Err(SplitError::io(path, e)),
         }
     }
-    fsutil::drop_cache(&f);
+    if !keep_cache {
+        fsutil::drop_cache(f);
+    }
     Ok((total, format_checksum(h.digest())))
 }
+
+const CHECKSUM_BUF: usize = 8 << 20;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     fn th(name: &str, dtype: Dtype, shape: &[usize]) -> TensorHeader {
         TensorHeader {
@@ -446,7 +451,11 @@ mod tests {
             file_checksum(&path, &mut Vec::new()).unwrap(),
             (out.size, out.checksum.clone())
         );
-        assert!(!fsutil::tmp_path(&path).exists());
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "temporary left"
+        );
 
         // Unfinished: dropping removes the tmp, and a short write cannot finish.
         let path2 = dir.path().join("y.safetensors");
@@ -463,6 +472,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("z.safetensors");
         crate::testing::fail_writes_after(Some(4096 + 100));
+        let mut tmp = PathBuf::new();
         let res = (|| {
             let mut w = AlignedWriter::create(
                 &path,
@@ -470,6 +480,7 @@ mod tests {
                 BTreeMap::new(),
                 4096,
             )?;
+            tmp = w.tmp_path().to_path_buf();
             w.write_data(&vec![7u8; 3 << 20])?;
             w.finish()
         })();
@@ -477,6 +488,6 @@ mod tests {
         let e = res.unwrap_err();
         assert!(matches!(e, SplitError::DiskFull { .. }), "{e:?}");
         assert!(e.to_string().contains("z.safetensors"), "{e}");
-        assert!(!path.exists() && !fsutil::tmp_path(&path).exists());
+        assert!(!path.exists() && !tmp.exists());
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::fs;
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use common::*;
 use rabbit_split::{
@@ -73,7 +73,10 @@ fn current_split_is_reused_without_reading_tensor_data() {
     let (_tmp, ckpt) = setup(&spec);
     let layout = layout(&spec);
     let opts = SplitOptions::default();
+    // Files count as settled, as on a later run (see rabbit_split::integrity).
+    rabbit_split::testing::skew_clock(60);
     let (dir, first, _) = run_split(&ckpt, &layout, &opts).unwrap();
+    rabbit_split::testing::skew_clock(0);
     assert!(matches!(first, SplitOutcome::Written { .. }));
     let before = dir_files(&dir);
 
@@ -89,19 +92,20 @@ fn current_split_is_reused_without_reading_tensor_data() {
     fs::write(&w, &bytes).unwrap();
     set_mtime(&w, t);
 
-    let start = Instant::now();
+    let record = dir.join(rabbit_split::integrity::VERIFIED_FILE);
+    let record_before = fs::read(&record).unwrap();
     assert!(is_current(&dir, &ckpt, &layout, &opts).unwrap());
     let (dir2, outcome, events) = run_split(&ckpt, &layout, &opts).unwrap();
-    let took = start.elapsed();
     assert_eq!(dir2, dir);
     assert_eq!(outcome, SplitOutcome::Reused);
     assert_eq!(events, [SplitEvent::Reused]);
-    assert!(took < Duration::from_secs(1), "reuse took {took:?}");
     assert_eq!(
         dir_files(&dir),
         before,
         "a reused split must not be touched"
     );
+    // Nothing was verified again either (the record would have been rewritten).
+    assert_eq!(fs::read(&record).unwrap(), record_before);
 }
 
 #[test]
@@ -291,8 +295,78 @@ fn delete_original_removes_weights_only_after_verifying() {
     );
 }
 
+/// Makes the verification record vouch for `file` as it is now, as if it had been damaged
+/// without any change to its identity (a media error): only a full verification can see that.
+fn forge_verified(dir: &Path, file: &str) {
+    use std::os::unix::fs::MetadataExt;
+    let m = Manifest::load(dir).unwrap();
+    let u = m.units.iter().find(|u| u.file == file).unwrap();
+    let md = fs::metadata(dir.join(file)).unwrap();
+    let path = dir.join(rabbit_split::integrity::VERIFIED_FILE);
+    let mut rec: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    rec["files"][file] = serde_json::json!({
+        "checksum": u.checksum, "size": md.len(), "inode": md.ino(),
+        "mtime": [md.mtime(), md.mtime_nsec()], "ctime": [md.ctime(), md.ctime_nsec()],
+    });
+    fs::write(&path, serde_json::to_vec(&rec).unwrap()).unwrap();
+}
+
+fn flip_last_byte(p: &Path) {
+    let mut b = fs::read(p).unwrap();
+    let last = b.len() - 1;
+    b[last] ^= 1;
+    fs::write(p, &b).unwrap();
+}
+
 #[test]
-fn delete_original_on_an_existing_split_and_refusal_when_damaged() {
+fn damage_found_by_reuse_is_repaired_from_the_source_before_the_originals_go() {
+    let spec = Spec::tiny();
+    let (_tmp, ckpt) = setup(&spec);
+    let l = layout(&spec);
+    let (dir, _, _) = run_split(&ckpt, &l, &SplitOptions::default()).unwrap();
+    let reference = dir_files(&dir);
+    let del = SplitOptions {
+        delete_original: true,
+        ..SplitOptions::default()
+    };
+    // Same size, so only the checksum (of a file changed since it was verified) sees it. Before,
+    // reuse accepted the split and the deletion refused; now the damaged unit alone is redone.
+    let victim = "layer.002.safetensors";
+    flip_last_byte(&dir.join(victim));
+    let reason = rabbit_split::stale_reason(&dir, &ckpt, &l, &SplitOptions::default())
+        .unwrap()
+        .expect("a damaged split is stale");
+    assert!(
+        reason.contains(victim) && reason.contains("checksum"),
+        "{reason}"
+    );
+    let (_, outcome, events) = run_split(&ckpt, &l, &del).unwrap();
+    assert_eq!(
+        outcome,
+        SplitOutcome::Written {
+            bytes_written: reference[victim].len() as u64,
+            units_written: 1,
+            units_resumed: l.units.len() - 1
+        }
+    );
+    assert_eq!(
+        &events[events.len() - 2..],
+        [
+            SplitEvent::Verified,
+            SplitEvent::OriginalDeleted { files: 1 }
+        ]
+    );
+    let mut now = dir_files(&dir);
+    let m = Manifest::parse(Path::new("m"), &now.remove("manifest.json").unwrap()).unwrap();
+    assert!(m.original_deleted);
+    let mut want = reference.clone();
+    want.remove("manifest.json");
+    assert_eq!(now, want, "repaired to the original bytes");
+    assert!(!ckpt.join("model.safetensors").exists());
+}
+
+#[test]
+fn delete_original_refuses_damage_that_only_a_full_verification_sees() {
     let spec = Spec::tiny();
     let (_tmp, ckpt) = setup(&spec);
     let l = layout(&spec);
@@ -301,14 +375,10 @@ fn delete_original_on_an_existing_split_and_refusal_when_damaged() {
         delete_original: true,
         ..SplitOptions::default()
     };
-
-    // Damage a unit without changing its size: the stat-based reuse check cannot see it, but the
-    // verification before deletion must, and the weights must survive.
     let victim = dir.join("layer.002.safetensors");
-    let mut b = fs::read(&victim).unwrap();
-    let last = b.len() - 1;
-    b[last] ^= 1;
-    fs::write(&victim, &b).unwrap();
+    flip_last_byte(&victim);
+    forge_verified(&dir, "layer.002.safetensors");
+    assert!(is_current(&dir, &ckpt, &l, &del).unwrap());
     let e = run_split(&ckpt, &l, &del).unwrap_err();
     match &e {
         SplitError::Damaged { damaged, .. } => {
@@ -320,20 +390,25 @@ fn delete_original_on_an_existing_split_and_refusal_when_damaged() {
     assert!(e.to_string().contains("layer.002.safetensors"), "{e}");
     assert!(ckpt.join("model.safetensors").exists());
     assert!(!Manifest::load(&dir).unwrap().original_deleted);
-
-    // Repaired, the reused split is verified and the weights go.
-    b[last] ^= 1;
-    fs::write(&victim, &b).unwrap();
+    // That verification dropped the file from the record: the next run repairs it, as the
+    // message of `rabbit split --verify` promises, and then deletes the weights.
+    assert!(!is_current(&dir, &ckpt, &l, &del).unwrap());
     let (_, outcome, events) = run_split(&ckpt, &l, &del).unwrap();
-    assert_eq!(outcome, SplitOutcome::Reused);
-    assert_eq!(
-        events,
-        [
-            SplitEvent::Reused,
-            SplitEvent::Verified,
-            SplitEvent::OriginalDeleted { files: 1 }
-        ]
+    assert!(
+        matches!(
+            outcome,
+            SplitOutcome::Written {
+                units_written: 1,
+                ..
+            }
+        ),
+        "{outcome:?}"
     );
+    assert_eq!(
+        events.last(),
+        Some(&SplitEvent::OriginalDeleted { files: 1 })
+    );
+    assert!(verify(&dir).unwrap().is_ok());
     assert!(!ckpt.join("model.safetensors").exists());
     assert!(ckpt.join("config.json").exists());
     assert!(Manifest::load(&dir).unwrap().original_deleted);

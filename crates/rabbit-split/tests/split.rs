@@ -116,7 +116,8 @@ fn single_file_bf16_checkpoint_splits_into_aligned_units() {
             "lm_head.safetensors",
             "manifest.json",
             "norm.safetensors",
-            "split.plan.json"
+            "split.plan.json",
+            "split.verified.json"
         ]
     );
     let m = check_split(&ckpt, &dir, 4096);

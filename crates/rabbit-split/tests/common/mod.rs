@@ -276,12 +276,15 @@ pub fn run_split(
     Ok((dir, outcome, events))
 }
 
-/// Every regular file of a directory (non-recursive) with its bytes.
+/// Every regular file of a directory (non-recursive) with its bytes, except the verification
+/// record: it holds this machine's file identities (inodes, times), not split content.
 pub fn dir_files(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     let mut m = BTreeMap::new();
     for e in fs::read_dir(dir).unwrap() {
         let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
+        if e.file_type().unwrap().is_file()
+            && e.file_name() != rabbit_split::integrity::VERIFIED_FILE
+        {
             m.insert(
                 e.file_name().into_string().unwrap(),
                 fs::read(e.path()).unwrap(),
@@ -345,5 +348,29 @@ pub fn assert_same_dir(a: &Path, b: &Path) {
             a.display(),
             b.display()
         );
+    }
+}
+
+/// Creates a FIFO (named pipe) at `path`: opening it for reading blocks until a writer comes.
+pub fn mkfifo(path: &Path) {
+    rustix::fs::mkfifoat(
+        rustix::fs::CWD,
+        path,
+        rustix::fs::Mode::from_raw_mode(0o600),
+    )
+    .unwrap();
+}
+
+/// Runs `f` on its own thread and fails the test if it has not returned within a minute: a
+/// bounded join for code that must not hang (a generous bound, not a performance figure).
+pub fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(v) => v,
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!("{what} hangs"),
+        Err(e) => panic!("{what} panicked ({e})"),
     }
 }

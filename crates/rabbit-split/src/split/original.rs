@@ -1,0 +1,125 @@
+//! `delete_original`: verify the split (and the other splits made from the same weights), mark
+//! them the only copy, then delete the source weights.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::checkpoint::{source_fingerprint, INDEX_FILE, SINGLE_FILE};
+use crate::error::{Result, SplitError};
+use crate::fsutil::{self, remove_if_exists, write_atomic, DirLock};
+use crate::manifest::{Manifest, MANIFEST_FILE};
+use crate::quant::Compression;
+use crate::verify::verify_against;
+
+use super::dir::is_safe_file_name;
+use super::{default_split_dir_for, SplitEvent};
+
+/// The source weight files that exist now, in deletion order (shards first, index last). Works
+/// on a partially deleted checkpoint.
+pub(super) fn existing_source_weights(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let single = dir.join(SINGLE_FILE);
+    if single.is_file() {
+        out.push(single);
+        return out;
+    }
+    let index = dir.join(INDEX_FILE);
+    if let Ok(Some(bytes)) = fsutil::read_regular(&index) {
+        if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
+            let mut shards: Vec<&str> = json
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .map(|m| m.values().filter_map(|v| v.as_str()).collect())
+                .unwrap_or_default();
+            shards.sort_unstable();
+            shards.dedup();
+            for s in shards {
+                let p = dir.join(s);
+                if is_safe_file_name(s) && p.is_file() {
+                    out.push(p);
+                }
+            }
+        }
+        out.push(index);
+    }
+    out
+}
+
+fn delete_source_weights(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    for p in existing_source_weights(dir) {
+        if remove_if_exists(&p)? {
+            n += 1;
+        }
+    }
+    fsutil::sync_dir(dir)?;
+    Ok(n)
+}
+
+/// The other splits of this checkpoint in the default places (`rabbit-split`, `-4bit`, `-8bit`)
+/// made from the source as it is now, each with its lock held: deleting the source leaves them
+/// as the only copy too.
+fn dependent_splits(
+    checkpoint_dir: &Path,
+    out: &Path,
+) -> Result<Vec<(PathBuf, Manifest, DirLock)>> {
+    let fingerprint = source_fingerprint(checkpoint_dir)?;
+    let canon = |p: &Path| fs::canonicalize(p).ok();
+    let mut deps = Vec::new();
+    for c in [None, Some(Compression::Nf4), Some(Compression::Int8)] {
+        let dir = default_split_dir_for(checkpoint_dir, c);
+        if canon(&dir).is_none() || canon(&dir) == canon(out) {
+            continue;
+        }
+        let depends = |m: &Manifest| m.source_fingerprint == fingerprint && !m.original_deleted;
+        if !Manifest::load(&dir).is_ok_and(|m| depends(&m)) {
+            continue;
+        }
+        let refuse = |reason: String| SplitError::DependentSplit {
+            dir: checkpoint_dir.to_path_buf(),
+            split_dir: dir.clone(),
+            reason,
+        };
+        // Not waiting: a process writing that split may itself be waiting for ours.
+        let Some(lock) = DirLock::try_acquire(&dir)? else {
+            return Err(refuse("it is being written by another process".into()));
+        };
+        let m = Manifest::load(&dir)?;
+        if depends(&m) {
+            let report = verify_against(&dir, &m);
+            if !report.is_ok() {
+                let e = report.into_result(&dir).expect_err("damaged");
+                return Err(refuse(format!(
+                    "{e}; rerun its split to repair it, or delete it"
+                )));
+            }
+            deps.push((dir, m, lock));
+        }
+    }
+    Ok(deps)
+}
+
+/// Verifies `m` against the files, and every other split in the default places that depends on
+/// the same source (see [`dependent_splits`]); marks them all `original_deleted` (durably) and
+/// then deletes the source weights. Marking first means a crash mid-deletion still leaves
+/// splits that are recognized as the only copy, and every split made from these weights keeps
+/// loading after they are gone.
+pub(super) fn verify_and_delete_original(
+    checkpoint_dir: &Path,
+    out: &Path,
+    mut m: Manifest,
+    on_event: &mut dyn FnMut(&SplitEvent),
+) -> Result<()> {
+    verify_against(out, &m).into_result(out)?;
+    let deps = dependent_splits(checkpoint_dir, out)?;
+    on_event(&SplitEvent::Verified);
+    for (dir, mut dm, _lock) in deps {
+        dm.original_deleted = true;
+        write_atomic(&dir.join(MANIFEST_FILE), &dm.to_json())?;
+    }
+    m.original_deleted = true;
+    write_atomic(&out.join(MANIFEST_FILE), &m.to_json())?;
+    let files = delete_source_weights(checkpoint_dir)?;
+    on_event(&SplitEvent::OriginalDeleted { files });
+    Ok(())
+}

@@ -1,0 +1,203 @@
+//! Planning a split: every unit resolved against the checkpoint (which tensors, stored how, in
+//! what order, with what header), and the `split.plan.json` that lets a rerun recognize unit
+//! files of the same split.
+
+use std::collections::{BTreeMap, HashSet};
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::{Checkpoint, TensorLoc};
+use crate::error::{Result, SplitError};
+use crate::fsutil;
+use crate::layout::{Layout, UnitSpec};
+use crate::manifest::{QuantizedEntry, SplitSettings, FORMAT_NAME, FORMAT_VERSION, PLAN_FILE};
+use crate::quant::{Compression, QUANT_BLOCK};
+use crate::writer::{build_header, HeaderLayout, TensorHeader};
+
+use super::SplitOptions;
+
+/// Contents of `split.plan.json`: identifies the split being written so a rerun knows whether
+/// unit files already in the directory belong to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Plan {
+    pub(super) format: String,
+    pub(super) format_version: u32,
+    pub(super) source_fingerprint: String,
+    pub(super) layout_digest: String,
+    pub(super) options: SplitSettings,
+    pub(super) units: Vec<PlanUnit>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct PlanUnit {
+    pub(super) name: String,
+    pub(super) file: String,
+    pub(super) size: u64,
+    pub(super) header_digest: String,
+}
+
+/// Where the bytes of one output tensor come from.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Source {
+    /// Copied verbatim.
+    Copy,
+    /// The per-block `f32` scales of the source tensor.
+    Scales(Compression),
+    /// The codes of the source tensor.
+    Codes(Compression),
+}
+
+/// One tensor of a unit file.
+pub(super) struct Piece<'a> {
+    pub(super) loc: &'a TensorLoc,
+    pub(super) source: Source,
+    pub(super) out: TensorHeader,
+}
+
+/// One unit, resolved against the checkpoint.
+pub(super) struct UnitPlan<'a> {
+    pub(super) spec: &'a UnitSpec,
+    pub(super) file: String,
+    pub(super) path: PathBuf,
+    /// Output tensors in file order.
+    pub(super) pieces: Vec<Piece<'a>>,
+    /// Source tensors stored quantized, in layout order.
+    pub(super) quantized: Vec<QuantizedEntry>,
+    pub(super) header: HeaderLayout,
+}
+
+pub(super) fn plan_units<'a>(
+    ckpt: &'a Checkpoint,
+    layout: &'a Layout,
+    opts: &SplitOptions,
+    fingerprint: &str,
+    out: &Path,
+) -> Result<Vec<UnitPlan<'a>>> {
+    let mut claimed: HashSet<&str> = HashSet::new();
+    let mut plans = Vec::with_capacity(layout.units.len());
+    for spec in &layout.units {
+        let mut locs: Vec<&TensorLoc> =
+            Vec::with_capacity(spec.required.len() + spec.optional.len());
+        for name in &spec.required {
+            let loc = ckpt.tensor(name).ok_or_else(|| SplitError::MissingTensor {
+                unit: spec.name.clone(),
+                tensor: name.clone(),
+            })?;
+            locs.push(loc);
+        }
+        locs.extend(spec.optional.iter().filter_map(|n| ckpt.tensor(n)));
+        claimed.extend(locs.iter().map(|l| l.name.as_str()));
+        let mut pieces = Vec::with_capacity(locs.len());
+        let mut quantized = Vec::new();
+        for loc in locs {
+            let Some(scheme) = opts.compression_for(spec.kind, loc) else {
+                pieces.push(Piece {
+                    loc,
+                    source: Source::Copy,
+                    out: TensorHeader {
+                        name: loc.name.clone(),
+                        dtype: loc.dtype,
+                        shape: loc.shape.clone(),
+                    },
+                });
+                continue;
+            };
+            let numel = loc.shape.iter().product::<usize>();
+            let q = QuantizedEntry {
+                name: loc.name.clone(),
+                scheme,
+                block_size: QUANT_BLOCK,
+                shape: loc.shape.clone(),
+                dtype: loc.dtype,
+                codes: format!("{}.q", loc.name),
+                scales: format!("{}.scale", loc.name),
+            };
+            pieces.push(Piece {
+                loc,
+                source: Source::Scales(scheme),
+                out: TensorHeader {
+                    name: q.scales.clone(),
+                    dtype: crate::dtype::Dtype::F32,
+                    shape: vec![Compression::num_blocks(numel)],
+                },
+            });
+            pieces.push(Piece {
+                loc,
+                source: Source::Codes(scheme),
+                out: TensorHeader {
+                    name: q.codes.clone(),
+                    dtype: scheme.codes_dtype(),
+                    shape: vec![scheme.codes_len(numel)],
+                },
+            });
+            quantized.push(q);
+        }
+        // Widest elements first: every size is a multiple of the element size, so each tensor
+        // starts naturally aligned. Stable sort keeps the layout's order among equals.
+        pieces.sort_by_key(|p| std::cmp::Reverse(p.out.dtype.size_bytes()));
+        let file = format!("{}.safetensors", spec.name);
+        let path = out.join(&file);
+        let tensors: Vec<TensorHeader> = pieces.iter().map(|p| p.out.clone()).collect();
+        let mut md = BTreeMap::new();
+        md.insert("format".to_string(), FORMAT_NAME.to_string());
+        md.insert("format_version".to_string(), FORMAT_VERSION.to_string());
+        md.insert("source_fingerprint".to_string(), fingerprint.to_string());
+        md.insert("unit".to_string(), spec.name.clone());
+        let header = build_header(&path, &tensors, &md, opts.alignment)?;
+        plans.push(UnitPlan {
+            spec,
+            file,
+            path,
+            pieces,
+            quantized,
+            header,
+        });
+    }
+    let unclaimed: Vec<String> = ckpt
+        .tensors()
+        .map(|l| l.name.as_str())
+        .filter(|n| !claimed.contains(n) && !layout.is_ignored(n))
+        .map(str::to_string)
+        .collect();
+    if !unclaimed.is_empty() {
+        return Err(SplitError::UnclaimedTensors {
+            architecture: layout.architecture.clone(),
+            names: unclaimed,
+        });
+    }
+    Ok(plans)
+}
+
+/// True when `path` is a complete unit file of this plan: right size and byte-identical header
+/// (which carries the source fingerprint). Complete because files only get their final name
+/// after being fsynced.
+pub(super) fn unit_file_matches(path: &Path, header: &HeaderLayout) -> Result<bool> {
+    let f = match fsutil::open_regular(path) {
+        Ok(f) => f,
+        Err(SplitError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(false)
+        }
+        // A FIFO, directory, ... in its place: not a unit file; writing the unit replaces it.
+        Err(SplitError::NotAFile { .. }) => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    let len = f.metadata().map_err(|e| SplitError::io(path, e))?.len();
+    if len != header.file_size() {
+        return Ok(false);
+    }
+    let mut got = vec![0u8; header.bytes.len()];
+    match f.read_exact_at(&mut got, 0) {
+        Ok(()) => Ok(got == header.bytes),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(SplitError::io(path, e)),
+    }
+}
+
+pub(super) fn read_plan(out: &Path) -> Option<Plan> {
+    let bytes = fsutil::read_regular(&out.join(PLAN_FILE)).ok()??;
+    serde_json::from_slice(&bytes).ok()
+}
