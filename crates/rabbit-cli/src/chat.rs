@@ -157,7 +157,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             Err(e) if e.downcast_ref::<StdoutError>().is_some() => return Err(e),
             Err(e) => {
                 history.pop();
-                note!("error: {e:#}");
+                note!("error: {}", out::error_chain(&e));
             }
         }
     }

@@ -73,7 +73,7 @@ fn main() {
             // `rabbit generate ... | head`: the reader has what it wanted.
             std::process::exit(0);
         }
-        out::note!("error: {e:#}");
+        out::note!("error: {}", out::error_chain(&e));
         std::process::exit(1);
     }
 }

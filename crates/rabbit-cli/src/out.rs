@@ -56,6 +56,23 @@ pub fn write_note(args: fmt::Arguments<'_>, newline: bool) {
     let _ = err.flush();
 }
 
+/// The error and its causes, `: `-separated like anyhow's `{:#}`, minus causes whose text the
+/// message already carries (library errors often print their source themselves).
+pub fn error_chain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
 /// `outln!(...)`: like `println!`, returning `Result<(), StdoutError>`.
 macro_rules! outln {
     () => { $crate::out::line(format_args!("")) };
