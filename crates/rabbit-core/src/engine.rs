@@ -1,7 +1,6 @@
 //! The layer-streaming executor: embedding → decoder layers (streamed from the split, prefetched
 //! by [`LayerReader`]) → final norm → LM head, for a whole batch per sweep.
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -182,7 +181,7 @@ pub struct Engine {
 /// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
 fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
     let path = dir.join(&entry.file);
-    let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+    let file = rabbit_split::fsutil::open_regular(&path)?;
     let mut tensors = std::collections::BTreeMap::new();
     for t in &entry.tensors {
         let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {

@@ -8,7 +8,6 @@
 //!   (or is viewed in place on the CPU), is multiplied, and its pages are released again, so the
 //!   LM head costs one chunk of memory, not the whole matrix.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -63,7 +62,7 @@ impl MappedMatrix {
         if (rows * cols * elem) as u64 != t.len {
             return Err(bad(format!("{} bytes for shape {:?}", t.len, t.shape)));
         }
-        let file = File::open(&path).map_err(|e| CoreError::io(&path, e))?;
+        let file = rabbit_split::fsutil::open_regular(&path)?;
         let file_len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
         if file_len < entry.data_offset + t.offset + t.len {
             return Err(CoreError::truncated(&path));
