@@ -23,7 +23,7 @@ pub struct SplitArgs {
     delete_original: bool,
     /// Compress the decoder layers' linear weights block-wise: 4bit (NF4) or 8bit.
     #[arg(long, value_name = "4bit|8bit", conflicts_with = "verify")]
-    compression: Option<String>,
+    compression: Option<rabbit_split::Compression>,
     /// With --compression, compress the embedding and LM head too.
     #[arg(long, requires = "compression")]
     compress_embeddings: bool,
@@ -49,21 +49,24 @@ pub fn run(a: SplitArgs) -> Result<()> {
         for d in &report.damaged {
             note!("damaged: {d}");
         }
+        let originals_gone = rabbit_split::Manifest::load(&dir)
+            .map(|m| m.original_deleted)
+            .unwrap_or(false);
         bail!(
-            "{}: {} damaged file(s); rerun `rabbit split --model <checkpoint>` to repair",
+            "{}: {} damaged file(s); {}",
             dir.display(),
-            report.damaged.len()
+            report.damaged.len(),
+            if originals_gone {
+                "the original weights were deleted after splitting, so the split cannot be \
+                 repaired from them: download the checkpoint again and rerun `rabbit split --model <checkpoint>`"
+            } else {
+                "rerun `rabbit split --model <checkpoint>` to repair (only the damaged files are rewritten)"
+            }
         );
     }
     let model = a.model.expect("clap enforces --model without --verify");
     let spec = rabbit_models::load_spec(&model)?;
-    let compression = match &a.compression {
-        Some(c) => Some(
-            c.parse::<rabbit_split::Compression>()
-                .context("--compression")?,
-        ),
-        None => None,
-    };
+    let compression = a.compression;
     let opts = SplitOptions {
         out_dir: a.out,
         delete_original: a.delete_original,

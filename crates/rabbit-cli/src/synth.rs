@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use rabbit_models::synth::{synthesize, SynthOptions, SynthOverrides};
+use rabbit_models::synth::{synthesize, SynthDtype, SynthOptions, SynthOverrides};
 
 use crate::out::outln;
 use crate::report::human_bytes;
@@ -25,8 +25,8 @@ pub struct SynthArgs {
     #[arg(long, default_value_t = 1)]
     shards: usize,
     /// Storage dtype: f32, bf16 or f16.
-    #[arg(long, default_value = "bf16")]
-    dtype: String,
+    #[arg(long, default_value = "bf16", value_name = "f32|bf16|f16")]
+    dtype: SynthDtype,
     /// Random seed of the weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -69,10 +69,7 @@ pub fn run(a: SynthArgs) -> Result<()> {
         preset: a.preset,
         out_dir: a.out.clone(),
         shards: a.shards,
-        dtype: a
-            .dtype
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--dtype: {e}"))?,
+        dtype: a.dtype,
         seed: a.seed,
         overrides: SynthOverrides {
             layers: a.layers,
