@@ -306,10 +306,29 @@ impl Engine {
             )?;
             for (row, l) in live.iter_mut().enumerate() {
                 let scores = &mut flat[row * vocab..(row + 1) * vocab].to_vec();
+                // One pass over the row already on the host: NaN weights would otherwise give
+                // argmax 0, a plausible token.
+                if let Some((token, &value)) =
+                    scores.iter().enumerate().find(|(_, v)| !v.is_finite())
+                {
+                    return Err(CoreError::NonFiniteLogits {
+                        step,
+                        sequence: l.seq,
+                        token,
+                        value,
+                    });
+                }
                 if req.keep_logits {
                     l.logits.extend_from_slice(scores);
                 }
-                let token = l.sampler.choose(scores, &l.history, &req.sampling);
+                let token = l
+                    .sampler
+                    .choose(scores, &l.history, &req.sampling)
+                    .map_err(|source| CoreError::DegenerateScores {
+                        step,
+                        sequence: l.seq,
+                        source,
+                    })?;
                 l.history.push(token);
                 l.out.push(token);
                 let control = on_token(&TokenEvent {
