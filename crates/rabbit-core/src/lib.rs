@@ -20,6 +20,7 @@ pub mod plan;
 pub mod reader;
 pub mod rope;
 pub mod sampling;
+pub mod stats;
 pub mod text;
 pub mod weights;
 
