@@ -7,6 +7,9 @@
 pub mod bench;
 pub mod buffer;
 pub mod decoder;
+pub mod dequant;
+#[cfg(target_arch = "x86_64")]
+mod dequant_x86;
 pub mod device;
 pub mod engine;
 pub mod error;
