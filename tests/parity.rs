@@ -205,7 +205,13 @@ fn classic_and_transformers5_config_layouts_agree() {
 /// Three prompts of different lengths in one batch give exactly what each gives alone.
 #[test]
 fn batch_of_mixed_lengths_equals_each_alone() {
-    let case = Case::load("qwen2_batch");
+    check_batch("qwen2_batch");
+}
+
+/// All prompts of a case in one left-padded batch give the tokens and logits transformers gives
+/// for each prompt alone.
+fn check_batch(name: &str) {
+    let case = Case::load(name);
     let tmp = tempfile::tempdir().unwrap();
     let mut model = case.open(DType::F32, tmp.path());
     let seqs = case.sequences();
@@ -223,10 +229,94 @@ fn batch_of_mixed_lengths_equals_each_alone() {
         SamplingParams::default(),
     );
     for (i, (s, (_, want))) in out.sequences.iter().zip(&seqs).enumerate() {
-        assert_eq!(&s.output_ids, want, "batch row {i}");
+        assert_eq!(&s.output_ids, want, "{name}: batch row {i}");
         let (_, expected) = case.tensor(&format!("logits.{i}"));
         let d = max_abs_diff(s.logits.as_ref().unwrap(), &expected);
-        assert!(d < 1e-4, "batch row {i}: logits differ by {d}");
+        assert!(d < 1e-4, "{name}: batch row {i}: logits differ by {d}");
+    }
+}
+
+/// The layers transformers built with a window (`attention.windowed_layers` in expected.json),
+/// as `ModelSpec::sliding_windows` says.
+fn expected_windows(case: &Case) -> Vec<Option<usize>> {
+    let attention = &case.expected["attention"];
+    let w = attention["sliding_window"].as_u64().unwrap() as usize;
+    let windowed: Vec<u64> = attention["windowed_layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let layers = case.expected["model"]["num_hidden_layers"]
+        .as_u64()
+        .unwrap();
+    (0..layers)
+        .map(|i| windowed.contains(&i).then_some(w))
+        .collect()
+}
+
+/// A sliding-window case: the windowed layers are the ones transformers windows, each prompt
+/// alone matches transformers at every prompt position and 32 greedy steps (past the window),
+/// and a left-padded batch of all prompts gives each prompt's own result.
+fn check_window(name: &str) {
+    let case = Case::load(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let model = case.open(DType::F32, tmp.path());
+    assert_eq!(
+        model.engine.spec().sliding_windows,
+        expected_windows(&case),
+        "{name}: windowed layers"
+    );
+    let seqs = case.sequences();
+    let lens: std::collections::HashSet<usize> = seqs.iter().map(|s| s.0.len()).collect();
+    assert!(lens.len() > 1, "{name}: prompts of different lengths");
+    drop(model);
+    check_f32(name);
+    check_batch(name);
+}
+
+/// Mistral, window 5 < both prompts: the window cuts the prefill and every decode step.
+#[test]
+fn mistral_window_shorter_than_the_prompt_matches_transformers() {
+    check_window("mistral_window");
+}
+
+/// Mistral, window 24 > every prompt: a padded batch must keep the pads out of the windowed
+/// layers while the window does not cut yet (it cuts later, during decoding).
+#[test]
+fn mistral_window_longer_than_the_prompt_in_a_padded_batch_matches_transformers() {
+    check_window("mistral_window_batch");
+}
+
+/// Qwen2 with `use_sliding_window` and `max_window_layers` 1 of 3: layer 0 full, layers 1-2
+/// windowed. Also from the classic config layout, where no `layer_types` says so and the split
+/// comes from `max_window_layers`.
+#[test]
+fn qwen2_window_on_some_layers_matches_transformers() {
+    check_window("qwen2_window_layers");
+    let case = Case::load("qwen2_window_layers");
+    let alt = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&case.dir).unwrap() {
+        let p = entry.unwrap().path();
+        std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        case.dir.join("config.alt.json"),
+        alt.path().join("config.json"),
+    )
+    .unwrap();
+    let split = tempfile::tempdir().unwrap();
+    let mut model = case.open_dir(alt.path(), DType::F32, split.path());
+    assert_eq!(model.engine.spec().sliding_windows, expected_windows(&case));
+    let seqs = case.sequences();
+    let out = greedy(
+        &mut model,
+        seqs.iter().map(|s| s.0.clone()).collect(),
+        seqs[0].1.len(),
+        SamplingParams::default(),
+    );
+    for (i, (s, (_, want))) in out.sequences.iter().zip(&seqs).enumerate() {
+        assert_eq!(&s.output_ids, want, "config.alt.json: batch row {i}");
     }
 }
 

@@ -12,6 +12,7 @@ use crate::memory::peak_rss;
 use crate::plan::host_available;
 use crate::reader::measure_read;
 use crate::sampling::SamplingParams;
+use crate::stats::median;
 
 /// The workload.
 #[derive(Debug, Clone, Serialize)]
@@ -71,15 +72,6 @@ pub struct BenchReport {
     pub streamed_layers: usize,
     /// Stage timings of the last repetition.
     pub profile: Profile,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    match v.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// Deterministic prompt ids below `limit`.
@@ -198,14 +190,14 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
             let (bytes, secs) = measure_read(engine.split_dir(), &units, mode, cfg.cold)?;
             rates.push(bytes as f64 / secs.max(1e-9));
         }
-        let rate = median(rates);
+        let rate = median(&rates);
         (rate, bytes_per_token as f64 / rate)
     };
     Ok(BenchReport {
         config: cfg.clone(),
-        decode_s_per_token: median(decode),
-        prefill_tokens_per_s: median(prefill),
-        prefill_s: median(prefill_s),
+        decode_s_per_token: median(&decode),
+        prefill_tokens_per_s: median(&prefill),
+        prefill_s: median(&prefill_s),
         load_s: None,
         output_ids,
         peak_memory_bytes: peak_rss().unwrap_or(0),

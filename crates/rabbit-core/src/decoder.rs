@@ -45,7 +45,8 @@ pub struct AttnContext {
     /// Boolean mask `[B, 1, T, S]` (true = attend) for full-attention layers, when the plain
     /// causal rule is not enough (padding, past KV with T > 1).
     pub full_mask: Option<Tensor>,
-    /// Mask for sliding-window layers (always explicit).
+    /// Mask for sliding-window layers once the window cuts (padding excluded too); `None` while
+    /// the window is longer than the keys, when windowed layers use `full_mask`.
     pub window_mask: Option<Tensor>,
     /// Use SDPA's built-in causal mask (only valid with no past KV: it aligns top-left).
     pub causal: bool,
@@ -85,10 +86,11 @@ pub fn layer_forward(
 
     kv.write(ctx.slot, &k, &v)?;
     let (keys, values) = kv.view(ctx.slot + t)?;
-    let mask = if windowed {
-        ctx.window_mask.as_ref()
-    } else {
-        ctx.full_mask.as_ref()
+    // A window that does not cut yet leaves a windowed layer with the full layer's needs
+    // (padding, past KV): falling back keeps padded rows out of its attention.
+    let mask = match (windowed, &ctx.window_mask) {
+        (true, Some(m)) => Some(m),
+        _ => ctx.full_mask.as_ref(),
     };
     let causal = ctx.causal && mask.is_none();
     let attn = Tensor::f_scaled_dot_product_attention(

@@ -524,8 +524,10 @@ impl Engine {
         } else {
             None
         };
+        // The window only cuts once a query is `w` or more slots past the first key; before
+        // that a windowed layer needs exactly what a full one does (decoder falls back to it).
         let window_mask = match self.window {
-            Some(w) if (input.slot + t) as usize > w => Some(self.mask(input, t, Some(w))?),
+            Some(w) if input.slot + t > w as i64 => Some(self.mask(input, t, Some(w))?),
             _ => None,
         };
         let ctx = AttnContext {

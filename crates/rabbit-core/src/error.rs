@@ -48,6 +48,33 @@ pub enum CoreError {
     /// The background reader thread died.
     #[error("layer reader stopped: {0}")]
     Reader(String),
+    /// The model produced NaN or infinite logits (NaN weights, a degenerate checkpoint): no
+    /// token can be chosen.
+    #[error(
+        "non-finite logits at step {step} of sequence {sequence}: token {token} has logit {value} \
+         (the model's weights or config produce NaN/inf; no token was chosen)"
+    )]
+    NonFiniteLogits {
+        /// Generation step (0: the logits at the end of the prompt).
+        step: usize,
+        /// Index of the sequence in the request.
+        sequence: usize,
+        /// The first offending token id.
+        token: usize,
+        /// Its logit.
+        value: f32,
+    },
+    /// The sampling settings turned finite logits into scores no token can be drawn from.
+    #[error("step {step} of sequence {sequence}: {source}")]
+    DegenerateScores {
+        /// Generation step.
+        step: usize,
+        /// Index of the sequence in the request.
+        sequence: usize,
+        /// What went wrong.
+        #[source]
+        source: crate::sampling::DegenerateScores,
+    },
 }
 
 impl CoreError {

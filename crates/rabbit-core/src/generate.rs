@@ -11,6 +11,7 @@ use crate::engine::{Engine, StepInput};
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
 use crate::sampling::{Sampler, SamplingParams};
+use crate::stats::median;
 
 /// What to generate.
 #[derive(Debug, Clone, Default)]
@@ -117,19 +118,6 @@ struct Live {
     logits: Vec<f32>,
     sampler: Sampler,
     finished: Option<FinishReason>,
-}
-
-fn median(v: &mut [f64]) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 fn int_tensor(data: &[i64], shape: &[i64], device: Device) -> Result<Tensor> {
@@ -306,10 +294,29 @@ impl Engine {
             )?;
             for (row, l) in live.iter_mut().enumerate() {
                 let scores = &mut flat[row * vocab..(row + 1) * vocab].to_vec();
+                // One pass over the row already on the host: NaN weights would otherwise give
+                // argmax 0, a plausible token.
+                if let Some((token, &value)) =
+                    scores.iter().enumerate().find(|(_, v)| !v.is_finite())
+                {
+                    return Err(CoreError::NonFiniteLogits {
+                        step,
+                        sequence: l.seq,
+                        token,
+                        value,
+                    });
+                }
                 if req.keep_logits {
                     l.logits.extend_from_slice(scores);
                 }
-                let token = l.sampler.choose(scores, &l.history, &req.sampling);
+                let token = l
+                    .sampler
+                    .choose(scores, &l.history, &req.sampling)
+                    .map_err(|source| CoreError::DegenerateScores {
+                        step,
+                        sequence: l.seq,
+                        source,
+                    })?;
                 l.history.push(token);
                 l.out.push(token);
                 let control = on_token(&TokenEvent {
@@ -397,7 +404,7 @@ impl Engine {
         } else {
             step_times.iter().sum::<f64>() / step_times.len() as f64
         };
-        timings.decode_s_per_token = median(&mut step_times);
+        timings.decode_s_per_token = median(&step_times);
         timings.total_s = start.elapsed().as_secs_f64();
         timings.prefill_tokens_per_s = if timings.prefill_s > 0.0 {
             timings.prefill_tokens as f64 / timings.prefill_s

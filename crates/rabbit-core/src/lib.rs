@@ -9,6 +9,9 @@
 pub mod bench;
 pub mod buffer;
 pub mod decoder;
+pub mod dequant;
+#[cfg(target_arch = "x86_64")]
+mod dequant_x86;
 pub mod device;
 pub mod engine;
 pub mod error;
@@ -20,6 +23,7 @@ pub mod plan;
 pub mod reader;
 pub mod rope;
 pub mod sampling;
+pub mod stats;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};

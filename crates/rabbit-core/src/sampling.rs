@@ -44,6 +44,17 @@ impl SamplingParams {
                 self.temperature
             )));
         }
+        // Scores are divided in f32: a temperature that is not a normal f32 (below ~1.2e-38, or
+        // beyond f32's range) makes every score inf or 0 and the distribution NaN.
+        if self.temperature > 0.0 && !is_normal_f32(self.temperature) {
+            return Err(CoreError::InvalidInput(format!(
+                "temperature {} is outside what float32 scores can be divided by \
+                 ({:e}..{:e}); use 0 for greedy decoding",
+                short(self.temperature),
+                f32::MIN_POSITIVE,
+                f32::MAX
+            )));
+        }
         if self.top_k == Some(0) {
             return Err(CoreError::InvalidInput("top-k must be >= 1".into()));
         }
@@ -60,6 +71,15 @@ impl SamplingParams {
                     "repetition penalty must be > 0, got {r}"
                 )));
             }
+            if !is_normal_f32(r) {
+                return Err(CoreError::InvalidInput(format!(
+                    "repetition penalty {} is outside what float32 scores can be scaled by \
+                     ({:e}..{:e})",
+                    short(r),
+                    f32::MIN_POSITIVE,
+                    f32::MAX
+                )));
+            }
         }
         Ok(())
     }
@@ -68,6 +88,42 @@ impl SamplingParams {
     pub fn is_sampling(&self) -> bool {
         self.temperature > 0.0
     }
+}
+
+/// `0.7`, but `1e-37` rather than 37 zeros.
+fn short(v: f64) -> String {
+    if v != 0.0 && !(1e-4..1e6).contains(&v.abs()) {
+        format!("{v:e}")
+    } else {
+        v.to_string()
+    }
+}
+
+/// Whether `v` survives the cast to f32 as a normal, finite number.
+fn is_normal_f32(v: f64) -> bool {
+    (v as f32).is_normal()
+}
+
+/// Scores no token can be chosen from: NaN, or (when sampling) +inf or nothing left. Finite
+/// logits get there only through settings that overflow f32 (a tiny temperature or penalty
+/// against large logits); transformers' `torch.multinomial` refuses the same distributions.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error(
+    "the scores after the logits processors are degenerate (token {token}: {value}) with \
+     temperature {} and repetition penalty {}: the settings overflow float32 for these logits; \
+     use a larger temperature, or 0 for greedy decoding",
+    short(*.temperature),
+    short(*.penalty)
+)]
+pub struct DegenerateScores {
+    /// The first offending token (for `-inf`: every token was filtered).
+    pub token: usize,
+    /// Its score.
+    pub value: f32,
+    /// The temperature in use.
+    pub temperature: f64,
+    /// The repetition penalty in use (1 = none).
+    pub penalty: f64,
 }
 
 /// transformers' `RepetitionPenaltyLogitsProcessor`: every id in `history` has its score
@@ -179,13 +235,34 @@ impl Sampler {
         }
     }
 
-    /// Processes `scores` in place and picks the next token.
-    pub fn choose(&mut self, scores: &mut [f32], history: &[u32], params: &SamplingParams) -> u32 {
+    /// Processes `scores` (finite logits) in place and picks the next token; refuses scores the
+    /// settings made degenerate rather than picking an arbitrary token.
+    pub fn choose(
+        &mut self,
+        scores: &mut [f32],
+        history: &[u32],
+        params: &SamplingParams,
+    ) -> std::result::Result<u32, DegenerateScores> {
         process(scores, history, params);
+        let degenerate = |token: usize, value: f32| DegenerateScores {
+            token,
+            value,
+            temperature: params.temperature,
+            penalty: params.repetition_penalty.unwrap_or(1.0),
+        };
+        // Greedy: +inf is a clear argmax (transformers picks it too); NaN is not.
+        // Sampling: exp(s - max) needs a finite max.
+        let bad = |v: f32| v.is_nan() || (params.is_sampling() && v == f32::INFINITY);
+        if let Some((j, &v)) = scores.iter().enumerate().find(|(_, v)| bad(**v)) {
+            return Err(degenerate(j, v));
+        }
         if !params.is_sampling() {
-            return argmax(scores);
+            return Ok(argmax(scores));
         }
         let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        if max == f32::NEG_INFINITY {
+            return Err(degenerate(0, max));
+        }
         let weights: Vec<f64> = scores.iter().map(|s| ((s - max) as f64).exp()).collect();
         let total: f64 = weights.iter().sum();
         let mut x = self.rng.random::<f64>() * total;
@@ -194,12 +271,12 @@ impl Sampler {
             if *w > 0.0 {
                 last_nonzero = i;
                 if x < *w {
-                    return i as u32;
+                    return Ok(i as u32);
                 }
                 x -= w;
             }
         }
-        last_nonzero as u32
+        Ok(last_nonzero as u32)
     }
 }
 
@@ -244,13 +321,13 @@ mod tests {
         let a: Vec<u32> = {
             let mut s = Sampler::new(7);
             (0..20)
-                .map(|_| s.choose(&mut scores.clone(), &[], &params))
+                .map(|_| s.choose(&mut scores.clone(), &[], &params).unwrap())
                 .collect()
         };
         let b: Vec<u32> = {
             let mut s = Sampler::new(7);
             (0..20)
-                .map(|_| s.choose(&mut scores.clone(), &[], &params))
+                .map(|_| s.choose(&mut scores.clone(), &[], &params).unwrap())
                 .collect()
         };
         assert_eq!(a, b);
@@ -258,5 +335,72 @@ mod tests {
             a.iter().any(|&t| t != a[0]),
             "uniform scores should not always give one token"
         );
+    }
+
+    /// Settings that make f32 scores inf/0 are refused by name before any compute.
+    #[test]
+    fn settings_outside_float32_are_refused_by_name() {
+        let bad = [
+            (1e-38, None, "temperature"),
+            (1e-45, None, "temperature"),
+            (1e39, None, "temperature"),
+            (-1.0, None, "temperature"),
+            (f64::NAN, None, "temperature"),
+            (1.0, Some(1e-39), "repetition penalty"),
+            (1.0, Some(1e39), "repetition penalty"),
+            (1.0, Some(0.0), "repetition penalty"),
+        ];
+        for (temperature, repetition_penalty, name) in bad {
+            let p = SamplingParams {
+                temperature,
+                repetition_penalty,
+                ..Default::default()
+            };
+            let e = p.validate().unwrap_err().to_string();
+            assert!(
+                e.contains(name),
+                "{temperature} {repetition_penalty:?}: {e}"
+            );
+        }
+        for top_p in [0.0, 1.5, f64::NAN] {
+            let p = SamplingParams {
+                temperature: 1.0,
+                top_p: Some(top_p),
+                ..Default::default()
+            };
+            assert!(p.validate().unwrap_err().to_string().contains("top-p"));
+        }
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: Some(0),
+            ..Default::default()
+        };
+        assert!(p.validate().unwrap_err().to_string().contains("top-k"));
+    }
+
+    /// A tiny but valid temperature: small logits give the greedy limit (as transformers does:
+    /// the scores stay finite), large ones overflow and are refused instead of giving token 0.
+    #[test]
+    fn overflowing_scores_are_an_error_not_token_zero() {
+        let params = SamplingParams {
+            temperature: 1e-37,
+            ..Default::default()
+        };
+        params.validate().unwrap();
+        let mut s = Sampler::new(0);
+        let small = vec![0.5f32, 2.0, -1.0];
+        assert_eq!(s.choose(&mut small.clone(), &[], &params), Ok(1));
+        let large = vec![0.5f32, 40.0, -1.0];
+        let e = s.choose(&mut large.clone(), &[], &params).unwrap_err();
+        assert_eq!((e.token, e.value), (1, f32::INFINITY));
+        assert!(e.to_string().contains("temperature 1e-37"), "{e}");
+        // Greedy takes a +inf score as the argmax (a tiny penalty on a negative logit gives
+        // -inf, on a positive one +inf), like torch.argmax.
+        let greedy = SamplingParams {
+            repetition_penalty: Some(1e-37),
+            ..Default::default()
+        };
+        assert_eq!(s.choose(&mut [50.0, 60.0], &[0], &greedy), Ok(0));
+        assert!(s.choose(&mut [f32::NAN, 1.0], &[], &greedy).is_err());
     }
 }

@@ -197,7 +197,7 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     if heads % kv_heads != 0 {
         return Err(unsupported(
             v,
-            format!("num_attention_heads ({heads}) is not a multiple of num_key_value_heads ({kv_heads})"),
+            format!("`num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv_heads})"),
         ));
     }
     let head_dim = match (cfg.head_dim, v.default_head_dim) {
@@ -207,7 +207,7 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
             if hidden % heads != 0 {
                 return Err(unsupported(
                     v,
-                    format!("hidden_size ({hidden}) is not divisible by num_attention_heads ({heads}) and no head_dim is given"),
+                    format!("`hidden_size` ({hidden}) is not divisible by `num_attention_heads` ({heads}) and no `head_dim` is given"),
                 ));
             }
             hidden / heads
@@ -216,9 +216,10 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     if head_dim % 2 != 0 {
         return Err(unsupported(
             v,
-            format!("head_dim {head_dim} must be even for RoPE"),
+            format!("`head_dim` {head_dim} must be even for RoPE"),
         ));
     }
+    check_sizes(v, cfg, kv_heads, head_dim)?;
     match cfg.hidden_act.as_deref() {
         None | Some("silu") => {}
         Some(other) => {
@@ -299,7 +300,7 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     if !(rms > 0.0 && rms.is_finite()) {
         return Err(unsupported(
             v,
-            format!("rms_norm_eps {rms} must be positive"),
+            format!("`rms_norm_eps` must be a positive number, got {rms}"),
         ));
     }
     Ok(ModelSpec {
@@ -332,6 +333,34 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
     })
 }
 
+/// Refuses sizes whose tensors could not even be counted: every element count (and the whole
+/// model's, at 8 bytes each) must fit in 64 bits, so no later size arithmetic overflows.
+fn check_sizes(v: &Variant, cfg: &HfConfig, kv_heads: usize, head_dim: usize) -> Result<()> {
+    let n = |x: usize| x as u128;
+    let (hidden, inter) = (n(cfg.hidden_size), n(cfg.intermediate_size));
+    let q = n(cfg.num_attention_heads).checked_mul(n(head_dim));
+    let kv = n(kv_heads).checked_mul(n(head_dim));
+    let layer = (|| {
+        let attn = q?.checked_mul(hidden)?.checked_mul(2)?;
+        let kv = kv?.checked_mul(hidden)?.checked_mul(2)?;
+        let mlp = inter.checked_mul(hidden)?.checked_mul(3)?;
+        attn.checked_add(kv)?.checked_add(mlp)
+    })();
+    let total = (|| {
+        let layers = layer?.checked_mul(n(cfg.num_hidden_layers))?;
+        let embed = n(cfg.vocab_size).checked_mul(hidden)?.checked_mul(2)?;
+        layers.checked_add(embed)?.checked_mul(8)
+    })();
+    if total.is_none_or(|t| t > u64::MAX as u128) {
+        return Err(unsupported(
+            v,
+            "sizes too large: `vocab_size`, `hidden_size`, `intermediate_size`, `num_hidden_layers`, \
+             `num_attention_heads`, `num_key_value_heads` and `head_dim` give more than 2^64 bytes of weights",
+        ));
+    }
+    Ok(())
+}
+
 fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Option<usize>>> {
     let window = match v.sliding {
         SlidingPolicy::Unsupported => {
@@ -346,17 +375,39 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
             }
             None
         }
-        SlidingPolicy::QwenStyle => {
-            if cfg.use_sliding_window.unwrap_or(false) {
-                cfg.sliding_window
-            } else {
-                None
+        SlidingPolicy::QwenStyle => match (cfg.use_sliding_window, cfg.sliding_window) {
+            (Some(true), None) => {
+                return Err(unsupported(
+                    v,
+                    "`use_sliding_window` is true but `sliding_window` is null",
+                ))
             }
-        }
+            (Some(true), w) => w,
+            _ => None,
+        },
         SlidingPolicy::AllLayers => cfg.sliding_window,
     };
     if window == Some(0) {
-        return Err(unsupported(v, "`sliding_window` must be positive"));
+        return Err(unsupported(v, "`sliding_window` must be positive, got 0"));
+    }
+    if let (SlidingPolicy::AllLayers, Some(types)) = (v.sliding, &cfg.layer_types) {
+        // transformers' Mistral ignores `layer_types` and windows every layer when
+        // `sliding_window` is set: a disagreeing list would silently mean something else.
+        let want = if window.is_some() {
+            "sliding_attention"
+        } else {
+            "full_attention"
+        };
+        if let Some((i, t)) = types.iter().enumerate().find(|(_, t)| *t != want) {
+            return Err(unsupported(
+                v,
+                format!(
+                    "`layer_types[{i}]` is `{t}` but `sliding_window` is {} (this architecture uses \
+                     `{want}` on every layer)",
+                    window.map_or("null".to_string(), |w| w.to_string())
+                ),
+            ));
+        }
     }
     if let Some(types) = &cfg.layer_types {
         if types.len() != layers {
@@ -377,7 +428,7 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
                     Some(w) => Ok(Some(w)),
                     None => Err(unsupported(
                         v,
-                        format!("layer_types[{i}] is sliding_attention but no sliding window is in effect"),
+                        format!("`layer_types[{i}]` is sliding_attention but no sliding window is in effect (`use_sliding_window`, `sliding_window`)"),
                     )),
                 },
                 other => Err(unsupported(v, format!("layer_types[{i}] `{other}` is not supported"))),

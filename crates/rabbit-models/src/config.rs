@@ -141,7 +141,7 @@ impl HfConfig {
 
     /// Parses config.json text; the error string names the offending field.
     pub fn from_json_str(text: &str) -> std::result::Result<HfConfig, String> {
-        serde_json::from_str(text).map_err(|e| e.to_string())
+        parse_json(text)
     }
 
     /// `architectures[0]`, the registry key.
@@ -160,6 +160,24 @@ impl HfConfig {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// Parses JSON into `T`; a value of the wrong type or range is reported with its field path
+/// (`hidden_size: invalid type: string "64", expected usize at line 3 column 21`), which serde
+/// alone does not say.
+fn parse_json<T: serde::de::DeserializeOwned>(text: &str) -> std::result::Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        if path.is_empty() || path == "." {
+            e.into_inner().to_string()
+        } else {
+            format!("field `{path}`: {}", e.into_inner())
+        }
+    })?;
+    // Trailing text after the object (serde_json::from_str refuses it too).
+    de.end().map_err(|e| e.to_string())?;
+    Ok(value)
 }
 
 /// The parts of `generation_config.json` that change what `generate` does by default.
@@ -199,12 +217,9 @@ impl GenerationConfig {
     pub fn load(dir: &Path) -> Result<Option<GenerationConfig>> {
         let path = dir.join("generation_config.json");
         match std::fs::read_to_string(&path) {
-            Ok(text) => serde_json::from_str(&text)
+            Ok(text) => parse_json(&text)
                 .map(Some)
-                .map_err(|e| ModelError::BadConfig {
-                    path,
-                    reason: e.to_string(),
-                }),
+                .map_err(|reason| ModelError::BadConfig { path, reason }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(ModelError::Io { path, source }),
         }

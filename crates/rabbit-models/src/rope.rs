@@ -72,11 +72,12 @@ impl RopeSpec {
         max_position_embeddings: usize,
     ) -> Result<RopeSpec, String> {
         let Some(params) = rope_params.filter(|v| !v.is_null()) else {
-            return Ok(RopeSpec {
+            return RopeSpec {
                 theta,
                 dim,
                 scaling: RopeScaling::Default,
-            });
+            }
+            .checked(max_position_embeddings);
         };
         let obj = params
             .as_object()
@@ -104,27 +105,42 @@ impl RopeSpec {
         let need = |key: &str| -> Result<f64, String> {
             num(key)?.ok_or_else(|| format!("rope type `{kind}` needs `{key}`"))
         };
+        // Factors of 0 or below divide by zero or flip the frequencies' sign: NaN/inf logits.
+        let positive = |key: &str, value: f64| -> Result<f64, String> {
+            if value > 0.0 && value.is_finite() {
+                Ok(value)
+            } else {
+                Err(format!(
+                    "rope `{key}` must be a positive number, got {value}"
+                ))
+            }
+        };
+        let factor = || positive("factor", need("factor")?);
         if let Some(p) = num("partial_rotary_factor")? {
             if p != 1.0 {
                 return Err(format!("partial_rotary_factor {p} is not supported"));
             }
         }
         let original = |default: usize| -> Result<usize, String> {
-            Ok(num("original_max_position_embeddings")?
-                .map(|v| v as usize)
-                .unwrap_or(default))
+            match num("original_max_position_embeddings")? {
+                None => Ok(default),
+                Some(v) if v >= 1.0 && v.fract() == 0.0 && v <= u32::MAX as f64 => Ok(v as usize),
+                Some(v) => Err(format!(
+                    "rope `original_max_position_embeddings` must be a positive integer, got {v}"
+                )),
+            }
         };
         let scaling = match kind {
             "default" => RopeScaling::Default,
-            "linear" => RopeScaling::Linear { factor: need("factor")? },
+            "linear" => RopeScaling::Linear { factor: factor()? },
             "dynamic" => RopeScaling::Dynamic {
-                factor: need("factor")?,
+                factor: factor()?,
                 max_position_embeddings,
             },
             "yarn" => {
                 let original = original(max_position_embeddings)?;
                 let factor = match num("factor")? {
-                    Some(f) => f,
+                    Some(f) => positive("factor", f)?,
                     None => max_position_embeddings as f64 / original as f64,
                 };
                 let mscale = num("mscale")?;
@@ -137,7 +153,7 @@ impl RopeSpec {
                     }
                 };
                 let attention_factor = match num("attention_factor")? {
-                    Some(a) => a,
+                    Some(a) => positive("attention_factor", a)?,
                     None => match (mscale, mscale_all_dim) {
                         (Some(m), Some(a)) if m != 0.0 && a != 0.0 => {
                             get_mscale(factor, m) / get_mscale(factor, a)
@@ -158,23 +174,59 @@ impl RopeSpec {
                     truncate,
                 }
             }
-            "llama3" => RopeScaling::Llama3 {
-                factor: need("factor")?,
-                low_freq_factor: need("low_freq_factor")?,
-                high_freq_factor: need("high_freq_factor")?,
-                original_max_position_embeddings: original(max_position_embeddings)?,
-            },
+            "llama3" => {
+                let low = positive("low_freq_factor", need("low_freq_factor")?)?;
+                let high = positive("high_freq_factor", need("high_freq_factor")?)?;
+                if high <= low {
+                    // The smoothing divides by high - low.
+                    return Err(format!(
+                        "rope `high_freq_factor` ({high}) must be greater than `low_freq_factor` ({low})"
+                    ));
+                }
+                RopeScaling::Llama3 {
+                    factor: factor()?,
+                    low_freq_factor: low,
+                    high_freq_factor: high,
+                    original_max_position_embeddings: original(max_position_embeddings)?,
+                }
+            }
             other => {
                 return Err(format!(
                     "rope type `{other}` is not supported (supported: default, linear, dynamic, yarn, llama3)"
                 ))
             }
         };
-        Ok(RopeSpec {
+        RopeSpec {
             theta,
             dim,
             scaling,
-        })
+        }
+        .checked(max_position_embeddings)
+    }
+
+    /// Refuses a base that is not a positive number, and any combination whose tables are not
+    /// finite up to the longest context (they would turn every logit into NaN).
+    fn checked(self, max_position_embeddings: usize) -> Result<RopeSpec, String> {
+        let theta = self.theta;
+        if !(theta > 0.0 && theta.is_finite()) {
+            return Err(format!(
+                "`rope_theta` must be a positive number, got {theta}"
+            ));
+        }
+        let (inv, scale) = self.inv_freq(max_position_embeddings.max(1));
+        if let Some(f) = inv.iter().find(|f| !(f.is_finite() && **f >= 0.0)) {
+            return Err(format!(
+                "rope settings (rope_theta {theta}, {:?}) give the inverse frequency {f}",
+                self.scaling
+            ));
+        }
+        if !(scale.is_finite() && scale > 0.0) {
+            return Err(format!(
+                "rope settings ({:?}) give the attention scaling {scale}",
+                self.scaling
+            ));
+        }
+        Ok(self)
     }
 
     /// Inverse frequencies (`dim / 2` values) and the cos/sin multiplier for a forward pass whose
