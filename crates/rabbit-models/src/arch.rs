@@ -287,6 +287,19 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         .or(cfg.eos_token_id.as_ref())
         .map(|t| t.to_vec())
         .unwrap_or_default();
+    if let Some(&bad) = eos_token_ids
+        .iter()
+        .find(|&&t| t as usize >= cfg.vocab_size)
+    {
+        // Generation could never emit it: every sequence would run to the length limit.
+        return Err(unsupported(
+            v,
+            format!(
+                "`eos_token_id` {bad} is outside the vocabulary (`vocab_size` {})",
+                cfg.vocab_size
+            ),
+        ));
+    }
     let generation = gen
         .map(|g| GenerationDefaults {
             do_sample: g.do_sample,
