@@ -32,8 +32,15 @@
 //! Known differences left: tuples print as lists (`dict.items()` gives `['k', 1]`, not
 //! `('k', 1)`); `~` and `join` print non-strings minijinja's way where they differ from `str()`;
 //! `strftime_now` uses UTC where Python uses local time; `\N{...}` escapes are not decoded.
+//!
+//! Unlike jinja2, a render is bounded: its output stops at
+//! [`ChatTemplate::max_rendered_bytes`] ([`ChatError::RenderTooLarge`]) and its instruction count
+//! at an allowance that grows with the input ([`ChatError::RenderTooLong`]), so a template that
+//! loops without end fails fast. Strings a template builds in variables without printing them
+//! (`~` doubling a string) are not bounded by either: minijinja offers no limit there.
 
 mod environment;
+mod limits;
 mod load;
 mod preprocess;
 mod pyrepr;
@@ -43,12 +50,14 @@ mod strftime;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use minijinja::{Environment, Error as JinjaError, Value};
+use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
+pub use limits::DEFAULT_MAX_RENDERED_BYTES;
 pub use load::load_messages;
 
 use environment::{environment, Raised};
+use limits::{fuel_for, BoundedOutput};
 use load::{special_token, template_from_config};
 use preprocess::preprocess;
 
@@ -153,6 +162,30 @@ pub enum ChatError {
     /// `render` was given no messages (transformers refuses these too).
     #[error("cannot apply a chat template to an empty conversation: provide at least one message")]
     EmptyConversation,
+    /// The rendered text would exceed [`ChatTemplate::max_rendered_bytes`]: the conversation is
+    /// too long for the model, or the template produces text without end.
+    #[error(
+        "{origin} rendered more than {limit} bytes, the limit for one prompt: the conversation is too long for the model's context, or the template does not stop"
+    )]
+    RenderTooLarge {
+        /// Where the template came from.
+        origin: String,
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The template executed more instructions than a render of this input may (a loop that
+    /// does not end, or one far too large for the conversation).
+    #[error(
+        "{origin} did not finish rendering within {instructions} template instructions (the allowance for {messages} message(s)): the template loops without end or does far too much work"
+    )]
+    RenderTooLong {
+        /// Where the template came from.
+        origin: String,
+        /// The instruction allowance that ran out.
+        instructions: u64,
+        /// Messages in the conversation.
+        messages: usize,
+    },
 }
 
 /// A compiled chat template plus the special tokens it is rendered with.
@@ -161,6 +194,7 @@ pub struct ChatTemplate {
     source: String,
     origin: String,
     special_tokens: Vec<(String, String)>,
+    max_rendered_bytes: usize,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -169,6 +203,7 @@ impl std::fmt::Debug for ChatTemplate {
             .field("origin", &self.origin)
             .field("special_tokens", &self.special_tokens)
             .field("source_len", &self.source.len())
+            .field("max_rendered_bytes", &self.max_rendered_bytes)
             .finish()
     }
 }
@@ -270,7 +305,26 @@ impl ChatTemplate {
             source,
             origin,
             special_tokens,
+            max_rendered_bytes: DEFAULT_MAX_RENDERED_BYTES,
         })
+    }
+
+    /// The same template with rendering capped at `max_bytes` of output (default
+    /// [`DEFAULT_MAX_RENDERED_BYTES`]): a render that would produce more stops as soon as it
+    /// crosses the limit, with [`ChatError::RenderTooLarge`], having held at most `max_bytes`.
+    ///
+    /// Derive it from the context the prompt must fit in: byte-level BPE tokens are at least one
+    /// byte and at most the tokenizer's longest token, so a prompt of `context_tokens` tokens is
+    /// at most `context_tokens × longest_token_bytes` bytes (use `saturating_mul`); anything
+    /// longer cannot fit, and is refused before the tokenizer sees it.
+    pub fn with_max_rendered_bytes(mut self, max_bytes: usize) -> ChatTemplate {
+        self.max_rendered_bytes = max_bytes;
+        self
+    }
+
+    /// The most bytes a render may produce (see [`with_max_rendered_bytes`](Self::with_max_rendered_bytes)).
+    pub fn max_rendered_bytes(&self) -> usize {
+        self.max_rendered_bytes
     }
 
     /// The template's source text.
@@ -285,6 +339,11 @@ impl ChatTemplate {
 
     /// Renders `messages` like `apply_chat_template(messages, tokenize=False,
     /// add_generation_prompt=add_generation_prompt)`.
+    ///
+    /// Bounded: at most [`max_rendered_bytes`](Self::max_rendered_bytes) of output
+    /// ([`ChatError::RenderTooLarge`] past it) and a number of template instructions
+    /// proportional to the input ([`ChatError::RenderTooLong`] past it), so a template that
+    /// loops without end fails quickly instead of exhausting memory or hanging.
     pub fn render(
         &self,
         messages: &[Message],
@@ -321,11 +380,30 @@ impl ChatTemplate {
         ));
         let ctx: Value = ctx.into_iter().collect();
 
-        let tmpl = self
-            .env
+        // Fuel is an environment setting; a clone (shared, reference-counted parts) carries this
+        // render's allowance without making `render` take `&mut self`.
+        let instructions = fuel_for(messages, kwargs);
+        let mut env = self.env.clone();
+        env.set_fuel(Some(instructions));
+        let tmpl = env
             .get_template(TEMPLATE_NAME)
             .expect("the template was added at construction");
-        tmpl.render(ctx).map_err(|e| self.render_error(e))
+        let mut out = BoundedOutput::new(self.max_rendered_bytes);
+        // The captured state borrows the environment; only success or the error is needed.
+        let rendered = tmpl.render_captured_to(ctx, &mut out).map(drop);
+        match rendered {
+            Ok(()) => Ok(out.into_string()),
+            Err(_) if out.overflowed() => Err(ChatError::RenderTooLarge {
+                origin: self.origin.clone(),
+                limit: self.max_rendered_bytes,
+            }),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatError::RenderTooLong {
+                origin: self.origin.clone(),
+                instructions,
+                messages: messages.len(),
+            }),
+            Err(e) => Err(self.render_error(e)),
+        }
     }
 
     fn render_error(&self, e: JinjaError) -> ChatError {
