@@ -346,6 +346,8 @@ impl Model {
                 content: codec.protect(&m.content),
             })
             .collect();
+        // Bounded by the template's own limit: pass one from [`Model::max_text_bytes`] with
+        // `ChatTemplate::with_max_rendered_bytes` so a rendering that cannot fit stops early.
         let rendered = template.render(&protected, add_generation_prompt)?;
         self.check_text_len("the rendered chat prompt", rendered.len())?;
         codec.encode_rendered(&rendered)

@@ -26,6 +26,12 @@ pub fn template_of(dir: &Path) -> Result<ChatTemplate> {
     }
 }
 
+/// The chat template of a loaded model, its rendering capped at what could still fit the
+/// model's context (a longer prompt is refused anyway, so a runaway template stops early).
+pub fn model_template(model: &Model) -> Result<ChatTemplate> {
+    Ok(template_of(model.model_dir())?.with_max_rendered_bytes(model.max_text_bytes()?))
+}
+
 /// Arguments of `rabbit template`.
 #[derive(Args)]
 pub struct TemplateArgs {
@@ -94,7 +100,7 @@ const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (se
 /// Runs `rabbit chat`.
 pub fn chat(a: ChatArgs) -> Result<()> {
     let (mut model, _) = a.model.load(false)?;
-    let tpl = template_of(model.model_dir())?;
+    let tpl = model_template(&model)?;
     model.require_codec()?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();

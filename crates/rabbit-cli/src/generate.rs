@@ -126,7 +126,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let (mut model, load_s) = a.model.load(a.json)?;
     let sequences = match &a.prompt {
         Some(p) if a.chat => {
-            let tpl = crate::chat::template_of(model.model_dir())?;
+            let tpl = crate::chat::model_template(&model)?;
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
                 messages.push(Message {

@@ -381,3 +381,36 @@ fn bench_refuses_sizes_that_cannot_fit() {
         fails_with(&o, needle);
     }
 }
+
+/// A hostile chat template (100 MB of output) stops at what could still fit the context, long
+/// before rendering it all.
+#[test]
+fn a_runaway_chat_template_stops_at_the_context_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model);
+    let cfg_path = model.join("tokenizer_config.json");
+    let mut cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["chat_template"] = Value::String(
+        "{% for i in range(10000) %}{% for j in range(1000) %}0123456789{% endfor %}{% endfor %}"
+            .into(),
+    );
+    std::fs::write(&cfg_path, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let o = generate(
+        &model,
+        &["--chat", "--prompt", "hi", "--max-new-tokens", "1"],
+    )
+    .output()
+    .unwrap();
+    fails_with(&o, "rendered more than");
+    // The bound is the context's, far below the 64 MiB library default.
+    let err = stderr(&o);
+    let n: u64 = err
+        .split("rendered more than ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in: {err}"));
+    assert!(n < 64 << 20, "{err}");
+}

@@ -127,7 +127,11 @@ fn nonsensical_values_are_refused_by_name() {
         ),
         (llama, json!({"rms_norm_eps": 0.0}), "rms_norm_eps"),
         (llama, json!({"eos_token_id": 1_000_000}), "eos_token_id"),
-        (llama, json!({"eos_token_id": [2, 1_000_000]}), "eos_token_id"),
+        (
+            llama,
+            json!({"eos_token_id": [2, 1_000_000]}),
+            "eos_token_id",
+        ),
         (llama, json!({"rms_norm_eps": -1e-6}), "rms_norm_eps"),
         (llama, json!({"hidden_size": 0}), "hidden_size"),
         (

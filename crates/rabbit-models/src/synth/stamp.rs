@@ -37,7 +37,11 @@ pub(super) const GENERATOR: &str = "rabbitllm synth";
 
 /// Whether a directory entry is a file `rabbit synth` writes (or its temporary).
 pub(super) fn is_our_file(name: &str) -> bool {
-    let base = name.strip_suffix(".tmp").unwrap_or(name);
+    // Temporaries of an interrupted run: `.<name>.XXXXXX.tmp` (the atomic writer's) or the
+    // `<name>.tmp` of earlier versions.
+    let base = rabbit_split::fsutil::temp_target(name)
+        .or_else(|| name.strip_suffix(".tmp"))
+        .unwrap_or(name);
     const FIXED: &[&str] = &[
         "config.json",
         "generation_config.json",

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
@@ -16,21 +16,10 @@ use super::{
 };
 
 /// Writes a small file atomically (`<name>.tmp`, fsync, rename); returns its size.
+/// The project's one atomic write (unique temporary, fsync, rename, fsync of the directory).
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<u64, SynthError> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    let res = (|| {
-        let mut f = fs::File::create(&tmp).map_err(io_err(&tmp))?;
-        f.write_all(bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        fs::rename(&tmp, path).map_err(io_err(path))
-    })();
-    if res.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    res.map(|()| bytes.len() as u64)
+    rabbit_split::fsutil::write_atomic(path, bytes)?;
+    Ok(bytes.len() as u64)
 }
 
 fn sync_dir(dir: &Path) -> Result<(), SynthError> {
