@@ -5,6 +5,7 @@
 //! One file per family (`qwen2.rs`, `qwen3.rs`, `llama.rs`, `mistral.rs`) says only what differs.
 
 pub mod arch;
+#[cfg(feature = "chat")]
 pub mod chat;
 pub mod config;
 pub mod error;
@@ -15,9 +16,11 @@ pub mod qwen3;
 pub mod registry;
 pub mod rope;
 pub mod spec;
+#[cfg(feature = "synth")]
 pub mod synth;
 
 pub use arch::{Architecture, Variant};
+#[cfg(feature = "chat")]
 pub use chat::{load_messages, ChatError, ChatTemplate, Message};
 pub use config::{GenerationConfig, HfConfig, TokenIds};
 pub use error::{ModelError, Result};
