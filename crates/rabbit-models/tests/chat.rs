@@ -26,8 +26,29 @@ mod chat {
             .expect("goldens.json parses")
     }
 
-    fn tokenizer_dir(name: &str) -> PathBuf {
-        Path::new(TOKENIZERS).join(name)
+    /// A real tokenizer from the shared data directory beside the checkout
+    /// (`../shared/data/tokenizers`, or `RABBIT_SHARED_TOKENIZERS`). Absent: the test says so
+    /// and does not run; under CI (`CI` set) that is a failure, since CI always has it.
+    fn tokenizer_dir(name: &str) -> Option<PathBuf> {
+        let root = std::env::var_os("RABBIT_SHARED_TOKENIZERS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(TOKENIZERS).to_path_buf());
+        let dir = root.join(name);
+        if dir.join("tokenizer_config.json").is_file() {
+            return Some(dir);
+        }
+        let msg = format!(
+            "needs the real {name} tokenizer at {} (the shared data directory beside the \
+             checkout, or set RABBIT_SHARED_TOKENIZERS)",
+            dir.display()
+        );
+        assert!(std::env::var_os("CI").is_none(), "{msg}");
+        // Straight to stderr: the test harness captures `eprintln!` of passing tests.
+        let _ = std::io::Write::write_all(
+            &mut std::io::stderr(),
+            format!("SKIPPED, did not run: {msg}\n").as_bytes(),
+        );
+        None
     }
 
     fn messages_of(case: &Value) -> Vec<Message> {
@@ -60,10 +81,11 @@ mod chat {
     }
 
     /// Renders every golden case of one real tokenizer and compares byte for byte.
-    fn check_tokenizer(name: &str) -> usize {
+    fn check_tokenizer(name: &str) -> Option<usize> {
+        let dir = tokenizer_dir(name)?;
         let g = goldens();
         let entry = &g["tokenizers"][name];
-        let tmpl = ChatTemplate::from_tokenizer_config(&tokenizer_dir(name))
+        let tmpl = ChatTemplate::from_tokenizer_config(&dir)
             .unwrap_or_else(|e| panic!("{name}: {e}"))
             .unwrap_or_else(|| panic!("{name}: tokenizer_config.json has a chat_template"));
 
@@ -115,17 +137,17 @@ mod chat {
             }
         }
         assert!(failures.is_empty(), "{}", failures.join("\n"));
-        cases.len()
+        Some(cases.len())
     }
 
     #[test]
     fn qwen2_matches_transformers() {
-        assert!(check_tokenizer("qwen2") >= 30);
+        assert!(check_tokenizer("qwen2").is_none_or(|n| n >= 30));
     }
 
     #[test]
     fn qwen3_matches_transformers() {
-        assert!(check_tokenizer("qwen3") >= 30);
+        assert!(check_tokenizer("qwen3").is_none_or(|n| n >= 30));
     }
 
     #[test]
@@ -217,7 +239,10 @@ mod chat {
             .special_tokens()
             .contains(&("eos_token".to_string(), "<|im_end|>".to_string())));
 
-        let real = ChatTemplate::from_tokenizer_config(&tokenizer_dir("qwen2"))
+        let Some(qwen2) = tokenizer_dir("qwen2") else {
+            return;
+        };
+        let real = ChatTemplate::from_tokenizer_config(&qwen2)
             .unwrap()
             .unwrap();
         assert_eq!(tmpl.source(), real.source(), "synth template is Qwen2's");
@@ -485,14 +510,17 @@ mod chat {
             Message::new("assistant", "a"),
         ];
         // Qwen2 (ChatML) prints any role; Qwen3 skips roles it does not know.
-        let q2 = ChatTemplate::from_tokenizer_config(&tokenizer_dir("qwen2"))
+        let (Some(qwen2), Some(qwen3)) = (tokenizer_dir("qwen2"), tokenizer_dir("qwen3")) else {
+            return;
+        };
+        let q2 = ChatTemplate::from_tokenizer_config(&qwen2)
             .unwrap()
             .unwrap();
         assert!(q2
             .render(&msgs, false)
             .unwrap()
             .contains("<|im_start|>narrator\nn<|im_end|>\n"));
-        let q3 = ChatTemplate::from_tokenizer_config(&tokenizer_dir("qwen3"))
+        let q3 = ChatTemplate::from_tokenizer_config(&qwen3)
             .unwrap()
             .unwrap();
         let out = q3.render(&msgs, false).unwrap();
