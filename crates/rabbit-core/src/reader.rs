@@ -66,9 +66,12 @@ const DIRECT_ALIGN: u64 = 4096;
 /// regular file opens (a FIFO in its place would block the reader forever).
 fn open_unit(path: &Path, mode: ReadMode, offset: u64) -> Result<(File, bool)> {
     if mode == ReadMode::Direct && offset.is_multiple_of(DIRECT_ALIGN) {
-        match fsutil::open_regular_with_flags(path, libc::O_DIRECT) {
+        let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
+        match fsutil::open_regular_with_flags(path, direct) {
             Ok(f) => return Ok((f, true)),
-            Err(SplitError::Io { source, .. }) if source.raw_os_error() == Some(libc::EINVAL) => {
+            Err(SplitError::Io { source, .. })
+                if source.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error()) =>
+            {
                 tracing::warn!(
                     file = %path.display(),
                     "the file system does not support O_DIRECT; reading through the page cache"
@@ -234,16 +237,13 @@ impl LayerReader {
         }
         if self.evicting {
             if let Some((file, offset, len)) = self.regions.get(slot) {
-                use std::os::fd::AsRawFd;
-                // SAFETY: plain syscall on an open descriptor; advisory, failure is harmless.
-                unsafe {
-                    libc::posix_fadvise(
-                        file.as_raw_fd(),
-                        *offset as i64,
-                        *len as i64,
-                        libc::POSIX_FADV_DONTNEED,
-                    );
-                }
+                // Advisory: failure only means the pages stay cached.
+                let _ = rustix::fs::fadvise(
+                    file,
+                    *offset,
+                    std::num::NonZeroU64::new(*len),
+                    rustix::fs::Advice::DontNeed,
+                );
             }
         }
     }
@@ -342,9 +342,9 @@ fn map_region(src: &Source) -> Result<memmap2::Mmap> {
 
 /// Whether every page of a mapping is resident in the page cache (`mincore`).
 fn all_cached(m: &memmap2::Mmap) -> bool {
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    let page = rustix::param::page_size().max(4096);
     let mut vec = vec![0u8; m.len().div_ceil(page)];
+    // rustix has no mincore, hence libc.
     // SAFETY: the mapping is valid for m.len() bytes and page-aligned (mmap result); `vec` has
     // one byte per page.
     let rc = unsafe { libc::mincore(m.as_ptr() as *mut libc::c_void, m.len(), vec.as_mut_ptr()) };
@@ -407,7 +407,6 @@ pub fn measure_read(
     mode: ReadMode,
     cold: bool,
 ) -> Result<(u64, f64)> {
-    use std::os::fd::AsRawFd;
     let mut sources = Vec::with_capacity(units.len());
     for u in units {
         let path = dir.join(&u.file);
@@ -422,10 +421,8 @@ pub fn measure_read(
     }
     if cold {
         for s in &sources {
-            // SAFETY: advisory syscall on an open descriptor.
-            unsafe {
-                libc::posix_fadvise(s.file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED);
-            }
+            // Advisory: failure only means the pages stay cached.
+            let _ = rustix::fs::fadvise(&s.file, 0, None, rustix::fs::Advice::DontNeed);
         }
     }
     let mut buf = match mode {

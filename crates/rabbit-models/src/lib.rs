@@ -18,6 +18,8 @@ pub mod rope;
 pub mod spec;
 #[cfg(feature = "synth")]
 pub mod synth;
+#[doc(hidden)]
+pub mod testdata;
 
 pub use arch::{Architecture, Variant};
 #[cfg(feature = "chat")]

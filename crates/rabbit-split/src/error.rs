@@ -308,20 +308,10 @@ impl SplitError {
 
 /// Formats a byte count for people (`1.50 GiB (1610612736 bytes)`).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["KiB", "MiB", "GiB", "TiB", "PiB"];
     if n < 1024 {
         return format!("{n} bytes");
     }
-    let mut v = n as f64;
-    let mut unit = "";
-    for u in UNITS {
-        v /= 1024.0;
-        unit = u;
-        if v < 1024.0 {
-            break;
-        }
-    }
-    format!("{v:.2} {unit} ({n} bytes)")
+    format!("{} ({n} bytes)", bytesize::ByteSize(n).display().iec())
 }
 
 fn list_names(names: &[String]) -> String {
@@ -353,8 +343,8 @@ mod tests {
     #[test]
     fn human_bytes_reads_well() {
         assert_eq!(human_bytes(12), "12 bytes");
-        assert_eq!(human_bytes(1536), "1.50 KiB (1536 bytes)");
-        assert_eq!(human_bytes(3 << 30), "3.00 GiB (3221225472 bytes)");
+        assert_eq!(human_bytes(1536), "1.5 KiB (1536 bytes)");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB (3221225472 bytes)");
     }
 
     #[test]
