@@ -177,6 +177,29 @@ fn without_the_source_a_damaged_split_is_a_clear_error() {
     assert_ok(&generate(&m, &["--verify-split"]));
 }
 
+/// Weights moved away by hand (not by `--delete-original`) from a split that then got damaged:
+/// the error names the damaged file and says to put the weights back.
+#[test]
+fn weights_moved_away_from_a_damaged_split_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    assert_ok(&generate(&m, &[]));
+    std::fs::rename(m.join("model.safetensors"), tmp.path().join("saved")).unwrap();
+    flip_byte(&m.join("rabbit-split").join("layer.001.safetensors"));
+    let o = generate(&m, &[]);
+    assert_clean_failure(
+        &o,
+        &[
+            "layer.001.safetensors",
+            "checksum mismatch",
+            "put the original weights back",
+        ],
+    );
+    std::fs::rename(tmp.path().join("saved"), m.join("model.safetensors")).unwrap();
+    assert_ok(&generate(&m, &[]));
+    assert_ok(&generate(&m, &["--verify-split"]));
+}
+
 #[test]
 fn verify_split_reads_every_file() {
     use std::os::unix::fs::MetadataExt;

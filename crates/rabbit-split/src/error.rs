@@ -251,6 +251,22 @@ pub enum SplitError {
         /// Why the existing split does not fit.
         reason: String,
     },
+    /// The source weights are missing (not deleted by us), and the existing split cannot be used.
+    #[error(
+        "{} has no weights to split (expected model.safetensors or model.safetensors.index.json), \
+         and the existing split in {} cannot be used: {reason}; put the original weights back (or \
+         download them again) to repair it",
+        dir.display(),
+        split_dir.display()
+    )]
+    SourceMissing {
+        /// Checkpoint directory.
+        dir: PathBuf,
+        /// Split directory.
+        split_dir: PathBuf,
+        /// Why the existing split does not fit.
+        reason: String,
+    },
     /// `delete_original` would leave another split of the same weights unusable or unrepairable.
     #[error(
         "not deleting the original weights in {}: the split in {} was made from them too, and {reason}",

@@ -85,16 +85,30 @@ pub fn split(
         Ok(c) => c,
         Err(e @ (SplitError::MissingWeights { .. } | SplitError::MissingShard { .. })) => {
             // Explain the common trap: originals deleted, split no longer matching.
+            // Or the weights were moved away from a split that is now damaged: say so too.
             if let Ok(m) = Manifest::load(&out) {
-                if m.original_deleted {
-                    let reason = stale_reason(&out, checkpoint_dir, layout, opts)?
-                        .unwrap_or_else(|| "it is incomplete".into());
-                    return Err(SplitError::SourceDeleted {
-                        dir: checkpoint_dir.to_path_buf(),
-                        split_dir: out.clone(),
+                // Damage is the likely reason and the useful one to name; else why it is stale.
+                let report =
+                    crate::integrity::check(&out, &m, crate::integrity::Checksums::Changed);
+                let reason = match report.damaged.first() {
+                    Some(d) => format!("{} damaged file(s), first {d}", report.damaged.len()),
+                    None => stale_reason(&out, checkpoint_dir, layout, opts)?
+                        .unwrap_or_else(|| "it is incomplete".into()),
+                };
+                let (dir, split_dir) = (checkpoint_dir.to_path_buf(), out.clone());
+                return Err(if m.original_deleted {
+                    SplitError::SourceDeleted {
+                        dir,
+                        split_dir,
                         reason,
-                    });
-                }
+                    }
+                } else {
+                    SplitError::SourceMissing {
+                        dir,
+                        split_dir,
+                        reason,
+                    }
+                });
             }
             return Err(e);
         }
