@@ -99,6 +99,8 @@ const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (se
 
 /// Runs `rabbit chat`.
 pub fn chat(a: ChatArgs) -> Result<()> {
+    // Before loading: a bad flag should not cost a split or a model load.
+    sampling_of(&a).validate()?;
     let (mut model, _) = a.model.load(false)?;
     let tpl = model_template(&model)?;
     model.require_codec()?;
@@ -169,6 +171,16 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     }
 }
 
+fn sampling_of(a: &ChatArgs) -> SamplingParams {
+    SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: Some(a.top_p),
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    }
+}
+
 fn answer(
     model: &mut Model,
     tpl: &ChatTemplate,
@@ -197,13 +209,7 @@ fn answer(
     let req = GenerateRequest {
         sequences: vec![ids],
         max_new_tokens: a.max_new_tokens.min(room),
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: Some(a.top_p),
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
+        sampling: sampling_of(a),
         eos_token_ids: spec.eos_token_ids.clone(),
         keep_logits: false,
     };

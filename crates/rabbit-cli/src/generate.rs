@@ -123,6 +123,15 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     if let Some(path) = &a.profile_json {
         check_output_path("--profile-json", path)?;
     }
+    let sampling = SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        repetition_penalty: a.repetition_penalty,
+        seed: a.seed,
+    };
+    // Before loading: a bad flag should not cost a split or a model load.
+    sampling.validate()?;
     let (mut model, load_s) = a.model.load(a.json)?;
     let sequences = match &a.prompt {
         Some(p) if a.chat => {
@@ -147,13 +156,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let req = GenerateRequest {
         sequences: sequences.clone(),
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams {
-            temperature: a.temperature,
-            top_k: a.top_k,
-            top_p: a.top_p,
-            repetition_penalty: a.repetition_penalty,
-            seed: a.seed,
-        },
+        sampling,
         eos_token_ids: spec.eos_token_ids.clone(),
         keep_logits: a.dump_logits.is_some(),
     };
