@@ -90,25 +90,30 @@ pub fn split(
                 // Damage is the likely reason and the useful one to name; else why it is stale.
                 let report =
                     crate::integrity::check(&out, &m, crate::integrity::Checksums::Changed);
-                let reason = match report.damaged.first() {
-                    Some(d) => format!("{} damaged file(s), first {d}", report.damaged.len()),
-                    None => stale_reason(&out, checkpoint_dir, layout, opts)?
-                        .unwrap_or_else(|| "it is incomplete".into()),
-                };
+                let damage = report
+                    .damaged
+                    .first()
+                    .map(|d| format!("{} damaged file(s), first {d}", report.damaged.len()));
                 let (dir, split_dir) = (checkpoint_dir.to_path_buf(), out.clone());
-                return Err(if m.original_deleted {
-                    SplitError::SourceDeleted {
+                if m.original_deleted {
+                    let reason = match damage {
+                        Some(d) => d,
+                        None => stale_reason(&out, checkpoint_dir, layout, opts)?
+                            .unwrap_or_else(|| "it is incomplete".into()),
+                    };
+                    return Err(SplitError::SourceDeleted {
                         dir,
                         split_dir,
                         reason,
-                    }
-                } else {
-                    SplitError::SourceMissing {
+                    });
+                }
+                if let Some(reason) = damage {
+                    return Err(SplitError::SourceMissing {
                         dir,
                         split_dir,
                         reason,
-                    }
-                });
+                    });
+                }
             }
             return Err(e);
         }
