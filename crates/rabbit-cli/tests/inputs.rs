@@ -2,57 +2,16 @@
 //! that cannot go together, outputs that cannot be written, absurd sizes. Each must end with a
 //! clear message and a non-zero exit (or, for a closed pipe, quietly), never a panic or a hang.
 
+mod common;
+
 use std::io::Read;
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 
+use common::{
+    assert_clean_failure, assert_ok, last_json_line, no_panic, rabbit, stderr, synth, tiny_model,
+};
 use serde_json::Value;
-
-fn rabbit() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rabbit"));
-    c.env_remove("LD_LIBRARY_PATH").env("RUST_LOG", "warn");
-    c
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn no_panic(o: &Output) {
-    let err = stderr(o);
-    assert!(
-        !err.contains("panicked")
-            && !err.contains("RUST_BACKTRACE")
-            && o.status.code() != Some(101),
-        "panic: {err}"
-    );
-}
-
-/// A failing command: non-zero exit, a message containing `needle`, and never a panic.
-fn fails_with(o: &Output, needle: &str) {
-    no_panic(o);
-    assert!(
-        !o.status.success(),
-        "expected failure; stderr: {}",
-        stderr(o)
-    );
-    assert!(
-        stderr(o).contains(needle),
-        "stderr should mention `{needle}`: {}",
-        stderr(o)
-    );
-}
-
-fn tiny_model(dir: &Path) {
-    let o = rabbit()
-        .args([
-            "synth", "--arch", "qwen2", "--preset", "tiny", "--seed", "3", "--out",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
-}
 
 fn generate(model: &Path, extra: &[&str]) -> Command {
     let mut c = rabbit();
@@ -67,7 +26,7 @@ fn generate(model: &Path, extra: &[&str]) -> Command {
 fn a_closed_stdout_ends_quietly() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     for args in [
         &["--prompt", "hello there", "--max-new-tokens", "64"][..],
         &[
@@ -104,7 +63,7 @@ fn a_closed_stdout_ends_quietly() {
     drop(child.stdout.take());
     let o = child.wait_with_output().unwrap();
     no_panic(&o);
-    assert!(o.status.success(), "{}", stderr(&o));
+    assert_ok(&o);
 }
 
 /// A full disk behind stdout is an error worth a message.
@@ -112,7 +71,7 @@ fn a_closed_stdout_ends_quietly() {
 fn a_full_stdout_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     let full = || {
         std::fs::OpenOptions::new()
             .write(true)
@@ -124,7 +83,7 @@ fn a_full_stdout_is_a_clear_error() {
         &["--input-ids", "1,2", "--max-new-tokens", "2", "--json"][..],
     ] {
         let o = generate(&model, args).stdout(full()).output().unwrap();
-        fails_with(&o, "writing to standard output");
+        assert_clean_failure(&o, &["writing to standard output"]);
     }
     let o = rabbit()
         .args(["info", "--device", "cpu", "--model"])
@@ -132,7 +91,7 @@ fn a_full_stdout_is_a_clear_error() {
         .stdout(full())
         .output()
         .unwrap();
-    fails_with(&o, "writing to standard output");
+    assert_clean_failure(&o, &["writing to standard output"]);
 }
 
 /// Wrong values are named by their flag, negative numbers included.
@@ -140,7 +99,7 @@ fn a_full_stdout_is_a_clear_error() {
 fn bad_flag_values_name_the_flag() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     let cases: &[(&[&str], &str)] = &[
         (
             &["--input-ids", "1", "--max-new-tokens", "-1"],
@@ -260,7 +219,7 @@ fn bad_flag_values_name_the_flag() {
         } else {
             generate(&model, args).output().unwrap()
         };
-        fails_with(&o, needle);
+        assert_clean_failure(&o, &[*needle]);
         // Refused before any model work.
         if !needle.contains("context") {
             assert!(
@@ -277,21 +236,17 @@ fn bad_flag_values_name_the_flag() {
 fn a_huge_prompt_is_refused_before_tokenising() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    let o = rabbit()
-        .args([
-            "synth",
+    synth(
+        &model,
+        &[
             "--arch",
             "qwen2",
             "--preset",
             "tiny",
             "--max-position",
             "64",
-            "--out",
-        ])
-        .arg(&model)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", stderr(&o));
+        ],
+    );
     let tok: Value =
         serde_json::from_str(&std::fs::read_to_string(model.join("tokenizer.json")).unwrap())
             .unwrap();
@@ -310,7 +265,7 @@ fn a_huge_prompt_is_refused_before_tokenising() {
     let o = generate(&model, &["--max-new-tokens", "1", "--prompt", &big])
         .output()
         .unwrap();
-    fails_with(&o, "more than any text of 64 tokens");
+    assert_clean_failure(&o, &["more than any text of 64 tokens"]);
     // Just under the bound it is tokenised, and then the ordinary context check answers.
     let o = generate(
         &model,
@@ -318,7 +273,7 @@ fn a_huge_prompt_is_refused_before_tokenising() {
     )
     .output()
     .unwrap();
-    fails_with(&o, "max_position_embeddings 64");
+    assert_clean_failure(&o, &["max_position_embeddings 64"]);
 }
 
 /// `--prefetch` beyond the layer count reads no further ahead than there are layers.
@@ -326,7 +281,7 @@ fn a_huge_prompt_is_refused_before_tokenising() {
 fn prefetch_is_capped_at_the_layer_count() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     let run = |prefetch: &str| -> Value {
         let o = generate(
             &model,
@@ -344,9 +299,8 @@ fn prefetch_is_capped_at_the_layer_count() {
         )
         .output()
         .unwrap();
-        assert!(o.status.success(), "{}", stderr(&o));
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        serde_json::from_str(out.lines().last().unwrap()).unwrap()
+        assert_ok(&o);
+        last_json_line(&o)
     };
     let capped = run("1000");
     let at_layers = run("2");
@@ -366,7 +320,7 @@ fn prefetch_is_capped_at_the_layer_count() {
 fn bench_refuses_sizes_that_cannot_fit() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     for (args, needle) in [
         (&["--batch", "100000000000"][..], "needs a KV cache of"),
         (&["--prompt-len", "99999999999"][..], "context too long"),
@@ -378,7 +332,7 @@ fn bench_refuses_sizes_that_cannot_fit() {
             .args(args)
             .output()
             .unwrap();
-        fails_with(&o, needle);
+        assert_clean_failure(&o, &[needle]);
     }
 }
 
@@ -388,7 +342,7 @@ fn bench_refuses_sizes_that_cannot_fit() {
 fn a_runaway_chat_template_stops_at_the_context_bound() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
-    tiny_model(&model);
+    tiny_model(&model, 3);
     let cfg_path = model.join("tokenizer_config.json");
     let mut cfg: Value =
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
@@ -403,7 +357,7 @@ fn a_runaway_chat_template_stops_at_the_context_bound() {
     )
     .output()
     .unwrap();
-    fails_with(&o, "rendered more than");
+    assert_clean_failure(&o, &["rendered more than"]);
     // The bound is the context's, far below the 64 MiB library default.
     let err = stderr(&o);
     let n: u64 = err

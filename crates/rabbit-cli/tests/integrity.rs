@@ -2,97 +2,45 @@
 //! source is gone), a FIFO does not hang `generate`, the user's files are never overwritten
 //! (`split --out`, `--dump-logits`), and `--delete-original` keeps other splits usable.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Output;
 
-fn rabbit() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_rabbit"));
-    c.env_remove("LD_LIBRARY_PATH").env("RUST_LOG", "warn");
-    c
-}
-
-/// Runs a command, killing it (and failing) if it has not finished within a minute: these
-/// commands take a second; a minute means it hangs.
-fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("rabbit runs");
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            let o = child.wait_with_output().unwrap();
-            panic!(
-                "{cmd:?} hangs; stderr: {}",
-                String::from_utf8_lossy(&o.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    child.wait_with_output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "{}", stderr(o));
-}
-
-/// A failing command: non-zero exit, every `needle` in its stderr, and never a panic.
-fn assert_clean_failure(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert!(!o.status.success(), "expected failure; stderr: {err}");
-    for n in needles {
-        assert!(err.contains(n), "stderr should mention `{n}`: {err}");
-    }
-    assert!(!err.contains("panicked"), "panic: {err}");
-}
+use common::{
+    assert_clean_failure, assert_ok, flip_byte, rabbit, run_watched, stderr, stdout, synth_cmd,
+};
 
 /// A tiny synthetic checkpoint in `dir/m`.
 fn model(dir: &Path) -> PathBuf {
     let m = dir.join("m");
-    assert_ok(&run(rabbit()
-        .args([
-            "synth", "--arch", "qwen2", "--preset", "tiny", "--dtype", "f32", "--out",
-        ])
-        .arg(&m)));
+    assert_ok(&run_watched(&mut synth_cmd(
+        &m,
+        &["--arch", "qwen2", "--preset", "tiny", "--dtype", "f32"],
+    )));
     m
 }
 
 fn split(model: &Path, extra: &[&str]) -> Output {
-    run(rabbit().arg("split").arg("--model").arg(model).args(extra))
+    run_watched(rabbit().arg("split").arg("--model").arg(model).args(extra))
 }
 
 fn generate(model: &Path, extra: &[&str]) -> Output {
-    run(rabbit()
-        .args([
-            "generate",
-            "--device",
-            "cpu",
-            "--max-new-tokens",
-            "2",
-            "--input-ids",
-            "1,2,3",
-        ])
-        .arg("--model")
-        .arg(model)
-        .args(extra))
-}
-
-fn flip_byte(p: &Path) {
-    let mut b = std::fs::read(p).unwrap();
-    let n = b.len();
-    b[n - 3] ^= 0x55;
-    std::fs::write(p, b).unwrap();
+    run_watched(
+        rabbit()
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--max-new-tokens",
+                "2",
+                "--input-ids",
+                "1,2,3",
+            ])
+            .arg("--model")
+            .arg(model)
+            .args(extra),
+    )
 }
 
 #[test]
@@ -107,7 +55,7 @@ fn a_damaged_split_is_repaired_from_the_source_not_run() {
 
     // `split --verify` names it, and its advice is now true: rerunning the split repairs it
     // (before: "split is current, reused", and generate ran on the damaged bytes, exit 0).
-    let o = run(rabbit().args(["split", "--verify"]).arg(&dir));
+    let o = run_watched(rabbit().args(["split", "--verify"]).arg(&dir));
     assert_clean_failure(
         &o,
         &["layer.001.safetensors", "rerun `rabbit split --model"],
@@ -123,7 +71,7 @@ fn a_damaged_split_is_repaired_from_the_source_not_run() {
     assert_ok(&o);
     assert!(stderr(&o).contains("splitting"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&victim).unwrap(), pristine);
-    assert_ok(&run(rabbit().args(["split", "--verify"]).arg(&dir)));
+    assert_ok(&run_watched(rabbit().args(["split", "--verify"]).arg(&dir)));
 }
 
 #[test]
