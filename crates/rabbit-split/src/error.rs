@@ -281,6 +281,25 @@ pub enum SplitError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The output directory holds the split of other weights whose originals were deleted
+    /// (`delete_original`): it is the only copy of that model, and splitting into it would
+    /// destroy it.
+    #[error(
+        "refusing to split {} into {}: that directory holds a split made from other weights, \
+         whose original weights were deleted (--delete-original), so it is the only copy of its \
+         model and splitting into it would destroy it; choose another directory, or delete {} by \
+         hand if that model is no longer needed (for instance because these are its weights \
+         downloaded again)",
+        dir.display(),
+        split_dir.display(),
+        split_dir.display()
+    )]
+    OnlyCopy {
+        /// Checkpoint directory being split.
+        dir: PathBuf,
+        /// The output directory holding the other split.
+        split_dir: PathBuf,
+    },
     /// Files of a split are missing or corrupt.
     #[error("split in {} is damaged: {}", dir.display(), list_damage(damaged))]
     Damaged {

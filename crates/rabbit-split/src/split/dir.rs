@@ -9,7 +9,7 @@ use crate::checkpoint::Checkpoint;
 use crate::error::{Result, SplitError};
 use crate::fsutil::{read_regular, remove_if_exists, temp_target, TEMP_SUFFIX};
 use crate::integrity::VERIFIED_FILE;
-use crate::manifest::{FORMAT_NAME, MANIFEST_FILE, PLAN_FILE};
+use crate::manifest::{Manifest, FORMAT_NAME, MANIFEST_FILE, PLAN_FILE};
 
 use super::plan::UnitPlan;
 
@@ -42,6 +42,26 @@ pub(super) fn refuse_to_overwrite_source(
         }
     }
     Ok(())
+}
+
+/// Refuses to split into `out` when it holds a split whose original weights were deleted and
+/// that was made from other weights than `fingerprint`: it is the only copy of its model, and
+/// a split with another plan would delete its manifest and unit files. A split of the same
+/// source (same fingerprint) is repaired or redone as usual.
+pub(super) fn refuse_to_destroy_only_copy(
+    out: &Path,
+    checkpoint_dir: &Path,
+    fingerprint: &str,
+) -> Result<()> {
+    match Manifest::load(out) {
+        Ok(m) if m.original_deleted && m.source_fingerprint != fingerprint => {
+            Err(SplitError::OnlyCopy {
+                dir: checkpoint_dir.to_path_buf(),
+                split_dir: out.to_path_buf(),
+            })
+        }
+        _ => Ok(()),
+    }
 }
 
 pub(super) fn is_safe_file_name(name: &str) -> bool {

@@ -28,11 +28,17 @@ use crate::manifest::{
 };
 use crate::writer::{check_alignment, file_checksum};
 
-use dir::{is_safe_file_name, refuse_foreign_dir, refuse_to_overwrite_source, remove_stray_tmp};
+use dir::{
+    is_safe_file_name, refuse_foreign_dir, refuse_to_destroy_only_copy, refuse_to_overwrite_source,
+    remove_stray_tmp,
+};
 pub use options::{
     default_split_dir, default_split_dir_for, SplitEvent, SplitOptions, SplitOutcome,
 };
-use original::{existing_source_weights, verify_and_delete_original};
+use original::{
+    dependent_splits, existing_source_weights, finish_deleting_original,
+    verify_and_delete_original, DepCheck,
+};
 use plan::{plan_units, read_plan, unit_file_matches, Plan, PlanUnit};
 pub use stale::{is_current, stale_reason};
 use write::write_unit;
@@ -55,7 +61,13 @@ fn reuse(
     if opts.delete_original && !existing_source_weights(checkpoint_dir).is_empty() {
         let _lock = DirLock::acquire(&out)?;
         let m = Manifest::load(&out)?;
-        verify_and_delete_original(checkpoint_dir, &out, m, on_event)?;
+        if m.original_deleted {
+            // A deletion that stopped partway: everything was verified and marked before it
+            // began, and the partial weights can no longer be checked against anything.
+            finish_deleting_original(checkpoint_dir, on_event)?;
+        } else {
+            verify_and_delete_original(checkpoint_dir, &out, m, on_event)?;
+        }
     }
     Ok((out, SplitOutcome::Reused))
 }
@@ -124,6 +136,13 @@ pub fn split(
 
     let files: Vec<&str> = units.iter().map(|u| u.file.as_str()).collect();
     refuse_foreign_dir(&out, checkpoint_dir, &files)?;
+    refuse_to_destroy_only_copy(&out, checkpoint_dir, &fingerprint)?;
+    if opts.delete_original {
+        // Fail fast: a damaged (or busy) split of the same weights would make the deletion
+        // refuse at the end; say so before hours of writing. The locks are not kept: the full
+        // check before the deletion takes them again.
+        drop(dependent_splits(checkpoint_dir, &out, DepCheck::Cheap)?);
+    }
     fs::create_dir_all(&out).map_err(|e| SplitError::io(&out, e))?;
     let lock = DirLock::acquire(&out)?;
     // Another process may have completed the split while we waited for the lock.
@@ -132,6 +151,8 @@ pub fn split(
         drop(ckpt);
         return reuse(checkpoint_dir, out, opts, on_event);
     }
+    // Another process may have put such a split here while we waited.
+    refuse_to_destroy_only_copy(&out, checkpoint_dir, &fingerprint)?;
     refuse_to_overwrite_source(&ckpt, &out, &units)?;
     let plan = Plan {
         format: FORMAT_NAME.into(),
@@ -299,18 +320,19 @@ pub fn split(
         units: entries,
     };
     drop(ckpt);
+    // Written even when the originals are to be deleted: should the deletion refuse (a damaged
+    // dependent split), the split just made is complete and usable.
+    write_atomic(&manifest_path, &manifest.to_json())?;
+    // Every unit was written or checked just now: later opens need not read them again.
+    let _ = integrity::record_verified(
+        &out,
+        manifest
+            .units
+            .iter()
+            .map(|u| (u.file.as_str(), u.checksum.as_str())),
+    );
     if opts.delete_original {
         verify_and_delete_original(checkpoint_dir, &out, manifest, on_event)?;
-    } else {
-        write_atomic(&manifest_path, &manifest.to_json())?;
-        // Every unit was written or checked just now: later opens need not read them again.
-        let _ = integrity::record_verified(
-            &out,
-            manifest
-                .units
-                .iter()
-                .map(|u| (u.file.as_str(), u.checksum.as_str())),
-        );
     }
     drop(lock);
     Ok((

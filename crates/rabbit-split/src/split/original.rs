@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::checkpoint::{source_fingerprint, INDEX_FILE, SINGLE_FILE};
 use crate::error::{Result, SplitError};
 use crate::fsutil::{self, remove_if_exists, write_atomic, DirLock};
+use crate::integrity::{self, Checksums};
 use crate::manifest::{Manifest, MANIFEST_FILE};
 use crate::quant::Compression;
 use crate::verify::verify_against;
@@ -56,14 +57,32 @@ fn delete_source_weights(dir: &Path) -> Result<usize> {
     Ok(n)
 }
 
+/// How thoroughly [`dependent_splits`] checks each split.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum DepCheck {
+    /// The [`crate::integrity`] checks (sizes, headers, checksums of files changed since they
+    /// were last verified): the fail-fast check before a split is written.
+    Cheap,
+    /// Every byte hashed: the check right before the weights are deleted.
+    Full,
+}
+
 /// The other splits of this checkpoint in the default places (`rabbit-split`, `-4bit`, `-8bit`)
 /// made from the source as it is now, each with its lock held: deleting the source leaves them
-/// as the only copy too.
-fn dependent_splits(
+/// as the only copy too. Source weights that are (partly) gone already leave no split to check:
+/// none can have been made from them as they are now.
+pub(super) fn dependent_splits(
     checkpoint_dir: &Path,
     out: &Path,
+    check: DepCheck,
 ) -> Result<Vec<(PathBuf, Manifest, DirLock)>> {
-    let fingerprint = source_fingerprint(checkpoint_dir)?;
+    let fingerprint = match source_fingerprint(checkpoint_dir) {
+        Ok(fp) => fp,
+        Err(SplitError::MissingWeights { .. } | SplitError::MissingShard { .. }) => {
+            return Ok(Vec::new())
+        }
+        Err(e) => return Err(e),
+    };
     let canon = |p: &Path| fs::canonicalize(p).ok();
     let mut deps = Vec::new();
     for c in [None, Some(Compression::Nf4), Some(Compression::Int8)] {
@@ -86,9 +105,15 @@ fn dependent_splits(
         };
         let m = Manifest::load(&dir)?;
         if depends(&m) {
-            let report = verify_against(&dir, &m);
-            if !report.is_ok() {
-                let e = report.into_result(&dir).expect_err("damaged");
+            let damaged = match check {
+                DepCheck::Cheap => integrity::check(&dir, &m, Checksums::Changed).damaged,
+                DepCheck::Full => verify_against(&dir, &m).damaged,
+            };
+            if !damaged.is_empty() {
+                let e = SplitError::Damaged {
+                    dir: dir.clone(),
+                    damaged,
+                };
                 return Err(refuse(format!(
                     "{e}; rerun its split to repair it, or delete it"
                 )));
@@ -111,14 +136,32 @@ pub(super) fn verify_and_delete_original(
     on_event: &mut dyn FnMut(&SplitEvent),
 ) -> Result<()> {
     verify_against(out, &m).into_result(out)?;
-    let deps = dependent_splits(checkpoint_dir, out)?;
+    // The locks of the dependent splits are held until the weights are gone (`deps` lives
+    // until after the deletion): a run that took one in between could rewrite that split (a
+    // repair, other options) from the weights being deleted after it was verified and marked,
+    // leaving a half-written split, or one not marked as the only copy, whose source is gone.
+    let mut deps = dependent_splits(checkpoint_dir, out, DepCheck::Full)?;
     on_event(&SplitEvent::Verified);
-    for (dir, mut dm, _lock) in deps {
+    for (dir, dm, _lock) in &mut deps {
         dm.original_deleted = true;
         write_atomic(&dir.join(MANIFEST_FILE), &dm.to_json())?;
     }
     m.original_deleted = true;
     write_atomic(&out.join(MANIFEST_FILE), &m.to_json())?;
+    let files = delete_source_weights(checkpoint_dir)?;
+    drop(deps);
+    on_event(&SplitEvent::OriginalDeleted { files });
+    Ok(())
+}
+
+/// Finishes a deletion that stopped partway (interrupted, or a shard that could not be
+/// removed): the split in `out` was verified and marked `original_deleted` before it started,
+/// as were the splits depending on the same weights, so what is left of the source weights is
+/// deleted without checking again (the weights cannot be fingerprinted any more anyway).
+pub(super) fn finish_deleting_original(
+    checkpoint_dir: &Path,
+    on_event: &mut dyn FnMut(&SplitEvent),
+) -> Result<()> {
     let files = delete_source_weights(checkpoint_dir)?;
     on_event(&SplitEvent::OriginalDeleted { files });
     Ok(())
