@@ -27,6 +27,9 @@ pub struct HubOptions {
     pub progress: bool,
     /// Hub URL (else HF_ENDPOINT, else huggingface.co).
     pub endpoint: Option<String>,
+    /// Fetch only the config, generation config and tokenizer files, not the weights (for
+    /// commands that need no weights, e.g. rendering a chat template).
+    pub skip_weights: bool,
     /// Give up on a download when the server sends nothing (no answer to connect, no headers, no
     /// bytes of the body) for this long (else `RABBIT_HUB_TIMEOUT` in seconds, else 60 s).
     pub stall_timeout: Option<Duration>,
@@ -35,18 +38,38 @@ pub struct HubOptions {
 /// Default of [`HubOptions::stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Shortest stall timeout accepted: below it every download would fail at once.
+const MIN_STALL_TIMEOUT: Duration = Duration::from_millis(1);
+
 fn stall_timeout(opts: &HubOptions) -> Result<Duration> {
     if let Some(t) = opts.stall_timeout {
+        if t < MIN_STALL_TIMEOUT {
+            return Err(Error::InvalidInput(format!(
+                "HubOptions::stall_timeout {t:?} is shorter than {MIN_STALL_TIMEOUT:?}"
+            )));
+        }
         return Ok(t);
     }
     match env_nonempty("RABBIT_HUB_TIMEOUT") {
         None => Ok(DEFAULT_STALL_TIMEOUT),
-        Some(v) => match v.trim().parse::<f64>() {
-            Ok(s) if s > 0.0 && s.is_finite() => Ok(Duration::from_secs_f64(s)),
+        Some(v) => match v.trim().parse::<f64>().map(Duration::try_from_secs_f64) {
+            Ok(Ok(t)) if t >= MIN_STALL_TIMEOUT => Ok(t),
             _ => Err(Error::InvalidInput(format!(
-                "RABBIT_HUB_TIMEOUT={v}: expected a positive number of seconds"
+                "RABBIT_HUB_TIMEOUT={v}: expected a number of seconds from 0.001 up"
             ))),
         },
+    }
+}
+
+/// The HTTP status behind an hf-hub error, if it is one.
+fn http_status(e: &ApiError) -> Option<u16> {
+    match e {
+        ApiError::RequestError(inner) => match inner.as_ref() {
+            ureq::Error::StatusCode(code) => Some(*code),
+            _ => None,
+        },
+        ApiError::TooManyRetries(inner) => http_status(inner),
+        _ => None,
     }
 }
 
@@ -110,14 +133,15 @@ fn download_watched(
             let _ = tx.send(Tick::Done(api.download_with_progress(&name, hb)));
         })
         .map_err(|e| DownloadError::Other(format!("starting the download thread: {e}")))?;
-    let mut waited = Duration::ZERO;
-    let step = stall.min(Duration::from_secs(10));
+    let mut last = std::time::Instant::now();
     loop {
-        match rx.recv_timeout(step) {
-            Ok(Tick::Alive) => waited = Duration::ZERO,
+        // Wake at least every 10 s to say we are waiting; give up once `stall` has passed.
+        let left = stall.saturating_sub(last.elapsed());
+        match rx.recv_timeout(left.min(Duration::from_secs(10))) {
+            Ok(Tick::Alive) => last = std::time::Instant::now(),
             Ok(Tick::Done(r)) => return r.map_err(DownloadError::Api),
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                waited += step;
+                let waited = last.elapsed();
                 if waited >= stall {
                     return Err(DownloadError::Stalled(format!(
                         "no answer from {endpoint} for {:.0} s while downloading {file} \
@@ -306,16 +330,23 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
                 Err(DownloadError::Other(msg)) => Err(Error::Hub(format!("{id}: {msg}"))),
                 Err(DownloadError::Api(e)) => {
                     let msg = e.to_string();
-                    if msg.contains("404") {
+                    let status = http_status(&e);
+                    if status == Some(404) {
                         Ok(None)
-                    } else if msg.contains("401") || msg.contains("403") {
+                    } else if matches!(status, Some(401 | 403)) {
                         Err(Error::Hub(format!(
                         "{id} is gated or private ({msg}): accept its license on huggingface.co, \
                          then pass a token with --token or the HF_TOKEN environment variable"
                     )))
                     } else {
                         Err(Error::Hub(format!(
-                            "{id}: downloading {f} from {endpoint}: {msg}"
+                            "{id}: downloading {f} from {endpoint}: {msg}{}",
+                            if matches!(e, ApiError::LockAcquisition(_)) {
+                                " (another download of this file is running, in this process \
+                                 after a stall or in another one; retry once it has ended)"
+                            } else {
+                                ""
+                            }
                         )))
                     }
                 }
@@ -340,6 +371,13 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
     }
     for f in OPTIONAL {
         fetch(f)?;
+    }
+    if opts.skip_weights {
+        let dir = dir.ok_or_else(|| missing("config.json"))?;
+        return Ok(ModelLocation {
+            dir,
+            hub: Some((id_or_path.to_string(), revision)),
+        });
     }
     match fetch("model.safetensors.index.json")? {
         Some(index) => {

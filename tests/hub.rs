@@ -119,6 +119,28 @@ fn offline_and_missing_is_a_clear_error() {
         e.contains("model.safetensors") && e.contains("HF_HUB_OFFLINE"),
         "{e}"
     );
+    // Without weights is fine for a caller that needs none (`rabbit template`).
+    let loc = locate(
+        "acme/tiny",
+        &HubOptions {
+            skip_weights: true,
+            ..offline(tmp.path())
+        },
+    )
+    .unwrap();
+    assert!(loc.dir.join("config.json").exists());
+}
+
+/// A stall timeout too short to mean anything is refused, not turned into "no answer for 0 s".
+#[test]
+fn a_zero_stall_timeout_is_refused() {
+    let opts = HubOptions {
+        endpoint: Some("http://127.0.0.1:9".into()),
+        stall_timeout: Some(std::time::Duration::ZERO),
+        ..Default::default()
+    };
+    let e = locate("acme/anything", &opts).unwrap_err().to_string();
+    assert!(e.contains("stall_timeout"), "{e}");
 }
 
 #[test]

@@ -57,6 +57,9 @@ pub fn template(a: TemplateArgs) -> Result<()> {
     let hub = rabbitllm::hub::HubOptions {
         token: a.token,
         revision: a.revision,
+        // A template needs the tokenizer config, not gigabytes of weights.
+        skip_weights: true,
+        progress: crate::util::show_progress(false),
         ..Default::default()
     };
     let loc = rabbitllm::hub::locate(&a.model, &hub)?;
@@ -73,7 +76,7 @@ pub struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// System prompt for the conversation.
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     system: Option<String>,
     /// Upper bound of tokens per answer.
     #[arg(long, default_value_t = 512)]
@@ -95,7 +98,7 @@ pub struct ChatArgs {
     seed: u64,
 }
 
-const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit; Ctrl-C stops an answer";
+const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (set the system prompt and reset), /exit; //text sends /text; Ctrl-C stops an answer";
 
 /// Runs `rabbit chat`.
 pub fn chat(a: ChatArgs) -> Result<()> {
@@ -114,14 +117,16 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let mut history: Vec<Message> = Vec::new();
     note!("{HELP}");
     let stdin = std::io::stdin();
-    let mut line = String::new();
+    let mut raw = Vec::new();
     loop {
         note_inline!("> ");
-        line.clear();
-        if stdin.lock().read_line(&mut line)? == 0 {
+        raw.clear();
+        if stdin.lock().read_until(b'\n', &mut raw)? == 0 {
             note!();
             return Ok(());
         }
+        // Bytes that are not UTF-8 (a paste in another encoding) must not end the session.
+        let line = String::from_utf8_lossy(&raw);
         let input = line.trim_end_matches(['\n', '\r']);
         match input.trim() {
             "" => continue,
@@ -137,7 +142,11 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             }
             _ => {}
         }
-        if let Some(rest) = input.trim().strip_prefix("/system") {
+        let command = input.trim();
+        let system_arg = command
+            .strip_prefix("/system")
+            .filter(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
+        if let Some(rest) = system_arg {
             let text = rest.trim();
             system = (!text.is_empty()).then(|| text.to_string());
             history.clear();
@@ -147,13 +156,18 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             );
             continue;
         }
-        if input.trim().starts_with('/') {
-            note!("unknown command `{}`; {HELP}", input.trim());
-            continue;
-        }
+        // `//text` sends `/text` as a message.
+        let content = match command.strip_prefix("//") {
+            Some(_) => input.trim_start().replacen("//", "/", 1),
+            None if command.starts_with('/') => {
+                note!("unknown command `{command}` (start with // to send a message beginning with /); {HELP}");
+                continue;
+            }
+            None => input.to_string(),
+        };
         history.push(Message {
             role: "user".into(),
-            content: input.to_string(),
+            content,
         });
         stop.store(false, Ordering::SeqCst);
         match answer(&mut model, &tpl, system.as_deref(), &history, &a, &stop) {

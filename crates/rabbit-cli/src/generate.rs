@@ -27,10 +27,10 @@ pub struct GenerateArgs {
     #[arg(long, requires = "prompt", conflicts_with = "input_ids")]
     chat: bool,
     /// System prompt for --chat.
-    #[arg(long, requires = "chat")]
+    #[arg(long, requires = "chat", allow_hyphen_values = true)]
     system: Option<String>,
     /// Comma-separated token ids of one sequence; repeat for a batch.
-    #[arg(long = "input-ids", value_name = "IDS")]
+    #[arg(long = "input-ids", value_name = "IDS", allow_hyphen_values = true)]
     input_ids: Vec<String>,
     /// New tokens to generate per sequence.
     #[arg(long)]
@@ -162,6 +162,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     model.engine.validate_request(&req)?;
 
+    if !a.stop.is_empty() && model.codec().is_none() {
+        bail!(
+            "--stop needs the model's tokenizer.json to see text, and {} has none",
+            model.model_dir().display()
+        );
+    }
     let stream = !a.json && sequences.len() == 1 && model.codec().is_some();
     let codec = model.codec().cloned();
     let mut streams: Vec<_> = match &codec {
@@ -171,6 +177,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut generated: HashMap<usize, Vec<u32>> = HashMap::new();
     let stops = a.stop.clone();
     let mut write_err: Option<StdoutError> = None;
+    let files_wanted = a.dump_logits.is_some() || a.profile_json.is_some();
     // Without text streaming to watch, a long generation gets a progress bar (terminal only).
     let gen_bar =
         (!stream && show_progress(a.json)).then(|| bar(a.max_new_tokens as u64, "generate"));
@@ -181,11 +188,17 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         if let Some(s) = streams.first_mut() {
             if let Ok(Some(piece)) = s.step(ev.token) {
                 if let Err(e) = out::write(&piece) {
-                    // Nobody reads the answer any more: stop computing it.
                     write_err = Some(e);
-                    return Control::Cancel;
+                    // Nobody reads the answer any more: stop computing it, unless files were
+                    // asked for, which then still get the whole run.
+                    if !files_wanted {
+                        return Control::Cancel;
+                    }
                 }
             }
+        }
+        if write_err.is_some() {
+            streams.clear();
         }
         if stops.is_empty() {
             return Control::Continue;
@@ -207,6 +220,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         b.finish_and_clear();
     }
     if let Some(e) = write_err {
+        write_output_files(&a, &out, &model.engine.profile, spec.vocab_size)?;
         return Err(e.into());
     }
     if stream {
@@ -227,14 +241,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         })
         .collect();
 
-    if let Some(path) = &a.dump_logits {
-        write_logits(path, &out.sequences, spec.vocab_size)?;
-    }
+    write_output_files(&a, &out, &model.engine.profile, spec.vocab_size)?;
     let prof = &model.engine.profile;
-    if let Some(path) = &a.profile_json {
-        rabbit_split::fsutil::write_atomic(path, &serde_json::to_vec_pretty(prof)?)
-            .with_context(|| format!("--profile-json {}", path.display()))?;
-    }
     if a.profile {
         note!("layer  where     MiB    wait_s    read_s   stage_s compute_s");
         for (i, l) in prof.layers.iter().enumerate() {
@@ -325,6 +333,23 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "device": rabbit_core::device::device_name(model.engine.device()),
         });
         outln!("{obj}")?;
+    }
+    Ok(())
+}
+
+/// `--dump-logits` and `--profile-json`, when asked for.
+fn write_output_files(
+    a: &GenerateArgs,
+    out: &rabbit_core::GenerateOutput,
+    prof: &rabbit_core::Profile,
+    vocab: usize,
+) -> Result<()> {
+    if let Some(path) = &a.dump_logits {
+        write_logits(path, &out.sequences, vocab)?;
+    }
+    if let Some(path) = &a.profile_json {
+        rabbit_split::fsutil::write_atomic(path, &serde_json::to_vec_pretty(prof)?)
+            .with_context(|| format!("--profile-json {}", path.display()))?;
     }
     Ok(())
 }

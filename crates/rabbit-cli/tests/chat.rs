@@ -199,3 +199,50 @@ fn chat_repl_commands_and_ctrl_c() {
         "the answer was printed"
     );
 }
+
+/// REPL input edge cases: a command that only starts like `/system` is not one, `//` sends a
+/// message that begins with `/`, and bytes that are not UTF-8 do not end the session.
+#[test]
+fn chat_repl_reads_odd_input_without_ending_the_session() {
+    use std::io::Write as _;
+    use std::process::Stdio;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model, 5);
+    let mut child = rabbit()
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--temperature",
+            "0",
+            "--max-new-tokens",
+            "2",
+            "--model",
+        ])
+        .arg(&model)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "/systemd is an init system").unwrap();
+    stdin.write_all(b"caf\xe9 latin-1\n").unwrap();
+    writeln!(stdin, "//usr/bin is a directory").unwrap();
+    writeln!(stdin, "/exit").unwrap();
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("unknown command `/systemd is an init system`"),
+        "{err}"
+    );
+    assert!(!err.contains("system prompt set"), "{err}");
+    assert_eq!(
+        err.matches("tok/s").count(),
+        2,
+        "both messages were answered: {err}"
+    );
+}

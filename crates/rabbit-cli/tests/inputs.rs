@@ -322,7 +322,10 @@ fn bench_refuses_sizes_that_cannot_fit() {
     let model = tmp.path().join("m");
     tiny_model(&model, 3);
     for (args, needle) in [
-        (&["--batch", "100000000000"][..], "needs a KV cache of"),
+        (
+            &["--batch", "100000000000"][..],
+            "--batch 100000000000 x 48 positions needs",
+        ),
         (&["--prompt-len", "99999999999"][..], "context too long"),
         (&["--repeat", "0"][..], "--repeat >= 1"),
     ] {
@@ -367,4 +370,36 @@ fn a_runaway_chat_template_stops_at_the_context_bound() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no byte count in: {err}"));
     assert!(n < 64 << 20, "{err}");
+}
+
+/// A closed stdout does not cost the files asked for: `--dump-logits` still gets the whole run.
+#[test]
+fn a_closed_stdout_still_writes_the_requested_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model, 3);
+    let dump = tmp.path().join("l.st");
+    let mut child = generate(
+        &model,
+        &[
+            "--prompt",
+            "hello there",
+            "--max-new-tokens",
+            "16",
+            "--dump-logits",
+        ],
+    )
+    .arg(&dump)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    no_panic(&o);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let bytes = std::fs::read(&dump).expect("--dump-logits written");
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rows = st.tensor("logits.0").unwrap().shape()[0];
+    assert!(rows >= 1, "{rows} rows");
 }

@@ -95,8 +95,15 @@ fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
     if context > spec.max_position_embeddings {
         return Err(CoreError::ContextTooLong {
             reason: format!(
-                "--prompt-len {} + --new-tokens {} = {context} > max_position_embeddings {}",
-                cfg.prompt_len, cfg.new_tokens, spec.max_position_embeddings
+                "{} {} + --new-tokens {} = {context} > max_position_embeddings {}",
+                if cfg.prompt_ids.is_some() {
+                    "the longest sequence of --prompt-ids-file,"
+                } else {
+                    "--prompt-len"
+                },
+                cfg.prompt_len,
+                cfg.new_tokens,
+                spec.max_position_embeddings
             ),
         });
     }
@@ -109,6 +116,20 @@ fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
         spec.head_dim,
         elem,
     );
+    // Prompt ids, positions and their i64 copies are built on the host on every device.
+    let host_ids = (cfg.batch as u64)
+        .saturating_mul(context as u64)
+        .saturating_mul(20);
+    if let Some(free) = host_available() {
+        if host_ids > free {
+            return Err(CoreError::InvalidInput(format!(
+                "--batch {} x {context} positions needs {} of host memory for the token ids alone, more than the {} free",
+                cfg.batch,
+                rabbit_split::error::human_bytes(host_ids),
+                rabbit_split::error::human_bytes(free)
+            )));
+        }
+    }
     if engine.device() == tch::Device::Cpu {
         if let Some(free) = host_available() {
             if kv > free {

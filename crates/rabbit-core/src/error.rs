@@ -52,7 +52,8 @@ pub enum CoreError {
     /// token can be chosen.
     #[error(
         "non-finite logits at step {step} of sequence {sequence}: token {token} has logit {value} \
-         (the model's weights or config produce NaN/inf; no token was chosen)"
+         (no token was chosen: the weights or config produce NaN/inf, or the compute dtype \
+         overflows — f16 on a bf16 checkpoint does; try --dtype bf16 or f32)"
     )]
     NonFiniteLogits {
         /// Generation step (0: the logits at the end of the prompt).

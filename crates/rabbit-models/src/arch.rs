@@ -131,6 +131,8 @@ const COMMON_HARMLESS_KEYS: &[&str] = &[
     "exponential_decay_length_penalty",
     "tf_legacy_loss",
     "use_bfloat16",
+    // LLaMA-1-era name of the context length; `max_position_embeddings` is what is used.
+    "max_sequence_length",
 ];
 
 fn unsupported(v: &Variant, reason: impl Into<String>) -> ModelError {
@@ -389,12 +391,7 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
             None
         }
         SlidingPolicy::QwenStyle => match (cfg.use_sliding_window, cfg.sliding_window) {
-            (Some(true), None) => {
-                return Err(unsupported(
-                    v,
-                    "`use_sliding_window` is true but `sliding_window` is null",
-                ))
-            }
+            // transformers: no window size means full attention on every layer.
             (Some(true), w) => w,
             _ => None,
         },
@@ -403,6 +400,9 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
     if window == Some(0) {
         return Err(unsupported(v, "`sliding_window` must be positive, got 0"));
     }
+    // A window longer than any context is no window; clamping keeps the executor's i64 mask
+    // arithmetic from wrapping on absurd values (e.g. 2^63).
+    let window = window.map(|w| w.min(1 << 40));
     if let (SlidingPolicy::AllLayers, Some(types)) = (v.sliding, &cfg.layer_types) {
         // transformers' Mistral ignores `layer_types` and windows every layer when
         // `sliding_window` is set: a disagreeing list would silently mean something else.

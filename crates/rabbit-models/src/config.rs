@@ -32,6 +32,28 @@ impl TokenIds {
     }
 }
 
+/// `bos_token_id`/`pad_token_id` as old checkpoints write them: `-1` (LLaMA-1 era) or a list
+/// containing it means "none". Only ids that can exist are kept.
+fn optional_ids<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Option<TokenIds>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Loose {
+        One(i64),
+        Many(Vec<i64>),
+    }
+    let keep = |i: i64| u32::try_from(i).ok();
+    Ok(match Option::<Loose>::deserialize(d)? {
+        None => None,
+        Some(Loose::One(i)) => keep(i).map(TokenIds::One),
+        Some(Loose::Many(v)) => {
+            let ids: Vec<u32> = v.into_iter().filter_map(keep).collect();
+            (!ids.is_empty()).then_some(TokenIds::Many(ids))
+        }
+    })
+}
+
 /// The fields of `config.json` that decoder-only families of the Llama lineage use.
 ///
 /// Every other key lands in `extra`; [`crate::arch`] decides whether it is harmless or must be
@@ -109,13 +131,21 @@ pub struct HfConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mlp_bias: Option<bool>,
     /// Beginning-of-sequence id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_ids",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub bos_token_id: Option<TokenIds>,
     /// End-of-sequence id(s).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
     /// Padding id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_ids",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pad_token_id: Option<TokenIds>,
     /// Every other key, checked by the architecture.
     #[serde(flatten)]
@@ -187,10 +217,18 @@ pub struct GenerationConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<TokenIds>,
     /// Beginning-of-sequence id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_ids",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub bos_token_id: Option<TokenIds>,
     /// Padding id.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_ids",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub pad_token_id: Option<TokenIds>,
     /// Default sampling switch.
     #[serde(default, skip_serializing_if = "Option::is_none")]

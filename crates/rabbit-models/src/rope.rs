@@ -177,10 +177,11 @@ impl RopeSpec {
             "llama3" => {
                 let low = positive("low_freq_factor", need("low_freq_factor")?)?;
                 let high = positive("high_freq_factor", need("high_freq_factor")?)?;
-                if high <= low {
-                    // The smoothing divides by high - low.
+                if high == low {
+                    // The smoothing divides by high - low (transformers only warns when
+                    // high < low: the smoothing band is then empty, which stays finite).
                     return Err(format!(
-                        "rope `high_freq_factor` ({high}) must be greater than `low_freq_factor` ({low})"
+                        "rope `high_freq_factor` ({high}) must differ from `low_freq_factor` ({low})"
                     ));
                 }
                 RopeScaling::Llama3 {

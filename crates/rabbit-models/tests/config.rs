@@ -236,11 +236,6 @@ fn contradictory_fields_are_refused_naming_both() {
             ["rope_theta", "rope settings"],
         ),
         (
-            "Qwen2ForCausalLM",
-            json!({"use_sliding_window": true, "sliding_window": null}),
-            ["use_sliding_window", "sliding_window"],
-        ),
-        (
             "MistralForCausalLM",
             json!({"sliding_window": 8, "layer_types": ["full_attention", "sliding_attention"]}),
             ["layer_types[0]", "sliding_window"],
@@ -299,6 +294,37 @@ fn consistent_window_settings_resolve_like_transformers() {
     ))
     .unwrap();
     assert_eq!(spec.sliding_windows, vec![Some(8), Some(8)]);
+    // transformers: `use_sliding_window` without a window size is full attention everywhere.
+    let spec = resolve(&with(
+        "Qwen2ForCausalLM",
+        json!({"use_sliding_window": true, "sliding_window": null}),
+    ))
+    .unwrap();
+    assert!(spec.sliding_windows.iter().all(Option::is_none));
+    // Old checkpoints: `pad_token_id: -1` means none; `max_sequence_length` is harmless.
+    let spec = resolve(&with(
+        "LlamaForCausalLM",
+        json!({"pad_token_id": -1, "bos_token_id": 1, "max_sequence_length": 2048}),
+    ))
+    .unwrap();
+    assert_eq!((spec.pad_token_id, spec.bos_token_id), (None, Some(1)));
+    // llama3 rope with high < low: transformers warns and computes (empty smoothing band).
+    resolve(&with(
+        "LlamaForCausalLM",
+        json!({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                "high_freq_factor": 1.0, "original_max_position_embeddings": 64}}),
+    ))
+    .unwrap();
+    // A window longer than any context is no window, kept in range of the executor's i64 masks.
+    let spec = resolve(&with(
+        "MistralForCausalLM",
+        json!({"sliding_window": 9_223_372_036_854_775_808u64}),
+    ))
+    .unwrap();
+    assert!(spec
+        .sliding_windows
+        .iter()
+        .all(|w| w.is_some_and(|w| w <= 1 << 40)));
     let spec = resolve(&with("MistralForCausalLM", json!({"sliding_window": null}))).unwrap();
     assert_eq!(spec.sliding_windows, vec![None, None]);
 }
