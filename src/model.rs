@@ -173,6 +173,15 @@ impl AutoModel {
         progress: &mut dyn FnMut(&LoadEvent),
     ) -> Result<Model> {
         let loc = locate(id_or_path, &opts.hub)?;
+        if loc.hub.is_some() && opts.delete_original {
+            // The HF cache keeps weights as blobs behind snapshot links: deleting the links frees
+            // nothing, and the next load would download and split everything again.
+            return Err(Error::InvalidInput(format!(
+                "--delete-original is not available for hub models ({id_or_path}): the HF cache \
+                 holds their weights as shared blobs; free the space with \
+                 `huggingface-cli delete-cache` once the split exists"
+            )));
+        }
         progress(&LoadEvent::Located(loc.dir.clone()));
         let spec = rabbit_models::load_spec(&loc.dir)?;
         let device = opts.device.resolve()?;

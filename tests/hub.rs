@@ -131,6 +131,30 @@ fn offline_and_missing_is_a_clear_error() {
     assert!(loc.dir.join("config.json").exists());
 }
 
+/// `--delete-original` on a hub model is refused: it would free nothing (blobs stay) and make
+/// the next load download and split everything again.
+#[test]
+fn delete_original_is_refused_for_hub_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    fake_cache(tmp.path());
+    let blobs: Vec<_> = std::fs::read_dir(tmp.path().join("models--acme--tiny/blobs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let mut opts = LoadOptions::default()
+        .device(DeviceSpec::Cpu)
+        .delete_original(true)
+        .split_dir(tmp.path().join("split"));
+    opts.hub = offline(tmp.path());
+    let e = AutoModel::from_pretrained("acme/tiny", opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--delete-original") && e.contains("hub"), "{e}");
+    assert!(blobs.iter().all(|b| b.exists()));
+    assert!(!tmp.path().join("split").exists(), "nothing was split");
+}
+
 /// A stall timeout too short to mean anything is refused, not turned into "no answer for 0 s".
 #[test]
 fn a_zero_stall_timeout_is_refused() {
