@@ -403,3 +403,30 @@ fn a_closed_stdout_still_writes_the_requested_files() {
     let rows = st.tensor("logits.0").unwrap().shape()[0];
     assert!(rows >= 1, "{rows} rows");
 }
+
+/// `--stop` while streaming to a terminal-like stdout prints exactly the text `--json` reports:
+/// cut before the stop string, even when it arrives split across tokens.
+#[test]
+fn streamed_output_is_cut_before_the_stop_string() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model, 3);
+    let args = ["--prompt", "hello there", "--max-new-tokens", "24"];
+    let o = generate(&model, &args).arg("--json").output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let full = last_json_line(&o)["sequences"][0]["text"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() > 12, "{full:?}");
+    // A stop string from the middle of the answer.
+    let stop: String = chars[6..9].iter().collect();
+    let want = &full[..full.find(&stop).unwrap()];
+    let o = generate(&model, &args)
+        .args(["--stop", &stop])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{want}\n"));
+}
