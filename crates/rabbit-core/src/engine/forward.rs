@@ -1,0 +1,171 @@
+//! One sweep over the model: attention masks, the decoder layers (resident or streamed) and the
+//! head.
+
+use std::time::Instant;
+
+use tch::{Kind, Tensor};
+
+use super::{Engine, HeadMatrix, LayerProfile, StepInput};
+use crate::decoder::{layer_forward, rms_norm, AttnContext};
+use crate::error::{CoreError, Result};
+use crate::kv::KvCache;
+use crate::weights::{LayerWeights, UnitTensors};
+
+impl Engine {
+    /// Attention mask `[B, 1, T, S]` (true = attend): causal, left padding excluded (a pad query
+    /// attends to itself so no row is empty), optional sliding window.
+    fn mask(&self, input: &StepInput, t: i64, window: Option<usize>) -> Result<Tensor> {
+        let s = input.slot + t;
+        let opts = (Kind::Int64, self.device);
+        let q = Tensor::f_arange_start(input.slot, s, opts)?.f_view([t, 1])?;
+        let k = Tensor::f_arange_start(0, s, opts)?.f_view([1, s])?;
+        let causal = k.f_le_tensor(&q)?;
+        let diag = k.f_eq_tensor(&q)?;
+        let not_pad = k
+            .f_unsqueeze(0)?
+            .f_ge_tensor(&input.pads.f_view([-1, 1, 1])?)?;
+        let mut allowed = causal
+            .f_unsqueeze(0)?
+            .f_logical_and(&not_pad.f_logical_or(&diag.f_unsqueeze(0)?)?)?;
+        if let Some(w) = window {
+            let inside = q.f_sub(&k)?.f_lt(w as i64)?;
+            allowed = allowed.f_logical_and(&inside.f_unsqueeze(0)?)?;
+        }
+        Ok(allowed.f_unsqueeze(1)?)
+    }
+
+    /// One sweep over the whole model for a batch. Returns float32 logits: `[B, V]` for the last
+    /// position, or `[B, T, V]` for every position when `all_positions`.
+    pub fn forward(
+        &mut self,
+        input: &StepInput,
+        kv: &mut KvCache,
+        all_positions: bool,
+    ) -> Result<Tensor> {
+        let _no_grad = tch::no_grad_guard();
+        let size = input.ids.size();
+        let (b, t) = (size[0], size[1]);
+        let head_start = Instant::now();
+        let mut h = match &self.embed {
+            HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
+            HeadMatrix::Mapped(m, _) => m.embed(&input.ids, self.device, self.kind)?,
+        };
+        let (cos, sin) = self
+            .rope
+            .cos_sin(&input.positions, input.max_position, self.kind)?;
+        let needs_full = input.any_pad || (t > 1 && input.slot > 0);
+        let full_mask = if needs_full {
+            Some(self.mask(input, t, None)?)
+        } else {
+            None
+        };
+        // The window only cuts once a query is `w` or more slots past the first key; before
+        // that a windowed layer needs exactly what a full one does (decoder falls back to it).
+        let window_mask = match self.window {
+            Some(w) if input.slot + t > w as i64 => Some(self.mask(input, t, Some(w))?),
+            _ => None,
+        };
+        let ctx = AttnContext {
+            cos,
+            sin,
+            slot: input.slot,
+            full_mask,
+            window_mask,
+            causal: input.slot == 0 && t > 1,
+        };
+        let _ = b;
+        let mut head_time = head_start.elapsed();
+
+        for i in 0..self.layers.len() {
+            let windowed = self.spec.sliding_windows[i].is_some();
+            if self.profile.layers.len() != self.layers.len() {
+                self.profile.layers = self
+                    .resident
+                    .iter()
+                    .map(|r| LayerProfile {
+                        resident: r.is_some(),
+                        ..Default::default()
+                    })
+                    .collect();
+            }
+            if let Some(w) = &self.resident[i] {
+                let compute = Instant::now();
+                h = layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed)?;
+                let dt = compute.elapsed().as_secs_f64();
+                self.profile.compute_s += dt;
+                self.profile.layers[i].compute_s += dt;
+                if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+                    hook(i + 1, self.layers.len());
+                }
+                continue;
+            }
+            let (Some(reader), Some(slot)) = (self.reader.as_mut(), self.stream_slot[i]) else {
+                return Err(CoreError::Reader(format!(
+                    "layer {i} is neither resident nor streamed"
+                )));
+            };
+            let (unit, wait) = reader.next(slot)?;
+            let n = unit.bytes.as_slice().len() as u64;
+            self.profile.read_wait_s += wait.as_secs_f64();
+            self.profile.read_s += unit.read_time.as_secs_f64();
+            self.profile.bytes_streamed += n;
+            self.profile.layers_streamed += 1;
+            let lp = &mut self.profile.layers[i];
+            lp.read_wait_s += wait.as_secs_f64();
+            lp.read_s += unit.read_time.as_secs_f64();
+            lp.bytes += n;
+            let result = (|| {
+                let stage = Instant::now();
+                let tensors = UnitTensors::from_region_into(
+                    &self.layers[i],
+                    unit.bytes.as_slice(),
+                    self.device,
+                    self.kind,
+                    Some(&mut self.dequant_buffers),
+                )?;
+                let dequant = tensors.dequant_s;
+                let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
+                let staged = stage.elapsed().as_secs_f64() - dequant;
+                self.profile.dequant_s += dequant;
+                self.profile.layers[i].dequant_s += dequant;
+                self.profile.stage_s += staged;
+                self.profile.layers[i].stage_s += staged;
+                let compute = Instant::now();
+                let out = layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed);
+                let dt = compute.elapsed().as_secs_f64();
+                self.profile.compute_s += dt;
+                self.profile.layers[i].compute_s += dt;
+                // The layer is computed: nothing references its weights any more.
+                self.dequant_buffers.reclaim(w.into_tensors());
+                out
+            })();
+            // The weights (which may alias the bytes) are gone; the bytes can be recycled.
+            if let Some(reader) = self.reader.as_ref() {
+                reader.recycle(slot, unit.bytes);
+            }
+            h = result?;
+            if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+                hook(i + 1, self.layers.len());
+            }
+        }
+
+        let head_start = Instant::now();
+        if !all_positions {
+            h = h.f_narrow(1, t - 1, 1)?;
+        }
+        let h = rms_norm(&h, &self.norm, self.spec.rms_norm_eps)?;
+        let logits = match &self.lm_head {
+            HeadMatrix::Resident(w) => h.f_linear::<Tensor>(w, None)?,
+            HeadMatrix::Mapped(m, rows) => m.linear_chunked(&h, *rows, self.device, self.kind)?,
+        }
+        .f_to_kind(Kind::Float)?;
+        let logits = if all_positions {
+            logits
+        } else {
+            logits.f_squeeze_dim(1)?
+        };
+        head_time += head_start.elapsed();
+        self.profile.head_s += head_time.as_secs_f64();
+        Ok(logits)
+    }
+}

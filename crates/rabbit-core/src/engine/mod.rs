@@ -1,0 +1,261 @@
+//! The layer-streaming executor: embedding → decoder layers (streamed from the split, prefetched
+//! by [`LayerReader`]) → final norm → LM head, for a whole batch per sweep.
+//!
+//! This file holds the engine's state and accessors; `open` validates a split and loads what
+//! stays resident, `forward` runs one sweep (masks, layers, head).
+
+mod forward;
+mod open;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rabbit_models::ModelSpec;
+use rabbit_split::manifest::UnitEntry;
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use crate::device::DType;
+use crate::error::Result;
+use crate::head::MappedMatrix;
+use crate::kv::KvCache;
+use crate::plan::{MemoryBudget, Plan};
+use crate::reader::{LayerReader, ReadMode};
+use crate::rope::RopeTables;
+use crate::weights::{DequantBuffers, LayerWeights};
+
+/// How to run a split model.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Compute device.
+    pub device: Device,
+    /// Compute dtype.
+    pub dtype: DType,
+    /// Layers read ahead of the one computing.
+    pub prefetch_depth: usize,
+    /// Read streamed layers with `O_DIRECT` into recycled buffers (bypassing the page cache).
+    pub direct_io: bool,
+    /// Checksum every unit file at open, not only those changed since their last verification
+    /// (see [`rabbit_split::integrity`]).
+    pub verify_split: bool,
+    /// Memory the planner may fill with resident layers.
+    pub budget: MemoryBudget,
+    /// Batch size the KV/activation reservation is planned for.
+    pub plan_batch: usize,
+    /// Context length (prompt + new tokens) the KV/activation reservation is planned for
+    /// (capped at max_position_embeddings).
+    pub plan_context: usize,
+}
+
+impl EngineOptions {
+    /// CPU/f32 defaults: read 2 layers ahead, budget from free memory, planned for batch 1 and a
+    /// 4096-token context.
+    pub fn new(device: Device, dtype: DType) -> EngineOptions {
+        EngineOptions {
+            device,
+            dtype,
+            prefetch_depth: 2,
+            direct_io: false,
+            verify_split: false,
+            budget: MemoryBudget::default(),
+            plan_batch: 1,
+            plan_context: 4096,
+        }
+    }
+}
+
+/// Accumulated time per pipeline stage.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Profile {
+    /// Layers streamed.
+    pub layers_streamed: u64,
+    /// Bytes read from layer files.
+    pub bytes_streamed: u64,
+    /// Time the compute thread waited for a layer to arrive.
+    pub read_wait_s: f64,
+    /// Time the reader spent in read calls (overlaps compute).
+    pub read_s: f64,
+    /// Time turning bytes into device tensors (views, dtype conversion, host→device copy).
+    pub stage_s: f64,
+    /// Time dequantizing compressed layers (part of staging, reported apart).
+    pub dequant_s: f64,
+    /// Time in the decoder layers.
+    pub compute_s: f64,
+    /// Time in embedding, final norm and LM head.
+    pub head_s: f64,
+    /// The same figures per decoder layer.
+    pub layers: Vec<LayerProfile>,
+}
+
+/// Stage times of one decoder layer, summed over sweeps.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LayerProfile {
+    /// Whether the layer is resident (never streamed).
+    pub resident: bool,
+    /// Bytes read for this layer.
+    pub bytes: u64,
+    /// Waiting for the reader.
+    pub read_wait_s: f64,
+    /// Reading (in the reader thread).
+    pub read_s: f64,
+    /// Bytes → device tensors.
+    pub stage_s: f64,
+    /// Dequantization.
+    pub dequant_s: f64,
+    /// Layer compute.
+    pub compute_s: f64,
+}
+
+impl Profile {
+    /// The stage that dominated, by total time: `read` (waiting for I/O), `stage`
+    /// (transfer/conversion), `compute`, or `head`.
+    pub fn bottleneck(&self) -> &'static str {
+        let stages = [
+            ("read", self.read_wait_s),
+            ("stage", self.stage_s),
+            ("dequant", self.dequant_s),
+            ("compute", self.compute_s),
+            ("head", self.head_s),
+        ];
+        stages
+            .iter()
+            .max_by(|a, b| a.1.total_cmp(&b.1))
+            .map(|s| s.0)
+            .unwrap_or("compute")
+    }
+}
+
+/// One forward's inputs: a left-padded batch.
+pub struct StepInput {
+    /// Token ids `[B, T]`.
+    pub ids: Tensor,
+    /// Position of each token `[B, T]` (pads get 0).
+    pub positions: Tensor,
+    /// Largest position in `positions`.
+    pub max_position: i64,
+    /// Left-padding slots per row `[B]`.
+    pub pads: Tensor,
+    /// Whether any row has padding.
+    pub any_pad: bool,
+    /// Cache slot of the first token.
+    pub slot: i64,
+}
+
+/// The embedding or LM head: on the device, or used from the mapped split file (with the LM
+/// head's chunk rows).
+enum HeadMatrix {
+    Resident(Tensor),
+    Mapped(Arc<MappedMatrix>, i64),
+}
+
+/// A model opened for streamed execution.
+pub struct Engine {
+    spec: ModelSpec,
+    split_dir: PathBuf,
+    device: Device,
+    kind: Kind,
+    embed: HeadMatrix,
+    norm: Tensor,
+    lm_head: HeadMatrix,
+    layers: Vec<UnitEntry>,
+    /// Per layer: the weights when the plan keeps it resident.
+    resident: Vec<Option<LayerWeights>>,
+    /// Per layer: its slot in the reader's cycle when streamed.
+    stream_slot: Vec<Option<usize>>,
+    reader: Option<LayerReader>,
+    read_mode: ReadMode,
+    /// Where streamed compressed layers are dequantized on the CPU (reused every layer).
+    dequant_buffers: DequantBuffers,
+    plan: Plan,
+    rope: RopeTables,
+    window: Option<usize>,
+    resident_bytes: u64,
+    staging_bytes: u64,
+    /// Stage timings since the engine opened (or since [`Engine::reset_profile`]).
+    pub profile: Profile,
+    /// Called after each decoder layer of a multi-token sweep (a prefill) with
+    /// `(layers done, layers total)`: for progress bars on long prompts.
+    pub on_prefill_layer: Option<Box<dyn FnMut(usize, usize)>>,
+}
+
+impl Engine {
+    /// The model description.
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    /// Compute device.
+    pub fn device(&self) -> Device {
+        self.device
+    }
+
+    /// Compute dtype.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The split directory in use.
+    pub fn split_dir(&self) -> &Path {
+        &self.split_dir
+    }
+
+    /// Bytes of weights resident on the device (embedding, norm, LM head).
+    pub fn resident_bytes(&self) -> u64 {
+        self.resident_bytes
+    }
+
+    /// Bytes of host staging buffers.
+    pub fn staging_bytes(&self) -> u64 {
+        self.staging_bytes
+    }
+
+    /// Bytes streamed per full sweep (the layers the plan does not keep resident).
+    pub fn bytes_per_sweep(&self) -> u64 {
+        self.plan
+            .streamed_layers
+            .iter()
+            .map(|&i| self.layers[i].data_len)
+            .sum()
+    }
+
+    /// How streamed layers are read.
+    pub fn read_mode(&self) -> ReadMode {
+        self.read_mode
+    }
+
+    /// Where the planner put each part of the model.
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The layer files' entries, in execution order.
+    pub fn layer_units(&self) -> &[UnitEntry] {
+        &self.layers
+    }
+
+    /// Drop each streamed layer from the page cache after use, so every sweep reads from the
+    /// disk as it would for a model larger than RAM (for cold-storage benchmarks).
+    pub fn set_evict_after_use(&mut self, on: bool) {
+        if let Some(r) = self.reader.as_mut() {
+            r.set_evict(on);
+        }
+    }
+
+    /// Clears the stage timings.
+    pub fn reset_profile(&mut self) {
+        self.profile = Profile::default();
+    }
+
+    /// Allocates a KV cache for `batch` rows of `capacity` slots.
+    pub fn new_kv(&self, batch: usize, capacity: usize) -> Result<KvCache> {
+        KvCache::new(
+            self.spec.num_layers,
+            batch as i64,
+            self.spec.num_kv_heads as i64,
+            capacity as i64,
+            self.spec.head_dim as i64,
+            self.kind,
+            self.device,
+        )
+    }
+}

@@ -1,0 +1,241 @@
+//! Opening a split: validation against the spec, the integrity check, the residency plan, the
+//! resident units and the layer reader.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use rabbit_models::{names, ModelSpec};
+use rabbit_split::integrity;
+use rabbit_split::layout::UnitKind;
+use rabbit_split::manifest::{Manifest, UnitEntry};
+use tch::{Device, Kind, Tensor};
+
+use super::{Engine, EngineOptions, HeadMatrix, Profile};
+use crate::error::{CoreError, Result};
+use crate::head::MappedMatrix;
+use crate::kv::KvCache;
+use crate::plan::{make_plan, PlanInputs};
+use crate::reader::{LayerReader, ReadMode};
+use crate::rope::RopeTables;
+use crate::weights::{kind_of, validate_split, DequantBuffers, LayerWeights, UnitTensors};
+
+/// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
+/// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
+fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
+    let path = dir.join(&entry.file);
+    let file = rabbit_split::fsutil::open_regular(&path)?;
+    let mut tensors = std::collections::BTreeMap::new();
+    for t in &entry.tensors {
+        let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
+            file: path.clone(),
+            tensor: t.name.clone(),
+            reason: format!("dtype {} cannot hold weights", t.dtype.name()),
+        })?;
+        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        let host = Tensor::f_empty(shape.as_slice(), (stored, Device::Cpu))?;
+        let numel: i64 = shape.iter().product();
+        if (numel as u64) * (t.dtype.size_bytes() as u64) != t.len {
+            return Err(CoreError::BadTensor {
+                file: path.clone(),
+                tensor: t.name.clone(),
+                reason: format!("{} bytes for shape {:?}", t.len, t.shape),
+            });
+        }
+        // SAFETY: `host` is a fresh contiguous CPU tensor of exactly `t.len` bytes.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, t.len as usize) };
+        file.read_exact_at(dst, entry.data_offset + t.offset)
+            .map_err(|e| CoreError::io(&path, e))?;
+        tensors.insert(t.name.clone(), host.f_to_device(device)?);
+    }
+    UnitTensors::assemble(entry, tensors, kind)
+}
+
+impl Engine {
+    /// Opens a split directory: validates it against the spec, loads the embedding, final norm
+    /// and LM head, and starts the layer reader.
+    pub fn open(split_dir: &Path, spec: ModelSpec, opts: &EngineOptions) -> Result<Engine> {
+        let manifest = Manifest::load(split_dir)?;
+        validate_split(&spec, &manifest, split_dir)?;
+        // Never compute with a damaged split: headers always, checksums of changed files (or of
+        // all with verify_split), before any unit is read.
+        let checksums = if opts.verify_split {
+            integrity::Checksums::All
+        } else {
+            integrity::Checksums::Changed
+        };
+        let report = integrity::check(split_dir, &manifest, checksums).into_result(split_dir)?;
+        if report.files_hashed > 0 {
+            tracing::info!(
+                files = report.files_hashed,
+                bytes = report.bytes_hashed,
+                "split files verified"
+            );
+        }
+        if let Some(e) = &report.record_error {
+            tracing::warn!(
+                "cannot record the verified split files (they will be hashed again): {e}"
+            );
+        }
+        let kind = opts.dtype.kind();
+        let device = opts.device;
+        let unit = |k: UnitKind| {
+            manifest.unit(k).ok_or_else(|| {
+                CoreError::InvalidInput(format!("{}: split has no {k:?} unit", split_dir.display()))
+            })
+        };
+        let embed_entry = unit(UnitKind::Embedding)?;
+        let norm_entry = unit(UnitKind::FinalNorm)?;
+        let lm_head_entry = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(unit(UnitKind::LmHead)?)
+        };
+        let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
+        let elem = opts.dtype.size() as u64;
+        // Bytes a unit takes once on the device in the compute dtype (quantized tensors are kept
+        // dequantized when resident).
+        let compute_bytes = |u: &UnitEntry| -> u64 {
+            let quant_parts: Vec<&str> = u
+                .quantized
+                .iter()
+                .flat_map(|q| [q.codes.as_str(), q.scales.as_str()])
+                .collect();
+            let plain: u64 = u
+                .tensors
+                .iter()
+                .filter(|t| !quant_parts.contains(&t.name.as_str()))
+                .map(|t| t.shape.iter().product::<usize>() as u64 * elem)
+                .sum();
+            let dequantized: u64 = u
+                .quantized
+                .iter()
+                .map(|q| q.shape.iter().product::<usize>() as u64 * elem)
+                .sum();
+            plain + dequantized
+        };
+        let context = opts.plan_context.min(spec.max_position_embeddings).max(1);
+        let batch = opts.plan_batch.max(1);
+        // A compressed embedding/LM head cannot be used from the file row by row: it stays put.
+        let movable = |u: &UnitEntry| {
+            if u.quantized.is_empty() {
+                compute_bytes(u)
+            } else {
+                0
+            }
+        };
+        let inputs = PlanInputs {
+            layer_bytes: layers.iter().map(compute_bytes).collect(),
+            head_bytes: [UnitKind::Embedding, UnitKind::FinalNorm, UnitKind::LmHead]
+                .iter()
+                .filter_map(|k| manifest.unit(*k))
+                .map(compute_bytes)
+                .sum(),
+            embed_bytes: movable(embed_entry),
+            lm_head_bytes: lm_head_entry.map_or(0, movable),
+            tied: spec.tie_word_embeddings,
+            kv_bytes: KvCache::bytes(
+                spec.num_layers,
+                batch,
+                spec.num_kv_heads,
+                context,
+                spec.head_dim,
+                elem as usize,
+            ),
+            activation_bytes: (batch
+                * context
+                * (4 * spec.hidden_size + 2 * spec.intermediate_size))
+                as u64
+                * elem
+                + (batch * spec.vocab_size * 4) as u64,
+            prefetch_depth: opts.prefetch_depth,
+            context,
+        };
+        let plan = make_plan(&inputs, opts.budget)?;
+
+        let norm = read_resident(split_dir, norm_entry, device, kind)?.take(names::FINAL_NORM)?;
+        let mut resident_bytes = norm_entry.data_len;
+        let embed = if plan.embedding_on_host {
+            HeadMatrix::Mapped(MappedMatrix::open(split_dir, embed_entry, names::EMBED)?, 0)
+        } else {
+            resident_bytes += embed_entry.data_len;
+            HeadMatrix::Resident(
+                read_resident(split_dir, embed_entry, device, kind)?.take(names::EMBED)?,
+            )
+        };
+        let chunk_rows =
+            |m: &MappedMatrix, bytes: u64| (bytes / (m.cols() as u64 * elem).max(1)).max(1) as i64;
+        let lm_head = match (lm_head_entry, plan.lm_head_chunk_bytes, &embed) {
+            (None, None, HeadMatrix::Resident(t)) => HeadMatrix::Resident(t.shallow_clone()),
+            (None, Some(c), HeadMatrix::Mapped(m, _)) => {
+                HeadMatrix::Mapped(m.clone(), chunk_rows(m, c))
+            }
+            (Some(e), None, _) => {
+                resident_bytes += e.data_len;
+                HeadMatrix::Resident(
+                    read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?,
+                )
+            }
+            (Some(e), Some(c), _) => {
+                let m = MappedMatrix::open(split_dir, e, names::LM_HEAD)?;
+                let rows = chunk_rows(&m, c);
+                HeadMatrix::Mapped(m, rows)
+            }
+            _ => {
+                return Err(CoreError::InvalidInput(
+                    "a tied embedding and LM head must be placed together".into(),
+                ))
+            }
+        };
+        let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();
+        for &i in &plan.resident_layers {
+            let tensors = read_resident(split_dir, &layers[i], device, kind)?;
+            resident[i] = Some(LayerWeights::from_unit(&spec, i, tensors)?);
+        }
+        let mut stream_slot = vec![None; layers.len()];
+        for (slot, &i) in plan.streamed_layers.iter().enumerate() {
+            stream_slot[i] = Some(slot);
+        }
+        let refs: Vec<&UnitEntry> = plan.streamed_layers.iter().map(|&i| &layers[i]).collect();
+        let depth = opts.prefetch_depth.max(1);
+        // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
+        let mode = ReadMode::for_device(device, opts.direct_io);
+        let reader = if refs.is_empty() {
+            None
+        } else {
+            Some(LayerReader::start(split_dir, &refs, depth, mode)?)
+        };
+        resident_bytes += plan.resident_layer_bytes;
+        let staging_bytes = plan.staging_bytes;
+        let windows: Vec<usize> = spec.sliding_windows.iter().flatten().copied().collect();
+        let window = windows.first().copied();
+        if windows.iter().any(|w| Some(*w) != window) {
+            return Err(CoreError::InvalidInput(
+                "layers with different sliding-window sizes are not supported".into(),
+            ));
+        }
+        let rope = RopeTables::new(&spec.rope, device)?;
+        Ok(Engine {
+            spec,
+            split_dir: split_dir.to_path_buf(),
+            device,
+            kind,
+            embed,
+            norm,
+            lm_head,
+            layers,
+            resident,
+            stream_slot,
+            reader,
+            read_mode: mode,
+            dequant_buffers: DequantBuffers::default(),
+            plan,
+            rope,
+            window,
+            resident_bytes,
+            staging_bytes,
+            profile: Profile::default(),
+            on_prefill_layer: None,
+        })
+    }
+}
