@@ -105,8 +105,8 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     // Before loading: a bad flag should not cost a split or a model load.
     sampling_of(&a).validate()?;
     let (mut model, _) = a.model.load(false)?;
+    // Also refuses a model without a tokenizer (the context bound needs one).
     let tpl = model_template(&model)?;
-    model.require_codec()?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C while answering stops the answer; at the prompt it does the same (nothing to stop),

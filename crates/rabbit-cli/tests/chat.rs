@@ -121,14 +121,10 @@ fn generate_chat_applies_the_template() {
     );
 }
 
-#[test]
-fn chat_repl_commands_and_ctrl_c() {
-    use std::io::Write as _;
+/// `rabbit chat` on `model`, greedy, with every stream piped.
+fn spawn_chat(model: &Path, max_new_tokens: &str) -> std::process::Child {
     use std::process::Stdio;
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("m");
-    tiny_model(&model, 5);
-    let mut child = rabbit()
+    rabbit()
         .args([
             "chat",
             "--device",
@@ -136,15 +132,24 @@ fn chat_repl_commands_and_ctrl_c() {
             "--temperature",
             "0",
             "--max-new-tokens",
-            "100000",
-            "--model",
         ])
-        .arg(&model)
+        .arg(max_new_tokens)
+        .arg("--model")
+        .arg(model)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn chat_repl_commands_and_ctrl_c() {
+    use std::io::Write as _;
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model, 5);
+    let mut child = spawn_chat(&model, "100000");
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "Tell me a long story").unwrap();
     stdin.flush().unwrap();
@@ -205,27 +210,10 @@ fn chat_repl_commands_and_ctrl_c() {
 #[test]
 fn chat_repl_reads_odd_input_without_ending_the_session() {
     use std::io::Write as _;
-    use std::process::Stdio;
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
     tiny_model(&model, 5);
-    let mut child = rabbit()
-        .args([
-            "chat",
-            "--device",
-            "cpu",
-            "--temperature",
-            "0",
-            "--max-new-tokens",
-            "2",
-            "--model",
-        ])
-        .arg(&model)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_chat(&model, "2");
     let mut stdin = child.stdin.take().unwrap();
     writeln!(stdin, "/systemd is an init system").unwrap();
     stdin.write_all(b"caf\xe9 latin-1\n").unwrap();
