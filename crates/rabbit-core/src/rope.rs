@@ -3,6 +3,7 @@
 use rabbit_models::{RopeScaling, RopeSpec};
 use tch::{Device, Kind, Tensor};
 
+use crate::decoder::RopeCosSin;
 use crate::error::Result;
 
 /// Inverse frequencies on the device, refreshed for dynamic NTK as transformers does.
@@ -10,6 +11,8 @@ pub struct RopeTables {
     spec: RopeSpec,
     device: Device,
     inv_freq: Tensor,
+    /// LongRoPE: the frequencies past the original length (`inv_freq` holds the short ones).
+    long_inv_freq: Option<Tensor>,
     scale: f64,
     /// Dynamic NTK: the longest length the current frequencies were computed for.
     cached_len: usize,
@@ -24,13 +27,25 @@ impl RopeTables {
                 max_position_embeddings,
                 ..
             } => max_position_embeddings,
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => original_max_position_embeddings,
             _ => 0,
         };
         let (inv, scale) = spec.inv_freq(original_len.max(1));
+        let long_inv_freq = match spec.scaling {
+            RopeScaling::LongRope { .. } => {
+                let (long, _) = spec.inv_freq(original_len + 1);
+                Some(Tensor::f_from_slice(&long)?.f_to_device(device)?)
+            }
+            _ => None,
+        };
         Ok(RopeTables {
             spec: spec.clone(),
             device,
             inv_freq: Tensor::f_from_slice(&inv)?.f_to_device(device)?,
+            long_inv_freq,
             scale: scale as f64,
             cached_len: original_len,
             original_len,
@@ -55,29 +70,42 @@ impl RopeTables {
         Ok(())
     }
 
-    /// cos/sin `[B, 1, T, D]` in `kind` for `positions` `[B, T]` (int64 on the device).
+    /// cos/sin `[B, 1, T, rotary]` in `kind` for `positions` `[B, T]` (int64 on the device).
     pub fn cos_sin(
         &mut self,
         positions: &Tensor,
         max_position: i64,
         kind: Kind,
-    ) -> Result<(Tensor, Tensor)> {
+    ) -> Result<RopeCosSin> {
         self.refresh(max_position as usize + 1)?;
-        let freqs = positions
-            .f_to_kind(Kind::Float)?
-            .f_unsqueeze(-1)?
-            .f_mul(&self.inv_freq.f_view([1, 1, -1])?)?;
-        let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?;
-        let cos = emb
-            .f_cos()?
-            .f_mul_scalar(self.scale)?
-            .f_to_kind(kind)?
-            .f_unsqueeze(1)?;
-        let sin = emb
-            .f_sin()?
-            .f_mul_scalar(self.scale)?
-            .f_to_kind(kind)?
-            .f_unsqueeze(1)?;
-        Ok((cos, sin))
+        let pos = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
+        let freqs = match &self.long_inv_freq {
+            // LongRoPE picks its factors per sequence on the sequence's own length (transformers
+            // decides per forward; per row, a sequence gets the same in a batch as alone).
+            Some(long) => {
+                let len = positions.f_amax([1i64].as_slice(), true)?.f_add_scalar(1)?;
+                let is_long = len.f_gt(self.original_len as i64)?.f_unsqueeze(-1)?;
+                let inv = long
+                    .f_view([1, 1, -1])?
+                    .f_where_self(&is_long, &self.inv_freq.f_view([1, 1, -1])?)?;
+                pos.f_mul(&inv)?
+            }
+            None => pos.f_mul(&self.inv_freq.f_view([1, 1, -1])?)?,
+        };
+        // Halves layout: (f0..fn, f0..fn); interleaved pairs: (f0, f0, f1, f1, ...).
+        let emb = if self.spec.interleaved {
+            freqs.f_repeat_interleave_self_int(2, Some(-1), None)?
+        } else {
+            Tensor::f_cat(&[&freqs, &freqs], -1)?
+        };
+        let table = |t: Tensor| -> Result<Tensor> {
+            Ok(t.f_mul_scalar(self.scale)?
+                .f_to_kind(kind)?
+                .f_unsqueeze(1)?)
+        };
+        Ok(RopeCosSin {
+            cos: table(emb.f_cos()?)?,
+            sin: table(emb.f_sin()?)?,
+        })
     }
 }

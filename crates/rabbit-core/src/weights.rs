@@ -4,11 +4,12 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use rabbit_models::{names, ModelSpec};
+use rabbit_models::{ModelSpec, Role};
 use rabbit_split::dtype::Dtype;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use tch::{Device, Kind, Tensor};
 
+use crate::decoder::NormWeights;
 use crate::dequant::dequantize_cpu;
 pub use crate::dequant::{dequantize, DequantBuffers};
 use crate::error::{CoreError, Result};
@@ -182,85 +183,83 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn take(u: &mut UnitTensors, prefix: &str, name: &str, bias: bool) -> Result<Linear> {
-        Ok(Linear {
-            weight: u.take(&format!("{prefix}{name}.weight"))?,
-            bias: if bias {
-                Some(u.take(&format!("{prefix}{name}.bias"))?)
-            } else {
-                None
-            },
-        })
-    }
-
     /// `x @ W^T + b`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 }
 
-/// The weights of one decoder layer.
+/// The weights of one decoder layer, by role (the family's inventory says which roles exist).
 pub struct LayerWeights {
-    /// Pre-attention RMSNorm.
-    pub input_norm: Tensor,
-    /// Query projection.
-    pub q: Linear,
-    /// Key projection.
-    pub k: Linear,
-    /// Value projection.
-    pub v: Linear,
-    /// Attention output projection.
-    pub o: Linear,
-    /// Per-head q norm (Qwen3).
-    pub q_norm: Option<Tensor>,
-    /// Per-head k norm (Qwen3).
-    pub k_norm: Option<Tensor>,
-    /// Pre-MLP RMSNorm.
-    pub post_norm: Tensor,
-    /// MLP gate.
-    pub gate: Linear,
-    /// MLP up.
-    pub up: Linear,
-    /// MLP down.
-    pub down: Linear,
+    linears: BTreeMap<Role, Linear>,
+    norms: BTreeMap<Role, NormWeights>,
+    file: String,
 }
 
 impl LayerWeights {
-    /// Picks layer `i`'s tensors out of its unit.
+    /// Picks layer `i`'s tensors out of its unit, as the spec's tensor inventory names them.
     pub fn from_unit(spec: &ModelSpec, i: usize, mut u: UnitTensors) -> Result<LayerWeights> {
-        let p = names::layer_prefix(i);
-        let qk_norm = |u: &mut UnitTensors, n: &str| -> Result<Option<Tensor>> {
-            if spec.qk_norm {
-                Ok(Some(u.take(&format!("{p}{n}"))?))
+        let p = spec.tensors.prefix(i);
+        let mut linears = BTreeMap::new();
+        let mut norms = BTreeMap::new();
+        for param in &spec.tensors.layer {
+            let weight = u.take(&format!("{p}{}.weight", param.name))?;
+            let bias = if param.bias {
+                Some(u.take(&format!("{p}{}.bias", param.name))?)
             } else {
-                Ok(None)
+                None
+            };
+            if param.role.is_norm() {
+                norms.insert(param.role, NormWeights::bind(spec.norm.kind, weight, bias)?);
+            } else {
+                linears.insert(param.role, Linear { weight, bias });
             }
-        };
+        }
         Ok(LayerWeights {
-            input_norm: u.take(&format!("{p}{}", names::INPUT_NORM))?,
-            q: Linear::take(&mut u, &p, names::Q_PROJ, spec.qkv_bias)?,
-            k: Linear::take(&mut u, &p, names::K_PROJ, spec.qkv_bias)?,
-            v: Linear::take(&mut u, &p, names::V_PROJ, spec.qkv_bias)?,
-            o: Linear::take(&mut u, &p, names::O_PROJ, spec.o_bias)?,
-            q_norm: qk_norm(&mut u, names::Q_NORM)?,
-            k_norm: qk_norm(&mut u, names::K_NORM)?,
-            post_norm: u.take(&format!("{p}{}", names::POST_ATTN_NORM))?,
-            gate: Linear::take(&mut u, &p, names::GATE_PROJ, spec.mlp_bias)?,
-            up: Linear::take(&mut u, &p, names::UP_PROJ, spec.mlp_bias)?,
-            down: Linear::take(&mut u, &p, names::DOWN_PROJ, spec.mlp_bias)?,
+            linears,
+            norms,
+            file: u.file.clone(),
         })
+    }
+
+    /// The projection of a role, if the layer has one.
+    pub fn linear(&self, role: Role) -> Option<&Linear> {
+        self.linears.get(&role)
+    }
+
+    /// The norm of a role, if the layer has one.
+    pub fn norm(&self, role: Role) -> Option<&NormWeights> {
+        self.norms.get(&role)
+    }
+
+    fn missing(&self, role: Role) -> CoreError {
+        CoreError::BadTensor {
+            file: self.file.clone().into(),
+            tensor: format!("{role:?}"),
+            reason: "the layer program needs this tensor but the family's inventory has none"
+                .into(),
+        }
+    }
+
+    /// The projection of a role the program cannot do without.
+    pub fn req_linear(&self, role: Role) -> Result<&Linear> {
+        self.linear(role).ok_or_else(|| self.missing(role))
+    }
+
+    /// The norm of a role the program cannot do without.
+    pub fn req_norm(&self, role: Role) -> Result<&NormWeights> {
+        self.norm(role).ok_or_else(|| self.missing(role))
     }
 
     /// Every tensor of the layer (to hand dequantization buffers back).
     pub fn into_tensors(self) -> Vec<Tensor> {
-        let mut out = vec![self.input_norm, self.post_norm];
-        out.extend(self.q_norm);
-        out.extend(self.k_norm);
-        for l in [
-            self.q, self.k, self.v, self.o, self.gate, self.up, self.down,
-        ] {
+        let mut out = Vec::new();
+        for l in self.linears.into_values() {
             out.push(l.weight);
             out.extend(l.bias);
+        }
+        for n in self.norms.into_values() {
+            out.extend(n.into_tensors());
         }
         out
     }

@@ -1,24 +1,17 @@
-//! The [`Architecture`] trait and the shared config resolution. An architecture file
-//! (`qwen2.rs`, `llama.rs`, ...) only fills in a [`Variant`]: what differs from the common
-//! Llama-lineage decoder.
+//! The [`Architecture`] trait and the shared config resolution. A family file (`qwen2.rs`,
+//! `gemma.rs`, ...) says what its model is: a [`Variant`] of the common config resolution
+//! ([`Resolver`]), the keys only it has, its tensor inventory and the blocks it is built from.
 
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, NormKind, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::{ModelError, Result};
 use crate::rope::RopeSpec;
 use crate::spec::{GenerationDefaults, ModelSpec};
-
-/// Whether a projection carries a bias.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Bias {
-    /// Always (Qwen2's q/k/v).
-    Always,
-    /// Never.
-    Never,
-    /// As config.json's `attention_bias` says (default false).
-    AttentionBiasField,
-    /// As config.json's `mlp_bias` says (default false).
-    MlpBiasField,
-}
 
 /// How sliding-window attention is switched on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,25 +21,23 @@ pub enum SlidingPolicy {
     /// Qwen2/Qwen3: only when `use_sliding_window` is true, and only for layers
     /// `>= max_window_layers` (or as `layer_types` says).
     QwenStyle,
-    /// Mistral: whenever `sliding_window` is set, on every layer.
+    /// Mistral, Phi-3: whenever `sliding_window` is set, on every layer.
     AllLayers,
+    /// Gemma: `sliding_window` applies to every layer but each `period`-th (`layer_types` when
+    /// config.json has them; the family may set the period from its own key).
+    Pattern {
+        /// Every `period`-th layer (1-based) is full attention.
+        period: usize,
+    },
 }
 
-/// What one family of the Llama lineage changes in the shared decoder.
+/// What one family changes in the shared config resolution.
 #[derive(Debug, Clone, Copy)]
 pub struct Variant {
     /// `architectures[0]`.
     pub name: &'static str,
     /// config.json `model_type`.
     pub model_type: &'static str,
-    /// Bias on q/k/v.
-    pub qkv_bias: Bias,
-    /// Bias on o_proj.
-    pub o_bias: Bias,
-    /// Bias on the MLP.
-    pub mlp_bias: Bias,
-    /// Per-head q/k RMSNorm before RoPE.
-    pub qk_norm: bool,
     /// head_dim when config.json has none (None: hidden_size / num_attention_heads).
     pub default_head_dim: Option<usize>,
     /// `rope_theta` when config.json has none.
@@ -57,20 +48,49 @@ pub struct Variant {
     pub sliding: SlidingPolicy,
     /// `max_window_layers` default (Qwen-style only).
     pub default_max_window_layers: usize,
+    /// `partial_rotary_factor` when config.json has none; `None`: the family rotates whole
+    /// heads and a factor below 1 is refused.
+    pub partial_rotary: Option<f64>,
+    /// `tie_word_embeddings` when config.json has none.
+    pub tied_by_default: bool,
+    /// Activations `hidden_act` may name (the first is the default).
+    pub activations: &'static [Activation],
     /// config.json keys this family carries that cannot change the numerics of inference.
     pub harmless_keys: &'static [&'static str],
 }
 
-/// A registered model family. Implementations are unit structs in one file each.
+/// A registered model family. Implementations are unit structs in one file per lineage.
 pub trait Architecture: Send + Sync + 'static {
-    /// The family's differences from the shared decoder.
+    /// The family's config resolution settings.
     fn variant(&self) -> &'static Variant;
+
+    /// `architectures[0]` of its checkpoints.
+    fn name(&self) -> &'static str {
+        self.variant().name
+    }
+
+    /// Short key (`gemma2`, ...) for `rabbit synth --arch`.
+    fn key(&self) -> &'static str;
 
     /// Resolves config.json (+ generation_config.json) into a spec, refusing anything that
     /// would silently produce wrong numbers.
-    fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
-        resolve(self.variant(), cfg, gen)
-    }
+    fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec>;
+
+    /// The family-specific part of a synthetic config.json for this shape (what the family's
+    /// real checkpoints carry beyond the common keys).
+    /// `None` when the family is not synthesised (another family writes the same model).
+    fn synth_config(&self, shape: &SynthShape) -> Option<serde_json::Map<String, Value>>;
+}
+
+/// The shape of a synthetic checkpoint, as far as a family's config keys depend on it.
+#[derive(Debug, Clone, Copy)]
+pub struct SynthShape {
+    /// Decoder layers.
+    pub layers: usize,
+    /// Model width.
+    pub hidden: usize,
+    /// Per-head width.
+    pub head_dim: usize,
 }
 
 /// Keys written by transformers for every model that have no effect on inference.
@@ -135,27 +155,125 @@ const COMMON_HARMLESS_KEYS: &[&str] = &[
     "max_sequence_length",
 ];
 
-fn unsupported(v: &Variant, reason: impl Into<String>) -> ModelError {
+/// The error for a config a family cannot run, naming the field.
+pub fn unsupported(v: &Variant, reason: impl Into<String>) -> ModelError {
     ModelError::Unsupported {
         architecture: v.name.to_string(),
         reason: reason.into(),
     }
 }
 
-fn bias(v: &Variant, b: Bias, cfg: &HfConfig) -> bool {
-    let _ = v;
-    match b {
-        Bias::Always => true,
-        Bias::Never => false,
-        Bias::AttentionBiasField => cfg.attention_bias.unwrap_or(false),
-        Bias::MlpBiasField => cfg.mlp_bias.unwrap_or(false),
+/// The shared resolution of a config, parameterised by the family's [`Variant`]. A family first
+/// [`take`](Resolver::take)s the keys only it has, then calls [`base`](Resolver::base), which
+/// refuses every key nobody took and resolves the common ones into a spec with the Llama
+/// lineage's blocks; the family then sets its own blocks and tensors.
+pub struct Resolver<'a> {
+    v: &'static Variant,
+    cfg: &'a HfConfig,
+    gen: Option<&'a GenerationConfig>,
+    extra: BTreeMap<String, Value>,
+    period: Option<usize>,
+    rope_params: Option<Value>,
+}
+
+impl<'a> Resolver<'a> {
+    /// Starts resolving `cfg` for the family `v`.
+    pub fn new(v: &'static Variant, cfg: &'a HfConfig, gen: Option<&'a GenerationConfig>) -> Self {
+        Resolver {
+            v,
+            cfg,
+            gen,
+            extra: cfg.extra.clone(),
+            period: None,
+            rope_params: None,
+        }
+    }
+
+    /// The config being resolved.
+    pub fn cfg(&self) -> &'a HfConfig {
+        self.cfg
+    }
+
+    /// The family.
+    pub fn variant(&self) -> &'static Variant {
+        self.v
+    }
+
+    /// Takes a family-specific key out of the config (`None` when absent or null), parsed as
+    /// `T`; a value of the wrong type is refused by name.
+    pub fn take<T: DeserializeOwned>(&mut self, key: &str) -> Result<Option<T>> {
+        self.take_or(key, None)
+    }
+
+    /// [`take`](Resolver::take), with `default` when the key is absent (an explicit `null`
+    /// still gives `None`: transformers reads it as "off").
+    pub fn take_or<T: DeserializeOwned>(
+        &mut self,
+        key: &str,
+        default: Option<T>,
+    ) -> Result<Option<T>> {
+        match self.extra.remove(key) {
+            None => Ok(default),
+            Some(Value::Null) => Ok(None),
+            Some(v) => serde_json::from_value(v.clone())
+                .map(Some)
+                .map_err(|e| unsupported(self.v, format!("field `{key}` ({v}): {e}"))),
+        }
+    }
+
+    /// Sets the [`SlidingPolicy::Pattern`] period from the family's own key.
+    pub fn set_pattern_period(&mut self, period: usize) -> Result<()> {
+        if period == 0 {
+            return Err(unsupported(
+                self.v,
+                "`sliding_window_pattern` must be positive",
+            ));
+        }
+        self.period = Some(period);
+        Ok(())
+    }
+
+    /// Uses these rope settings instead of the config's `rope_parameters`/`rope_scaling` (for a
+    /// family whose settings are keyed by layer type).
+    pub fn set_rope_params(&mut self, params: Option<Value>) {
+        self.rope_params = params;
+    }
+
+    /// Resolves the common keys; every key not taken by the family and not harmless is refused.
+    pub fn base(self) -> Result<ModelSpec> {
+        resolve(self)
     }
 }
 
-/// The shared resolution of a Llama-lineage config, parameterised by the family's [`Variant`].
-pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
+/// Resolves the rope of a family from explicit settings (`params` as in config.json).
+pub fn rope_from(
+    v: &Variant,
+    cfg: &HfConfig,
+    theta: f64,
+    head_dim: usize,
+    params: Option<&Value>,
+) -> Result<RopeSpec> {
+    RopeSpec::from_config(
+        theta,
+        head_dim,
+        cfg.partial_rotary_factor.or(v.partial_rotary),
+        v.partial_rotary.is_some(),
+        params,
+        cfg.max_position_embeddings,
+    )
+    .map_err(|e| unsupported(v, e))
+}
+
+/// Whether a config.json key is one transformers writes for every model and that cannot change
+/// inference.
+pub fn is_harmless(key: &str) -> bool {
+    COMMON_HARMLESS_KEYS.contains(&key)
+}
+
+fn resolve(r: Resolver<'_>) -> Result<ModelSpec> {
+    let (v, cfg, gen) = (r.v, r.cfg, r.gen);
     // Refuse fields that would change the numerics in a way we do not implement.
-    for key in cfg.extra.keys() {
+    for key in r.extra.keys() {
         if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str()) {
             continue;
         }
@@ -215,32 +333,28 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
             hidden / heads
         }
     };
-    if head_dim % 2 != 0 {
-        return Err(unsupported(
-            v,
-            format!("`head_dim` {head_dim} must be even for RoPE"),
-        ));
-    }
     check_sizes(v, cfg, kv_heads, head_dim)?;
-    match cfg.hidden_act.as_deref() {
-        None | Some("silu") => {}
-        Some(other) => {
-            return Err(unsupported(
-                v,
-                format!("hidden_act `{other}` is not supported (only `silu`)"),
-            ))
-        }
-    }
-    if let Some(p) = cfg.partial_rotary_factor {
-        if p != 1.0 {
-            return Err(unsupported(
-                v,
-                format!("partial_rotary_factor {p} is not supported"),
-            ));
-        }
-    }
+    let activation = match cfg.hidden_act.as_deref() {
+        None => v.activations[0],
+        Some(name) => Activation::from_name(name)
+            .filter(|a| v.activations.contains(a))
+            .ok_or_else(|| {
+                unsupported(
+                    v,
+                    format!(
+                        "hidden_act `{name}` is not supported (supported: {})",
+                        v.activations
+                            .iter()
+                            .map(|a| format!("{a:?}").to_lowercase())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            })?,
+    };
     // Rope: transformers 5 `rope_parameters` or classic `rope_theta` + `rope_scaling`.
     let rope_params = match (&cfg.rope_parameters, &cfg.rope_scaling) {
+        _ if r.rope_params.is_some() => r.rope_params.as_ref(),
         (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
             return Err(unsupported(
                 v,
@@ -263,11 +377,10 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         }
     }
     let theta = cfg.rope_theta.unwrap_or(v.default_rope_theta);
-    let rope = RopeSpec::from_config(theta, head_dim, rope_params, cfg.max_position_embeddings)
-        .map_err(|e| unsupported(v, e))?;
+    let rope = rope_from(v, cfg, theta, head_dim, rope_params)?;
 
     let layers = cfg.num_hidden_layers;
-    let sliding_windows = sliding_windows(v, cfg, layers)?;
+    let sliding_windows = sliding_windows(v, cfg, layers, r.period)?;
 
     let storage_dtype = cfg
         .storage_dtype()
@@ -327,16 +440,26 @@ pub fn resolve(v: &Variant, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> R
         num_heads: heads,
         num_kv_heads: kv_heads,
         head_dim,
-        rms_norm_eps: rms,
+        norm: Norm {
+            kind: NormKind::Rms,
+            eps: rms,
+        },
+        activation,
+        program: LayerProgram::PreNorm,
+        attention: AttentionSpec {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+        },
         rope,
+        local_rope: None,
         max_position_embeddings: cfg.max_position_embeddings,
-        tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(false),
+        tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(v.tied_by_default),
         storage_dtype,
         sliding_windows,
-        qkv_bias: bias(v, v.qkv_bias, cfg),
-        o_bias: bias(v, v.o_bias, cfg),
-        mlp_bias: bias(v, v.mlp_bias, cfg),
-        qk_norm: v.qk_norm,
+        embed_scale: None,
+        final_logit_softcap: None,
+        tensors: TensorLayout::llama_names(vec![]),
+        notes: vec![],
         bos_token_id: gen
             .and_then(|g| first(g.bos_token_id.as_ref()))
             .or(first(cfg.bos_token_id.as_ref())),
@@ -376,7 +499,12 @@ fn check_sizes(v: &Variant, cfg: &HfConfig, kv_heads: usize, head_dim: usize) ->
     Ok(())
 }
 
-fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Option<usize>>> {
+fn sliding_windows(
+    v: &Variant,
+    cfg: &HfConfig,
+    layers: usize,
+    period: Option<usize>,
+) -> Result<Vec<Option<usize>>> {
     let window = match v.sliding {
         SlidingPolicy::Unsupported => {
             if cfg.use_sliding_window == Some(true) || cfg.sliding_window.is_some() {
@@ -395,7 +523,7 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
             (Some(true), w) => w,
             _ => None,
         },
-        SlidingPolicy::AllLayers => cfg.sliding_window,
+        SlidingPolicy::AllLayers | SlidingPolicy::Pattern { .. } => cfg.sliding_window,
     };
     if window == Some(0) {
         return Err(unsupported(v, "`sliding_window` must be positive, got 0"));
@@ -453,6 +581,9 @@ fn sliding_windows(v: &Variant, cfg: &HfConfig, layers: usize) -> Result<Vec<Opt
             (SlidingPolicy::QwenStyle, Some(w)) => {
                 let full = cfg.max_window_layers.unwrap_or(v.default_max_window_layers);
                 (i >= full).then_some(w)
+            }
+            (SlidingPolicy::Pattern { period: p }, Some(w)) => {
+                ((i + 1) % period.unwrap_or(p) != 0).then_some(w)
             }
             (_, w) => w,
         })

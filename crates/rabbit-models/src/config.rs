@@ -170,8 +170,19 @@ impl HfConfig {
     }
 
     /// Parses config.json text; the error string names the offending field.
+    ///
+    /// A multimodal wrapper's config (no `hidden_size` at the top, the language model in
+    /// `text_config`) is read as one flat config: the text model's keys, plus the top level's
+    /// (`architectures` and `model_type` stay the wrapper's; any other key given in both places
+    /// must agree). The family then decides what the remaining vision keys mean.
     pub fn from_json_str(text: &str) -> std::result::Result<HfConfig, String> {
-        parse_json(text)
+        let value: Value = parse_json(text)?;
+        match flatten_text_config(&value)? {
+            Some(flat) => {
+                parse_json(&flat.to_string()).map_err(|e| format!("{e} (in `text_config`)"))
+            }
+            None => parse_json(text),
+        }
     }
 
     /// `architectures[0]`, the registry key.
@@ -190,6 +201,47 @@ impl HfConfig {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// The flat view of a wrapper config whose language model is in `text_config`, or `None` when
+/// the config is flat already.
+fn flatten_text_config(value: &Value) -> std::result::Result<Option<Value>, String> {
+    let Some(top) = value.as_object() else {
+        return Ok(None);
+    };
+    let Some(text) = top.get("text_config").and_then(Value::as_object) else {
+        return Ok(None);
+    };
+    if top.contains_key("hidden_size") {
+        return Ok(None);
+    }
+    let mut flat = text.clone();
+    for (k, v) in top {
+        if k == "text_config" {
+            continue;
+        }
+        let wrapper_key = matches!(
+            k.as_str(),
+            "architectures"
+                | "model_type"
+                | "_name_or_path"
+                | "transformers_version"
+                | "id2label"
+                | "label2id"
+        );
+        match flat.get(k) {
+            Some(inner) if !wrapper_key && !inner.is_null() && !v.is_null() && inner != v => {
+                return Err(format!(
+                    "`{k}` ({v}) contradicts `text_config.{k}` ({inner})"
+                ));
+            }
+            Some(inner) if !wrapper_key && v.is_null() && !inner.is_null() => {}
+            _ => {
+                flat.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    Ok(Some(Value::Object(flat)))
 }
 
 /// Parses JSON into `T`; a value of the wrong type or range is reported with its field path

@@ -2,15 +2,22 @@
 //! tensor names and shapes, split layout, and the few ways a family differs from the shared
 //! Llama-lineage decoder. Pure Rust (no libtorch): the decoder math lives in `rabbit-core`.
 //!
-//! One file per family (`qwen2.rs`, `qwen3.rs`, `llama.rs`, `mistral.rs`) says only what differs.
+//! One file per family says what its model is: the Llama lineage (`lineage.rs` with `qwen2.rs`,
+//! `qwen3.rs`, `llama.rs`, `mistral.rs`), `gemma.rs`, `phi.rs` and `glm.rs`, in the vocabulary of
+//! `blocks.rs`.
 
 pub mod arch;
+pub mod blocks;
 #[cfg(feature = "chat")]
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod gemma;
+pub mod glm;
+pub mod lineage;
 pub mod llama;
 pub mod mistral;
+pub mod phi;
 pub mod qwen2;
 pub mod qwen3;
 pub mod registry;
@@ -22,10 +29,13 @@ pub mod synth;
 pub mod testdata;
 
 pub use arch::{Architecture, Variant};
+pub use blocks::{
+    Activation, AttentionSpec, LayerProgram, Norm, NormKind, Param, Role, TensorLayout,
+};
 #[cfg(feature = "chat")]
 pub use chat::{load_messages, ChatError, ChatTemplate, Message};
 pub use config::{GenerationConfig, HfConfig, TokenIds};
 pub use error::{ModelError, Result};
-pub use registry::{load_spec, lookup, spec_from_config, supported_architectures};
+pub use registry::{families, load_spec, lookup, spec_from_config, supported_architectures};
 pub use rope::{RopeScaling, RopeSpec};
-pub use spec::{names, ModelSpec};
+pub use spec::ModelSpec;

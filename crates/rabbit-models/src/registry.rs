@@ -5,26 +5,31 @@ use std::path::Path;
 use crate::arch::Architecture;
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::{ModelError, Result};
+use crate::gemma::{Gemma2, Gemma3, Gemma3Multimodal};
+use crate::glm::{Glm, Glm4};
+use crate::phi::{Phi, Phi3};
 use crate::spec::ModelSpec;
-use crate::{llama::Llama, mistral::Mistral, qwen2::Qwen2, qwen3::Qwen3};
+use crate::{llama::LLAMA, mistral::MISTRAL, qwen2::QWEN2, qwen3::QWEN3};
 
-/// Implemented families.
-static SUPPORTED: &[(&str, &dyn Architecture)] = &[
-    ("Qwen2ForCausalLM", &Qwen2),
-    ("Qwen3ForCausalLM", &Qwen3),
-    ("LlamaForCausalLM", &Llama),
-    ("MistralForCausalLM", &Mistral),
+/// Implemented families: the one place that says which exist.
+static SUPPORTED: &[&dyn Architecture] = &[
+    &QWEN2,
+    &QWEN3,
+    &LLAMA,
+    &MISTRAL,
+    &Gemma2,
+    &Gemma3,
+    &Gemma3Multimodal,
+    &Phi3,
+    &Phi,
+    &Glm4,
+    &Glm,
 ];
 
 /// Families named by the anchors' documentation that are recognised but not implemented yet:
 /// they get a clear "not yet supported" error rather than being routed to a look-alike.
 pub static NOT_YET_SUPPORTED: &[&str] = &[
     "MixtralForCausalLM",
-    "Gemma2ForCausalLM",
-    "Gemma3ForCausalLM",
-    "Gemma3ForConditionalGeneration",
-    "Phi3ForCausalLM",
-    "Phi4ForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "InternLMForCausalLM",
@@ -39,12 +44,17 @@ pub static NOT_YET_SUPPORTED: &[&str] = &[
 
 /// Names of the implemented architectures.
 pub fn supported_architectures() -> Vec<&'static str> {
-    SUPPORTED.iter().map(|(n, _)| *n).collect()
+    SUPPORTED.iter().map(|a| a.name()).collect()
+}
+
+/// Every implemented family.
+pub fn families() -> &'static [&'static dyn Architecture] {
+    SUPPORTED
 }
 
 /// Finds the implementation for `architectures[0]`.
 pub fn lookup(architecture: &str) -> Result<&'static dyn Architecture> {
-    if let Some((_, a)) = SUPPORTED.iter().find(|(n, _)| *n == architecture) {
+    if let Some(a) = SUPPORTED.iter().find(|a| a.name() == architecture) {
         return Ok(*a);
     }
     let supported = supported_architectures().join(", ");

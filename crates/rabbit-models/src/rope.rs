@@ -37,6 +37,20 @@ pub enum RopeScaling {
         /// Whether the correction range is rounded outwards.
         truncate: bool,
     },
+    /// Phi-3's LongRoPE: per-frequency factors, `short_factor` while a sequence is no longer
+    /// than `original_max_position_embeddings`, `long_factor` past it (decided per sequence on
+    /// its largest position, as transformers decides per forward).
+    #[serde(rename = "longrope")]
+    LongRope {
+        /// Divisors of the inverse frequencies for short sequences.
+        short_factor: Vec<f64>,
+        /// Divisors of the inverse frequencies for long sequences.
+        long_factor: Vec<f64>,
+        /// Pre-training context length: the switch point.
+        original_max_position_embeddings: usize,
+        /// Multiplier of cos/sin.
+        attention_factor: f64,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         /// Scaling factor for low frequencies.
@@ -55,27 +69,69 @@ pub enum RopeScaling {
 pub struct RopeSpec {
     /// RoPE base.
     pub theta: f64,
-    /// Rotary width (the head dimension for the supported families).
+    /// Rotary width: the head dimension, or its first `partial_rotary_factor` part (the rest of
+    /// each head passes through unrotated).
     pub dim: usize,
     /// Scaling variant.
     pub scaling: RopeScaling,
+    /// Rotate interleaved pairs `(x0, x1), (x2, x3), ...` (GLM) instead of the two halves.
+    #[serde(default)]
+    pub interleaved: bool,
 }
 
 impl RopeSpec {
     /// Parses the rope settings from either config layout. `rope_params` is the
     /// `rope_parameters` dict (transformers 5) or the `rope_scaling` dict (classic), whose
-    /// `rope_theta` (if any) overrides `theta`.
+    /// `rope_theta` and `partial_rotary_factor` (if any) override `theta` and `partial`.
+    /// `partial` is config.json's top-level `partial_rotary_factor`, refused unless
+    /// `allow_partial`.
     pub fn from_config(
         theta: f64,
-        dim: usize,
+        head_dim: usize,
+        partial: Option<f64>,
+        allow_partial: bool,
         rope_params: Option<&Value>,
         max_position_embeddings: usize,
     ) -> Result<RopeSpec, String> {
-        let Some(params) = rope_params.filter(|v| !v.is_null()) else {
+        let params = rope_params.filter(|v| !v.is_null());
+        let inner = match params.and_then(|p| p.get("partial_rotary_factor")) {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_f64()
+                    .ok_or_else(|| format!("rope `partial_rotary_factor` is not a number: {v}"))?,
+            ),
+        };
+        let partial = match (inner, partial) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(format!(
+                    "`partial_rotary_factor` ({b}) contradicts the rope settings' ({a})"
+                ))
+            }
+            (a, b) => a.or(b).unwrap_or(1.0),
+        };
+        if !(partial > 0.0 && partial <= 1.0) {
+            return Err(format!(
+                "`partial_rotary_factor` must be in (0, 1], got {partial}"
+            ));
+        }
+        if partial != 1.0 && !allow_partial {
+            return Err(format!(
+                "partial_rotary_factor {partial} is not supported for this architecture"
+            ));
+        }
+        // transformers: int(head_dim * partial_rotary_factor).
+        let dim = (head_dim as f64 * partial) as usize;
+        if dim == 0 || dim % 2 != 0 {
+            return Err(format!(
+                "`partial_rotary_factor` {partial} gives a rotary width of {dim} for head_dim {head_dim} (it must be even and positive)"
+            ));
+        }
+        let Some(params) = params else {
             return RopeSpec {
                 theta,
                 dim,
                 scaling: RopeScaling::Default,
+                interleaved: false,
             }
             .checked(max_position_embeddings);
         };
@@ -116,11 +172,6 @@ impl RopeSpec {
             }
         };
         let factor = || positive("factor", need("factor")?);
-        if let Some(p) = num("partial_rotary_factor")? {
-            if p != 1.0 {
-                return Err(format!("partial_rotary_factor {p} is not supported"));
-            }
-        }
         let original = |default: usize| -> Result<usize, String> {
             match num("original_max_position_embeddings")? {
                 None => Ok(default),
@@ -191,9 +242,46 @@ impl RopeSpec {
                     original_max_position_embeddings: original(max_position_embeddings)?,
                 }
             }
+            "longrope" => {
+                let original = original(max_position_embeddings)?;
+                let list = |key: &str| -> Result<Vec<f64>, String> {
+                    let v = obj
+                        .get(key)
+                        .and_then(Value::as_array)
+                        .ok_or_else(|| format!("rope type `longrope` needs a list `{key}`"))?;
+                    let out: Vec<f64> = v
+                        .iter()
+                        .map(|x| x.as_f64().filter(|f| *f > 0.0 && f.is_finite()))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| format!("rope `{key}` must hold positive numbers"))?;
+                    if out.len() != dim / 2 {
+                        return Err(format!(
+                            "rope `{key}` has {} entries but the rotary width {dim} needs {}",
+                            out.len(),
+                            dim / 2
+                        ));
+                    }
+                    Ok(out)
+                };
+                let factor = match num("factor")? {
+                    Some(f) => positive("factor", f)?,
+                    None => max_position_embeddings as f64 / original as f64,
+                };
+                let attention_factor = match num("attention_factor")? {
+                    Some(a) => positive("attention_factor", a)?,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original as f64).ln()).sqrt(),
+                };
+                RopeScaling::LongRope {
+                    short_factor: list("short_factor")?,
+                    long_factor: list("long_factor")?,
+                    original_max_position_embeddings: original,
+                    attention_factor,
+                }
+            }
             other => {
                 return Err(format!(
-                    "rope type `{other}` is not supported (supported: default, linear, dynamic, yarn, llama3)"
+                    "rope type `{other}` is not supported (supported: default, linear, dynamic, yarn, llama3, longrope)"
                 ))
             }
         };
@@ -201,6 +289,7 @@ impl RopeSpec {
             theta,
             dim,
             scaling,
+            interleaved: false,
         }
         .checked(max_position_embeddings)
     }
@@ -301,6 +390,26 @@ impl RopeSpec {
                     .collect();
                 (inv, *attention_factor as f32)
             }
+            RopeScaling::LongRope {
+                short_factor,
+                long_factor,
+                original_max_position_embeddings,
+                attention_factor,
+            } => {
+                let ext = if seq_len > *original_max_position_embeddings {
+                    long_factor
+                } else {
+                    short_factor
+                };
+                let inv = (0..dim)
+                    .step_by(2)
+                    .zip(ext)
+                    .map(|(i, e)| {
+                        1.0f32 / (*e as f32 * (self.theta as f32).powf(i as f32 / dim as f32))
+                    })
+                    .collect();
+                (inv, *attention_factor as f32)
+            }
             RopeScaling::Llama3 {
                 factor,
                 low_freq_factor,
@@ -343,7 +452,7 @@ mod tests {
 
     #[test]
     fn default_matches_closed_form() {
-        let r = RopeSpec::from_config(10000.0, 8, None, 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 8, None, false, None, 128).unwrap();
         let (inv, scale) = r.inv_freq(1);
         assert_eq!(scale, 1.0);
         let want = [1.0, 0.1, 0.01, 0.001];
@@ -355,7 +464,7 @@ mod tests {
     #[test]
     fn classic_type_key_and_theta_override() {
         let v = json!({"type": "linear", "factor": 2.0, "rope_theta": 100.0});
-        let r = RopeSpec::from_config(10000.0, 4, Some(&v), 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 4, None, false, Some(&v), 128).unwrap();
         assert_eq!(r.theta, 100.0);
         let (inv, _) = r.inv_freq(1);
         assert!((inv[1] - 0.1 / 2.0).abs() < 1e-6);
@@ -365,8 +474,8 @@ mod tests {
     fn llama3_leaves_high_frequencies_and_scales_low_ones() {
         let v = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
-        let r = RopeSpec::from_config(10000.0, 16, Some(&v), 512).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, 512)
+        let r = RopeSpec::from_config(10000.0, 16, None, false, Some(&v), 512).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, false, None, 512)
             .unwrap()
             .inv_freq(1);
         let (inv, _) = r.inv_freq(1);
@@ -380,8 +489,8 @@ mod tests {
     #[test]
     fn dynamic_only_changes_past_the_configured_length() {
         let v = json!({"rope_type": "dynamic", "factor": 2.0});
-        let r = RopeSpec::from_config(10000.0, 8, Some(&v), 100).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, 100)
+        let r = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 100).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, false, None, 100)
             .unwrap()
             .inv_freq(1);
         assert_eq!(r.inv_freq(50).0, plain);
@@ -391,15 +500,44 @@ mod tests {
     #[test]
     fn yarn_attention_factor_default() {
         let v = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32});
-        let r = RopeSpec::from_config(10000.0, 8, Some(&v), 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 128).unwrap();
         let (_, a) = r.inv_freq(1);
         assert!((a as f64 - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-6);
     }
 
     #[test]
+    fn longrope_switches_factors_past_the_original_length() {
+        let v = json!({"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0],
+                       "original_max_position_embeddings": 16});
+        let r = RopeSpec::from_config(10000.0, 4, None, false, Some(&v), 64).unwrap();
+        let (short, a) = r.inv_freq(16);
+        let (long, _) = r.inv_freq(17);
+        assert_eq!(short, vec![1.0, 0.01 / 2.0]);
+        assert!((long[0] - 1.0 / 3.0).abs() < 1e-7 && (long[1] - 0.01 / 4.0).abs() < 1e-9);
+        assert!((a as f64 - (1.0 + 4f64.ln() / 16f64.ln()).sqrt()).abs() < 1e-6);
+        let bad =
+            json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [3.0, 4.0]});
+        let e = RopeSpec::from_config(10000.0, 4, None, false, Some(&bad), 64).unwrap_err();
+        assert!(e.contains("short_factor"), "{e}");
+    }
+
+    #[test]
+    fn partial_rotary_width_and_refusal() {
+        let r = RopeSpec::from_config(10000.0, 16, Some(0.4), true, None, 64).unwrap();
+        assert_eq!(r.dim, 6);
+        let e = RopeSpec::from_config(10000.0, 16, Some(0.5), false, None, 64).unwrap_err();
+        assert!(e.contains("partial_rotary_factor"), "{e}");
+        let e = RopeSpec::from_config(10000.0, 10, Some(0.3), true, None, 64).unwrap_err();
+        assert!(e.contains("rotary width of 3"), "{e}");
+        let v = json!({"partial_rotary_factor": 0.5});
+        let e = RopeSpec::from_config(10000.0, 16, Some(0.25), true, Some(&v), 64).unwrap_err();
+        assert!(e.contains("contradicts"), "{e}");
+    }
+
+    #[test]
     fn unknown_type_is_refused() {
-        let v = json!({"rope_type": "longrope", "factor": 4.0});
-        let e = RopeSpec::from_config(10000.0, 8, Some(&v), 128).unwrap_err();
-        assert!(e.contains("longrope"), "{e}");
+        let v = json!({"rope_type": "su", "factor": 4.0});
+        let e = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 128).unwrap_err();
+        assert!(e.contains("`su`"), "{e}");
     }
 }

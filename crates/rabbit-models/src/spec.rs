@@ -4,44 +4,8 @@
 use rabbit_split::layout::{Layout, UnitKind, UnitSpec};
 use serde::{Deserialize, Serialize};
 
+use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, Role, TensorLayout};
 use crate::rope::RopeSpec;
-
-/// HF tensor names of the Llama-lineage families (Qwen2, Qwen3, Llama, Mistral share them).
-pub mod names {
-    /// Token embedding.
-    pub const EMBED: &str = "model.embed_tokens.weight";
-    /// Final RMSNorm.
-    pub const FINAL_NORM: &str = "model.norm.weight";
-    /// Output projection.
-    pub const LM_HEAD: &str = "lm_head.weight";
-    /// Pre-attention RMSNorm (relative to the layer prefix).
-    pub const INPUT_NORM: &str = "input_layernorm.weight";
-    /// Pre-MLP RMSNorm.
-    pub const POST_ATTN_NORM: &str = "post_attention_layernorm.weight";
-    /// Query projection.
-    pub const Q_PROJ: &str = "self_attn.q_proj";
-    /// Key projection.
-    pub const K_PROJ: &str = "self_attn.k_proj";
-    /// Value projection.
-    pub const V_PROJ: &str = "self_attn.v_proj";
-    /// Output projection of attention.
-    pub const O_PROJ: &str = "self_attn.o_proj";
-    /// Per-head query RMSNorm (Qwen3).
-    pub const Q_NORM: &str = "self_attn.q_norm.weight";
-    /// Per-head key RMSNorm (Qwen3).
-    pub const K_NORM: &str = "self_attn.k_norm.weight";
-    /// MLP gate projection.
-    pub const GATE_PROJ: &str = "mlp.gate_proj";
-    /// MLP up projection.
-    pub const UP_PROJ: &str = "mlp.up_proj";
-    /// MLP down projection.
-    pub const DOWN_PROJ: &str = "mlp.down_proj";
-
-    /// `model.layers.{i}.`
-    pub fn layer_prefix(i: usize) -> String {
-        format!("model.layers.{i}.")
-    }
-}
 
 /// Sampling defaults from generation_config.json (used when the caller does not override).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -78,10 +42,19 @@ pub struct ModelSpec {
     /// Per-head width (explicit in config or the family default; never forced to hidden/heads
     /// when the config gives it).
     pub head_dim: usize,
-    /// RMSNorm epsilon.
-    pub rms_norm_eps: f64,
-    /// Rotary embedding.
+    /// The norm every norm of the model uses.
+    pub norm: Norm,
+    /// MLP activation.
+    pub activation: Activation,
+    /// How a layer wires its blocks.
+    pub program: LayerProgram,
+    /// Attention score scale and soft-capping.
+    pub attention: AttentionSpec,
+    /// Rotary embedding (of every layer, or of the full-attention layers when `local_rope` is
+    /// set).
     pub rope: RopeSpec,
+    /// Rotary embedding of the sliding-window layers when it differs (Gemma 3's local base).
+    pub local_rope: Option<RopeSpec>,
     /// Context limit.
     pub max_position_embeddings: usize,
     /// LM head shares the embedding.
@@ -90,14 +63,16 @@ pub struct ModelSpec {
     pub storage_dtype: Option<String>,
     /// Per layer: `Some(w)` = keys older than `w` positions are masked out.
     pub sliding_windows: Vec<Option<usize>>,
-    /// Bias on q/k/v projections.
-    pub qkv_bias: bool,
-    /// Bias on the attention output projection.
-    pub o_bias: bool,
-    /// Bias on MLP projections.
-    pub mlp_bias: bool,
-    /// Per-head RMSNorm on q and k before RoPE (Qwen3).
-    pub qk_norm: bool,
+    /// Embeddings are multiplied by this, rounded to the compute dtype first (Gemma:
+    /// `sqrt(hidden_size)`).
+    pub embed_scale: Option<f64>,
+    /// `tanh(logits / cap) * cap` on the LM head's output (Gemma 2).
+    pub final_logit_softcap: Option<f64>,
+    /// Every tensor name and shape of the checkpoint.
+    pub tensors: TensorLayout,
+    /// What the user should know about how this checkpoint is run (e.g. parts not used).
+    #[serde(default)]
+    pub notes: Vec<String>,
     /// Beginning-of-sequence id.
     pub bos_token_id: Option<u32>,
     /// Stop ids (generation_config.json wins over config.json).
@@ -119,64 +94,76 @@ impl ModelSpec {
         self.num_kv_heads * self.head_dim
     }
 
+    /// Whether layer `i` uses the sliding-window rope (`local_rope`).
+    pub fn rope_of_layer(&self, i: usize) -> &RopeSpec {
+        match (&self.local_rope, self.sliding_windows.get(i)) {
+            (Some(local), Some(Some(_))) => local,
+            _ => &self.rope,
+        }
+    }
+
+    /// Whether every layer has a parameter of this role (all layers share one inventory).
+    pub fn has(&self, role: Role) -> bool {
+        self.tensors.has(role)
+    }
+
     /// Every tensor a checkpoint of this model holds, with its shape, in execution order
     /// (embedding, layers, final norm, lm_head when untied).
     pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut out = vec![(
-            names::EMBED.to_string(),
-            vec![self.vocab_size, self.hidden_size],
-        )];
+        let t = &self.tensors;
+        let (v, h) = (self.vocab_size, self.hidden_size);
+        let mut out = vec![(t.embed_weight(), vec![v, h])];
         for i in 0..self.num_layers {
             out.extend(self.layer_tensor_shapes(i));
         }
-        out.push((names::FINAL_NORM.to_string(), vec![self.hidden_size]));
+        out.extend(self.final_norm_shapes());
+        out.extend(self.lm_head_shapes());
+        out
+    }
+
+    fn final_norm_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let t = &self.tensors;
+        let mut out = vec![(t.final_norm_weight(), vec![self.hidden_size])];
+        if t.final_norm_bias {
+            out.push((format!("{}.bias", t.final_norm), vec![self.hidden_size]));
+        }
+        out
+    }
+
+    /// The LM head's tensors (none when tied).
+    fn lm_head_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let t = &self.tensors;
+        let mut out = vec![];
         if !self.tie_word_embeddings {
-            out.push((
-                names::LM_HEAD.to_string(),
-                vec![self.vocab_size, self.hidden_size],
-            ));
+            out.push((t.lm_head_weight(), vec![self.vocab_size, self.hidden_size]));
+            if t.lm_head_bias {
+                out.push((format!("{}.bias", t.lm_head), vec![self.vocab_size]));
+            }
         }
         out
     }
 
     /// The tensors of decoder layer `i` with their shapes.
     pub fn layer_tensor_shapes(&self, i: usize) -> Vec<(String, Vec<usize>)> {
-        let p = names::layer_prefix(i);
-        let (h, q, kv, m) = (
-            self.hidden_size,
-            self.q_dim(),
-            self.kv_dim(),
-            self.intermediate_size,
-        );
-        let mut out = vec![(format!("{p}{}", names::INPUT_NORM), vec![h])];
-        let mut linear = |name: &str, rows: usize, cols: usize, bias: bool| {
-            out.push((format!("{p}{name}.weight"), vec![rows, cols]));
-            if bias {
-                out.push((format!("{p}{name}.bias"), vec![rows]));
+        let p = self.tensors.prefix(i);
+        let mut out = vec![];
+        for param in &self.tensors.layer {
+            out.push((format!("{p}{}.weight", param.name), param.shape.clone()));
+            if param.bias {
+                out.push((format!("{p}{}.bias", param.name), vec![param.shape[0]]));
             }
-        };
-        linear(names::Q_PROJ, q, h, self.qkv_bias);
-        linear(names::K_PROJ, kv, h, self.qkv_bias);
-        linear(names::V_PROJ, kv, h, self.qkv_bias);
-        linear(names::O_PROJ, h, q, self.o_bias);
-        linear(names::GATE_PROJ, m, h, self.mlp_bias);
-        linear(names::UP_PROJ, m, h, self.mlp_bias);
-        linear(names::DOWN_PROJ, h, m, self.mlp_bias);
-        if self.qk_norm {
-            out.push((format!("{p}{}", names::Q_NORM), vec![self.head_dim]));
-            out.push((format!("{p}{}", names::K_NORM), vec![self.head_dim]));
         }
-        out.push((format!("{p}{}", names::POST_ATTN_NORM), vec![h]));
         out
     }
 
     /// The split layout: which tensors go into which unit file.
     pub fn layout(&self) -> Layout {
         let names_of = |v: Vec<(String, Vec<usize>)>| v.into_iter().map(|(n, _)| n).collect();
+        let t = &self.tensors;
         let mut units = vec![UnitSpec {
             name: "embed".into(),
             kind: UnitKind::Embedding,
-            required: vec![names::EMBED.into()],
+            required: vec![t.embed_weight()],
             optional: vec![],
         }];
         for i in 0..self.num_layers {
@@ -190,17 +177,17 @@ impl ModelSpec {
         units.push(UnitSpec {
             name: "norm".into(),
             kind: UnitKind::FinalNorm,
-            required: vec![names::FINAL_NORM.into()],
+            required: names_of(self.final_norm_shapes()),
             optional: vec![],
         });
         let mut ignored_suffixes = vec!["rotary_emb.inv_freq".to_string()];
         if self.tie_word_embeddings {
-            ignored_suffixes.push(names::LM_HEAD.into());
+            ignored_suffixes.push(t.lm_head_weight());
         } else {
             units.push(UnitSpec {
                 name: "lm_head".into(),
                 kind: UnitKind::LmHead,
-                required: vec![names::LM_HEAD.into()],
+                required: names_of(self.lm_head_shapes()),
                 optional: vec![],
             });
         }
@@ -209,6 +196,8 @@ impl ModelSpec {
             units,
             tied_lm_head: self.tie_word_embeddings,
             ignored_suffixes,
+            ignored_prefixes: t.ignored_prefixes.clone(),
+            aliases: t.aliases.clone(),
         }
     }
 

@@ -28,6 +28,10 @@ fn presets_resolve_with_the_real_parameter_counts() {
         ("qwen3", "qwen3-1.7b", 1_720_574_976),
         ("llama", "llama3.2-1b", 1_235_814_400),
         ("mistral", "mistral-7b", 7_241_732_096),
+        ("gemma2", "gemma2-2b", 2_614_341_888),
+        ("gemma3", "gemma3-1b", 999_885_952),
+        ("phi3", "phi3-mini", 3_821_079_552),
+        ("phi", "phi-2", 2_779_683_840),
     ];
     let dir = Path::new("/nonexistent/never-written");
     for &(arch, preset, params) in cases {
@@ -47,14 +51,16 @@ fn presets_resolve_with_the_real_parameter_counts() {
 
     let q3 = plan(&opts("qwen3", "qwen3-0.6b", dir)).unwrap();
     assert_eq!(q3.spec.head_dim, 128);
-    assert!(q3.spec.qk_norm && q3.spec.tie_word_embeddings);
+    assert!(q3.spec.has(rabbit_models::Role::QNorm) && q3.spec.tie_word_embeddings);
     assert_eq!(q3.config_json["head_dim"], 128);
     assert_eq!(q3.config_json["max_position_embeddings"], 40960);
     assert_eq!(q3.config_json["sliding_window"], Value::Null);
     assert_eq!(q3.config_json["use_sliding_window"], false);
 
     let q7 = plan(&opts("Qwen2ForCausalLM", "qwen2.5-7b", dir)).unwrap();
-    assert!(!q7.spec.tie_word_embeddings && q7.spec.qkv_bias);
+    assert!(
+        !q7.spec.tie_word_embeddings && q7.spec.tensors.param(rabbit_models::Role::Q).unwrap().bias
+    );
     assert_eq!(q7.spec.vocab_size, 152_064);
     assert_eq!(q7.spec.tensor_shapes().last().unwrap().0, "lm_head.weight");
 
@@ -86,7 +92,12 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
         );
         assert_eq!(p.spec.vocab_size % 64, 0);
         assert!(p.spec.vocab_size >= p.tokenizer_size && p.spec.vocab_size < p.tokenizer_size + 64);
-        assert_eq!(p.spec.tie_word_embeddings, arch != "mistral", "{arch}");
+        let untied = ["mistral", "phi3", "phi", "glm", "glm4"];
+        assert_eq!(
+            p.spec.tie_word_embeddings,
+            !untied.contains(&arch),
+            "{arch}"
+        );
         assert!(presets(arch).unwrap().contains(&"tiny"));
     }
     let mut o = opts("qwen2", "qwen2.5-1.5b", dir);
@@ -124,7 +135,7 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
 
     let all = synth::all_presets();
     assert_eq!(all[0].name, "tiny");
-    assert_eq!(all.len(), 9);
+    assert_eq!(all.len(), 15);
     assert_eq!(
         presets("Qwen3ForCausalLM").unwrap(),
         vec!["tiny", "qwen3-0.6b", "qwen3-1.7b"]

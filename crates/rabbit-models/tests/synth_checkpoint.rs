@@ -101,9 +101,20 @@ fn tiny_single_file_checkpoint_is_complete_and_loads() {
 
         let cfg = read_json(&dir.join("config.json"));
         assert_eq!(cfg["torch_dtype"], "bfloat16");
-        assert_eq!(cfg["hidden_act"], "silu");
+        let act = match arch {
+            "gemma2" | "gemma3" => &cfg["hidden_activation"],
+            _ => &cfg["hidden_act"],
+        };
+        let want = match arch {
+            "gemma2" | "gemma3" => "gelu_pytorch_tanh",
+            "phi" => "gelu_new",
+            _ => "silu",
+        };
+        assert_eq!(act, want, "{arch}");
         assert_eq!(cfg["use_cache"], true);
-        assert!(cfg["rope_scaling"].is_null());
+        if arch != "gemma3" {
+            assert!(cfg["rope_scaling"].is_null(), "{arch}");
+        }
         assert!(cfg.get("transformers_version").is_some());
         assert!(cfg.get("rope_parameters").is_none(), "classic layout only");
         match arch {
@@ -116,7 +127,9 @@ fn tiny_single_file_checkpoint_is_complete_and_loads() {
                 assert!(cfg["sliding_window"].is_null());
                 assert_eq!(cfg["max_window_layers"], 2);
             }
-            _ => assert!(cfg["sliding_window"].is_null()),
+            "gemma2" | "gemma3" => assert!(cfg["sliding_window"].as_u64().unwrap() > 0),
+            "glm" | "glm4" | "phi" => assert!(cfg.get("sliding_window").is_none()),
+            _ => assert!(cfg["sliding_window"].is_null(), "{arch}"),
         }
         if arch == "qwen3" {
             assert_eq!(cfg["head_dim"], 16);

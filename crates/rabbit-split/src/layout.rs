@@ -45,6 +45,15 @@ pub struct Layout {
     /// ending with one of these suffixes, e.g. `rotary_emb.inv_freq`, or the redundant
     /// `lm_head.weight` of a tied model). Any other tensor no unit claims is an error.
     pub ignored_suffixes: Vec<String>,
+    /// Checkpoint tensors under these prefixes are deliberately not split (e.g. the vision tower
+    /// of a multimodal checkpoint whose language model is run).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ignored_prefixes: Vec<String>,
+    /// `(checkpoint prefix, layout prefix)` pairs: a layout tensor `{layout prefix}rest` absent
+    /// from the checkpoint is read from `{checkpoint prefix}rest` (and stored under the layout's
+    /// name), for checkpoints that nest the same model under another prefix.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<(String, String)>,
 }
 
 impl Layout {
@@ -60,6 +69,20 @@ impl Layout {
         self.ignored_suffixes
             .iter()
             .any(|s| !s.is_empty() && tensor.ends_with(s.as_str()))
+            || self
+                .ignored_prefixes
+                .iter()
+                .any(|p| !p.is_empty() && tensor.starts_with(p.as_str()))
+    }
+
+    /// Looks a layout tensor up with `get`: under its own name, else under each alias.
+    pub fn find<T>(&self, name: &str, get: impl Fn(&str) -> Option<T>) -> Option<T> {
+        get(name).or_else(|| {
+            self.aliases.iter().find_map(|(from, to)| {
+                name.strip_prefix(to.as_str())
+                    .and_then(|rest| get(&format!("{from}{rest}")))
+            })
+        })
     }
 
     /// Number of decoder layer units.

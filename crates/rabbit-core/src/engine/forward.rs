@@ -6,7 +6,7 @@ use std::time::Instant;
 use tch::{Kind, Tensor};
 
 use super::{Engine, HeadMatrix, LayerProfile, StepInput};
-use crate::decoder::{layer_forward, rms_norm, AttnContext};
+use crate::decoder::{layer_forward, norm, AttnContext};
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
 use crate::weights::{LayerWeights, UnitTensors};
@@ -50,9 +50,20 @@ impl Engine {
             HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
             HeadMatrix::Mapped(m, _) => m.embed(&input.ids, self.device, self.kind)?,
         };
-        let (cos, sin) = self
+        if let Some(scale) = self.spec.embed_scale {
+            // transformers rounds the multiplier to the compute dtype first (Gemma).
+            let s = Tensor::from(scale)
+                .f_to_kind(self.kind)?
+                .f_to_device(self.device)?;
+            h = h.f_mul(&s)?;
+        }
+        let rope = self
             .rope
             .cos_sin(&input.positions, input.max_position, self.kind)?;
+        let local_rope = match self.local_rope.as_mut() {
+            Some(r) => Some(r.cos_sin(&input.positions, input.max_position, self.kind)?),
+            None => None,
+        };
         let needs_full = input.any_pad || (t > 1 && input.slot > 0);
         let full_mask = if needs_full {
             Some(self.mask(input, t, None)?)
@@ -66,8 +77,8 @@ impl Engine {
             _ => None,
         };
         let ctx = AttnContext {
-            cos,
-            sin,
+            rope,
+            local_rope,
             slot: input.slot,
             full_mask,
             window_mask,
@@ -153,12 +164,22 @@ impl Engine {
         if !all_positions {
             h = h.f_narrow(1, t - 1, 1)?;
         }
-        let h = rms_norm(&h, &self.norm, self.spec.rms_norm_eps)?;
-        let logits = match &self.lm_head {
-            HeadMatrix::Resident(w) => h.f_linear::<Tensor>(w, None)?,
-            HeadMatrix::Mapped(m, rows) => m.linear_chunked(&h, *rows, self.device, self.kind)?,
+        let h = norm(&h, &self.norm, &self.spec.norm)?;
+        let mut logits = match &self.lm_head {
+            HeadMatrix::Resident(w) => h.f_linear(w, self.lm_head_bias.as_ref())?,
+            HeadMatrix::Mapped(m, rows) => {
+                let l = m.linear_chunked(&h, *rows, self.device, self.kind)?;
+                match &self.lm_head_bias {
+                    Some(b) => l.f_add(b)?,
+                    None => l,
+                }
+            }
+        };
+        if let Some(cap) = self.spec.final_logit_softcap {
+            // In the compute dtype, as transformers does (Gemma 2).
+            logits = logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
         }
-        .f_to_kind(Kind::Float)?;
+        let logits = logits.f_to_kind(Kind::Float)?;
         let logits = if all_positions {
             logits
         } else {

@@ -15,6 +15,7 @@ use rabbit_split::manifest::UnitEntry;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
+use crate::decoder::NormWeights;
 use crate::device::DType;
 use crate::error::Result;
 use crate::head::MappedMatrix;
@@ -155,8 +156,9 @@ pub struct Engine {
     device: Device,
     kind: Kind,
     embed: HeadMatrix,
-    norm: Tensor,
+    norm: NormWeights,
     lm_head: HeadMatrix,
+    lm_head_bias: Option<Tensor>,
     layers: Vec<UnitEntry>,
     /// Per layer: the weights when the plan keeps it resident.
     resident: Vec<Option<LayerWeights>>,
@@ -168,6 +170,7 @@ pub struct Engine {
     dequant_buffers: DequantBuffers,
     plan: Plan,
     rope: RopeTables,
+    local_rope: Option<RopeTables>,
     window: Option<usize>,
     resident_bytes: u64,
     staging_bytes: u64,

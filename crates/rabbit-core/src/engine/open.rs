@@ -4,13 +4,14 @@
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use rabbit_models::{names, ModelSpec};
+use rabbit_models::ModelSpec;
 use rabbit_split::integrity;
 use rabbit_split::layout::UnitKind;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use tch::{Device, Kind, Tensor};
 
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
+use crate::decoder::NormWeights;
 use crate::error::{CoreError, Result};
 use crate::head::MappedMatrix;
 use crate::kv::KvCache;
@@ -22,10 +23,21 @@ use crate::weights::{kind_of, validate_split, DequantBuffers, LayerWeights, Unit
 /// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
 /// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
 fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
+    read_resident_only(dir, entry, device, kind, |_| true)
+}
+
+/// [`read_resident`] of the tensors `want` accepts (a mapped LM head's bias without its weight).
+fn read_resident_only(
+    dir: &Path,
+    entry: &UnitEntry,
+    device: Device,
+    kind: Kind,
+    want: impl Fn(&str) -> bool,
+) -> Result<UnitTensors> {
     let path = dir.join(&entry.file);
     let file = rabbit_split::fsutil::open_regular(&path)?;
     let mut tensors = std::collections::BTreeMap::new();
-    for t in &entry.tensors {
+    for t in entry.tensors.iter().filter(|t| want(&t.name)) {
         let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
             file: path.clone(),
             tensor: t.name.clone(),
@@ -153,15 +165,33 @@ impl Engine {
         };
         let plan = make_plan(&inputs, opts.budget)?;
 
-        let norm = read_resident(split_dir, norm_entry, device, kind)?.take(names::FINAL_NORM)?;
+        let names = &spec.tensors;
+        let (embed_name, lm_head_name) = (names.embed_weight(), names.lm_head_weight());
+        let norm = {
+            let mut u = read_resident(split_dir, norm_entry, device, kind)?;
+            let bias = if names.final_norm_bias {
+                Some(u.take(&format!("{}.bias", names.final_norm))?)
+            } else {
+                None
+            };
+            NormWeights::bind(spec.norm.kind, u.take(&names.final_norm_weight())?, bias)?
+        };
         let mut resident_bytes = norm_entry.data_len;
         let embed = if plan.embedding_on_host {
-            HeadMatrix::Mapped(MappedMatrix::open(split_dir, embed_entry, names::EMBED)?, 0)
+            HeadMatrix::Mapped(MappedMatrix::open(split_dir, embed_entry, &embed_name)?, 0)
         } else {
             resident_bytes += embed_entry.data_len;
             HeadMatrix::Resident(
-                read_resident(split_dir, embed_entry, device, kind)?.take(names::EMBED)?,
+                read_resident(split_dir, embed_entry, device, kind)?.take(&embed_name)?,
             )
+        };
+        let lm_head_bias_name = format!("{}.bias", names.lm_head);
+        let lm_head_bias = match lm_head_entry {
+            Some(e) if names.lm_head_bias => Some(
+                read_resident_only(split_dir, e, device, kind, |n| n == lm_head_bias_name)?
+                    .take(&lm_head_bias_name)?,
+            ),
+            _ => None,
         };
         let chunk_rows =
             |m: &MappedMatrix, bytes: u64| (bytes / (m.cols() as u64 * elem).max(1)).max(1) as i64;
@@ -173,11 +203,12 @@ impl Engine {
             (Some(e), None, _) => {
                 resident_bytes += e.data_len;
                 HeadMatrix::Resident(
-                    read_resident(split_dir, e, device, kind)?.take(names::LM_HEAD)?,
+                    read_resident_only(split_dir, e, device, kind, |n| n == lm_head_name)?
+                        .take(&lm_head_name)?,
                 )
             }
             (Some(e), Some(c), _) => {
-                let m = MappedMatrix::open(split_dir, e, names::LM_HEAD)?;
+                let m = MappedMatrix::open(split_dir, e, &lm_head_name)?;
                 let rows = chunk_rows(&m, c);
                 HeadMatrix::Mapped(m, rows)
             }
@@ -215,6 +246,10 @@ impl Engine {
             ));
         }
         let rope = RopeTables::new(&spec.rope, device)?;
+        let local_rope = match &spec.local_rope {
+            Some(r) => Some(RopeTables::new(r, device)?),
+            None => None,
+        };
         Ok(Engine {
             spec,
             split_dir: split_dir.to_path_buf(),
@@ -223,6 +258,7 @@ impl Engine {
             embed,
             norm,
             lm_head,
+            lm_head_bias,
             layers,
             resident,
             stream_slot,
@@ -231,6 +267,7 @@ impl Engine {
             dequant_buffers: DequantBuffers::default(),
             plan,
             rope,
+            local_rope,
             window,
             resident_bytes,
             staging_bytes,

@@ -9,6 +9,7 @@ use super::{
     synthetic_tokenizer, weights, SynthDtype, SynthError, SynthOptions, SynthOverrides,
     SynthTokenizer, TRANSFORMERS_VERSION,
 };
+use crate::arch::SynthShape;
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::ModelError;
 use crate::registry::spec_from_config;
@@ -85,10 +86,6 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
     let kv_heads = o.kv_heads.unwrap_or(p.kv_heads);
     let intermediate = o.intermediate.unwrap_or(p.intermediate);
     let max_position = o.max_position.unwrap_or(p.max_position);
-    let tied = o
-        .tie_word_embeddings
-        .or(p.tied)
-        .unwrap_or(family != Family::Mistral);
     let rope_theta = o.rope_theta.unwrap_or(p.rope_theta);
     if !(rope_theta.is_finite() && rope_theta > 0.0) {
         return Err(SynthError::InvalidOption {
@@ -110,21 +107,26 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
         });
     }
     let divisible = hidden.checked_rem(heads) == Some(0);
-    let head_dim = match (o.head_dim.or(p.head_dim), family) {
-        (Some(d), _) => Some(d),
-        (None, Family::Qwen3) if divisible => Some(hidden / heads),
-        (None, Family::Qwen3) => {
-            return Err(SynthError::InvalidOption {
-                option: "--head-dim",
-                reason: format!(
-                    "qwen3 needs a head_dim: hidden size {hidden} is not divisible by {heads} heads"
-                ),
-            })
-        }
-        // Llama configs carry head_dim (hidden / heads); Qwen2 and Mistral ones do not.
-        (None, Family::Llama) if divisible => Some(hidden / heads),
-        (None, _) => None,
+    let explicit_head_dim = o.head_dim.or(p.head_dim);
+    let head_dim = explicit_head_dim.unwrap_or(hidden / heads.max(1));
+    let shape = SynthShape {
+        layers,
+        hidden,
+        head_dim,
     };
+    let family_keys = family
+        .0
+        .synth_config(&shape)
+        .expect("Family::parse only yields synthesisable families");
+    if explicit_head_dim.is_none() && !divisible && family_keys.contains_key("head_dim") {
+        return Err(SynthError::InvalidOption {
+            option: "--head-dim",
+            reason: format!(
+                "{} needs a head_dim: hidden size {hidden} is not divisible by {heads} heads",
+                family.key()
+            ),
+        });
+    }
 
     let endoftext = tok.endoftext_id();
     let im_end = tok.im_end_id();
@@ -141,51 +143,37 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
     set("initializer_range", json!(0.02));
     set("intermediate_size", json!(intermediate));
     set("max_position_embeddings", json!(max_position));
-    set("model_type", json!(family.key()));
+    set("model_type", json!(family.0.variant().model_type));
     set("num_attention_heads", json!(heads));
     set("num_hidden_layers", json!(layers));
     set("num_key_value_heads", json!(kv_heads));
     set("rms_norm_eps", json!(p.rms_norm_eps));
     set("rope_theta", json!(rope_theta));
-    set(
-        "rope_scaling",
-        match p.llama3_rope {
-            Some(r) => json!({
-                "factor": r.factor,
-                "high_freq_factor": r.high_freq_factor,
-                "low_freq_factor": r.low_freq_factor,
-                "original_max_position_embeddings": r.original_max_position_embeddings,
-                "rope_type": "llama3"
-            }),
-            None => Value::Null,
-        },
-    );
-    set("tie_word_embeddings", json!(tied));
+    set("rope_scaling", Value::Null);
     set("torch_dtype", json!(opts.dtype.torch_name()));
     set("transformers_version", json!(TRANSFORMERS_VERSION));
     set("use_cache", json!(true));
     set("vocab_size", json!(vocab));
-    if let Some(d) = head_dim {
-        set("head_dim", json!(d));
+    if explicit_head_dim.is_some() {
+        set("head_dim", json!(head_dim));
     }
-    match family {
-        Family::Qwen2 | Family::Qwen3 => {
-            set("max_window_layers", json!(layers));
-            set("sliding_window", Value::Null);
-            set("use_sliding_window", json!(false));
-            if family == Family::Qwen3 {
-                set("attention_bias", json!(false));
-            }
-        }
-        Family::Llama => {
-            set("attention_bias", json!(false));
-            set("mlp_bias", json!(false));
-            set("pretraining_tp", json!(1));
-        }
-        Family::Mistral => {
-            set("sliding_window", Value::Null);
+    // The family's own keys, then the real model's differences; `null` removes a key.
+    let preset_keys: serde_json::Map<String, Value> =
+        serde_json::from_str(p.extra).expect("presets hold JSON objects");
+    for (k, v) in family_keys.into_iter().chain(preset_keys) {
+        if v.is_null() {
+            cfg.remove(&k);
+        } else {
+            cfg.insert(k, v);
         }
     }
+    // Asked for, else the preset's, else the family's synthetic default, else transformers'.
+    let tied = o
+        .tie_word_embeddings
+        .or(p.tied)
+        .or(cfg.get("tie_word_embeddings").and_then(Value::as_bool))
+        .unwrap_or(family.0.variant().tied_by_default);
+    cfg.insert("tie_word_embeddings".into(), json!(tied));
     let config_json = Value::Object(cfg);
     let generation_config_json = json!({
         "bos_token_id": endoftext,

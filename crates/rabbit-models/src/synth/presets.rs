@@ -1,49 +1,65 @@
 //! The shapes synth can write: model families and presets (`tiny` plus real models' shapes).
 
+use crate::arch::SynthShape;
+use crate::registry::families;
+use crate::Architecture;
+
 use super::SynthError;
 
-/// The model families synth can write.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(super) enum Family {
-    Qwen2,
-    Qwen3,
-    Llama,
-    Mistral,
+/// A family synth can write: a registered architecture with a synthetic config.
+#[derive(Clone, Copy)]
+pub(super) struct Family(pub(super) &'static dyn Architecture);
+
+impl PartialEq for Family {
+    fn eq(&self, other: &Family) -> bool {
+        self.key() == other.key()
+    }
 }
 
-const FAMILIES: [Family; 4] = [Family::Qwen2, Family::Qwen3, Family::Llama, Family::Mistral];
+impl std::fmt::Debug for Family {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.key())
+    }
+}
 
 impl Family {
     pub(super) fn key(self) -> &'static str {
-        match self {
-            Family::Qwen2 => "qwen2",
-            Family::Qwen3 => "qwen3",
-            Family::Llama => "llama",
-            Family::Mistral => "mistral",
-        }
+        self.0.key()
     }
 
     pub(super) fn architecture(self) -> &'static str {
-        match self {
-            Family::Qwen2 => "Qwen2ForCausalLM",
-            Family::Qwen3 => "Qwen3ForCausalLM",
-            Family::Llama => "LlamaForCausalLM",
-            Family::Mistral => "MistralForCausalLM",
-        }
+        self.0.name()
+    }
+
+    /// The families of the registry that synth writes.
+    fn all() -> Vec<Family> {
+        let shape = SynthShape {
+            layers: 1,
+            hidden: 64,
+            head_dim: 16,
+        };
+        families()
+            .iter()
+            .filter(|a| a.synth_config(&shape).is_some())
+            .map(|a| Family(*a))
+            .collect()
     }
 
     pub(super) fn parse(s: &str) -> Result<Family, SynthError> {
         let l = s.trim().to_ascii_lowercase();
-        FAMILIES
-            .into_iter()
+        let l = match l.as_str() {
+            "qwen2.5" => "qwen2",
+            "phi-2" | "phi2" => "phi",
+            "phi-3" | "phi4" | "phi-4" => "phi3",
+            other => other,
+        };
+        let all = Family::all();
+        all.iter()
+            .copied()
             .find(|f| l == f.key() || l == f.architecture().to_ascii_lowercase())
-            .or(match l.as_str() {
-                "qwen2.5" => Some(Family::Qwen2),
-                _ => None,
-            })
             .ok_or_else(|| SynthError::UnknownArch {
                 arch: s.to_string(),
-                valid: FAMILIES
+                valid: all
                     .iter()
                     .map(|f| format!("{} ({})", f.key(), f.architecture()))
                     .collect::<Vec<_>>()
@@ -52,20 +68,12 @@ impl Family {
     }
 }
 
-/// Llama 3 rope scaling parameters.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Llama3Rope {
-    pub(super) factor: f64,
-    pub(super) low_freq_factor: f64,
-    pub(super) high_freq_factor: f64,
-    pub(super) original_max_position_embeddings: usize,
-}
-
 /// A model shape. `vocab: None` = the synthetic tokenizer's size rounded up to 64.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Preset {
     pub(super) name: &'static str,
-    pub(super) family: Option<Family>,
+    /// Family key (`qwen2`, ...); `None` for `tiny`.
+    pub(super) family: Option<&'static str>,
     pub(super) description: &'static str,
     pub(super) hidden: usize,
     pub(super) layers: usize,
@@ -76,7 +84,9 @@ pub(super) struct Preset {
     pub(super) vocab: Option<usize>,
     pub(super) tied: Option<bool>,
     pub(super) rope_theta: f64,
-    pub(super) llama3_rope: Option<Llama3Rope>,
+    /// config.json keys of the real model that differ from its family's synthetic defaults
+    /// (a JSON object).
+    pub(super) extra: &'static str,
     pub(super) max_position: usize,
     pub(super) rms_norm_eps: f64,
 }
@@ -92,9 +102,9 @@ const TINY: Preset = Preset {
     head_dim: None,
     intermediate: 128,
     vocab: None,
-    tied: None, // tied except for mistral (whose real models are untied)
+    tied: None, // the family's default
     rope_theta: 10_000.0,
-    llama3_rope: None,
+    extra: "{}",
     max_position: 2048,
     rms_norm_eps: 1e-6,
 };
@@ -103,7 +113,7 @@ const TINY: Preset = Preset {
 const REAL_PRESETS: &[Preset] = &[
     Preset {
         name: "qwen2.5-0.5b",
-        family: Some(Family::Qwen2),
+        family: Some("qwen2"),
         description: "Qwen2.5-0.5B shape",
         hidden: 896,
         layers: 24,
@@ -114,13 +124,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(151_936),
         tied: Some(true),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 32_768,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "qwen2.5-1.5b",
-        family: Some(Family::Qwen2),
+        family: Some("qwen2"),
         description: "Qwen2.5-1.5B shape",
         hidden: 1536,
         layers: 28,
@@ -131,13 +141,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(151_936),
         tied: Some(true),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 32_768,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "qwen2.5-3b",
-        family: Some(Family::Qwen2),
+        family: Some("qwen2"),
         description: "Qwen2.5-3B shape",
         hidden: 2048,
         layers: 36,
@@ -148,13 +158,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(151_936),
         tied: Some(true),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 32_768,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "qwen2.5-7b",
-        family: Some(Family::Qwen2),
+        family: Some("qwen2"),
         description: "Qwen2.5-7B shape (untied LM head)",
         hidden: 3584,
         layers: 28,
@@ -165,13 +175,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(152_064),
         tied: Some(false),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 32_768,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "qwen3-0.6b",
-        family: Some(Family::Qwen3),
+        family: Some("qwen3"),
         description: "Qwen3-0.6B shape",
         hidden: 1024,
         layers: 28,
@@ -182,13 +192,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(151_936),
         tied: Some(true),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 40_960,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "qwen3-1.7b",
-        family: Some(Family::Qwen3),
+        family: Some("qwen3"),
         description: "Qwen3-1.7B shape",
         hidden: 2048,
         layers: 28,
@@ -199,13 +209,13 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(151_936),
         tied: Some(true),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 40_960,
         rms_norm_eps: 1e-6,
     },
     Preset {
         name: "llama3.2-1b",
-        family: Some(Family::Llama),
+        family: Some("llama"),
         description: "Llama-3.2-1B shape (llama3 rope scaling)",
         hidden: 2048,
         layers: 16,
@@ -216,18 +226,14 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(128_256),
         tied: Some(true),
         rope_theta: 500_000.0,
-        llama3_rope: Some(Llama3Rope {
-            factor: 32.0,
-            low_freq_factor: 1.0,
-            high_freq_factor: 4.0,
-            original_max_position_embeddings: 8192,
-        }),
+        extra: r#"{"rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                    "original_max_position_embeddings": 8192, "rope_type": "llama3"}}"#,
         max_position: 131_072,
         rms_norm_eps: 1e-5,
     },
     Preset {
         name: "mistral-7b",
-        family: Some(Family::Mistral),
+        family: Some("mistral"),
         description: "Mistral-7B-Instruct-v0.2 shape (rope 1e6, no sliding window, untied)",
         hidden: 4096,
         layers: 32,
@@ -238,9 +244,113 @@ const REAL_PRESETS: &[Preset] = &[
         vocab: Some(32_000),
         tied: Some(false),
         rope_theta: 1_000_000.0,
-        llama3_rope: None,
+        extra: "{}",
         max_position: 32_768,
         rms_norm_eps: 1e-5,
+    },
+    Preset {
+        name: "gemma2-2b",
+        family: Some("gemma2"),
+        description: "Gemma-2-2B shape (soft-capping, window 4096 on alternate layers)",
+        hidden: 2304,
+        layers: 26,
+        heads: 8,
+        kv_heads: 4,
+        head_dim: Some(256),
+        intermediate: 9216,
+        vocab: Some(256_000),
+        tied: Some(true),
+        rope_theta: 10_000.0,
+        extra: "{}",
+        max_position: 8192,
+        rms_norm_eps: 1e-6,
+    },
+    Preset {
+        name: "gemma3-1b",
+        family: Some("gemma3"),
+        description: "Gemma-3-1B shape (5 local layers of window 512 per global one)",
+        hidden: 1152,
+        layers: 26,
+        heads: 4,
+        kv_heads: 1,
+        head_dim: Some(256),
+        intermediate: 6912,
+        vocab: Some(262_144),
+        tied: Some(true),
+        rope_theta: 1_000_000.0,
+        extra: r#"{"sliding_window": 512, "rope_scaling": null}"#,
+        max_position: 32_768,
+        rms_norm_eps: 1e-6,
+    },
+    Preset {
+        name: "phi3-mini",
+        family: Some("phi3"),
+        description: "Phi-3-mini-4k shape (fused qkv and gate_up, window 2047)",
+        hidden: 3072,
+        layers: 32,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: None,
+        intermediate: 8192,
+        vocab: Some(32_064),
+        tied: Some(false),
+        rope_theta: 10_000.0,
+        extra: r#"{"sliding_window": 2047, "original_max_position_embeddings": 4096}"#,
+        max_position: 4096,
+        rms_norm_eps: 1e-5,
+    },
+    Preset {
+        name: "phi-2",
+        family: Some("phi"),
+        description:
+            "Phi-2 shape (parallel attention and MLP, LayerNorm, rotary on 40% of each head)",
+        hidden: 2560,
+        layers: 32,
+        heads: 32,
+        kv_heads: 32,
+        head_dim: None,
+        intermediate: 10_240,
+        vocab: Some(51_200),
+        tied: Some(false),
+        rope_theta: 10_000.0,
+        extra: "{}",
+        max_position: 2048,
+        rms_norm_eps: 1e-5,
+    },
+    Preset {
+        name: "glm4-9b",
+        family: Some("glm4"),
+        description:
+            "GLM-4-9B-0414 shape (sandwich norms, interleaved rotary on half of each head)",
+        hidden: 4096,
+        layers: 40,
+        heads: 32,
+        kv_heads: 2,
+        head_dim: Some(128),
+        intermediate: 13_696,
+        vocab: Some(151_552),
+        tied: Some(false),
+        rope_theta: 10_000.0,
+        extra: "{}",
+        max_position: 32_768,
+        rms_norm_eps: 1e-5,
+    },
+    Preset {
+        name: "glm-4-9b",
+        family: Some("glm"),
+        description: "glm-4-9b-chat-hf shape",
+        hidden: 4096,
+        layers: 40,
+        heads: 32,
+        kv_heads: 2,
+        head_dim: Some(128),
+        intermediate: 13_696,
+        vocab: Some(151_552),
+        tied: Some(false),
+        rope_theta: 10_000.0,
+        extra: "{}",
+        max_position: 131_072,
+        rms_norm_eps: 1.5625e-07,
     },
 ];
 
@@ -261,7 +371,7 @@ pub fn all_presets() -> Vec<PresetInfo> {
         .chain(REAL_PRESETS)
         .map(|p| PresetInfo {
             name: p.name,
-            arch: p.family.map_or("any", Family::key),
+            arch: p.family.unwrap_or("any"),
             description: p.description,
         })
         .collect()
@@ -272,7 +382,7 @@ fn family_presets(f: Family) -> Vec<&'static str> {
         .chain(
             REAL_PRESETS
                 .iter()
-                .filter(|p| p.family == Some(f))
+                .filter(|p| p.family == Some(f.key()))
                 .map(|p| p.name),
         )
         .collect()
@@ -290,10 +400,10 @@ pub(super) fn find_preset(f: Family, name: &str) -> Result<&'static Preset, Synt
         return Ok(&TINY);
     }
     match REAL_PRESETS.iter().find(|p| p.name == l) {
-        Some(p) if p.family == Some(f) => Ok(p),
+        Some(p) if p.family == Some(f.key()) => Ok(p),
         Some(p) => Err(SynthError::PresetOfOtherArch {
             preset: name.to_string(),
-            preset_arch: p.family.map_or("any", Family::key).to_string(),
+            preset_arch: p.family.unwrap_or("any").to_string(),
             arch: f.key().to_string(),
             valid: valid(),
         }),

@@ -23,7 +23,8 @@ use rabbit_split::{Dtype, SplitError};
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::spec::names;
+use crate::blocks::NormKind;
+use crate::spec::ModelSpec;
 
 /// Elements per generated chunk (2 MiB of f32, 1 MiB of bf16).
 pub const CHUNK_ELEMS: usize = 1 << 19;
@@ -111,23 +112,76 @@ pub const NORM_NOISE: f32 = 0.02;
 /// Std of the bias values.
 pub const BIAS_STD: f32 = 0.02;
 
+/// What decides a tensor's distribution: the model width and which names are the embedding,
+/// LM head and final norm.
+#[derive(Debug, Clone)]
+pub struct InitRules {
+    /// Model width.
+    pub hidden: usize,
+    embed: String,
+    lm_head: String,
+    final_norm: String,
+    /// Gemma's norms scale by `1 + w`: their stored weights centre on 0, not 1.
+    norm_offset: f32,
+    /// The model multiplies embeddings by this (Gemma): the embedding is drawn that much
+    /// smaller, and the final norm that much larger, so the residual stream and the tied
+    /// logits keep the scales of the other families (greedy decoding stays varied).
+    embed_scale: f32,
+}
+
+impl InitRules {
+    /// The rules for a model.
+    pub fn for_spec(spec: &ModelSpec) -> InitRules {
+        let t = &spec.tensors;
+        InitRules {
+            hidden: spec.hidden_size,
+            embed: t.embed_weight(),
+            lm_head: t.lm_head_weight(),
+            final_norm: t.final_norm_weight(),
+            norm_offset: if spec.norm.kind == NormKind::RmsOffset {
+                1.0
+            } else {
+                0.0
+            },
+            embed_scale: spec.embed_scale.unwrap_or(1.0) as f32,
+        }
+    }
+
+    /// Llama-lineage names (`model.embed_tokens.weight`, ...) for a width.
+    pub fn llama(hidden: usize) -> InitRules {
+        InitRules {
+            hidden,
+            embed: "model.embed_tokens.weight".into(),
+            lm_head: "lm_head.weight".into(),
+            final_norm: "model.norm.weight".into(),
+            norm_offset: 0.0,
+            embed_scale: 1.0,
+        }
+    }
+
+    fn is_head(&self, name: &str) -> bool {
+        name == self.embed || name == self.lm_head
+    }
+}
+
 /// The distribution of one tensor, from its name and shape.
-pub fn init_for(name: &str, shape: &[usize], hidden: usize) -> Init {
-    if name == names::EMBED || name == names::LM_HEAD {
+pub fn init_for(rules: &InitRules, name: &str, shape: &[usize]) -> Init {
+    if rules.is_head(name) {
         return Init {
             mean: 0.0,
-            std: EMBED_SCALE / (hidden as f32).sqrt(),
+            std: EMBED_SCALE / (rules.hidden as f32).sqrt() / rules.embed_scale,
         };
     }
-    if name == names::FINAL_NORM {
+    if name == rules.final_norm {
+        let mean = FINAL_NORM_MEAN * rules.embed_scale;
         return Init {
-            mean: FINAL_NORM_MEAN,
-            std: NORM_NOISE * FINAL_NORM_MEAN,
+            mean: mean - rules.norm_offset,
+            std: NORM_NOISE * mean,
         };
     }
     if name.ends_with("norm.weight") {
         return Init {
-            mean: 1.0,
+            mean: 1.0 - rules.norm_offset,
             std: NORM_NOISE,
         };
     }
@@ -231,14 +285,16 @@ impl Job {
 }
 
 /// The chunks of a list of tensors, in file order.
-fn jobs(tensors: &[(String, Vec<usize>)], hidden: usize, live_rows: usize) -> Vec<Job> {
+fn jobs(tensors: &[(String, Vec<usize>)], rules: &InitRules, live_rows: usize) -> Vec<Job> {
     let mut out = Vec::new();
     for (name, shape) in tensors {
-        let init = init_for(name, shape, hidden);
+        let init = init_for(rules, name, shape);
         let stream = fnv1a64(name);
         let total: u64 = shape.iter().map(|&d| d as u64).product();
-        let live: u64 = if name == names::EMBED || name == names::LM_HEAD {
-            (live_rows as u64).saturating_mul(hidden as u64).min(total)
+        let live: u64 = if rules.is_head(name) {
+            (live_rows as u64)
+                .saturating_mul(rules.hidden as u64)
+                .min(total)
         } else {
             total
         };
@@ -266,13 +322,13 @@ pub fn tensor_bytes(
     seed: u64,
     name: &str,
     shape: &[usize],
-    hidden: usize,
+    rules: &InitRules,
     live_rows: usize,
     dtype: Dtype,
 ) -> Vec<u8> {
     let mut out = Vec::new();
     let mut buf = Vec::new();
-    for job in jobs(&[(name.to_string(), shape.to_vec())], hidden, live_rows) {
+    for job in jobs(&[(name.to_string(), shape.to_vec())], rules, live_rows) {
         job.run(seed, dtype, &mut buf);
         out.extend_from_slice(&buf);
     }
@@ -350,13 +406,13 @@ pub fn default_threads() -> usize {
 
 /// What every tensor of a checkpoint is generated from.
 #[derive(Debug, Clone, Copy)]
-pub struct WeightGen {
+pub struct WeightGen<'a> {
     /// Storage dtype.
     pub dtype: Dtype,
     /// Random seed.
     pub seed: u64,
-    /// Model width (sets the embedding scale).
-    pub hidden: usize,
+    /// The distributions by tensor name.
+    pub rules: &'a InitRules,
     /// Embedding/LM-head rows that get values; later rows are zero.
     pub live_rows: usize,
 }
@@ -367,14 +423,14 @@ pub struct WeightGen {
 pub fn write_shard(
     dir: &Path,
     plan: &ShardPlan,
-    gen: WeightGen,
+    gen: WeightGen<'_>,
     threads: usize,
     progress: &mut dyn FnMut(u64),
 ) -> Result<WrittenFile, SplitError> {
     let WeightGen {
         dtype,
         seed,
-        hidden,
+        rules,
         live_rows,
     } = gen;
     let headers = plan
@@ -390,7 +446,7 @@ pub fn write_shard(
     metadata.insert("format".to_string(), "pt".to_string());
     let path = dir.join(&plan.file_name);
     let mut w = AlignedWriter::create(&path, headers, metadata, WEIGHT_ALIGNMENT)?;
-    let jobs = jobs(&plan.tensors, hidden, live_rows);
+    let jobs = jobs(&plan.tensors, rules, live_rows);
     let threads = threads.clamp(1, MAX_THREADS).min(jobs.len().max(1));
     if threads == 1 {
         let mut buf = Vec::new();
@@ -538,7 +594,7 @@ mod tests {
                 WeightGen {
                     dtype: Dtype::BF16,
                     seed: 42,
-                    hidden: 64,
+                    rules: &InitRules::llama(64),
                     live_rows: usize::MAX,
                 },
                 threads,
@@ -551,7 +607,14 @@ mod tests {
         assert!(outputs.iter().all(|o| *o == outputs[0]));
         // The embedding's bytes are the whole-tensor generator's, at the start of the data.
         let (name, shape) = &tensors[0];
-        let emb = tensor_bytes(42, name, shape, 64, usize::MAX, Dtype::BF16);
+        let emb = tensor_bytes(
+            42,
+            name,
+            shape,
+            &InitRules::llama(64),
+            usize::MAX,
+            Dtype::BF16,
+        );
         let data_start = outputs[0].len() - plan.data_bytes as usize;
         assert_eq!(&outputs[0][data_start..data_start + emb.len()], &emb[..]);
     }

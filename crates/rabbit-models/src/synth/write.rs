@@ -134,7 +134,7 @@ pub fn synthesize(
 
     let total = plan.weight_bytes;
     let mut done = 0u64;
-    let hidden = plan.spec.hidden_size;
+    let rules = weights::InitRules::for_spec(&plan.spec);
     let threads = weights::default_threads();
     let mut weight_map = BTreeMap::new();
     for shard in &plan.shards {
@@ -144,7 +144,7 @@ pub fn synthesize(
             weights::WeightGen {
                 dtype: plan.dtype.safetensors(),
                 seed: plan.seed,
-                hidden,
+                rules: &rules,
                 live_rows: plan.tokenizer_size,
             },
             threads,

@@ -8,7 +8,10 @@ use std::path::Path;
 
 use rabbit_models::synth::{synthesize, SynthOptions, SynthReport};
 
-pub const ARCHES: [&str; 4] = ["qwen2", "qwen3", "llama", "mistral"];
+/// Every family synth writes.
+pub const ARCHES: [&str; 10] = [
+    "qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3", "phi3", "phi", "glm4", "glm",
+];
 
 pub fn opts(arch: &str, preset: &str, dir: &Path) -> SynthOptions {
     SynthOptions::new(arch, preset, dir)

@@ -80,26 +80,35 @@ pub(super) fn plan_units<'a>(
     let mut claimed: HashSet<&str> = HashSet::new();
     let mut plans = Vec::with_capacity(layout.units.len());
     for spec in &layout.units {
-        let mut locs: Vec<&TensorLoc> =
+        // (name in the split, where it is in the checkpoint): an aliased checkpoint name is
+        // stored under the layout's name, so everything after the split sees one naming.
+        let mut locs: Vec<(&str, &TensorLoc)> =
             Vec::with_capacity(spec.required.len() + spec.optional.len());
         for name in &spec.required {
-            let loc = ckpt.tensor(name).ok_or_else(|| SplitError::MissingTensor {
-                unit: spec.name.clone(),
-                tensor: name.clone(),
-            })?;
-            locs.push(loc);
+            let loc =
+                layout
+                    .find(name, |n| ckpt.tensor(n))
+                    .ok_or_else(|| SplitError::MissingTensor {
+                        unit: spec.name.clone(),
+                        tensor: name.clone(),
+                    })?;
+            locs.push((name, loc));
         }
-        locs.extend(spec.optional.iter().filter_map(|n| ckpt.tensor(n)));
-        claimed.extend(locs.iter().map(|l| l.name.as_str()));
+        locs.extend(
+            spec.optional
+                .iter()
+                .filter_map(|n| layout.find(n, |n| ckpt.tensor(n)).map(|l| (n.as_str(), l))),
+        );
+        claimed.extend(locs.iter().map(|(_, l)| l.name.as_str()));
         let mut pieces = Vec::with_capacity(locs.len());
         let mut quantized = Vec::new();
-        for loc in locs {
+        for (name, loc) in locs {
             let Some(scheme) = opts.compression_for(spec.kind, loc) else {
                 pieces.push(Piece {
                     loc,
                     source: Source::Copy,
                     out: TensorHeader {
-                        name: loc.name.clone(),
+                        name: name.to_string(),
                         dtype: loc.dtype,
                         shape: loc.shape.clone(),
                     },
@@ -108,13 +117,13 @@ pub(super) fn plan_units<'a>(
             };
             let numel = loc.shape.iter().product::<usize>();
             let q = QuantizedEntry {
-                name: loc.name.clone(),
+                name: name.to_string(),
                 scheme,
                 block_size: QUANT_BLOCK,
                 shape: loc.shape.clone(),
                 dtype: loc.dtype,
-                codes: format!("{}.q", loc.name),
-                scales: format!("{}.scale", loc.name),
+                codes: format!("{name}.q"),
+                scales: format!("{name}.scale"),
             };
             pieces.push(Piece {
                 loc,

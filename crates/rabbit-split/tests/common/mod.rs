@@ -254,6 +254,8 @@ pub fn layout(spec: &Spec) -> Layout {
         units,
         tied_lm_head: spec.tied,
         ignored_suffixes: ignored,
+        ignored_prefixes: vec![],
+        aliases: vec![],
     }
 }
 

@@ -1,0 +1,148 @@
+//! A decoder layer, composed from the shared [`blocks`]: the family's
+//! [`LayerProgram`](rabbit_models::LayerProgram) says how the attention and MLP blocks and their
+//! norms are wired; the weights arrive per call, because they are streamed.
+
+pub mod blocks;
+
+use rabbit_models::{LayerProgram, ModelSpec, Role};
+use tch::Tensor;
+
+use crate::error::Result;
+use crate::kv::LayerKv;
+use crate::weights::LayerWeights;
+pub use blocks::{norm, NormWeights};
+
+/// RoPE cosines and sines of one forward, `[B, 1, T, rotary]` in the compute dtype.
+pub struct RopeCosSin {
+    /// Cosines.
+    pub cos: Tensor,
+    /// Sines.
+    pub sin: Tensor,
+}
+
+/// Per-forward attention inputs shared by all layers.
+pub struct AttnContext {
+    /// RoPE of the full-attention layers (of every layer without a local rope).
+    pub rope: RopeCosSin,
+    /// RoPE of the sliding-window layers when the model has a separate one (Gemma 3).
+    pub local_rope: Option<RopeCosSin>,
+    /// Cache slot where this forward's first token goes.
+    pub slot: i64,
+    /// Boolean mask `[B, 1, T, S]` (true = attend) for full-attention layers, when the plain
+    /// causal rule is not enough (padding, past KV with T > 1).
+    pub full_mask: Option<Tensor>,
+    /// Mask for sliding-window layers once the window cuts (padding excluded too); `None` while
+    /// the window is longer than the keys, when windowed layers use `full_mask`.
+    pub window_mask: Option<Tensor>,
+    /// Use SDPA's built-in causal mask (only valid with no past KV: it aligns top-left).
+    pub causal: bool,
+}
+
+/// The attention block: projections (fused or not), q/k norms, rotary, the KV cache write, and
+/// attention over the cached keys. Returns `[B, T, hidden]` after the output projection.
+fn self_attention(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    kv: &mut LayerKv,
+    ctx: &AttnContext,
+    windowed: bool,
+) -> Result<Tensor> {
+    let (b, t) = (x.size()[0], x.size()[1]);
+    let (h, kvh, d) = (
+        spec.num_heads as i64,
+        spec.num_kv_heads as i64,
+        spec.head_dim as i64,
+    );
+    let (q, k, v) = match w.linear(Role::Qkv) {
+        // One GEMM; the output splits into q, k and v.
+        Some(qkv) => {
+            let y = qkv.forward(x)?;
+            let parts = y.f_split_with_sizes([h * d, kvh * d, kvh * d], -1)?;
+            let [q, k, v]: [Tensor; 3] = parts.try_into().expect("three sizes, three parts");
+            (q, k, v)
+        }
+        None => (
+            w.req_linear(Role::Q)?.forward(x)?,
+            w.req_linear(Role::K)?.forward(x)?,
+            w.req_linear(Role::V)?.forward(x)?,
+        ),
+    };
+    let mut q = q.f_view([b, t, h, d])?;
+    let mut k = k.f_view([b, t, kvh, d])?;
+    let v = v.f_view([b, t, kvh, d])?.f_transpose(1, 2)?;
+    if let (Some(qn), Some(kn)) = (w.norm(Role::QNorm), w.norm(Role::KNorm)) {
+        q = norm(&q, qn, &spec.norm)?;
+        k = norm(&k, kn, &spec.norm)?;
+    }
+    let r = match (&ctx.local_rope, windowed) {
+        (Some(local), true) => local,
+        _ => &ctx.rope,
+    };
+    let interleaved = spec.rope.interleaved;
+    let q = blocks::rope(&q.f_transpose(1, 2)?, &r.cos, &r.sin, interleaved)?;
+    let k = blocks::rope(&k.f_transpose(1, 2)?, &r.cos, &r.sin, interleaved)?;
+
+    kv.write(ctx.slot, &k, &v)?;
+    let (keys, values) = kv.view(ctx.slot + t)?;
+    // A window that does not cut yet leaves a windowed layer with the full layer's needs
+    // (padding, past KV): falling back keeps padded rows out of its attention.
+    let mask = match (windowed, &ctx.window_mask) {
+        (true, Some(m)) => Some(m),
+        _ => ctx.full_mask.as_ref(),
+    };
+    let causal = ctx.causal && mask.is_none();
+    let attn = blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?;
+    let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, h * d])?;
+    w.req_linear(Role::O)?.forward(&attn)
+}
+
+/// The MLP block: gated (`down(act(gate) * up)`, gate and up fused or not) or plain
+/// (`down(act(up))`).
+fn mlp(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
+    let act = |t: &Tensor| blocks::activate(t, spec.activation);
+    let hidden = if let Some(gu) = w.linear(Role::GateUp) {
+        let y = gu.forward(x)?;
+        let halves = y.f_chunk(2, -1)?;
+        act(&halves[0])?.f_mul(&halves[1])?
+    } else if let Some(gate) = w.linear(Role::Gate) {
+        act(&gate.forward(x)?)?.f_mul(&w.req_linear(Role::Up)?.forward(x)?)?
+    } else {
+        act(&w.req_linear(Role::Up)?.forward(x)?)?
+    };
+    w.req_linear(Role::Down)?.forward(&hidden)
+}
+
+/// One decoder layer as the family's program wires it. Writes this forward's K/V into `kv` at
+/// `ctx.slot`.
+pub fn layer_forward(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    kv: &mut LayerKv,
+    ctx: &AttnContext,
+    windowed: bool,
+) -> Result<Tensor> {
+    let n = |t: &Tensor, role: Role| -> Result<Tensor> { norm(t, w.req_norm(role)?, &spec.norm) };
+    match spec.program {
+        LayerProgram::PreNorm => {
+            let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
+            let h = x.f_add(&a)?;
+            let m = mlp(spec, w, &n(&h, Role::MlpNorm)?)?;
+            Ok(h.f_add(&m)?)
+        }
+        LayerProgram::Sandwich => {
+            let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
+            let h = x.f_add(&n(&a, Role::AttnPostNorm)?)?;
+            let m = mlp(spec, w, &n(&h, Role::MlpNorm)?)?;
+            Ok(h.f_add(&n(&m, Role::MlpPostNorm)?)?)
+        }
+        LayerProgram::Parallel => {
+            let normed = n(x, Role::AttnNorm)?;
+            let a = self_attention(spec, w, &normed, kv, ctx, windowed)?;
+            let m = mlp(spec, w, &normed)?;
+            // transformers' Phi: (attn + mlp) + residual.
+            Ok(a.f_add(&m)?.f_add(x)?)
+        }
+    }
+}

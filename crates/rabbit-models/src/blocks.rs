@@ -1,0 +1,237 @@
+//! The vocabulary a family uses to say what its decoder is made of: the norm, the activation, the
+//! layer program (how the blocks are wired), and the role of every tensor of a layer. The
+//! executor (rabbit-core) has one implementation of each; a family only picks.
+
+use serde::{Deserialize, Serialize};
+
+/// How hidden states are normalised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NormKind {
+    /// RMSNorm, transformers' Llama form: normalise in f32, cast to the compute dtype, then
+    /// multiply by the weight.
+    Rms,
+    /// RMSNorm, Gemma's form: normalise in f32 and multiply by `1 + weight` in f32, then cast.
+    /// (The `+1` is applied when the weights are bound, in f32, so bf16 weights lose nothing.)
+    RmsOffset,
+    /// LayerNorm with weight and bias (Phi-2).
+    Layer,
+}
+
+/// A norm and its epsilon.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Norm {
+    /// The formula.
+    pub kind: NormKind,
+    /// Epsilon (`rms_norm_eps` or `layer_norm_eps`).
+    pub eps: f64,
+}
+
+/// The MLP activation, as config.json names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// `silu` (`swish`).
+    Silu,
+    /// The tanh approximation of GELU as one kernel (`gelu_pytorch_tanh`).
+    GeluTanh,
+    /// The same approximation written out as transformers' `NewGELUActivation` (`gelu_new`).
+    GeluNew,
+    /// Exact GELU (`gelu`).
+    Gelu,
+}
+
+impl Activation {
+    /// Parses a config.json activation name.
+    pub fn from_name(name: &str) -> Option<Activation> {
+        match name {
+            "silu" | "swish" => Some(Activation::Silu),
+            "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
+            "gelu_new" => Some(Activation::GeluNew),
+            "gelu" => Some(Activation::Gelu),
+            _ => None,
+        }
+    }
+}
+
+/// How a decoder layer wires its blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LayerProgram {
+    /// Llama lineage: `h = x + attn(n1(x))`, `out = h + mlp(n2(h))`.
+    PreNorm,
+    /// Gemma 2/3 and GLM-4: norms before and after each block,
+    /// `h = x + n2(attn(n1(x)))`, `out = h + n4(mlp(n3(h)))`.
+    Sandwich,
+    /// Phi-2: one norm, attention and MLP side by side, `out = x + attn(n(x)) + mlp(n(x))`.
+    Parallel,
+}
+
+/// What a tensor of a decoder layer is for. Norm roles hold a gain (and a bias for LayerNorm);
+/// projection roles hold a `[out, in]` weight (and optionally a bias).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Norm before attention.
+    AttnNorm,
+    /// Norm after attention, before the residual add (sandwich programs).
+    AttnPostNorm,
+    /// Norm before the MLP.
+    MlpNorm,
+    /// Norm after the MLP, before the residual add (sandwich programs).
+    MlpPostNorm,
+    /// Query projection.
+    Q,
+    /// Key projection.
+    K,
+    /// Value projection.
+    V,
+    /// Fused `[q; k; v]` projection (one GEMM, output split).
+    Qkv,
+    /// Attention output projection.
+    O,
+    /// Per-head query norm before RoPE.
+    QNorm,
+    /// Per-head key norm before RoPE.
+    KNorm,
+    /// MLP gate projection.
+    Gate,
+    /// MLP up projection (the only input projection of an ungated MLP).
+    Up,
+    /// Fused `[gate; up]` projection (one GEMM, output halves: gate first).
+    GateUp,
+    /// MLP down projection.
+    Down,
+}
+
+impl Role {
+    /// Whether the role is a norm.
+    pub fn is_norm(self) -> bool {
+        matches!(
+            self,
+            Role::AttnNorm
+                | Role::AttnPostNorm
+                | Role::MlpNorm
+                | Role::MlpPostNorm
+                | Role::QNorm
+                | Role::KNorm
+        )
+    }
+}
+
+/// One parameter group of a decoder layer: `{prefix}{name}.weight` (and `.bias`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Param {
+    /// What it is for.
+    pub role: Role,
+    /// Name relative to the layer prefix, without `.weight` (e.g. `self_attn.qkv_proj`).
+    pub name: String,
+    /// Shape of the weight.
+    pub shape: Vec<usize>,
+    /// Whether a `.bias` of `shape[0]` elements goes with it.
+    pub bias: bool,
+}
+
+impl Param {
+    /// A `[rows, cols]` projection.
+    pub fn linear(role: Role, name: &str, rows: usize, cols: usize, bias: bool) -> Param {
+        Param {
+            role,
+            name: name.to_string(),
+            shape: vec![rows, cols],
+            bias,
+        }
+    }
+
+    /// A norm over `width` elements.
+    pub fn norm(role: Role, name: &str, width: usize, bias: bool) -> Param {
+        Param {
+            role,
+            name: name.to_string(),
+            shape: vec![width],
+            bias,
+        }
+    }
+}
+
+/// The names of every tensor of a model: the family's whole inventory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TensorLayout {
+    /// Token embedding (without `.weight`), e.g. `model.embed_tokens`.
+    pub embed: String,
+    /// Final norm, e.g. `model.norm`.
+    pub final_norm: String,
+    /// Whether the final norm has a bias (LayerNorm).
+    pub final_norm_bias: bool,
+    /// Output projection, e.g. `lm_head`.
+    pub lm_head: String,
+    /// Whether the output projection has a bias (Phi-2).
+    pub lm_head_bias: bool,
+    /// Prefix of decoder layer `i` is `{layer_prefix}{i}.`.
+    pub layer_prefix: String,
+    /// The parameters of every decoder layer, in checkpoint order.
+    pub layer: Vec<Param>,
+    /// Checkpoint name prefixes read as another prefix (`(from, to)`): checkpoints that wrap the
+    /// language model (Gemma 3 multimodal) use the same split and executor.
+    pub aliases: Vec<(String, String)>,
+    /// Checkpoint tensors under these prefixes are deliberately not used (a vision tower).
+    pub ignored_prefixes: Vec<String>,
+}
+
+impl TensorLayout {
+    /// The usual Llama-lineage names (`model.embed_tokens`, `model.layers.N.`, `model.norm`,
+    /// `lm_head`), with the given layer parameters.
+    pub fn llama_names(layer: Vec<Param>) -> TensorLayout {
+        TensorLayout {
+            embed: "model.embed_tokens".into(),
+            final_norm: "model.norm".into(),
+            final_norm_bias: false,
+            lm_head: "lm_head".into(),
+            lm_head_bias: false,
+            layer_prefix: "model.layers.".into(),
+            layer,
+            aliases: vec![],
+            ignored_prefixes: vec![],
+        }
+    }
+
+    /// `{layer_prefix}{i}.`
+    pub fn prefix(&self, i: usize) -> String {
+        format!("{}{i}.", self.layer_prefix)
+    }
+
+    /// The parameter of a role, if the layer has one.
+    pub fn param(&self, role: Role) -> Option<&Param> {
+        self.layer.iter().find(|p| p.role == role)
+    }
+
+    /// Whether the layer has a parameter of this role.
+    pub fn has(&self, role: Role) -> bool {
+        self.param(role).is_some()
+    }
+
+    /// Full name of the embedding weight.
+    pub fn embed_weight(&self) -> String {
+        format!("{}.weight", self.embed)
+    }
+
+    /// Full name of the final norm weight.
+    pub fn final_norm_weight(&self) -> String {
+        format!("{}.weight", self.final_norm)
+    }
+
+    /// Full name of the LM head weight.
+    pub fn lm_head_weight(&self) -> String {
+        format!("{}.weight", self.lm_head)
+    }
+}
+
+/// How attention scores are formed.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AttentionSpec {
+    /// Multiplier of `q·k` (`1/sqrt(head_dim)`, or Gemma's `query_pre_attn_scalar^-0.5`).
+    pub scale: f64,
+    /// `tanh(s / cap) * cap` on the scores (Gemma 2), which SDPA cannot do: such layers take
+    /// the explicit attention path.
+    pub softcap: Option<f64>,
+}
