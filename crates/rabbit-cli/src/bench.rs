@@ -191,6 +191,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
 /// Arguments of `rabbit info`.
 #[derive(Args)]
 pub struct InfoArgs {
+    /// Without `--model` (main.rs makes it optional here): the supported model families.
     #[command(flatten)]
     model: ModelArgs,
     /// Print one JSON object as the last line of stdout.
@@ -198,8 +199,59 @@ pub struct InfoArgs {
     json: bool,
 }
 
+/// `rabbit info` without a model: what it can run.
+fn families(json_out: bool) -> Result<()> {
+    let all = rabbit_models::families();
+    let presets = rabbit_models::synth::all_presets();
+    if json_out {
+        let list: Vec<_> = all
+            .iter()
+            .map(|f| {
+                json!({
+                    "architecture": f.name(),
+                    "model_type": f.variant().model_type,
+                    "synth_arch": f.can_synth().then(|| f.key()),
+                    "presets": presets.iter().filter(|p| p.arch == f.key() || p.arch == "any")
+                        .map(|p| p.name).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        outln!("{}", json!({ "families": list }))?;
+        return Ok(());
+    }
+    outln!("supported model families (config.json `architectures`):")?;
+    for f in all {
+        let shapes: Vec<&str> = presets
+            .iter()
+            .filter(|p| p.arch == f.key())
+            .map(|p| p.name)
+            .collect();
+        let synth = if !f.can_synth() {
+            "(not synthesised: another family writes the same model)".to_string()
+        } else if shapes.is_empty() {
+            format!("synth --arch {}", f.key())
+        } else {
+            format!(
+                "synth --arch {} (presets: tiny, {})",
+                f.key(),
+                shapes.join(", ")
+            )
+        };
+        outln!(
+            "  {:<32} model_type {:<12} {synth}",
+            f.name(),
+            f.variant().model_type,
+        )?;
+    }
+    outln!("run `rabbit info --model DIR|REPO` for one model")?;
+    Ok(())
+}
+
 /// Runs `rabbit info`.
 pub fn info(a: InfoArgs) -> Result<()> {
+    if a.model.model.is_empty() {
+        return families(a.json);
+    }
     let (model, _) = a.model.load(true)?;
     let e = &model.engine;
     let spec = e.spec();

@@ -31,7 +31,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure decode/prefill speed, memory and the distance to the I/O and compute floor.
     Bench(bench::BenchArgs),
-    /// Show a model's shape, the residency plan and the I/O floor on this machine.
+    /// Show a model's shape, the residency plan and the I/O floor on this machine; without
+    /// --model, the supported model families.
     Info(bench::InfoArgs),
     /// Interactive multi-turn chat with the model's chat template.
     Chat(chat::ChatArgs),
@@ -50,6 +51,15 @@ fn parse_cli() -> Cli {
     for name in names {
         cmd = cmd.mut_subcommand(name, |s| s.allow_negative_numbers(true));
     }
+    // `rabbit info` alone lists the supported families: there, `--model` may be left out.
+    cmd = cmd.mut_subcommand("info", |s| {
+        s.mut_arg("model", |a| {
+            a.required(false)
+                .default_value("")
+                .hide_default_value(true)
+                .help("Model directory (HF checkpoint) or hub repo id; without it, the supported model families")
+        })
+    });
     let matches = cmd.get_matches();
     Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
 }

@@ -343,3 +343,62 @@ fn prompt_generates_text_with_the_synthetic_tokenizer() {
     // The split was made next to the checkpoint on first use, and is reused the second time.
     assert!(model.join("rabbit-split/manifest.json").exists());
 }
+
+/// Every family synth writes generates text through `rabbit generate`, and `rabbit info` without a
+/// model lists every family.
+#[test]
+fn every_family_generates_from_its_synthetic_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let o = run(rabbit().args(["info", "--json"]));
+    assert_ok(&o);
+    let listed = last_json_line(&o);
+    let families = listed["families"].as_array().unwrap();
+    let synth_archs: Vec<&str> = families
+        .iter()
+        .filter_map(|f| f["synth_arch"].as_str())
+        .collect();
+    for arch in [
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Gemma3ForConditionalGeneration",
+        "Phi3ForCausalLM",
+        "PhiForCausalLM",
+        "Glm4ForCausalLM",
+        "GlmForCausalLM",
+        "Qwen2ForCausalLM",
+        "LlamaForCausalLM",
+    ] {
+        assert!(
+            families.iter().any(|f| f["architecture"] == arch),
+            "{arch} not listed: {listed}"
+        );
+    }
+    for arch in synth_archs {
+        let model = tmp.path().join(arch);
+        synth(&model, &["--arch", arch, "--preset", "tiny"]);
+        let o = run(rabbit()
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-new-tokens",
+                "8",
+                "--prompt",
+                "The quick brown fox",
+            ])
+            .arg("--model")
+            .arg(&model));
+        assert_ok(&o);
+        let v = last_json_line(&o);
+        let s = &v["sequences"][0];
+        assert_eq!(s["output_ids"].as_array().unwrap().len(), 8, "{arch}: {v}");
+        assert!(
+            !s["text"].as_str().unwrap().trim().is_empty(),
+            "{arch}: empty text"
+        );
+    }
+    let o = run(rabbit().args(["info"]));
+    assert_ok(&o);
+    assert!(stdout(&o).contains("Gemma2ForCausalLM"), "{}", stdout(&o));
+}

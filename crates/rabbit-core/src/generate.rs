@@ -12,6 +12,7 @@ use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
 use crate::sampling::{Sampler, SamplingParams};
 use crate::stats::median;
+use rabbit_models::RopeScaling;
 
 /// What to generate.
 #[derive(Debug, Clone, Default)]
@@ -241,6 +242,13 @@ impl Engine {
 
         let capacity = max_len + req.max_new_tokens;
         let spec = self.spec();
+        let longrope_switch = match &spec.rope.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => Some(*original_max_position_embeddings),
+            _ => None,
+        };
         let elem = tch_kind_size(self.kind());
         let kv_cache_bytes = KvCache::bytes(
             spec.num_layers,
@@ -375,8 +383,42 @@ impl Engine {
                 pads_t = pads_t.f_index_select(0, &keep_t)?;
             }
 
-            // Decode: the last token of every live sequence, one sweep.
+            // LongRoPE: a sequence reaching its pre-training length switches to the long
+            // factors, and transformers (Phi-3) then recomputes the whole sequence rather than
+            // keep keys rotated with the short ones. Do the same: one sweep over every live
+            // sequence's whole history from slot 0 (the others recompute to what they cached).
             let a = live.len() as i64;
+            let crossing = longrope_switch.is_some_and(|o| {
+                live.iter()
+                    .any(|l| l.prompt_len <= o && l.prompt_len + l.out.len() - 1 == o)
+            });
+            if crossing {
+                let width = max_len + step;
+                let mut ids = Vec::with_capacity(live.len() * width);
+                let mut positions = Vec::with_capacity(live.len() * width);
+                for l in &live {
+                    let pad = width - l.history.len();
+                    ids.extend(std::iter::repeat_n(0i64, pad));
+                    ids.extend(l.history.iter().map(|&t| t as i64));
+                    positions.extend(std::iter::repeat_n(0i64, pad));
+                    positions.extend(0..l.history.len() as i64);
+                }
+                let w = width as i64;
+                let input = StepInput {
+                    ids: int_tensor(&ids, &[a, w], device)?,
+                    positions: int_tensor(&positions, &[a, w], device)?,
+                    max_position: w - 1,
+                    pads: pads_t.shallow_clone(),
+                    any_pad: any_pad && live.iter().any(|l| l.prompt_len < max_len),
+                    slot: 0,
+                };
+                let t = Instant::now();
+                logits = self.forward(&input, &mut kv, false)?;
+                step_times.push(t.elapsed().as_secs_f64());
+                continue;
+            }
+
+            // Decode: the last token of every live sequence, one sweep.
             let last: Vec<i64> = live
                 .iter()
                 .map(|l| *l.history.last().unwrap_or(&0) as i64)

@@ -80,6 +80,22 @@ pub trait Architecture: Send + Sync + 'static {
     /// real checkpoints carry beyond the common keys).
     /// `None` when the family is not synthesised (another family writes the same model).
     fn synth_config(&self, shape: &SynthShape) -> Option<serde_json::Map<String, Value>>;
+
+    /// For a wrapper whose config.json nests the language model in `text_config`: the defaults
+    /// of that text config's class in transformers (hub configs leave most keys out).
+    fn text_config_defaults(&self) -> Option<Value> {
+        None
+    }
+
+    /// Whether `rabbit synth --arch {key}` writes this family.
+    fn can_synth(&self) -> bool {
+        let shape = SynthShape {
+            layers: 1,
+            hidden: 64,
+            head_dim: 16,
+        };
+        self.synth_config(&shape).is_some()
+    }
 }
 
 /// The shape of a synthetic checkpoint, as far as a family's config keys depend on it.
@@ -256,8 +272,8 @@ pub fn rope_from(
     RopeSpec::from_config(
         theta,
         head_dim,
-        cfg.partial_rotary_factor.or(v.partial_rotary),
-        v.partial_rotary.is_some(),
+        cfg.partial_rotary_factor,
+        v.partial_rotary,
         params,
         cfg.max_position_embeddings,
     )

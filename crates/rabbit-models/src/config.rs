@@ -155,6 +155,16 @@ pub struct HfConfig {
 impl HfConfig {
     /// Reads and parses `<dir>/config.json`.
     pub fn load(dir: &Path) -> Result<HfConfig> {
+        Self::load_with(dir, &|_| None)
+    }
+
+    /// [`HfConfig::load`], filling the keys a wrapper's `text_config` leaves out with
+    /// `text_defaults(top-level model_type)` (the defaults of the text model's config class,
+    /// which hub checkpoints rely on).
+    pub fn load_with(
+        dir: &Path,
+        text_defaults: &dyn Fn(&str) -> Option<Value>,
+    ) -> Result<HfConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -166,7 +176,8 @@ impl HfConfig {
                 }
             }
         })?;
-        Self::from_json_str(&text).map_err(|reason| ModelError::BadConfig { path, reason })
+        Self::from_json_str_with(&text, text_defaults)
+            .map_err(|reason| ModelError::BadConfig { path, reason })
     }
 
     /// Parses config.json text; the error string names the offending field.
@@ -176,8 +187,17 @@ impl HfConfig {
     /// (`architectures` and `model_type` stay the wrapper's; any other key given in both places
     /// must agree). The family then decides what the remaining vision keys mean.
     pub fn from_json_str(text: &str) -> std::result::Result<HfConfig, String> {
+        Self::from_json_str_with(text, &|_| None)
+    }
+
+    /// [`HfConfig::from_json_str`] with defaults for a wrapper's `text_config` (see
+    /// [`HfConfig::load_with`]).
+    pub fn from_json_str_with(
+        text: &str,
+        text_defaults: &dyn Fn(&str) -> Option<Value>,
+    ) -> std::result::Result<HfConfig, String> {
         let value: Value = parse_json(text)?;
-        match flatten_text_config(&value)? {
+        match flatten_text_config(&value, text_defaults)? {
             Some(flat) => {
                 parse_json(&flat.to_string()).map_err(|e| format!("{e} (in `text_config`)"))
             }
@@ -205,7 +225,10 @@ impl HfConfig {
 
 /// The flat view of a wrapper config whose language model is in `text_config`, or `None` when
 /// the config is flat already.
-fn flatten_text_config(value: &Value) -> std::result::Result<Option<Value>, String> {
+fn flatten_text_config(
+    value: &Value,
+    text_defaults: &dyn Fn(&str) -> Option<Value>,
+) -> std::result::Result<Option<Value>, String> {
     let Some(top) = value.as_object() else {
         return Ok(None);
     };
@@ -216,6 +239,12 @@ fn flatten_text_config(value: &Value) -> std::result::Result<Option<Value>, Stri
         return Ok(None);
     }
     let mut flat = text.clone();
+    let model_type = top.get("model_type").and_then(Value::as_str).unwrap_or("");
+    if let Some(Value::Object(defaults)) = text_defaults(model_type) {
+        for (k, v) in defaults {
+            flat.entry(k).or_insert(v);
+        }
+    }
     for (k, v) in top {
         if k == "text_config" {
             continue;

@@ -228,6 +228,12 @@ fn gemma3_spec(
     }
     let mut spec = r.base()?;
     finish(&mut spec, &keys, true, cfg);
+    // transformers' Gemma 3 reads `attn_logit_softcapping` but never applies it, and its
+    // multimodal head does not apply `final_logit_softcapping` either.
+    spec.attention.softcap = None;
+    if v.model_type == GEMMA3_CG_VARIANT.model_type {
+        spec.final_logit_softcap = None;
+    }
     let local_theta = local_params
         .as_ref()
         .and_then(|p| p.get("rope_theta"))
@@ -323,6 +329,29 @@ impl Architecture for Gemma3Multimodal {
             "text only: the vision tower and projector of this checkpoint are not used".into(),
         );
         Ok(spec)
+    }
+
+    /// transformers' `Gemma3TextConfig` defaults: the hub's multimodal configs give only what
+    /// differs from them (e.g. gemma-3-4b-it's text_config has six keys).
+    fn text_config_defaults(&self) -> Option<Value> {
+        Some(json!({
+            "vocab_size": 262_208,
+            "hidden_size": 2304,
+            "intermediate_size": 9216,
+            "num_hidden_layers": 26,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 4,
+            "head_dim": 256,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 131_072,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1_000_000.0,
+            "rope_local_base_freq": 10_000.0,
+            "query_pre_attn_scalar": 256,
+            "sliding_window": 4096,
+            "sliding_window_pattern": 6,
+            "tie_word_embeddings": true,
+        }))
     }
 
     /// Not synthesised: `rabbit synth --arch gemma3` writes the same language model.

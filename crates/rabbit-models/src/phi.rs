@@ -63,6 +63,12 @@ impl Architecture for Phi3 {
         // priority over the rope settings' own.
         let original: Option<usize> = r.take("original_max_position_embeddings")?;
         let params = match (&cfg.rope_parameters, &cfg.rope_scaling) {
+            (Some(p), Some(s)) if !p.is_null() && !s.is_null() && p != s => {
+                return Err(unsupported(
+                    v,
+                    "both `rope_parameters` and `rope_scaling` are set and differ",
+                ))
+            }
             (Some(p), _) if !p.is_null() => Some(p.clone()),
             (_, Some(s)) if !s.is_null() => Some(s.clone()),
             _ => None,

@@ -91,9 +91,18 @@ pub fn spec_from_config(cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Resul
     lookup(arch)?.spec(cfg, gen)
 }
 
+/// The defaults of the text model inside a wrapper of `model_type` (e.g. Gemma 3's multimodal
+/// checkpoints), from the family that reads it.
+pub fn text_config_defaults(model_type: &str) -> Option<serde_json::Value> {
+    SUPPORTED
+        .iter()
+        .find(|a| a.variant().model_type == model_type)
+        .and_then(|a| a.text_config_defaults())
+}
+
 /// Reads `config.json` and `generation_config.json` from a model directory and resolves them.
 pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
-    let cfg = HfConfig::load(dir)?;
+    let cfg = HfConfig::load_with(dir, &text_config_defaults)?;
     let gen = GenerationConfig::load(dir)?;
     spec_from_config(&cfg, gen.as_ref()).map_err(|e| match e {
         ModelError::Unsupported {

@@ -83,13 +83,13 @@ impl RopeSpec {
     /// Parses the rope settings from either config layout. `rope_params` is the
     /// `rope_parameters` dict (transformers 5) or the `rope_scaling` dict (classic), whose
     /// `rope_theta` and `partial_rotary_factor` (if any) override `theta` and `partial`.
-    /// `partial` is config.json's top-level `partial_rotary_factor`, refused unless
-    /// `allow_partial`.
+    /// `partial` is config.json's top-level `partial_rotary_factor`; `family_partial` the
+    /// family's default for it (`None`: the family rotates whole heads and refuses a factor).
     pub fn from_config(
         theta: f64,
         head_dim: usize,
         partial: Option<f64>,
-        allow_partial: bool,
+        family_partial: Option<f64>,
         rope_params: Option<&Value>,
         max_position_embeddings: usize,
     ) -> Result<RopeSpec, String> {
@@ -107,8 +107,9 @@ impl RopeSpec {
                     "`partial_rotary_factor` ({b}) contradicts the rope settings' ({a})"
                 ))
             }
-            (a, b) => a.or(b).unwrap_or(1.0),
+            (a, b) => a.or(b).or(family_partial).unwrap_or(1.0),
         };
+        let allow_partial = family_partial.is_some();
         if !(partial > 0.0 && partial <= 1.0) {
             return Err(format!(
                 "`partial_rotary_factor` must be in (0, 1], got {partial}"
@@ -452,7 +453,7 @@ mod tests {
 
     #[test]
     fn default_matches_closed_form() {
-        let r = RopeSpec::from_config(10000.0, 8, None, false, None, 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 8, None, None, None, 128).unwrap();
         let (inv, scale) = r.inv_freq(1);
         assert_eq!(scale, 1.0);
         let want = [1.0, 0.1, 0.01, 0.001];
@@ -464,7 +465,7 @@ mod tests {
     #[test]
     fn classic_type_key_and_theta_override() {
         let v = json!({"type": "linear", "factor": 2.0, "rope_theta": 100.0});
-        let r = RopeSpec::from_config(10000.0, 4, None, false, Some(&v), 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 4, None, None, Some(&v), 128).unwrap();
         assert_eq!(r.theta, 100.0);
         let (inv, _) = r.inv_freq(1);
         assert!((inv[1] - 0.1 / 2.0).abs() < 1e-6);
@@ -474,8 +475,8 @@ mod tests {
     fn llama3_leaves_high_frequencies_and_scales_low_ones() {
         let v = json!({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 64});
-        let r = RopeSpec::from_config(10000.0, 16, None, false, Some(&v), 512).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, false, None, 512)
+        let r = RopeSpec::from_config(10000.0, 16, None, None, Some(&v), 512).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 16, None, None, None, 512)
             .unwrap()
             .inv_freq(1);
         let (inv, _) = r.inv_freq(1);
@@ -489,8 +490,8 @@ mod tests {
     #[test]
     fn dynamic_only_changes_past_the_configured_length() {
         let v = json!({"rope_type": "dynamic", "factor": 2.0});
-        let r = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 100).unwrap();
-        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, false, None, 100)
+        let r = RopeSpec::from_config(10000.0, 8, None, None, Some(&v), 100).unwrap();
+        let (plain, _) = RopeSpec::from_config(10000.0, 8, None, None, None, 100)
             .unwrap()
             .inv_freq(1);
         assert_eq!(r.inv_freq(50).0, plain);
@@ -500,7 +501,7 @@ mod tests {
     #[test]
     fn yarn_attention_factor_default() {
         let v = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32});
-        let r = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 128).unwrap();
+        let r = RopeSpec::from_config(10000.0, 8, None, None, Some(&v), 128).unwrap();
         let (_, a) = r.inv_freq(1);
         assert!((a as f64 - (0.1 * 4f64.ln() + 1.0)).abs() < 1e-6);
     }
@@ -509,7 +510,7 @@ mod tests {
     fn longrope_switches_factors_past_the_original_length() {
         let v = json!({"rope_type": "longrope", "short_factor": [1.0, 2.0], "long_factor": [3.0, 4.0],
                        "original_max_position_embeddings": 16});
-        let r = RopeSpec::from_config(10000.0, 4, None, false, Some(&v), 64).unwrap();
+        let r = RopeSpec::from_config(10000.0, 4, None, None, Some(&v), 64).unwrap();
         let (short, a) = r.inv_freq(16);
         let (long, _) = r.inv_freq(17);
         assert_eq!(short, vec![1.0, 0.01 / 2.0]);
@@ -517,27 +518,28 @@ mod tests {
         assert!((a as f64 - (1.0 + 4f64.ln() / 16f64.ln()).sqrt()).abs() < 1e-6);
         let bad =
             json!({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [3.0, 4.0]});
-        let e = RopeSpec::from_config(10000.0, 4, None, false, Some(&bad), 64).unwrap_err();
+        let e = RopeSpec::from_config(10000.0, 4, None, None, Some(&bad), 64).unwrap_err();
         assert!(e.contains("short_factor"), "{e}");
     }
 
     #[test]
     fn partial_rotary_width_and_refusal() {
-        let r = RopeSpec::from_config(10000.0, 16, Some(0.4), true, None, 64).unwrap();
+        let r = RopeSpec::from_config(10000.0, 16, Some(0.4), Some(1.0), None, 64).unwrap();
         assert_eq!(r.dim, 6);
-        let e = RopeSpec::from_config(10000.0, 16, Some(0.5), false, None, 64).unwrap_err();
+        let e = RopeSpec::from_config(10000.0, 16, Some(0.5), None, None, 64).unwrap_err();
         assert!(e.contains("partial_rotary_factor"), "{e}");
-        let e = RopeSpec::from_config(10000.0, 10, Some(0.3), true, None, 64).unwrap_err();
+        let e = RopeSpec::from_config(10000.0, 10, Some(0.3), Some(1.0), None, 64).unwrap_err();
         assert!(e.contains("rotary width of 3"), "{e}");
         let v = json!({"partial_rotary_factor": 0.5});
-        let e = RopeSpec::from_config(10000.0, 16, Some(0.25), true, Some(&v), 64).unwrap_err();
+        let e =
+            RopeSpec::from_config(10000.0, 16, Some(0.25), Some(1.0), Some(&v), 64).unwrap_err();
         assert!(e.contains("contradicts"), "{e}");
     }
 
     #[test]
     fn unknown_type_is_refused() {
         let v = json!({"rope_type": "su", "factor": 4.0});
-        let e = RopeSpec::from_config(10000.0, 8, None, false, Some(&v), 128).unwrap_err();
+        let e = RopeSpec::from_config(10000.0, 8, None, None, Some(&v), 128).unwrap_err();
         assert!(e.contains("`su`"), "{e}");
     }
 }

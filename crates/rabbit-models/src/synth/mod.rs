@@ -10,7 +10,10 @@
 //!   elements (by a few threads) straight into the safetensors writer, so memory use does not
 //!   grow with the model. Same options and seed ⇒ byte-identical files. Scales: linear weights
 //!   `1/sqrt(fan_in)`, embeddings `0.5/sqrt(hidden)`, RMSNorm gains `1 ± 0.02` (final norm 4), so
-//!   a tiny model's logits have a std of about 2 and greedy decoding is not degenerate.
+//!   a tiny model's logits have a std of about 2 and greedy decoding is not degenerate. A family
+//!   that scales its embeddings (Gemma) gets them that much smaller and its final norm that much
+//!   larger; `1 + w` norms are stored centred on 0. An untied LM head has zero rows for the
+//!   special tokens, so a random model runs to its length instead of ending its turn by chance.
 //! * The tokenizer is a real byte-level BPE (Qwen2's pipeline) learnt from an embedded corpus.
 //! * Every file is written atomically and `config.json` comes last: a directory with a
 //!   `config.json` is complete. A `rabbit_synth.json` stamp records the options, so asking again
@@ -44,7 +47,7 @@ pub use write::synthesize;
 /// Name of the stamp file recording the options a directory was generated with.
 pub const STAMP_FILE: &str = "rabbit_synth.json";
 /// Version of the generator's output; a stamp of another version is never reused.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Written as `transformers_version` (4.51 is the first release with Qwen3).
 pub const TRANSFORMERS_VERSION: &str = "4.51.3";
 

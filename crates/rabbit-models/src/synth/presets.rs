@@ -1,6 +1,5 @@
 //! The shapes synth can write: model families and presets (`tiny` plus real models' shapes).
 
-use crate::arch::SynthShape;
 use crate::registry::families;
 use crate::Architecture;
 
@@ -33,14 +32,9 @@ impl Family {
 
     /// The families of the registry that synth writes.
     fn all() -> Vec<Family> {
-        let shape = SynthShape {
-            layers: 1,
-            hidden: 64,
-            head_dim: 16,
-        };
         families()
             .iter()
-            .filter(|a| a.synth_config(&shape).is_some())
+            .filter(|a| a.can_synth())
             .map(|a| Family(*a))
             .collect()
     }

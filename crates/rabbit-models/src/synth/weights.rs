@@ -127,9 +127,19 @@ pub struct InitRules {
     /// smaller, and the final norm that much larger, so the residual stream and the tied
     /// logits keep the scales of the other families (greedy decoding stays varied).
     embed_scale: f32,
+    /// Rows of an untied LM head that get values (the rest, the special tokens', are zero).
+    head_rows: Option<usize>,
 }
 
 impl InitRules {
+    /// Zero the untied LM head's rows from `rows` on: a random model then never picks a special
+    /// token (its end-of-turn above all), so demos run to their length instead of stopping at
+    /// the first token by chance.
+    pub fn with_head_rows(mut self, rows: usize) -> InitRules {
+        self.head_rows = Some(rows);
+        self
+    }
+
     /// The rules for a model.
     pub fn for_spec(spec: &ModelSpec) -> InitRules {
         let t = &spec.tensors;
@@ -144,6 +154,7 @@ impl InitRules {
                 0.0
             },
             embed_scale: spec.embed_scale.unwrap_or(1.0) as f32,
+            head_rows: None,
         }
     }
 
@@ -156,6 +167,7 @@ impl InitRules {
             final_norm: "model.norm.weight".into(),
             norm_offset: 0.0,
             embed_scale: 1.0,
+            head_rows: None,
         }
     }
 
@@ -292,9 +304,11 @@ fn jobs(tensors: &[(String, Vec<usize>)], rules: &InitRules, live_rows: usize) -
         let stream = fnv1a64(name);
         let total: u64 = shape.iter().map(|&d| d as u64).product();
         let live: u64 = if rules.is_head(name) {
-            (live_rows as u64)
-                .saturating_mul(rules.hidden as u64)
-                .min(total)
+            let rows = match rules.head_rows {
+                Some(r) if *name == rules.lm_head => r.min(live_rows),
+                _ => live_rows,
+            };
+            (rows as u64).saturating_mul(rules.hidden as u64).min(total)
         } else {
             total
         };

@@ -134,7 +134,8 @@ pub fn synthesize(
 
     let total = plan.weight_bytes;
     let mut done = 0u64;
-    let rules = weights::InitRules::for_spec(&plan.spec);
+    // The special tokens follow the BPE tokens.
+    let rules = weights::InitRules::for_spec(&plan.spec).with_head_rows(tok.bpe_len());
     let threads = weights::default_threads();
     let mut weight_map = BTreeMap::new();
     for shard in &plan.shards {
