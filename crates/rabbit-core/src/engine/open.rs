@@ -221,7 +221,16 @@ impl Engine {
         let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();
         for &i in &plan.resident_layers {
             let tensors = read_resident(split_dir, &layers[i], device, kind)?;
-            resident[i] = Some(LayerWeights::from_unit(&spec, i, tensors)?);
+            let mut w = LayerWeights::from_unit(&spec, i, tensors)?;
+            w.fuse()?;
+            resident[i] = Some(w);
+            // The separate projections just freed would otherwise stay in the heap, holes the
+            // next layer's reads do not fill: give them back so fusing costs no peak memory.
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only releases free memory; no pointer is invalidated.
+            unsafe {
+                libc::malloc_trim(0);
+            }
         }
         let mut stream_slot = vec![None; layers.len()];
         for (slot, &i) in plan.streamed_layers.iter().enumerate() {
