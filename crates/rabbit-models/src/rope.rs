@@ -122,7 +122,7 @@ impl RopeSpec {
         }
         // transformers: int(head_dim * partial_rotary_factor).
         let dim = (head_dim as f64 * partial) as usize;
-        if dim == 0 || dim % 2 != 0 {
+        if dim == 0 || !dim.is_multiple_of(2) {
             return Err(format!(
                 "`partial_rotary_factor` {partial} gives a rotary width of {dim} for head_dim {head_dim} (it must be even and positive)"
             ));

@@ -49,7 +49,7 @@ pub fn norm(x: &Tensor, w: &NormWeights, n: &Norm) -> Result<Tensor> {
         NormKind::RmsOffset => rms()?.f_mul(&w.weight)?.f_to_kind(kind)?,
         NormKind::Layer => {
             let width = x.size()[x.dim() - 1];
-            x.f_layer_norm(&[width], Some(&w.weight), w.bias.as_ref(), n.eps, false)?
+            x.f_layer_norm([width], Some(&w.weight), w.bias.as_ref(), n.eps, false)?
         }
     })
 }
