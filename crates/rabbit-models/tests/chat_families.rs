@@ -174,6 +174,60 @@ mod chat_families {
         assert!(failures.is_empty(), "{}", failures.join("\n"));
     }
 
+    fn family_template(file: &str, bos: Option<&str>) -> ChatTemplate {
+        let text = fs::read_to_string(templates_dir().join(file)).unwrap();
+        ChatTemplate::from_str(&text, bos.map(String::from), None).unwrap()
+    }
+
+    fn raised_at(tmpl: &ChatTemplate, messages: &[Message]) -> (String, Option<usize>) {
+        match tmpl.render(messages, true).unwrap_err() {
+            ChatError::Raised {
+                message,
+                message_index,
+                ..
+            } => (message, message_index),
+            other => panic!("expected Raised, got {other:?}"),
+        }
+    }
+
+    /// A template's own refusal names the message it refused. Gemma 3 loops over
+    /// `messages[1:]` when there is a system message, so `loop.index0` is one less than the
+    /// message's place in the conversation: a repeated message (the user sending "hi" twice)
+    /// used to be reported one too early, at the earlier copy.
+    #[test]
+    fn refusals_name_the_refused_message() {
+        let alternate = "Conversation roles must alternate user/assistant/user/assistant/...";
+        let g3 = family_template("google-gemma-3-it.jinja", Some("<bos>"));
+        let hi = Message::new("user", "hi");
+        let cases: [(&[Message], usize); 3] = [
+            (&[Message::new("system", "s"), hi.clone(), hi.clone()], 2),
+            (
+                &[
+                    Message::new("system", "s"),
+                    hi.clone(),
+                    Message::new("user", "x"),
+                ],
+                2,
+            ),
+            (&[hi.clone(), hi.clone()], 1),
+        ];
+        for (messages, want) in cases {
+            assert_eq!(
+                raised_at(&g3, messages),
+                (alternate.to_string(), Some(want)),
+                "{messages:?}"
+            );
+        }
+        // Gemma 2 refuses a system message before its loop: no message is being rendered.
+        let g2 = family_template("google-gemma-2-2b-it.jinja", Some("<bos>"));
+        let (msg, at) = raised_at(&g2, &[Message::new("system", "s"), hi.clone()]);
+        assert_eq!((msg.as_str(), at), ("System role not supported", None));
+        assert_eq!(
+            raised_at(&g2, &[hi.clone(), hi.clone(), hi.clone()]),
+            (alternate.to_string(), Some(1))
+        );
+    }
+
     /// The goldens were made from the committed template files, cover every family of issue 12,
     /// each family's special cases, and both outcomes (rendered and refused).
     #[test]
