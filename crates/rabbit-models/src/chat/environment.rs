@@ -101,22 +101,33 @@ fn raise_exception(state: &State, message: Option<Value>) -> Result<Value, Jinja
     )
 }
 
-/// Which of `messages` the template is on: the loop variable `message` found in `messages`
-/// (at `loop.index0` when that matches, else its first occurrence).
+/// Which of `messages` the template is on: the loop variable `message` found in `messages` —
+/// the same object when there is one (a loop over a slice such as Gemma 3's `messages[1:]`
+/// shares the conversation's message objects, and `loop.index0` is then off by the slice's
+/// start), else an equal one (at `loop.index0` when that matches, else its first occurrence).
 fn current_message_index(state: &State) -> Option<usize> {
     let messages = state.lookup("messages")?;
     let message = state.lookup("message").filter(|m| !m.is_undefined())?;
     let len = messages.len()?;
+    let item = |i: usize| messages.get_item(&Value::from(i)).ok();
+    // Only objects have an identity (`is sameas` compares anything else by value).
+    if message.as_object().is_some() {
+        if let Some(i) =
+            (0..len).find(|&i| item(i).is_some_and(|m| minijinja::tests::is_sameas(&m, &message)))
+        {
+            return Some(i);
+        }
+    }
     if let Some(i) = state
         .lookup("loop")
         .and_then(|l| l.get_attr("index0").ok())
         .and_then(|i| i.as_usize())
     {
-        if i < len && messages.get_item(&Value::from(i)).ok().as_ref() == Some(&message) {
+        if i < len && item(i).as_ref() == Some(&message) {
             return Some(i);
         }
     }
-    (0..len).find(|&i| messages.get_item(&Value::from(i)).ok().as_ref() == Some(&message))
+    (0..len).find(|&i| item(i).as_ref() == Some(&message))
 }
 
 fn unknown_method(
