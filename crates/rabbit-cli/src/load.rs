@@ -134,6 +134,12 @@ impl ModelArgs {
                 _ => {}
             })
             .with_context(|| format!("loading {}", self.model))?;
+        if !quiet {
+            // What the family does not run of this checkpoint (e.g. a vision tower).
+            for n in &model.engine.spec().notes {
+                note!("note: {n}");
+            }
+        }
         if show_progress(quiet) {
             // A bar across the layers of a prefill sweep (long prompts take a while per layer).
             let mut pb: Option<indicatif::ProgressBar> = None;
