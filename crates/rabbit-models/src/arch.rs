@@ -280,12 +280,6 @@ pub fn rope_from(
     .map_err(|e| unsupported(v, e))
 }
 
-/// Whether a config.json key is one transformers writes for every model and that cannot change
-/// inference.
-pub fn is_harmless(key: &str) -> bool {
-    COMMON_HARMLESS_KEYS.contains(&key)
-}
-
 fn resolve(r: Resolver<'_>) -> Result<ModelSpec> {
     let (v, cfg, gen) = (r.v, r.cfg, r.gen);
     // Refuse fields that would change the numerics in a way we do not implement.

@@ -16,7 +16,7 @@ use crate::lineage::separate_projections;
 use crate::spec::ModelSpec;
 
 /// Keys of Gemma configs that cannot change inference.
-const HARMLESS: &[&str] = &["cache_implementation", "final_logit_softcapping_note"];
+const HARMLESS: &[&str] = &["cache_implementation"];
 
 static GEMMA2_VARIANT: Variant = Variant {
     name: "Gemma2ForCausalLM",
@@ -147,6 +147,19 @@ impl Architecture for Gemma2 {
     fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
         let mut r = Resolver::new(&GEMMA2_VARIANT, cfg, gen);
         let keys = gemma_blocks(&mut r, (Some(50.0), Some(30.0)))?;
+        // Early Gemma 2 configs repeat the window as `sliding_window_size` (transformers ignores
+        // it): fine when it agrees.
+        if let Some(size) = r.take::<usize>("sliding_window_size")? {
+            if cfg.sliding_window.is_some_and(|w| w != size) {
+                return Err(unsupported(
+                    &GEMMA2_VARIANT,
+                    format!(
+                        "`sliding_window_size` ({size}) contradicts `sliding_window` ({})",
+                        cfg.sliding_window.unwrap_or_default()
+                    ),
+                ));
+            }
+        }
         let mut spec = r.base()?;
         finish(&mut spec, &keys, false, cfg);
         Ok(spec)
@@ -295,6 +308,9 @@ const MULTIMODAL_KEYS: &[&str] = &[
     "eoi_token_index",
     "image_token_index",
     "mm_tokens_per_image",
+    "boi_token_id",
+    "eoi_token_id",
+    "image_token_id",
 ];
 
 impl Architecture for Gemma3Multimodal {

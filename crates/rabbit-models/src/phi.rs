@@ -144,6 +144,16 @@ impl Architecture for Phi {
             ));
         }
         let mut spec = r.base()?;
+        if cfg
+            .head_dim
+            .is_some_and(|d| d * spec.num_heads != spec.hidden_size)
+        {
+            // transformers' Phi always uses hidden_size / num_attention_heads.
+            return Err(unsupported(
+                v,
+                "`head_dim` differs from hidden_size / num_attention_heads, which Phi uses",
+            ));
+        }
         if spec.tie_word_embeddings {
             // The LM head has a bias of its own; transformers would still read it from lm_head.
             return Err(unsupported(

@@ -38,6 +38,11 @@ fn with(base: &Value, patch: Value) -> Value {
 #[test]
 fn the_fixture_configs_resolve_to_their_blocks() {
     let g2 = resolve(&fixture_config("gemma2", "config.json")).unwrap();
+    let same = with(
+        &fixture_config("gemma2", "config.json"),
+        json!({"sliding_window_size": 6, "cache_implementation": "hybrid"}),
+    );
+    assert_eq!(resolve(&same).unwrap(), g2, "harmless Gemma 2 keys");
     assert_eq!(g2.norm.kind, NormKind::RmsOffset);
     assert_eq!(g2.program, LayerProgram::Sandwich);
     assert_eq!(g2.activation, Activation::GeluTanh);
