@@ -278,6 +278,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
             "{}",
             json!({
                 "architecture": spec.architecture,
+                "notes": spec.notes,
                 "parameters": spec.num_parameters(),
                 "layers": spec.num_layers,
                 "bytes_per_layer": per_layer,
@@ -295,6 +296,9 @@ pub fn info(a: InfoArgs) -> Result<()> {
         model.model_dir().display(),
         spec.num_parameters()
     )?;
+    for n in &spec.notes {
+        outln!("note: {n}")?;
+    }
     outln!(
         "{} layers of {} each | hidden {} | heads {}/{} x {} | vocab {} | context {}",
         spec.num_layers,
