@@ -94,14 +94,6 @@ impl ModelSpec {
         self.num_kv_heads * self.head_dim
     }
 
-    /// Whether layer `i` uses the sliding-window rope (`local_rope`).
-    pub fn rope_of_layer(&self, i: usize) -> &RopeSpec {
-        match (&self.local_rope, self.sliding_windows.get(i)) {
-            (Some(local), Some(Some(_))) => local,
-            _ => &self.rope,
-        }
-    }
-
     /// Whether every layer has a parameter of this role (all layers share one inventory).
     pub fn has(&self, role: Role) -> bool {
         self.tensors.has(role)
