@@ -28,6 +28,8 @@ pub enum SlidingPolicy {
     Pattern {
         /// Every `period`-th layer (1-based) is full attention.
         period: usize,
+        /// The window when config.json gives none (transformers' config default).
+        default_window: usize,
     },
 }
 
@@ -53,8 +55,11 @@ pub struct Variant {
     pub partial_rotary: Option<f64>,
     /// `tie_word_embeddings` when config.json has none.
     pub tied_by_default: bool,
-    /// Activations `hidden_act` may name (the first is the default).
-    pub activations: &'static [Activation],
+    /// The config key naming the MLP activation (`hidden_act`; Gemma: `hidden_activation`,
+    /// its `hidden_act` being unused), and the activation when it is absent.
+    pub activation: (&'static str, Activation),
+    /// Whether config.json's `head_dim` is read (Phi-2 always uses hidden / heads).
+    pub reads_head_dim: bool,
     /// config.json keys this family carries that cannot change the numerics of inference.
     pub harmless_keys: &'static [&'static str],
 }
@@ -280,8 +285,14 @@ pub fn rope_from(
     .map_err(|e| unsupported(v, e))
 }
 
-fn resolve(r: Resolver<'_>) -> Result<ModelSpec> {
+fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
     let (v, cfg, gen) = (r.v, r.cfg, r.gen);
+    let (act_key, act_default) = v.activation;
+    let act_name: Option<String> = if act_key == "hidden_act" {
+        cfg.hidden_act.clone()
+    } else {
+        r.take(act_key)?
+    };
     // Refuse fields that would change the numerics in a way we do not implement.
     for key in r.extra.keys() {
         if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str()) {
@@ -330,7 +341,8 @@ fn resolve(r: Resolver<'_>) -> Result<ModelSpec> {
             format!("`num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv_heads})"),
         ));
     }
-    let head_dim = match (cfg.head_dim, v.default_head_dim) {
+    let given_head_dim = cfg.head_dim.filter(|_| v.reads_head_dim);
+    let head_dim = match (given_head_dim, v.default_head_dim) {
         (Some(d), _) => positive("head_dim", d)?,
         (None, Some(d)) => d,
         (None, None) => {
@@ -344,23 +356,17 @@ fn resolve(r: Resolver<'_>) -> Result<ModelSpec> {
         }
     };
     check_sizes(v, cfg, kv_heads, head_dim)?;
-    let activation = match cfg.hidden_act.as_deref() {
-        None => v.activations[0],
-        Some(name) => Activation::from_name(name)
-            .filter(|a| v.activations.contains(a))
-            .ok_or_else(|| {
-                unsupported(
-                    v,
-                    format!(
-                        "hidden_act `{name}` is not supported (supported: {})",
-                        v.activations
-                            .iter()
-                            .map(|a| format!("{a:?}").to_lowercase())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ),
-                )
-            })?,
+    let activation = match act_name.as_deref() {
+        None => act_default,
+        Some(name) => Activation::from_name(name).ok_or_else(|| {
+            unsupported(
+                v,
+                format!(
+                    "{act_key} `{name}` is not supported (supported: {})",
+                    Activation::NAMES
+                ),
+            )
+        })?,
     };
     // Rope: transformers 5 `rope_parameters` or classic `rope_theta` + `rope_scaling`.
     let rope_params = match (&cfg.rope_parameters, &cfg.rope_scaling) {
@@ -533,7 +539,10 @@ fn sliding_windows(
             (Some(true), w) => w,
             _ => None,
         },
-        SlidingPolicy::AllLayers | SlidingPolicy::Pattern { .. } => cfg.sliding_window,
+        SlidingPolicy::AllLayers => cfg.sliding_window,
+        SlidingPolicy::Pattern { default_window, .. } => {
+            Some(cfg.sliding_window.unwrap_or(default_window))
+        }
     };
     if window == Some(0) {
         return Err(unsupported(v, "`sliding_window` must be positive, got 0"));
@@ -592,7 +601,7 @@ fn sliding_windows(
                 let full = cfg.max_window_layers.unwrap_or(v.default_max_window_layers);
                 (i >= full).then_some(w)
             }
-            (SlidingPolicy::Pattern { period: p }, Some(w)) => {
+            (SlidingPolicy::Pattern { period: p, .. }, Some(w)) => {
                 ((i + 1) % period.unwrap_or(p) != 0).then_some(w)
             }
             (_, w) => w,

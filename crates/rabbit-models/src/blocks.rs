@@ -39,6 +39,8 @@ pub enum Activation {
     GeluNew,
     /// Exact GELU (`gelu`).
     Gelu,
+    /// `relu`.
+    Relu,
 }
 
 impl Activation {
@@ -49,9 +51,13 @@ impl Activation {
             "gelu_pytorch_tanh" => Some(Activation::GeluTanh),
             "gelu_new" => Some(Activation::GeluNew),
             "gelu" => Some(Activation::Gelu),
+            "relu" => Some(Activation::Relu),
             _ => None,
         }
     }
+
+    /// The names [`Activation::from_name`] accepts.
+    pub const NAMES: &'static str = "silu, swish, gelu_pytorch_tanh, gelu_new, gelu, relu";
 }
 
 /// How a decoder layer wires its blocks.

@@ -24,11 +24,15 @@ static GEMMA2_VARIANT: Variant = Variant {
     default_head_dim: Some(256),
     default_rope_theta: 10000.0,
     default_rms_norm_eps: 1e-6,
-    sliding: SlidingPolicy::Pattern { period: 2 },
+    sliding: SlidingPolicy::Pattern {
+        period: 2,
+        default_window: 4096,
+    },
     default_max_window_layers: 0,
     partial_rotary: None,
     tied_by_default: true,
-    activations: &[Activation::GeluTanh, Activation::Gelu, Activation::Silu],
+    activation: ("hidden_activation", Activation::GeluTanh),
+    reads_head_dim: true,
     harmless_keys: HARMLESS,
 };
 
@@ -38,11 +42,15 @@ static GEMMA3_VARIANT: Variant = Variant {
     default_head_dim: Some(256),
     default_rope_theta: 1_000_000.0,
     default_rms_norm_eps: 1e-6,
-    sliding: SlidingPolicy::Pattern { period: 6 },
+    sliding: SlidingPolicy::Pattern {
+        period: 6,
+        default_window: 4096,
+    },
     default_max_window_layers: 0,
     partial_rotary: None,
     tied_by_default: true,
-    activations: &[Activation::GeluTanh, Activation::Gelu, Activation::Silu],
+    activation: ("hidden_activation", Activation::GeluTanh),
+    reads_head_dim: true,
     harmless_keys: HARMLESS,
 };
 
@@ -65,13 +73,6 @@ fn gemma_blocks(
     softcap_defaults: (Option<f64>, Option<f64>),
 ) -> Result<GemmaKeys> {
     let v = r.variant();
-    let act: Option<String> = r.take("hidden_activation")?;
-    let activation = match act.as_deref() {
-        None => Activation::GeluTanh,
-        Some(name) => Activation::from_name(name).ok_or_else(|| {
-            unsupported(v, format!("hidden_activation `{name}` is not supported"))
-        })?,
-    };
     let query_pre_attn_scalar = r.take_or::<f64>("query_pre_attn_scalar", Some(256.0))?;
     let attn_softcap = r.take_or::<f64>("attn_logit_softcapping", softcap_defaults.0)?;
     let final_softcap = r.take_or::<f64>("final_logit_softcapping", softcap_defaults.1)?;
@@ -96,7 +97,6 @@ fn gemma_blocks(
         ));
     }
     Ok(GemmaKeys {
-        activation,
         query_pre_attn_scalar,
         attn_softcap,
         final_softcap,
@@ -104,7 +104,6 @@ fn gemma_blocks(
 }
 
 struct GemmaKeys {
-    activation: Activation,
     query_pre_attn_scalar: Option<f64>,
     attn_softcap: Option<f64>,
     final_softcap: Option<f64>,
@@ -114,7 +113,6 @@ struct GemmaKeys {
 fn finish(spec: &mut ModelSpec, k: &GemmaKeys, qk_norm: bool, cfg: &HfConfig) {
     let (h, d) = (spec.hidden_size, spec.head_dim);
     spec.norm.kind = NormKind::RmsOffset;
-    spec.activation = k.activation;
     spec.program = LayerProgram::Sandwich;
     spec.embed_scale = Some((h as f64).sqrt());
     spec.attention.scale = 1.0 / k.query_pre_attn_scalar.unwrap_or(d as f64).sqrt();
@@ -350,6 +348,9 @@ impl Architecture for Gemma3Multimodal {
     /// transformers' `Gemma3TextConfig` defaults: the hub's multimodal configs give only what
     /// differs from them (e.g. gemma-3-4b-it's text_config has six keys).
     fn text_config_defaults(&self) -> Option<Value> {
+        // Only keys a config must have to be read; every other default is the family's own
+        // (Variant, `take_or`), which a nested `rope_parameters` or `_sliding_window_pattern`
+        // then cannot contradict.
         Some(json!({
             "vocab_size": 262_208,
             "hidden_size": 2304,
@@ -357,16 +358,7 @@ impl Architecture for Gemma3Multimodal {
             "num_hidden_layers": 26,
             "num_attention_heads": 8,
             "num_key_value_heads": 4,
-            "head_dim": 256,
-            "hidden_activation": "gelu_pytorch_tanh",
             "max_position_embeddings": 131_072,
-            "rms_norm_eps": 1e-6,
-            "rope_theta": 1_000_000.0,
-            "rope_local_base_freq": 10_000.0,
-            "query_pre_attn_scalar": 256,
-            "sliding_window": 4096,
-            "sliding_window_pattern": 6,
-            "tie_word_embeddings": true,
         }))
     }
 

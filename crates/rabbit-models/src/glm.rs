@@ -20,7 +20,8 @@ static GLM_VARIANT: Variant = Variant {
     default_max_window_layers: 0,
     partial_rotary: Some(0.5),
     tied_by_default: false,
-    activations: &[Activation::Silu],
+    activation: ("hidden_act", Activation::Silu),
+    reads_head_dim: true,
     harmless_keys: &[],
 };
 

@@ -17,7 +17,8 @@ static VARIANT: Variant = Variant {
     default_max_window_layers: 0,
     partial_rotary: None,
     tied_by_default: false,
-    activations: &[Activation::Silu],
+    activation: ("hidden_act", Activation::Silu),
+    reads_head_dim: true,
     // pretraining_tp only slices the matmuls differently during pre-training.
     harmless_keys: &["pretraining_tp"],
 };

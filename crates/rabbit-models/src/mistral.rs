@@ -16,7 +16,8 @@ static VARIANT: Variant = Variant {
     default_max_window_layers: 0,
     partial_rotary: None,
     tied_by_default: false,
-    activations: &[Activation::Silu],
+    activation: ("hidden_act", Activation::Silu),
+    reads_head_dim: true,
     harmless_keys: &[],
 };
 

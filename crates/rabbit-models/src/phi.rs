@@ -24,7 +24,8 @@ static PHI3_VARIANT: Variant = Variant {
     default_max_window_layers: 0,
     partial_rotary: Some(1.0),
     tied_by_default: false,
-    activations: &[Activation::Silu],
+    activation: ("hidden_act", Activation::Silu),
+    reads_head_dim: true,
     harmless_keys: DROPOUT,
 };
 
@@ -38,7 +39,9 @@ static PHI_VARIANT: Variant = Variant {
     default_max_window_layers: 0,
     partial_rotary: Some(0.5),
     tied_by_default: false,
-    activations: &[Activation::GeluNew, Activation::GeluTanh, Activation::Gelu],
+    activation: ("hidden_act", Activation::GeluNew),
+    // transformers' PhiAttention: head_dim = hidden_size // num_attention_heads, always.
+    reads_head_dim: false,
     harmless_keys: DROPOUT,
 };
 

@@ -17,7 +17,8 @@ static VARIANT: Variant = Variant {
     default_max_window_layers: 28,
     partial_rotary: None,
     tied_by_default: false,
-    activations: &[Activation::Silu],
+    activation: ("hidden_act", Activation::Silu),
+    reads_head_dim: true,
     harmless_keys: &["max_window_layers", "use_sliding_window"],
 };
 

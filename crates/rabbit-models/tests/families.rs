@@ -132,7 +132,7 @@ fn unsupported_and_contradictory_fields_are_refused_by_name() {
     let cases: Vec<(&str, Value, Vec<&str>)> = vec![
         (
             "gemma2",
-            with(&g2, json!({"hidden_activation": "relu"})),
+            with(&g2, json!({"hidden_activation": "quick_gelu"})),
             vec!["hidden_activation"],
         ),
         (
@@ -208,7 +208,7 @@ fn unsupported_and_contradictory_fields_are_refused_by_name() {
         ),
         (
             "phi",
-            with(&p2, json!({"hidden_act": "relu"})),
+            with(&p2, json!({"hidden_act": "quick_gelu"})),
             vec!["hidden_act"],
         ),
         (
@@ -280,4 +280,37 @@ fn a_hub_gemma3_multimodal_config_resolves_with_the_text_defaults() {
     assert_eq!(spec.local_rope.as_ref().unwrap().theta, 10_000.0);
     assert!((spec.attention.scale - 1.0 / 16.0).abs() < 1e-12);
     assert_eq!(spec.final_logit_softcap, None);
+}
+
+/// A multimodal config in transformers 5's layout whose text rope settings and layer pattern
+/// differ from `Gemma3TextConfig`'s defaults resolves to them (the defaults only fill what is
+/// missing, never contradict what is there).
+#[test]
+fn a_gemma3_multimodal_config_keeps_its_own_rope_and_pattern() {
+    let mut cfg = fixture_config("gemma3_cg", "config.json");
+    let text = cfg["text_config"].as_object_mut().unwrap();
+    text.insert(
+        "rope_parameters".into(),
+        json!({"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 500000.0},
+               "sliding_attention": {"rope_type": "default", "rope_theta": 20000.0}}),
+    );
+    text.remove("rope_theta");
+    text.remove("rope_local_base_freq");
+    text.remove("rope_scaling");
+    text.insert("_sliding_window_pattern".into(), json!(2));
+    text.remove("sliding_window_pattern");
+    text.remove("layer_types");
+    text.remove("sliding_window");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let spec = rabbit_models::load_spec(dir.path()).unwrap();
+    assert_eq!(spec.rope.theta, 500000.0);
+    assert!(matches!(spec.rope.scaling, RopeScaling::Linear { factor } if factor == 2.0));
+    assert_eq!(spec.local_rope.as_ref().unwrap().theta, 20000.0);
+    let n = spec.num_layers;
+    let want: Vec<Option<usize>> = (0..n).map(|i| ((i + 1) % 2 != 0).then_some(4096)).collect();
+    assert_eq!(
+        spec.sliding_windows, want,
+        "pattern 2, transformers' default window 4096"
+    );
 }

@@ -161,6 +161,7 @@ pub fn activate(x: &Tensor, a: Activation) -> Result<Tensor> {
         Activation::Silu => x.f_silu()?,
         Activation::GeluTanh => x.f_gelu("tanh")?,
         Activation::Gelu => x.f_gelu("none")?,
+        Activation::Relu => x.f_relu()?,
         Activation::GeluNew => {
             // 0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x^3))), as transformers writes it.
             let inner = x
