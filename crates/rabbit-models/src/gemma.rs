@@ -234,8 +234,18 @@ fn gemma3_spec(
                 "both `rope_scaling` and per-layer-type `rope_parameters` are set",
             ));
         }
-        r.set_rope_params(Some(n.get("full_attention").cloned().unwrap_or(json!({}))));
-        local_params = n.get("sliding_attention").cloned();
+        // transformers' YaRN reads `truncate` from the top level of `rope_parameters`, which
+        // for per-layer-type settings never has it: it is always true there.
+        let per_type = |key: &str| {
+            n.get(key).cloned().map(|mut p| {
+                if let Some(o) = p.as_object_mut() {
+                    o.remove("truncate");
+                }
+                p
+            })
+        };
+        r.set_rope_params(Some(per_type("full_attention").unwrap_or(json!({}))));
+        local_params = per_type("sliding_attention");
     }
     let mut spec = r.base()?;
     finish(&mut spec, &keys, true, cfg);

@@ -383,8 +383,9 @@ impl RopeSpec {
                         let pos_freq = (base as f32).powf(i as f32 / dim as f32);
                         let extrapolation = 1.0 / pos_freq;
                         let interpolation = 1.0 / (factor * pos_freq);
-                        let ramp =
-                            ((j as f32 - low as f32) / (high as f32 - low as f32)).clamp(0.0, 1.0);
+                        // As torch: `arange - low` in f32, the width `high - low` in f64
+                        // then f32.
+                        let ramp = ((j as f32 - low as f32) / (high - low) as f32).clamp(0.0, 1.0);
                         let extra_factor = 1.0 - ramp;
                         interpolation * (1.0 - extra_factor) + extrapolation * extra_factor
                     })
@@ -534,6 +535,30 @@ mod tests {
         let e =
             RopeSpec::from_config(10000.0, 16, Some(0.25), Some(1.0), Some(&v), 64).unwrap_err();
         assert!(e.contains("contradicts"), "{e}");
+    }
+
+    /// transformers 5.23's `_compute_yarn_parameters` for this config (truncate false, so the
+    /// ramp runs between non-integer bounds): the values it printed.
+    #[test]
+    fn yarn_without_truncation_matches_transformers() {
+        let v = json!({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048,
+                       "truncate": false});
+        let r = RopeSpec::from_config(10000.0, 16, None, None, Some(&v), 8192).unwrap();
+        let (inv, a) = r.inv_freq(1);
+        let want = [
+            1.0,
+            0.3162277638912201,
+            0.10000000149011612,
+            0.02387019619345665,
+            0.005056971684098244,
+            0.0008112904615700245,
+            0.0002500000118743628,
+            7.905694656074047e-05,
+        ];
+        for (g, w) in inv.iter().zip(want) {
+            assert_eq!(*g as f64, w as f32 as f64, "{inv:?}");
+        }
+        assert!((a as f64 - 1.138629436111989).abs() < 1e-6);
     }
 
     #[test]

@@ -314,3 +314,35 @@ fn a_gemma3_multimodal_config_keeps_its_own_rope_and_pattern() {
         "pattern 2, transformers' default window 4096"
     );
 }
+
+/// transformers' YaRN reads `truncate` from the top of `rope_parameters`, which per-layer-type
+/// settings (Gemma 3) never have there: `truncate: false` inside `full_attention` is ignored.
+#[test]
+fn gemma3_yarn_truncate_is_read_where_transformers_reads_it() {
+    let cfg = with(
+        &fixture_config("gemma3", "config.json"),
+        json!({"rope_parameters": {
+            "full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e6,
+                               "original_max_position_embeddings": 8, "truncate": false},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    );
+    let spec = resolve(&cfg).unwrap();
+    assert!(
+        matches!(spec.rope.scaling, RopeScaling::Yarn { truncate: true, .. }),
+        "{:?}",
+        spec.rope.scaling
+    );
+    let flat = with(
+        &fixture_config("llama3_rope", "config.json"),
+        json!({"rope_parameters": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 1e4,
+                                   "original_max_position_embeddings": 8, "truncate": false}}),
+    );
+    let spec = resolve(&flat).unwrap();
+    assert!(matches!(
+        spec.rope.scaling,
+        RopeScaling::Yarn {
+            truncate: false,
+            ..
+        }
+    ));
+}
