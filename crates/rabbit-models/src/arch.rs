@@ -58,8 +58,6 @@ pub struct Variant {
     /// The config key naming the MLP activation (`hidden_act`; Gemma: `hidden_activation`,
     /// its `hidden_act` being unused), and the activation when it is absent.
     pub activation: (&'static str, Activation),
-    /// Whether config.json's `head_dim` is read (Phi-2 always uses hidden / heads).
-    pub reads_head_dim: bool,
     /// config.json keys this family carries that cannot change the numerics of inference.
     pub harmless_keys: &'static [&'static str],
 }
@@ -341,8 +339,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
             format!("`num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv_heads})"),
         ));
     }
-    let given_head_dim = cfg.head_dim.filter(|_| v.reads_head_dim);
-    let head_dim = match (given_head_dim, v.default_head_dim) {
+    let head_dim = match (cfg.head_dim, v.default_head_dim) {
         (Some(d), _) => positive("head_dim", d)?,
         (None, Some(d)) => d,
         (None, None) => {

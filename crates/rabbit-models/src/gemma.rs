@@ -32,7 +32,6 @@ static GEMMA2_VARIANT: Variant = Variant {
     partial_rotary: None,
     tied_by_default: true,
     activation: ("hidden_activation", Activation::GeluTanh),
-    reads_head_dim: true,
     harmless_keys: HARMLESS,
 };
 
@@ -50,7 +49,6 @@ static GEMMA3_VARIANT: Variant = Variant {
     partial_rotary: None,
     tied_by_default: true,
     activation: ("hidden_activation", Activation::GeluTanh),
-    reads_head_dim: true,
     harmless_keys: HARMLESS,
 };
 

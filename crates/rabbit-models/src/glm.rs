@@ -21,7 +21,6 @@ static GLM_VARIANT: Variant = Variant {
     partial_rotary: Some(0.5),
     tied_by_default: false,
     activation: ("hidden_act", Activation::Silu),
-    reads_head_dim: true,
     harmless_keys: &[],
 };
 

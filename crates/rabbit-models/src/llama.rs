@@ -18,7 +18,6 @@ static VARIANT: Variant = Variant {
     partial_rotary: None,
     tied_by_default: false,
     activation: ("hidden_act", Activation::Silu),
-    reads_head_dim: true,
     // pretraining_tp only slices the matmuls differently during pre-training.
     harmless_keys: &["pretraining_tp"],
 };

@@ -1,7 +1,8 @@
 //! Phi-3 / Phi-3.5 / Phi-4 (`Phi3ForCausalLM`): the Llama program over fused `qkv_proj` and
 //! `gate_up_proj`, partial rotary, LongRoPE, sliding window on every layer when set. Phi-2
 //! (`PhiForCausalLM`): LayerNorm with bias, attention and MLP in parallel, partial rotary,
-//! `gelu_new`, biases everywhere (LM head included).
+//! `gelu_new`, biases everywhere (LM head included, which keeps its own bias when its weight is
+//! tied), optional per-head q/k LayerNorm.
 
 use serde_json::{json, Map, Value};
 
@@ -25,7 +26,6 @@ static PHI3_VARIANT: Variant = Variant {
     partial_rotary: Some(1.0),
     tied_by_default: false,
     activation: ("hidden_act", Activation::Silu),
-    reads_head_dim: true,
     harmless_keys: DROPOUT,
 };
 
@@ -40,8 +40,6 @@ static PHI_VARIANT: Variant = Variant {
     partial_rotary: Some(0.5),
     tied_by_default: false,
     activation: ("hidden_act", Activation::GeluNew),
-    // transformers' PhiAttention: head_dim = hidden_size // num_attention_heads, always.
-    reads_head_dim: false,
     harmless_keys: DROPOUT,
 };
 
@@ -131,9 +129,7 @@ impl Architecture for Phi {
         let eps = r
             .take_or::<f64>("layer_norm_eps", Some(1e-5))?
             .unwrap_or(1e-5);
-        if r.take::<bool>("qk_layernorm")? == Some(true) {
-            return Err(unsupported(v, "`qk_layernorm` true is not supported"));
-        }
+        let qk_layernorm = r.take::<bool>("qk_layernorm")?.unwrap_or(false);
         if cfg.rms_norm_eps.is_some() {
             return Err(unsupported(
                 v,
@@ -147,21 +143,11 @@ impl Architecture for Phi {
             ));
         }
         let mut spec = r.base()?;
-        if cfg
-            .head_dim
-            .is_some_and(|d| d * spec.num_heads != spec.hidden_size)
-        {
-            // transformers' Phi always uses hidden_size / num_attention_heads.
+        if qk_layernorm && spec.head_dim * spec.num_heads != spec.hidden_size {
+            // transformers sizes these norms hidden_size / num_attention_heads.
             return Err(unsupported(
                 v,
-                "`head_dim` differs from hidden_size / num_attention_heads, which Phi uses",
-            ));
-        }
-        if spec.tie_word_embeddings {
-            // The LM head has a bias of its own; transformers would still read it from lm_head.
-            return Err(unsupported(
-                v,
-                "`tie_word_embeddings` true is not supported for Phi",
+                "`qk_layernorm` needs `head_dim` = hidden_size / num_attention_heads",
             ));
         }
         spec.norm.kind = NormKind::Layer;
@@ -182,6 +168,13 @@ impl Architecture for Phi {
             Param::linear(Role::Up, "mlp.fc1", m, h, true),
             Param::linear(Role::Down, "mlp.fc2", h, m, true),
         ]);
+        if qk_layernorm {
+            let d = spec.head_dim;
+            t.layer
+                .push(Param::norm(Role::QNorm, "self_attn.q_layernorm", d, true));
+            t.layer
+                .push(Param::norm(Role::KNorm, "self_attn.k_layernorm", d, true));
+        }
         t.final_norm = "model.final_layernorm".into();
         t.final_norm_bias = true;
         t.lm_head_bias = true;

@@ -18,7 +18,6 @@ static VARIANT: Variant = Variant {
     partial_rotary: None,
     tied_by_default: false,
     activation: ("hidden_act", Activation::Silu),
-    reads_head_dim: true,
     harmless_keys: &["max_window_layers", "use_sliding_window"],
 };
 

@@ -113,11 +113,15 @@ impl ModelSpec {
         out
     }
 
+    /// The final norm's tensors, and a tied LM head's own bias (it has no unit of its own).
     fn final_norm_shapes(&self) -> Vec<(String, Vec<usize>)> {
         let t = &self.tensors;
         let mut out = vec![(t.final_norm_weight(), vec![self.hidden_size])];
         if t.final_norm_bias {
             out.push((format!("{}.bias", t.final_norm), vec![self.hidden_size]));
+        }
+        if self.tie_word_embeddings && t.lm_head_bias {
+            out.push((format!("{}.bias", t.lm_head), vec![self.vocab_size]));
         }
         out
     }

@@ -193,18 +193,13 @@ fn unsupported_and_contradictory_fields_are_refused_by_name() {
         ),
         (
             "phi",
-            with(&p2, json!({"qk_layernorm": true})),
-            vec!["qk_layernorm"],
+            with(&p2, json!({"qk_layernorm": true, "head_dim": 8})),
+            vec!["qk_layernorm", "head_dim"],
         ),
         (
             "phi",
             with(&p2, json!({"rms_norm_eps": 1e-5})),
             vec!["rms_norm_eps", "layer_norm_eps"],
-        ),
-        (
-            "phi",
-            with(&p2, json!({"tie_word_embeddings": true})),
-            vec!["tie_word_embeddings"],
         ),
         (
             "phi",

@@ -167,6 +167,9 @@ impl Engine {
 
         let names = &spec.tensors;
         let (embed_name, lm_head_name) = (names.embed_weight(), names.lm_head_weight());
+        let lm_head_bias_name = format!("{}.bias", names.lm_head);
+        // A tied LM head's own bias travels with the final norm.
+        let mut tied_bias = None;
         let norm = {
             let mut u = read_resident(split_dir, norm_entry, device, kind)?;
             let bias = if names.final_norm_bias {
@@ -174,6 +177,9 @@ impl Engine {
             } else {
                 None
             };
+            if spec.tie_word_embeddings && names.lm_head_bias {
+                tied_bias = Some(u.take(&lm_head_bias_name)?);
+            }
             NormWeights::bind(spec.norm.kind, u.take(&names.final_norm_weight())?, bias)?
         };
         let mut resident_bytes = norm_entry.data_len;
@@ -185,13 +191,12 @@ impl Engine {
                 read_resident(split_dir, embed_entry, device, kind)?.take(&embed_name)?,
             )
         };
-        let lm_head_bias_name = format!("{}.bias", names.lm_head);
         let lm_head_bias = match lm_head_entry {
             Some(e) if names.lm_head_bias => Some(
                 read_resident_only(split_dir, e, device, kind, |n| n == lm_head_bias_name)?
                     .take(&lm_head_bias_name)?,
             ),
-            _ => None,
+            _ => tied_bias,
         };
         let chunk_rows =
             |m: &MappedMatrix, bytes: u64| (bytes / (m.cols() as u64 * elem).max(1)).max(1) as i64;
