@@ -193,7 +193,7 @@ fn unsupported_and_contradictory_fields_are_refused_by_name() {
         ),
         (
             "phi",
-            with(&p2, json!({"qk_layernorm": true, "head_dim": 8})),
+            with(&p2, json!({"qk_layernorm": true, "head_dim": 10})),
             vec!["qk_layernorm", "head_dim"],
         ),
         (
