@@ -216,6 +216,20 @@ fn gemma3_spec(
         .filter(|o| o.contains_key("full_attention") || o.contains_key("sliding_attention"))
         .cloned();
     let mut local_params = None;
+    let old_type_key = cfg
+        .rope_scaling
+        .as_ref()
+        .and_then(Value::as_object)
+        .is_some_and(|o| o.contains_key("type") && !o.contains_key("rope_type"));
+    if old_type_key {
+        // transformers 5.23 turns such a `rope_scaling` into `rope_type: default` for Gemma 3
+        // (the scaling is silently dropped); either reading would surprise someone.
+        return Err(unsupported(
+            v,
+            "`rope_scaling` names its kind with the old `type` key, which transformers ignores for \
+             Gemma 3 (it runs without the scaling): write `rope_type` instead",
+        ));
+    }
     if let Some(n) = &nested {
         if let Some(k) = n
             .keys()
