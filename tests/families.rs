@@ -13,16 +13,7 @@ use rabbitllm::{DType, SamplingParams};
 /// `case` with `config.alt.json` (the classic layout) as config.json gives the same tokens.
 fn check_alt_config(name: &str) {
     let case = Case::load(name);
-    let alt = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&case.dir).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
-    }
-    std::fs::copy(
-        case.dir.join("config.alt.json"),
-        alt.path().join("config.json"),
-    )
-    .unwrap();
+    let alt = case.alt_config_dir();
     let split = tempfile::tempdir().unwrap();
     let mut model = case.open_dir(alt.path(), DType::F32, split.path());
     let seqs = case.sequences();

@@ -47,16 +47,7 @@ fn mistral_matches_transformers() {
 fn classic_and_transformers5_config_layouts_agree() {
     for name in ["qwen2_tied_f32", "llama3_rope"] {
         let case = Case::load(name);
-        let alt = tempfile::tempdir().unwrap();
-        for entry in std::fs::read_dir(&case.dir).unwrap() {
-            let p = entry.unwrap().path();
-            std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
-        }
-        std::fs::copy(
-            case.dir.join("config.alt.json"),
-            alt.path().join("config.json"),
-        )
-        .unwrap();
+        let alt = case.alt_config_dir();
         let split = tempfile::tempdir().unwrap();
         let mut model = case.open_dir(alt.path(), DType::F32, split.path());
         let (input, want) = case.sequences().remove(0);
@@ -99,16 +90,7 @@ fn mistral_window_longer_than_the_prompt_in_a_padded_batch_matches_transformers(
 fn qwen2_window_on_some_layers_matches_transformers() {
     check_window("qwen2_window_layers");
     let case = Case::load("qwen2_window_layers");
-    let alt = tempfile::tempdir().unwrap();
-    for entry in std::fs::read_dir(&case.dir).unwrap() {
-        let p = entry.unwrap().path();
-        std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
-    }
-    std::fs::copy(
-        case.dir.join("config.alt.json"),
-        alt.path().join("config.json"),
-    )
-    .unwrap();
+    let alt = case.alt_config_dir();
     let split = tempfile::tempdir().unwrap();
     let mut model = case.open_dir(alt.path(), DType::F32, split.path());
     assert_eq!(model.engine.spec().sliding_windows, expected_windows(&case));

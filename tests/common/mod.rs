@@ -67,6 +67,22 @@ impl Case {
             .collect()
     }
 
+    /// A copy of the case's directory with `config.alt.json` (the classic config layout) as its
+    /// config.json.
+    pub fn alt_config_dir(&self) -> tempfile::TempDir {
+        let alt = tempfile::tempdir().unwrap();
+        for entry in std::fs::read_dir(&self.dir).unwrap() {
+            let p = entry.unwrap().path();
+            std::fs::copy(&p, alt.path().join(p.file_name().unwrap())).unwrap();
+        }
+        std::fs::copy(
+            self.dir.join("config.alt.json"),
+            alt.path().join("config.json"),
+        )
+        .unwrap();
+        alt
+    }
+
     pub fn open(&self, dtype: DType, split: &Path) -> Model {
         self.open_dir(&self.dir, dtype, split)
     }

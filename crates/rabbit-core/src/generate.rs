@@ -266,17 +266,12 @@ impl Engine {
         })?;
 
         // Prefill: left-pad every prompt to the longest.
-        let mut ids = Vec::with_capacity(n * max_len);
-        let mut positions = Vec::with_capacity(n * max_len);
-        let mut pads = Vec::with_capacity(n);
-        for s in &req.sequences {
-            let pad = max_len - s.len();
-            pads.push(pad as i64);
-            ids.extend(std::iter::repeat_n(0i64, pad));
-            ids.extend(s.iter().map(|&t| t as i64));
-            positions.extend(std::iter::repeat_n(0i64, pad));
-            positions.extend(0..s.len() as i64);
-        }
+        let (ids, positions) = left_padded(req.sequences.iter().map(Vec::as_slice), max_len);
+        let pads: Vec<i64> = req
+            .sequences
+            .iter()
+            .map(|s| (max_len - s.len()) as i64)
+            .collect();
         let mut pads_t = int_tensor(&pads, &[n as i64], device)?;
         let any_pad = pads.iter().any(|&p| p > 0);
         let input = StepInput {
@@ -394,15 +389,8 @@ impl Engine {
             });
             if crossing {
                 let width = max_len + step;
-                let mut ids = Vec::with_capacity(live.len() * width);
-                let mut positions = Vec::with_capacity(live.len() * width);
-                for l in &live {
-                    let pad = width - l.history.len();
-                    ids.extend(std::iter::repeat_n(0i64, pad));
-                    ids.extend(l.history.iter().map(|&t| t as i64));
-                    positions.extend(std::iter::repeat_n(0i64, pad));
-                    positions.extend(0..l.history.len() as i64);
-                }
+                let (ids, positions) =
+                    left_padded(live.iter().map(|l| l.history.as_slice()), width);
                 let w = width as i64;
                 let input = StepInput {
                     ids: int_tensor(&ids, &[a, w], device)?,
@@ -464,6 +452,19 @@ impl Engine {
             kv_cache_bytes,
         })
     }
+}
+
+/// Token ids and positions of `rows` left-padded to `width` (pads: id 0, position 0), row-major.
+fn left_padded<'a>(rows: impl Iterator<Item = &'a [u32]>, width: usize) -> (Vec<i64>, Vec<i64>) {
+    let (mut ids, mut positions) = (Vec::new(), Vec::new());
+    for r in rows {
+        let pad = width - r.len();
+        ids.extend(std::iter::repeat_n(0i64, pad));
+        ids.extend(r.iter().map(|&t| t as i64));
+        positions.extend(std::iter::repeat_n(0i64, pad));
+        positions.extend(0..r.len() as i64);
+    }
+    (ids, positions)
 }
 
 fn tch_kind_size(k: Kind) -> usize {

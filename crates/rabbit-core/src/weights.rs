@@ -232,7 +232,7 @@ impl LayerWeights {
     }
 
     /// Replaces the `parts` projections by one `fused` projection of their stacked rows.
-    pub fn fuse_roles(&mut self, parts: &[Role], fused: Role) -> Result<()> {
+    fn fuse_roles(&mut self, parts: &[Role], fused: Role) -> Result<()> {
         if self.linears.contains_key(&fused) || !parts.iter().all(|r| self.linears.contains_key(r))
         {
             return Ok(());

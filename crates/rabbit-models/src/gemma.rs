@@ -6,13 +6,12 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::arch::{
-    rope_from, unsupported, Architecture, Resolver, SlidingPolicy, SynthShape, Variant,
-};
+use crate::arch::{unsupported, Architecture, SlidingPolicy, SynthShape, Variant};
 use crate::blocks::{Activation, LayerProgram, NormKind, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::lineage::separate_projections;
+use crate::resolve::{rope_from, Resolver};
 use crate::spec::ModelSpec;
 
 /// Keys of Gemma configs that cannot change inference.

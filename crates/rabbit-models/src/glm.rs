@@ -4,10 +4,11 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::arch::{Architecture, Resolver, SlidingPolicy, SynthShape, Variant};
+use crate::arch::{Architecture, SlidingPolicy, SynthShape, Variant};
 use crate::blocks::{Activation, LayerProgram, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
+use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
 static GLM_VARIANT: Variant = Variant {

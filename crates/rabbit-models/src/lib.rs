@@ -21,6 +21,7 @@ pub mod phi;
 pub mod qwen2;
 pub mod qwen3;
 pub mod registry;
+pub mod resolve;
 pub mod rope;
 pub mod spec;
 #[cfg(feature = "synth")]

@@ -4,10 +4,11 @@
 
 use serde_json::Value;
 
-use crate::arch::{Architecture, Resolver, SynthShape, Variant};
+use crate::arch::{Architecture, SynthShape, Variant};
 use crate::blocks::{Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
+use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
 /// Whether a projection carries a bias.

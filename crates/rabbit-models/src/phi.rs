@@ -6,10 +6,11 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::arch::{unsupported, Architecture, Resolver, SlidingPolicy, SynthShape, Variant};
+use crate::arch::{unsupported, Architecture, SlidingPolicy, SynthShape, Variant};
 use crate::blocks::{Activation, LayerProgram, NormKind, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
+use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
 /// Dropout rates: training only.

@@ -3,8 +3,11 @@
 //! (goldens written by `tests/fixtures/make_chat_goldens.py`), the Jinja features chat templates
 //! use, the synthetic tokenizer's template, and the error paths.
 
+mod common;
+
 // Everything lives in `mod chat` so `cargo test -p rabbit-models chat` selects these tests.
 mod chat {
+    use super::common::diff_hint;
     use std::fs;
     use std::path::{Path, PathBuf};
 
@@ -33,31 +36,6 @@ mod chat {
 
     fn messages_of(case: &Value) -> Vec<Message> {
         serde_json::from_value(case["messages"].clone()).expect("golden messages deserialize")
-    }
-
-    /// First differing byte, with some context, for readable failures.
-    fn diff_hint(got: &str, want: &str) -> String {
-        let pos = got
-            .bytes()
-            .zip(want.bytes())
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(want.len()));
-        let ctx = |s: &str| {
-            let mut lo = pos.saturating_sub(40).min(s.len());
-            while !s.is_char_boundary(lo) {
-                lo -= 1;
-            }
-            let mut hi = (pos + 40).min(s.len());
-            while !s.is_char_boundary(hi) {
-                hi += 1;
-            }
-            format!("{:?}", &s[lo..hi])
-        };
-        format!(
-            "first difference at byte {pos}: got {} / want {}",
-            ctx(got),
-            ctx(want)
-        )
     }
 
     /// Renders every golden case of one real tokenizer and compares byte for byte.

@@ -4,8 +4,11 @@
 //! (origins in `SOURCES.md` there); the goldens in `tests/fixtures/chat/families.json` are written
 //! by `tests/fixtures/make_chat_family_goldens.py` with transformers' own renderer.
 
+mod common;
+
 // In `mod chat_families` so `cargo test -p rabbit-models chat` selects these tests too.
 mod chat_families {
+    use super::common::diff_hint;
     use std::fs;
     use std::path::{Path, PathBuf};
 
@@ -44,31 +47,6 @@ mod chat_families {
         )
         .unwrap();
         dir
-    }
-
-    /// First differing byte, with some context, for readable failures.
-    fn diff_hint(got: &str, want: &str) -> String {
-        let pos = got
-            .bytes()
-            .zip(want.bytes())
-            .position(|(a, b)| a != b)
-            .unwrap_or(got.len().min(want.len()));
-        let ctx = |s: &str| {
-            let mut lo = pos.saturating_sub(40).min(s.len());
-            while !s.is_char_boundary(lo) {
-                lo -= 1;
-            }
-            let mut hi = (pos + 40).min(s.len());
-            while !s.is_char_boundary(hi) {
-                hi += 1;
-            }
-            format!("{:?}", &s[lo..hi])
-        };
-        format!(
-            "first difference at byte {pos}: got {} / want {}",
-            ctx(got),
-            ctx(want)
-        )
     }
 
     /// Renders every case of one golden entry with `tmpl`; returns the failures.

@@ -50,12 +50,8 @@ impl Engine {
             HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
             HeadMatrix::Mapped(m, _) => m.embed(&input.ids, self.device, self.kind)?,
         };
-        if let Some(scale) = self.spec.embed_scale {
-            // transformers rounds the multiplier to the compute dtype first (Gemma).
-            let s = Tensor::from(scale)
-                .f_to_kind(self.kind)?
-                .f_to_device(self.device)?;
-            h = h.f_mul(&s)?;
+        if let Some(s) = &self.embed_scale {
+            h = h.f_mul(s)?;
         }
         let rope = self
             .rope

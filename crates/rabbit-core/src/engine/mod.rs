@@ -159,6 +159,8 @@ pub struct Engine {
     norm: NormWeights,
     lm_head: HeadMatrix,
     lm_head_bias: Option<Tensor>,
+    /// `spec.embed_scale` as a scalar in the compute dtype, on the device.
+    embed_scale: Option<Tensor>,
     layers: Vec<UnitEntry>,
     /// Per layer: the weights when the plan keeps it resident.
     resident: Vec<Option<LayerWeights>>,

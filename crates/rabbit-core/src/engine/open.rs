@@ -259,6 +259,11 @@ impl Engine {
                 "layers with different sliding-window sizes are not supported".into(),
             ));
         }
+        // transformers rounds the multiplier to the compute dtype first (Gemma).
+        let embed_scale = match spec.embed_scale {
+            Some(s) => Some(Tensor::from(s).f_to_kind(kind)?.f_to_device(device)?),
+            None => None,
+        };
         let rope = RopeTables::new(&spec.rope, device)?;
         let local_rope = match &spec.local_rope {
             Some(r) => Some(RopeTables::new(r, device)?),
@@ -273,6 +278,7 @@ impl Engine {
             norm,
             lm_head,
             lm_head_bias,
+            embed_scale,
             layers,
             resident,
             stream_slot,

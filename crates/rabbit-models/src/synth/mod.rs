@@ -19,6 +19,7 @@
 //!   `config.json` is complete. A `rabbit_synth.json` stamp records the options, so asking again
 //!   for the same checkpoint is answered from disk, and only our own output is ever overwritten.
 
+pub mod init;
 pub mod tokenizer;
 pub mod weights;
 

@@ -1,4 +1,4 @@
-//! Helpers shared by the tests of `rabbit_models::synth`.
+//! Helpers shared by the tests of `rabbit_models` (synth, chat).
 //!
 //! Each file under `tests/` is its own crate and uses only some of these helpers, so the ones a
 //! given test binary leaves unused would otherwise each warn there.
@@ -19,4 +19,29 @@ pub fn opts(arch: &str, preset: &str, dir: &Path) -> SynthOptions {
 
 pub fn run(o: &SynthOptions) -> SynthReport {
     synthesize(o, &mut |_| {}).unwrap_or_else(|e| panic!("synthesize {o:?}: {e}"))
+}
+
+/// First differing byte, with some context, for readable failures.
+pub fn diff_hint(got: &str, want: &str) -> String {
+    let pos = got
+        .bytes()
+        .zip(want.bytes())
+        .position(|(a, b)| a != b)
+        .unwrap_or(got.len().min(want.len()));
+    let ctx = |s: &str| {
+        let mut lo = pos.saturating_sub(40).min(s.len());
+        while !s.is_char_boundary(lo) {
+            lo -= 1;
+        }
+        let mut hi = (pos + 40).min(s.len());
+        while !s.is_char_boundary(hi) {
+            hi += 1;
+        }
+        format!("{:?}", &s[lo..hi])
+    };
+    format!(
+        "first difference at byte {pos}: got {} / want {}",
+        ctx(got),
+        ctx(want)
+    )
 }
