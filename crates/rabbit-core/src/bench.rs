@@ -92,7 +92,7 @@ fn prompt_ids(seed: u64, seq: usize, len: usize, limit: u32) -> Vec<u32> {
 fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
     let spec = engine.spec();
     let context = cfg.prompt_len.saturating_add(cfg.new_tokens);
-    if context > spec.max_position_embeddings {
+    if spec.context_limit().is_some_and(|limit| context > limit) {
         return Err(CoreError::ContextTooLong {
             reason: format!(
                 "{} {} + --new-tokens {} = {context} > max_position_embeddings {}",

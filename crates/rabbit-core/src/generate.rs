@@ -146,7 +146,7 @@ impl Engine {
                 )));
             }
             let total = s.len().saturating_add(req.max_new_tokens);
-            if total > spec.max_position_embeddings {
+            if spec.context_limit().is_some_and(|limit| total > limit) {
                 return Err(CoreError::ContextTooLong {
                     reason: format!(
                         "sequence {i}: {} prompt tokens + {} new tokens = {total} > max_position_embeddings {}",
@@ -181,6 +181,8 @@ impl Engine {
             pads: int_tensor(&[0], &[1], device)?,
             any_pad: false,
             slot: 0,
+            seq_lens: vec![ids.len()],
+            prompt_lens: vec![ids.len()],
         };
         let logits = self.forward(&input, &mut kv, true)?;
         Ok(Vec::<f32>::try_from(
@@ -281,6 +283,8 @@ impl Engine {
             pads: pads_t.shallow_clone(),
             any_pad,
             slot: 0,
+            seq_lens: req.sequences.iter().map(Vec::len).collect(),
+            prompt_lens: req.sequences.iter().map(Vec::len).collect(),
         };
         let prefill_start = Instant::now();
         let mut logits = self.forward(&input, &mut kv, false)?;
@@ -399,6 +403,8 @@ impl Engine {
                     pads: pads_t.shallow_clone(),
                     any_pad: any_pad && live.iter().any(|l| l.prompt_len < max_len),
                     slot: 0,
+                    seq_lens: live.iter().map(|l| l.history.len()).collect(),
+                    prompt_lens: live.iter().map(|l| l.prompt_len).collect(),
                 };
                 let t = Instant::now();
                 logits = self.forward(&input, &mut kv, false)?;
@@ -423,6 +429,8 @@ impl Engine {
                 pads: pads_t.shallow_clone(),
                 any_pad: any_pad && live.iter().any(|l| l.prompt_len < max_len),
                 slot: (max_len + step - 1) as i64,
+                seq_lens: live.iter().map(|l| l.history.len()).collect(),
+                prompt_lens: live.iter().map(|l| l.prompt_len).collect(),
             };
             let t = Instant::now();
             logits = self.forward(&input, &mut kv, false)?;

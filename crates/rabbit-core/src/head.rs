@@ -158,13 +158,15 @@ impl MappedMatrix {
     }
 
     /// `h @ M^T` for `h` `[.., cols]` on `device`, walking the rows in chunks of `chunk_rows`:
-    /// `[.., rows]` logits in `kind`.
+    /// `[.., rows]` logits in `kind`. With `normalize_rows`, each row is first divided by its L2
+    /// norm (Baichuan's NormHead; rows are independent, so chunk by chunk is exact).
     pub fn linear_chunked(
         &self,
         h: &Tensor,
         chunk_rows: i64,
         device: Device,
         kind: Kind,
+        normalize_rows: bool,
     ) -> Result<Tensor> {
         let chunk_rows = chunk_rows.max(1);
         let mut parts = Vec::new();
@@ -177,6 +179,11 @@ impl MappedMatrix {
             } else {
                 w.f_to_device(device)?.f_to_kind(kind)?
             };
+            let w = if normalize_rows {
+                normalize_rows_l2(&w)?
+            } else {
+                w
+            };
             parts.push(h.f_linear::<Tensor>(&w, None)?);
             drop(w);
             self.release(start, n);
@@ -184,4 +191,13 @@ impl MappedMatrix {
         }
         Ok(Tensor::f_cat(&parts, -1)?)
     }
+}
+
+/// Each row of `w` divided by its L2 norm (at least 1e-12), in `w`'s dtype, as
+/// `torch.nn.functional.normalize(w, dim=1)` (Baichuan 2's NormHead) computes it.
+pub fn normalize_rows_l2(w: &Tensor) -> Result<Tensor> {
+    let norm = w
+        .f_norm_scalaropt_dim(2, [1i64].as_slice(), true)?
+        .f_clamp_min(1e-12)?;
+    Ok(w.f_div(&norm)?)
 }

@@ -1,4 +1,8 @@
 //! RoPE cos/sin tables on the compute device, built per forward from the positions in play.
+//!
+//! Scalings whose frequencies depend on a sequence's length (dynamic NTK, LongRoPE, QWen's
+//! NTK) get them per row, from that row's own length: a sequence is rotated the same in a batch
+//! as alone, whatever the others' lengths.
 
 use rabbit_models::{RopeScaling, RopeSpec};
 use tch::{Device, Kind, Tensor};
@@ -6,92 +10,78 @@ use tch::{Device, Kind, Tensor};
 use crate::decoder::RopeCosSin;
 use crate::error::Result;
 
-/// Inverse frequencies on the device, refreshed for dynamic NTK as transformers does.
+/// The lengths a forward's frequencies may depend on, per row.
+pub struct RowLengths<'a> {
+    /// Each row's length up to and including this forward's last token.
+    pub seq: &'a [usize],
+    /// Each row's prompt length (what its prefill saw).
+    pub prompt: &'a [usize],
+}
+
+/// Inverse frequencies on the device.
 pub struct RopeTables {
     spec: RopeSpec,
     device: Device,
+    /// The frequencies when they do not depend on the sequence.
     inv_freq: Tensor,
-    /// LongRoPE: the frequencies past the original length (`inv_freq` holds the short ones).
-    long_inv_freq: Option<Tensor>,
     scale: f64,
-    /// Dynamic NTK: the longest length the current frequencies were computed for.
-    cached_len: usize,
-    original_len: usize,
 }
 
 impl RopeTables {
     /// Builds the base tables.
     pub fn new(spec: &RopeSpec, device: Device) -> Result<RopeTables> {
-        let original_len = match spec.scaling {
-            RopeScaling::Dynamic {
-                max_position_embeddings,
-                ..
-            } => max_position_embeddings,
-            RopeScaling::LongRope {
-                original_max_position_embeddings,
-                ..
-            } => original_max_position_embeddings,
-            _ => 0,
-        };
-        let (inv, scale) = spec.inv_freq(original_len.max(1));
-        let long_inv_freq = match spec.scaling {
-            RopeScaling::LongRope { .. } => {
-                let (long, _) = spec.inv_freq(original_len + 1);
-                Some(Tensor::f_from_slice(&long)?.f_to_device(device)?)
-            }
-            _ => None,
-        };
+        let (inv, scale) = spec.inv_freq(1);
         Ok(RopeTables {
             spec: spec.clone(),
             device,
             inv_freq: Tensor::f_from_slice(&inv)?.f_to_device(device)?,
-            long_inv_freq,
             scale: scale as f64,
-            cached_len: original_len,
-            original_len,
         })
     }
 
-    /// Mirrors transformers' `dynamic_rope_update`: grow the base past the configured length,
-    /// reset once a shorter sequence comes back.
-    fn refresh(&mut self, seq_len: usize) -> Result<()> {
-        if !matches!(self.spec.scaling, RopeScaling::Dynamic { .. }) {
-            return Ok(());
+    /// The length that decides a row's frequencies, when the scaling has one: its current
+    /// length (dynamic NTK grows the base past the configured length, as transformers'
+    /// `dynamic_rope_update` and InternLM2's code do; LongRoPE switches factors past the
+    /// original length), or its prompt length (QWen: decided at prefill, kept while decoding).
+    fn deciding_length(&self, seq: usize, prompt: usize) -> Option<usize> {
+        match self.spec.scaling {
+            RopeScaling::Dynamic { .. } | RopeScaling::LongRope { .. } => Some(seq),
+            RopeScaling::QwenNtk { .. } => Some(prompt),
+            _ => None,
         }
-        if seq_len > self.cached_len {
-            let (inv, _) = self.spec.inv_freq(seq_len);
-            self.inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(self.device)?;
-            self.cached_len = seq_len;
-        } else if seq_len < self.original_len && self.cached_len > self.original_len {
-            let (inv, _) = self.spec.inv_freq(self.original_len);
-            self.inv_freq = Tensor::f_from_slice(&inv)?.f_to_device(self.device)?;
-            self.cached_len = self.original_len;
+    }
+
+    /// `[B, 1, dim/2]` frequencies for the rows, or the shared `[1, 1, dim/2]` ones.
+    fn frequencies(&self, rows: &RowLengths<'_>) -> Result<Tensor> {
+        let per_row: Option<Vec<usize>> = rows
+            .seq
+            .iter()
+            .zip(rows.prompt)
+            .map(|(&s, &p)| self.deciding_length(s, p))
+            .collect();
+        match per_row {
+            Some(lens) if !lens.is_empty() => {
+                let mut flat = Vec::with_capacity(lens.len() * self.spec.dim / 2);
+                for &len in &lens {
+                    flat.extend(self.spec.inv_freq(len).0);
+                }
+                Ok(Tensor::f_from_slice(&flat)?
+                    .f_to_device(self.device)?
+                    .f_view([lens.len() as i64, 1, -1])?)
+            }
+            _ => Ok(self.inv_freq.f_view([1, 1, -1])?),
         }
-        Ok(())
     }
 
     /// cos/sin `[B, 1, T, rotary]` in `kind` for `positions` `[B, T]` (int64 on the device).
     pub fn cos_sin(
-        &mut self,
+        &self,
         positions: &Tensor,
-        max_position: i64,
+        rows: &RowLengths<'_>,
         kind: Kind,
     ) -> Result<RopeCosSin> {
-        self.refresh(max_position as usize + 1)?;
         let pos = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
-        let freqs = match &self.long_inv_freq {
-            // LongRoPE picks its factors per sequence on the sequence's own length (transformers
-            // decides per forward; per row, a sequence gets the same in a batch as alone).
-            Some(long) => {
-                let len = positions.f_amax([1i64].as_slice(), true)?.f_add_scalar(1)?;
-                let is_long = len.f_gt(self.original_len as i64)?.f_unsqueeze(-1)?;
-                let inv = long
-                    .f_view([1, 1, -1])?
-                    .f_where_self(&is_long, &self.inv_freq.f_view([1, 1, -1])?)?;
-                pos.f_mul(&inv)?
-            }
-            None => pos.f_mul(&self.inv_freq.f_view([1, 1, -1])?)?,
-        };
+        let freqs = pos.f_mul(&self.frequencies(rows)?)?;
         // Halves layout: (f0..fn, f0..fn); interleaved pairs: (f0, f0, f1, f1, ...).
         let emb = if self.spec.interleaved {
             freqs.f_repeat_interleave_self_int(2, Some(-1), None)?

@@ -68,6 +68,11 @@ pub trait Architecture: Send + Sync + 'static {
         self.variant().name
     }
 
+    /// Other `architectures[0]` values its checkpoints carry (ChatGLM writes either of two).
+    fn other_names(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// Short key (`gemma2`, ...) for `rabbit synth --arch`.
     fn key(&self) -> &'static str;
 
@@ -79,6 +84,19 @@ pub trait Architecture: Send + Sync + 'static {
     /// real checkpoints carry beyond the common keys).
     /// `None` when the family is not synthesised (another family writes the same model).
     fn synth_config(&self, shape: &SynthShape) -> Option<serde_json::Map<String, Value>>;
+
+    /// The family's own spellings of common config keys, `(its key, common key)`: renamed before
+    /// config.json is parsed (ChatGLM writes `num_layers` for `num_hidden_layers`). A config
+    /// giving both spellings with different values is refused.
+    fn config_aliases(&self) -> &'static [(&'static str, &'static str)] {
+        &[]
+    }
+
+    /// Turns a synthetic config.json written with the common keys into the family's own
+    /// spelling (what its real checkpoints carry). By default the aliases renamed back.
+    fn synth_finish(&self, cfg: &mut serde_json::Map<String, Value>) {
+        unalias(cfg, self.config_aliases());
+    }
 
     /// For a wrapper whose config.json nests the language model in `text_config`: the defaults
     /// of that text config's class in transformers (hub configs leave most keys out).
@@ -94,6 +112,15 @@ pub trait Architecture: Send + Sync + 'static {
             head_dim: 16,
         };
         self.synth_config(&shape).is_some()
+    }
+}
+
+/// Renames the common keys of `aliases` (`(family key, common key)`) back to the family's.
+pub fn unalias(cfg: &mut serde_json::Map<String, Value>, aliases: &[(&str, &str)]) {
+    for (family, common) in aliases {
+        if let Some(v) = cfg.remove(*common) {
+            cfg.insert(family.to_string(), v);
+        }
     }
 }
 

@@ -11,6 +11,9 @@ pub enum NormKind {
     /// RMSNorm, transformers' Llama form: normalise in f32, cast to the compute dtype, then
     /// multiply by the weight.
     Rms,
+    /// RMSNorm as ChatGLM writes it: normalise in f32, multiply by the weight in f32, then
+    /// cast (identical to [`NormKind::Rms`] in f32; not in bf16/f16).
+    RmsWeightF32,
     /// RMSNorm, Gemma's form: normalise in f32 and multiply by `1 + weight` in f32, then cast.
     /// (The `+1` is applied when the weights are bound, in f32, so bf16 weights lose nothing.)
     RmsOffset,
@@ -136,6 +139,11 @@ pub struct Param {
     pub shape: Vec<usize>,
     /// Whether a `.bias` of `shape[0]` elements goes with it.
     pub bias: bool,
+    /// The checkpoint packs the rows in another order than the role reads: the split regroups
+    /// weight (and bias) rows, cut into `order.len()` equal blocks, block `i` taken from the
+    /// checkpoint's block `order[i]` (InternLM2's `wqkv`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub row_order: Option<Vec<usize>>,
 }
 
 impl Param {
@@ -146,6 +154,7 @@ impl Param {
             name: name.to_string(),
             shape: vec![rows, cols],
             bias,
+            row_order: None,
         }
     }
 
@@ -156,6 +165,7 @@ impl Param {
             name: name.to_string(),
             shape: vec![width],
             bias,
+            row_order: None,
         }
     }
 }
@@ -240,4 +250,50 @@ pub struct AttentionSpec {
     /// `tanh(s / cap) * cap` on the scores (Gemma 2), which SDPA cannot do: such layers take
     /// the explicit attention path.
     pub softcap: Option<f64>,
+    /// ALiBi instead of rotary embeddings (Baichuan 13B): `slope_h · key_position` is added to
+    /// head `h`'s scores, the slopes of [`alibi_slopes`]; no rotary embedding is applied.
+    #[serde(default)]
+    pub alibi: bool,
+    /// QWen v1's log-n attention: a query at position `p` with `p + 1 > n` is multiplied by
+    /// `ln(p + 1) / ln(n)` (after rotary), `n` being config.json's `seq_length`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logn_length: Option<usize>,
+}
+
+impl AttentionSpec {
+    /// `1 / sqrt(head_dim)` scores, nothing else.
+    pub fn plain(head_dim: usize) -> AttentionSpec {
+        AttentionSpec {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+            alibi: false,
+            logn_length: None,
+        }
+    }
+}
+
+/// The ALiBi slope of each of `heads` heads, as the ALiBi paper, BLOOM and Baichuan
+/// (`_get_interleave`) compute them: for a power of two `n`, `s^(i+1)` with `s = 2^(-8/n)`;
+/// otherwise the slopes of the largest power of two below `n`, then every other slope of twice
+/// that power.
+pub fn alibi_slopes(heads: usize) -> Vec<f64> {
+    fn power_of_two(n: usize) -> Vec<f64> {
+        let start = 2f64.powf(-(2f64.powf(-((n as f64).log2() - 3.0))));
+        (0..n).map(|i| start * start.powi(i as i32)).collect()
+    }
+    if heads == 0 {
+        return vec![];
+    }
+    if heads.is_power_of_two() {
+        return power_of_two(heads);
+    }
+    let closest = 1usize << heads.ilog2();
+    let mut out = power_of_two(closest);
+    out.extend(
+        alibi_slopes(2 * closest)
+            .into_iter()
+            .step_by(2)
+            .take(heads - closest),
+    );
+    out
 }

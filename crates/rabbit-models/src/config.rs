@@ -86,8 +86,10 @@ pub struct HfConfig {
     /// MLP activation; only `silu` is supported by these families.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hidden_act: Option<String>,
-    /// Longest context the model was configured for.
-    pub max_position_embeddings: usize,
+    /// Longest context the model was configured for (Baichuan 13B has none: its family takes
+    /// `model_max_length`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
     /// RMSNorm epsilon.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rms_norm_eps: Option<f64>,
@@ -165,6 +167,17 @@ impl HfConfig {
         dir: &Path,
         text_defaults: &dyn Fn(&str) -> Option<Value>,
     ) -> Result<HfConfig> {
+        Self::load_hooked(dir, text_defaults, &|_| &[])
+    }
+
+    /// [`HfConfig::load_with`], also renaming a family's own spellings of the common keys:
+    /// `aliases(architectures[0])` gives `(family key, common key)` pairs (see
+    /// [`HfConfig::parse_hooked`]).
+    pub fn load_hooked(
+        dir: &Path,
+        text_defaults: &dyn Fn(&str) -> Option<Value>,
+        aliases: &dyn Fn(&str) -> &'static [(&'static str, &'static str)],
+    ) -> Result<HfConfig> {
         let path = dir.join("config.json");
         let text = std::fs::read_to_string(&path).map_err(|source| {
             if source.kind() == std::io::ErrorKind::NotFound {
@@ -176,7 +189,7 @@ impl HfConfig {
                 }
             }
         })?;
-        Self::from_json_str_with(&text, text_defaults)
+        Self::parse_hooked(&text, text_defaults, aliases)
             .map_err(|reason| ModelError::BadConfig { path, reason })
     }
 
@@ -196,13 +209,48 @@ impl HfConfig {
         text: &str,
         text_defaults: &dyn Fn(&str) -> Option<Value>,
     ) -> std::result::Result<HfConfig, String> {
+        Self::parse_hooked(text, text_defaults, &|_| &[])
+    }
+
+    /// [`HfConfig::from_json_str_with`], renaming the keys a family spells its own way
+    /// (ChatGLM's `num_layers` for `num_hidden_layers`, ...) to the common names first:
+    /// `aliases(architectures[0])` lists `(family key, common key)`. A config giving both
+    /// spellings with different values is refused, naming both.
+    pub fn parse_hooked(
+        text: &str,
+        text_defaults: &dyn Fn(&str) -> Option<Value>,
+        aliases: &dyn Fn(&str) -> &'static [(&'static str, &'static str)],
+    ) -> std::result::Result<HfConfig, String> {
         let value: Value = parse_json(text)?;
-        match flatten_text_config(&value, text_defaults)? {
-            Some(flat) => {
-                parse_json(&flat.to_string()).map_err(|e| format!("{e} (in `text_config`)"))
-            }
-            None => parse_json(text),
+        let (mut value, nested) = match flatten_text_config(&value, text_defaults)? {
+            Some(flat) => (flat, true),
+            None => (value, false),
+        };
+        let arch = value
+            .get("architectures")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let pairs = arch.as_deref().map(aliases).unwrap_or(&[]);
+        let renamed = match value.as_object_mut() {
+            Some(obj) => rename_keys(obj, pairs)?,
+            None => vec![],
+        };
+        if !nested && renamed.is_empty() {
+            return parse_json(text);
         }
+        parse_json(&value.to_string()).map_err(|mut e| {
+            // Name the key as the user's file spells it.
+            for (from, to) in &renamed {
+                e = e.replace(&format!("field `{to}`"), &format!("field `{from}`"));
+            }
+            if nested {
+                format!("{e} (in `text_config`)")
+            } else {
+                e
+            }
+        })
     }
 
     /// `architectures[0]`, the registry key.
@@ -221,6 +269,30 @@ impl HfConfig {
             (None, None) => Ok(None),
         }
     }
+}
+
+/// Renames `(from, to)` keys of `obj` (both present with different values is an error);
+/// returns the pairs that were renamed.
+fn rename_keys<'p>(
+    obj: &mut serde_json::Map<String, Value>,
+    pairs: &[(&'p str, &'p str)],
+) -> std::result::Result<Vec<(&'p str, &'p str)>, String> {
+    let mut done = vec![];
+    for &(from, to) in pairs {
+        let Some(v) = obj.remove(from) else {
+            continue;
+        };
+        match obj.get(to) {
+            Some(w) if !w.is_null() && *w != v => {
+                return Err(format!("`{from}` ({v}) contradicts `{to}` ({w})"));
+            }
+            _ => {
+                obj.insert(to.to_string(), v);
+                done.push((from, to));
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// The flat view of a wrapper config whose language model is in `text_config`, or `None` when

@@ -286,6 +286,7 @@ fn gemma3_spec(
         theta,
         spec.head_dim,
         local_params.as_ref(),
+        spec.max_position_embeddings,
     )?);
     Ok(spec)
 }

@@ -3,21 +3,26 @@
 //! Llama-lineage decoder. Pure Rust (no libtorch): the decoder math lives in `rabbit-core`.
 //!
 //! One file per family says what its model is: the Llama lineage (`lineage.rs` with `qwen2.rs`,
-//! `qwen3.rs`, `llama.rs`, `mistral.rs`), `gemma.rs`, `phi.rs` and `glm.rs`, in the vocabulary of
-//! `blocks.rs`.
+//! `qwen3.rs`, `llama.rs`, `mistral.rs`), `gemma.rs`, `phi.rs`, `glm.rs`, and the families whose
+//! checkpoints ship their own modeling code (`chatglm.rs`, `internlm.rs`, `baichuan.rs`,
+//! `qwen1.rs`), in the vocabulary of `blocks.rs`.
 
 pub mod arch;
+pub mod baichuan;
 pub mod blocks;
 #[cfg(feature = "chat")]
 pub mod chat;
+pub mod chatglm;
 pub mod config;
 pub mod error;
 pub mod gemma;
 pub mod glm;
+pub mod internlm;
 pub mod lineage;
 pub mod llama;
 pub mod mistral;
 pub mod phi;
+pub mod qwen1;
 pub mod qwen2;
 pub mod qwen3;
 pub mod registry;
@@ -31,7 +36,8 @@ pub mod testdata;
 
 pub use arch::{Architecture, Variant};
 pub use blocks::{
-    Activation, AttentionSpec, LayerProgram, Norm, NormKind, Param, Role, TensorLayout,
+    alibi_slopes, Activation, AttentionSpec, LayerProgram, Norm, NormKind, Param, Role,
+    TensorLayout,
 };
 #[cfg(feature = "chat")]
 pub use chat::{load_messages, ChatError, ChatTemplate, Message};

@@ -3,11 +3,15 @@
 use std::path::Path;
 
 use crate::arch::Architecture;
+use crate::baichuan::Baichuan;
+use crate::chatglm::ChatGlm;
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::{ModelError, Result};
 use crate::gemma::{Gemma2, Gemma3, Gemma3Multimodal};
 use crate::glm::{Glm, Glm4};
+use crate::internlm::{InternLm, InternLm2};
 use crate::phi::{Phi, Phi3};
+use crate::qwen1::Qwen1;
 use crate::spec::ModelSpec;
 use crate::{llama::LLAMA, mistral::MISTRAL, qwen2::QWEN2, qwen3::QWEN3};
 
@@ -24,6 +28,11 @@ static SUPPORTED: &[&dyn Architecture] = &[
     &Phi,
     &Glm4,
     &Glm,
+    &ChatGlm,
+    &InternLm2,
+    &InternLm,
+    &Baichuan,
+    &Qwen1,
 ];
 
 /// Families named by the anchors' documentation that are recognised but not implemented yet:
@@ -32,19 +41,17 @@ pub static NOT_YET_SUPPORTED: &[&str] = &[
     "MixtralForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
-    "InternLMForCausalLM",
-    "InternLM2ForCausalLM",
-    "ChatGLMModel",
-    "ChatGLMForConditionalGeneration",
-    "BaichuanForCausalLM",
-    "QWenLMHeadModel",
+    "BaiChuanForCausalLM",
     "Qwen2MoeForCausalLM",
     "Qwen3MoeForCausalLM",
 ];
 
 /// Names of the implemented architectures.
 pub fn supported_architectures() -> Vec<&'static str> {
-    SUPPORTED.iter().map(|a| a.name()).collect()
+    SUPPORTED
+        .iter()
+        .flat_map(|a| std::iter::once(a.name()).chain(a.other_names().iter().copied()))
+        .collect()
 }
 
 /// Every implemented family.
@@ -54,7 +61,10 @@ pub fn families() -> &'static [&'static dyn Architecture] {
 
 /// Finds the implementation for `architectures[0]`.
 pub fn lookup(architecture: &str) -> Result<&'static dyn Architecture> {
-    if let Some(a) = SUPPORTED.iter().find(|a| a.name() == architecture) {
+    if let Some(a) = SUPPORTED
+        .iter()
+        .find(|a| a.name() == architecture || a.other_names().contains(&architecture))
+    {
         return Ok(*a);
     }
     let supported = supported_architectures().join(", ");
@@ -100,9 +110,23 @@ pub fn text_config_defaults(model_type: &str) -> Option<serde_json::Value> {
         .and_then(|a| a.text_config_defaults())
 }
 
+/// The config keys the family of `architecture` spells its own way (see
+/// [`Architecture::config_aliases`]).
+pub fn config_aliases(architecture: &str) -> &'static [(&'static str, &'static str)] {
+    SUPPORTED
+        .iter()
+        .find(|a| a.name() == architecture || a.other_names().contains(&architecture))
+        .map_or(&[], |a| a.config_aliases())
+}
+
+/// Parses config.json text as [`load_spec`] reads it (wrapper defaults, family key spellings).
+pub fn parse_config(text: &str) -> std::result::Result<HfConfig, String> {
+    HfConfig::parse_hooked(text, &text_config_defaults, &config_aliases)
+}
+
 /// Reads `config.json` and `generation_config.json` from a model directory and resolves them.
 pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
-    let cfg = HfConfig::load_with(dir, &text_config_defaults)?;
+    let cfg = HfConfig::load_hooked(dir, &text_config_defaults, &config_aliases)?;
     let gen = GenerationConfig::load(dir)?;
     spec_from_config(&cfg, gen.as_ref()).map_err(|e| match e {
         ModelError::Unsupported {

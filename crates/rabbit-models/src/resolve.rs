@@ -17,6 +17,8 @@ use crate::spec::{GenerationDefaults, ModelSpec};
 /// Keys written by transformers for every model that have no effect on inference.
 const COMMON_HARMLESS_KEYS: &[&str] = &[
     "_name_or_path",
+    // Where the original (remote) modeling code lives; rabbitllm runs its own.
+    "auto_map",
     "transformers_version",
     "initializer_range",
     "use_cache",
@@ -87,6 +89,8 @@ pub struct Resolver<'a> {
     extra: BTreeMap<String, Value>,
     period: Option<usize>,
     rope_params: Option<Value>,
+    kv_heads: Option<usize>,
+    max_positions: Option<usize>,
 }
 
 impl<'a> Resolver<'a> {
@@ -99,6 +103,8 @@ impl<'a> Resolver<'a> {
             extra: cfg.extra.clone(),
             period: None,
             rope_params: None,
+            kv_heads: None,
+            max_positions: None,
         }
     }
 
@@ -147,6 +153,18 @@ impl<'a> Resolver<'a> {
         self.rope_params = params;
     }
 
+    /// Sets the number of key/value heads from the family's own keys (ChatGLM's
+    /// `multi_query_group_num` counts only with `multi_query_attention`).
+    pub fn set_kv_heads(&mut self, n: usize) {
+        self.kv_heads = Some(n);
+    }
+
+    /// The context length when config.json has no `max_position_embeddings` (the family's own
+    /// key or its config class's default).
+    pub fn set_max_positions(&mut self, n: usize) {
+        self.max_positions = Some(n);
+    }
+
     /// Resolves the common keys; every key not taken by the family and not harmless is refused.
     pub fn base(self) -> Result<ModelSpec> {
         resolve(self)
@@ -160,6 +178,7 @@ pub fn rope_from(
     theta: f64,
     head_dim: usize,
     params: Option<&Value>,
+    max_positions: usize,
 ) -> Result<RopeSpec> {
     RopeSpec::from_config(
         theta,
@@ -167,7 +186,7 @@ pub fn rope_from(
         cfg.partial_rotary_factor,
         v.partial_rotary,
         params,
-        cfg.max_position_embeddings,
+        max_positions,
     )
     .map_err(|e| unsupported(v, e))
 }
@@ -216,12 +235,17 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
     let heads = positive("num_attention_heads", cfg.num_attention_heads)?;
     let kv_heads = positive(
         "num_key_value_heads",
-        cfg.num_key_value_heads.unwrap_or(heads),
+        r.kv_heads.or(cfg.num_key_value_heads).unwrap_or(heads),
     )?;
     positive("num_hidden_layers", cfg.num_hidden_layers)?;
     positive("vocab_size", cfg.vocab_size)?;
     positive("intermediate_size", cfg.intermediate_size)?;
-    positive("max_position_embeddings", cfg.max_position_embeddings)?;
+    let max_positions = positive(
+        "max_position_embeddings",
+        cfg.max_position_embeddings
+            .or(r.max_positions)
+            .ok_or_else(|| unsupported(v, "config.json has no `max_position_embeddings`"))?,
+    )?;
     if heads % kv_heads != 0 {
         return Err(unsupported(
             v,
@@ -279,7 +303,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         }
     }
     let theta = cfg.rope_theta.unwrap_or(v.default_rope_theta);
-    let rope = rope_from(v, cfg, theta, head_dim, rope_params)?;
+    let rope = rope_from(v, cfg, theta, head_dim, rope_params, max_positions)?;
 
     let layers = cfg.num_hidden_layers;
     let sliding_windows = sliding_windows(v, cfg, layers, r.period)?;
@@ -348,18 +372,16 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         },
         activation,
         program: LayerProgram::PreNorm,
-        attention: AttentionSpec {
-            scale: 1.0 / (head_dim as f64).sqrt(),
-            softcap: None,
-        },
+        attention: AttentionSpec::plain(head_dim),
         rope,
         local_rope: None,
-        max_position_embeddings: cfg.max_position_embeddings,
+        max_position_embeddings: max_positions,
         tie_word_embeddings: cfg.tie_word_embeddings.unwrap_or(v.tied_by_default),
         storage_dtype,
         sliding_windows,
         embed_scale: None,
         final_logit_softcap: None,
+        lm_head_norm: false,
         tensors: TensorLayout::llama_names(vec![]),
         notes: vec![],
         bos_token_id: gen

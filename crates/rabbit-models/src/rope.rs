@@ -51,6 +51,15 @@ pub enum RopeScaling {
         /// Multiplier of cos/sin.
         attention_factor: f64,
     },
+    /// QWen v1's dynamic NTK (`use_dynamic_ntk`): each sequence's prompt length `L` decides,
+    /// at prefill, `alpha = max(2^ceil(log2(L / seq_length) + 1) - 1, 1)`, and its base becomes
+    /// `theta · alpha^(dim / (dim - 2))` for the whole generation (the original code keeps the
+    /// prefill's alpha while decoding, and cached keys keep their rotation).
+    #[serde(rename = "qwen_ntk")]
+    QwenNtk {
+        /// config.json `seq_length`: the training context.
+        seq_length: usize,
+    },
     /// Llama 3.1 frequency-dependent scaling.
     Llama3 {
         /// Scaling factor for low frequencies.
@@ -62,6 +71,14 @@ pub enum RopeScaling {
         /// Pre-training context length.
         original_max_position_embeddings: usize,
     },
+}
+
+/// QWen v1's `get_ntk_alpha` for a prompt of `len` tokens and a training context of
+/// `seq_length`, in the same f64 operations as the original Python (`math.log(x, 2)` is
+/// `ln x / ln 2`, which decides the ceiling at exact powers of two).
+pub fn qwen_ntk_alpha(len: usize, seq_length: usize) -> f64 {
+    let context = (len as f64 / seq_length as f64).ln() / 2f64.ln() + 1.0;
+    (2f64.powf(context.ceil()) - 1.0).max(1.0)
 }
 
 /// Everything needed to build cos/sin tables for one model.
@@ -80,6 +97,16 @@ pub struct RopeSpec {
 }
 
 impl RopeSpec {
+    /// Unscaled rotary over whole heads of `dim` channels (halves layout).
+    pub fn plain(theta: f64, dim: usize) -> RopeSpec {
+        RopeSpec {
+            theta,
+            dim,
+            scaling: RopeScaling::Default,
+            interleaved: false,
+        }
+    }
+
     /// Parses the rope settings from either config layout. `rope_params` is the
     /// `rope_parameters` dict (transformers 5) or the `rope_scaling` dict (classic), whose
     /// `rope_theta` and `partial_rotary_factor` (if any) override `theta` and `partial`.
@@ -353,6 +380,14 @@ impl RopeSpec {
                     * ((factor * seq / max) - (factor - 1.0)).powf(dim as f64 / (dim as f64 - 2.0));
                 (base_inv(base), 1.0)
             }
+            RopeScaling::QwenNtk { seq_length } => (
+                base_inv(
+                    self.theta
+                        * qwen_ntk_alpha(seq_len, *seq_length)
+                            .powf(dim as f64 / (dim as f64 - 2.0)),
+                ),
+                1.0,
+            ),
             RopeScaling::Yarn {
                 factor,
                 original_max_position_embeddings,

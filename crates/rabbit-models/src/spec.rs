@@ -1,11 +1,11 @@
 //! The resolved, unambiguous description of a model that the executor runs: every default
 //! applied, every field cross-checked. Built by [`crate::Architecture::spec`].
 
-use rabbit_split::layout::{Layout, UnitKind, UnitSpec};
+use rabbit_split::layout::{Layout, RowOrder, UnitKind, UnitSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, Role, TensorLayout};
-use crate::rope::RopeSpec;
+use crate::rope::{RopeScaling, RopeSpec};
 
 /// Sampling defaults from generation_config.json (used when the caller does not override).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -68,6 +68,10 @@ pub struct ModelSpec {
     pub embed_scale: Option<f64>,
     /// `tanh(logits / cap) * cap` on the LM head's output (Gemma 2).
     pub final_logit_softcap: Option<f64>,
+    /// Baichuan 2's NormHead: every row of the LM head is divided by its L2 norm (at least
+    /// 1e-12) before use.
+    #[serde(default)]
+    pub lm_head_norm: bool,
     /// Every tensor name and shape of the checkpoint.
     pub tensors: TensorLayout,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
@@ -92,6 +96,18 @@ impl ModelSpec {
     /// Width of all key (or value) heads together.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
+    }
+
+    /// The longest sequence the model runs as its original code does: `max_position_embeddings`,
+    /// or `None` where positions past it are part of the design (dynamic NTK, QWen's NTK, ALiBi:
+    /// their original code grows its tables instead of stopping).
+    pub fn context_limit(&self) -> Option<usize> {
+        let extrapolates = self.attention.alibi
+            || matches!(
+                self.rope.scaling,
+                RopeScaling::Dynamic { .. } | RopeScaling::QwenNtk { .. }
+            );
+        (!extrapolates).then_some(self.max_position_embeddings)
     }
 
     /// Whether every layer has a parameter of this role (all layers share one inventory).
@@ -194,7 +210,32 @@ impl ModelSpec {
             ignored_suffixes,
             ignored_prefixes: t.ignored_prefixes.clone(),
             aliases: t.aliases.clone(),
+            row_orders: self.row_orders(),
         }
+    }
+
+    /// The regrouped tensors of every layer (weights and their biases).
+    fn row_orders(&self) -> Vec<RowOrder> {
+        let mut out = vec![];
+        for i in 0..self.num_layers {
+            let p = self.tensors.prefix(i);
+            for param in &self.tensors.layer {
+                let Some(order) = &param.row_order else {
+                    continue;
+                };
+                let mut push = |suffix: &str| {
+                    out.push(RowOrder {
+                        tensor: format!("{p}{}.{suffix}", param.name),
+                        order: order.clone(),
+                    })
+                };
+                push("weight");
+                if param.bias {
+                    push("bias");
+                }
+            }
+        }
+        out
     }
 
     /// Number of parameters (embedding counted once when tied).

@@ -7,7 +7,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{opts, ARCHES};
+use common::{opts, ARCHES, NO_GQA};
 use rabbit_models::synth::{
     self, plan, presets, synthesize, SynthDtype, SynthError, SynthOptions, SynthOverrides,
 };
@@ -86,13 +86,26 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
     for arch in ARCHES {
         let p = plan(&opts(arch, "tiny", dir)).unwrap();
         assert_eq!(p.spec.hidden_size, 64, "{arch}");
+        let kv = if NO_GQA.contains(&arch) { 4 } else { 2 };
         assert_eq!(
             (p.spec.num_heads, p.spec.num_kv_heads, p.spec.head_dim),
-            (4, 2, 16)
+            (4, kv, 16),
+            "{arch}"
         );
         assert_eq!(p.spec.vocab_size % 64, 0);
         assert!(p.spec.vocab_size >= p.tokenizer_size && p.spec.vocab_size < p.tokenizer_size + 64);
-        let untied = ["mistral", "phi3", "phi", "glm", "glm4"];
+        let untied = [
+            "mistral",
+            "phi3",
+            "phi",
+            "glm",
+            "glm4",
+            "chatglm",
+            "internlm2",
+            "internlm",
+            "baichuan",
+            "qwen1",
+        ];
         assert_eq!(
             p.spec.tie_word_embeddings,
             !untied.contains(&arch),
@@ -135,7 +148,7 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
 
     let all = synth::all_presets();
     assert_eq!(all[0].name, "tiny");
-    assert_eq!(all.len(), 15);
+    assert_eq!(all.len(), 21);
     assert_eq!(
         presets("Qwen3ForCausalLM").unwrap(),
         vec!["tiny", "qwen3-0.6b", "qwen3-1.7b"]

@@ -54,6 +54,50 @@ pub struct Layout {
     /// name), for checkpoints that nest the same model under another prefix.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub aliases: Vec<(String, String)>,
+    /// Tensors stored with their rows regrouped (see [`RowOrder`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub row_orders: Vec<RowOrder>,
+}
+
+/// A tensor whose rows the split stores in another order than the checkpoint: the leading
+/// dimension is cut into `order.len()` blocks of equal size, and block `i` of the split is block
+/// `order[i]` of the checkpoint. For a packing the executor does not read (InternLM2's `wqkv`,
+/// packed per KV group, is stored as plain `[q; k; v]`), done once at split time rather than on
+/// every load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RowOrder {
+    /// Full checkpoint name (as the layout names it).
+    pub tensor: String,
+    /// Source block of each output block; a permutation of `0..order.len()`.
+    pub order: Vec<usize>,
+}
+
+impl RowOrder {
+    /// Checks that `order` is a permutation.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        let mut seen = vec![false; self.order.len()];
+        for &b in &self.order {
+            match seen.get_mut(b) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(format!(
+                        "the row order of {} is not a permutation of 0..{}",
+                        self.tensor,
+                        self.order.len()
+                    ))
+                }
+            }
+        }
+        if self.order.is_empty() {
+            return Err(format!("the row order of {} is empty", self.tensor));
+        }
+        Ok(())
+    }
+
+    /// The row order of `tensor`, if the layout regroups it.
+    pub fn of<'a>(orders: &'a [RowOrder], tensor: &str) -> Option<&'a RowOrder> {
+        orders.iter().find(|o| o.tensor == tensor)
+    }
 }
 
 impl Layout {
@@ -146,6 +190,15 @@ impl Layout {
             return Err(err(
                 "more than one embedding, final norm or LM head unit".into()
             ));
+        }
+        for o in &self.row_orders {
+            o.check().map_err(err)?;
+            if !owner.contains_key(o.tensor.as_str()) {
+                return Err(err(format!(
+                    "the row order names {}, which no unit holds",
+                    o.tensor
+                )));
+            }
         }
         if self.tied_lm_head && head > 0 {
             return Err(err(

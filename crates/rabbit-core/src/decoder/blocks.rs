@@ -21,7 +21,7 @@ impl NormWeights {
     pub fn bind(kind: NormKind, weight: Tensor, bias: Option<Tensor>) -> Result<NormWeights> {
         let weight = match kind {
             NormKind::RmsOffset => weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?,
-            NormKind::Rms | NormKind::Layer => weight,
+            NormKind::Rms | NormKind::RmsWeightF32 | NormKind::Layer => weight,
         };
         Ok(NormWeights { weight, bias })
     }
@@ -45,8 +45,8 @@ pub fn norm(x: &Tensor, w: &NormWeights, n: &Norm) -> Result<Tensor> {
     Ok(match n.kind {
         // transformers' LlamaRMSNorm: cast back, then scale.
         NormKind::Rms => w.weight.f_mul(&rms()?.f_to_kind(kind)?)?,
-        // Gemma: scale in f32, then cast.
-        NormKind::RmsOffset => rms()?.f_mul(&w.weight)?.f_to_kind(kind)?,
+        // Gemma (weight already `1 + w` in f32) and ChatGLM: scale in f32, then cast.
+        NormKind::RmsOffset | NormKind::RmsWeightF32 => rms()?.f_mul(&w.weight)?.f_to_kind(kind)?,
         NormKind::Layer => {
             let width = x.size()[x.dim() - 1];
             x.f_layer_norm([width], Some(&w.weight), w.bias.as_ref(), n.eps, false)?
@@ -151,6 +151,34 @@ pub fn attention(
         Some(m) => scores.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?,
         None => scores,
     };
+    let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+    Ok(probs.f_matmul(&values)?)
+}
+
+/// Attention with additive scores (ALiBi): `softmax(q·kᵀ · scale + bias)`, `bias` `[B, H, T, S]`
+/// holding `-inf` where a key is masked out; softmax in f32. Eager, as the original code (the
+/// scores with the bias are materialised either way).
+pub fn attention_with_bias(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    bias: &Tensor,
+    spec: &AttentionSpec,
+) -> Result<Tensor> {
+    let (h, kvh) = (q.size()[1], keys.size()[1]);
+    let (keys, values) = if kvh != h {
+        let rep = h / kvh;
+        (
+            keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
+            values.f_repeat_interleave_self_int(rep, Some(1), None)?,
+        )
+    } else {
+        (keys.shallow_clone(), values.shallow_clone())
+    };
+    let scores = q
+        .f_matmul(&keys.f_transpose(-2, -1)?)?
+        .f_mul_scalar(spec.scale)?
+        .f_add(bias)?;
     let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     Ok(probs.f_matmul(&values)?)
 }

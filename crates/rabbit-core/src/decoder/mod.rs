@@ -22,8 +22,9 @@ pub struct RopeCosSin {
 
 /// Per-forward attention inputs shared by all layers.
 pub struct AttnContext {
-    /// RoPE of the full-attention layers (of every layer without a local rope).
-    pub rope: RopeCosSin,
+    /// RoPE of the full-attention layers (of every layer without a local rope); `None` for
+    /// ALiBi models.
+    pub rope: Option<RopeCosSin>,
     /// RoPE of the sliding-window layers when the model has a separate one (Gemma 3).
     pub local_rope: Option<RopeCosSin>,
     /// Cache slot where this forward's first token goes.
@@ -36,6 +37,10 @@ pub struct AttnContext {
     pub window_mask: Option<Tensor>,
     /// Use SDPA's built-in causal mask (only valid with no past KV: it aligns top-left).
     pub causal: bool,
+    /// ALiBi: the additive scores `[B, H, T, S]` (masking included), for every layer.
+    pub alibi: Option<Tensor>,
+    /// Per-query multiplier `[B, 1, T, 1]` applied after rotary (QWen's log-n).
+    pub q_scale: Option<Tensor>,
 }
 
 /// The attention block: projections (fused or not), q/k norms, rotary, the KV cache write, and
@@ -76,12 +81,24 @@ fn self_attention(
         k = norm(&k, kn, &spec.norm)?;
     }
     let r = match (&ctx.local_rope, windowed) {
-        (Some(local), true) => local,
-        _ => &ctx.rope,
+        (Some(local), true) => Some(local),
+        _ => ctx.rope.as_ref(),
     };
-    let interleaved = spec.rope.interleaved;
-    let q = blocks::rope(&q.f_transpose(1, 2)?, &r.cos, &r.sin, interleaved)?;
-    let k = blocks::rope(&k.f_transpose(1, 2)?, &r.cos, &r.sin, interleaved)?;
+    let (q, k) = (q.f_transpose(1, 2)?, k.f_transpose(1, 2)?);
+    let (q, k) = match r {
+        Some(r) => {
+            let interleaved = spec.rope.interleaved;
+            (
+                blocks::rope(&q, &r.cos, &r.sin, interleaved)?,
+                blocks::rope(&k, &r.cos, &r.sin, interleaved)?,
+            )
+        }
+        None => (q, k),
+    };
+    let q = match &ctx.q_scale {
+        Some(s) => q.f_mul(s)?,
+        None => q,
+    };
 
     kv.write(ctx.slot, &k, &v)?;
     let (keys, values) = kv.view(ctx.slot + t)?;
@@ -92,7 +109,11 @@ fn self_attention(
         _ => ctx.full_mask.as_ref(),
     };
     let causal = ctx.causal && mask.is_none();
-    let attn = blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?;
+    let attn = match &ctx.alibi {
+        // The bias carries the mask.
+        Some(bias) => blocks::attention_with_bias(&q, &keys, &values, bias, &spec.attention)?,
+        None => blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?,
+    };
     let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, h * d])?;
     w.req_linear(Role::O)?.forward(&attn)
 }

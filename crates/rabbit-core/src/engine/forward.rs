@@ -9,6 +9,7 @@ use super::{Engine, HeadMatrix, LayerProfile, StepInput};
 use crate::decoder::{layer_forward, norm, AttnContext};
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
+use crate::rope::RowLengths;
 use crate::weights::{LayerWeights, UnitTensors};
 
 impl Engine {
@@ -34,6 +35,29 @@ impl Engine {
         Ok(allowed.f_unsqueeze(1)?)
     }
 
+    /// ALiBi scores `[B, H, T, S]` in the compute dtype: `slope_h · key position` (a key's
+    /// position in its own sequence, as in the original with one sequence, so a padded row
+    /// scores as alone), `-inf` where `allowed` (`[B, 1, T, S]`) is false.
+    fn alibi_bias(&self, input: &StepInput, t: i64, allowed: &Tensor) -> Result<Tensor> {
+        let s = input.slot + t;
+        let slopes: Vec<f32> = rabbit_models::alibi_slopes(self.spec.num_heads)
+            .into_iter()
+            .map(|x| x as f32)
+            .collect();
+        let slopes = Tensor::f_from_slice(&slopes)?
+            .f_to_device(self.device)?
+            .f_view([1, -1, 1, 1])?;
+        let keys = Tensor::f_arange_start(0, s, (Kind::Int64, self.device))?
+            .f_view([1, s])?
+            .f_sub(&input.pads.f_view([-1, 1])?)?
+            .f_to_kind(Kind::Float)?
+            .f_view([-1, 1, 1, s])?;
+        Ok(slopes
+            .f_mul(&keys)?
+            .f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?
+            .f_to_kind(self.kind)?)
+    }
+
     /// One sweep over the whole model for a batch. Returns float32 logits: `[B, V]` for the last
     /// position, or `[B, T, V]` for every position when `all_positions`.
     pub fn forward(
@@ -53,18 +77,34 @@ impl Engine {
         if let Some(s) = &self.embed_scale {
             h = h.f_mul(s)?;
         }
-        let rope = self
-            .rope
-            .cos_sin(&input.positions, input.max_position, self.kind)?;
-        let local_rope = match self.local_rope.as_mut() {
-            Some(r) => Some(r.cos_sin(&input.positions, input.max_position, self.kind)?),
+        let rows = RowLengths {
+            seq: &input.seq_lens,
+            prompt: &input.prompt_lens,
+        };
+        let alibi = self.spec.attention.alibi;
+        // ALiBi models have no rotary embedding.
+        let rope = if alibi {
+            None
+        } else {
+            Some(self.rope.cos_sin(&input.positions, &rows, self.kind)?)
+        };
+        let local_rope = match self.local_rope.as_ref() {
+            Some(r) => Some(r.cos_sin(&input.positions, &rows, self.kind)?),
             None => None,
         };
         let needs_full = input.any_pad || (t > 1 && input.slot > 0);
-        let full_mask = if needs_full {
+        let full_mask = if needs_full || alibi {
             Some(self.mask(input, t, None)?)
         } else {
             None
+        };
+        let alibi_bias = match (&full_mask, alibi) {
+            (Some(m), true) => Some(self.alibi_bias(input, t, m)?),
+            _ => None,
+        };
+        let q_scale = match self.spec.attention.logn_length {
+            Some(n) => Some(logn_scale(&input.positions, n, self.kind)?),
+            None => None,
         };
         // The window only cuts once a query is `w` or more slots past the first key; before
         // that a windowed layer needs exactly what a full one does (decoder falls back to it).
@@ -79,6 +119,8 @@ impl Engine {
             full_mask,
             window_mask,
             causal: input.slot == 0 && t > 1,
+            alibi: alibi_bias,
+            q_scale,
         };
         let _ = b;
         let mut head_time = head_start.elapsed();
@@ -164,7 +206,8 @@ impl Engine {
         let mut logits = match &self.lm_head {
             HeadMatrix::Resident(w) => h.f_linear(w, self.lm_head_bias.as_ref())?,
             HeadMatrix::Mapped(m, rows) => {
-                let l = m.linear_chunked(&h, *rows, self.device, self.kind)?;
+                let l =
+                    m.linear_chunked(&h, *rows, self.device, self.kind, self.spec.lm_head_norm)?;
                 match &self.lm_head_bias {
                     Some(b) => l.f_add(b)?,
                     None => l,
@@ -185,4 +228,20 @@ impl Engine {
         self.profile.head_s += head_time.as_secs_f64();
         Ok(logits)
     }
+}
+
+/// QWen's log-n query scale `[B, 1, T, 1]` in `kind`: `ln(p + 1) / ln(n)` for a query at
+/// position `p` past the training length `n`, else 1 (computed in f64 and rounded to f32, as
+/// the original's table of Python floats).
+fn logn_scale(positions: &Tensor, n: usize, kind: Kind) -> Result<Tensor> {
+    let p1 = positions.f_to_kind(Kind::Double)?.f_add_scalar(1.0)?;
+    let scale = p1.f_log()?.f_div_scalar((n as f64).ln())?;
+    let past = p1.f_gt(n as f64)?;
+    let one = Tensor::f_ones_like(&scale)?;
+    Ok(scale
+        .f_where_self(&past, &one)?
+        .f_to_kind(Kind::Float)?
+        .f_to_kind(kind)?
+        .f_unsqueeze(1)?
+        .f_unsqueeze(-1)?)
 }

@@ -140,6 +140,10 @@ pub struct StepInput {
     pub any_pad: bool,
     /// Cache slot of the first token.
     pub slot: i64,
+    /// Each row's length up to and including this forward's last token.
+    pub seq_lens: Vec<usize>,
+    /// Each row's prompt length.
+    pub prompt_lens: Vec<usize>,
 }
 
 /// The embedding or LM head: on the device, or used from the mapped split file (with the LM

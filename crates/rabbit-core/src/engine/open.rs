@@ -207,10 +207,13 @@ impl Engine {
             }
             (Some(e), None, _) => {
                 resident_bytes += e.data_len;
-                HeadMatrix::Resident(
-                    read_resident_only(split_dir, e, device, kind, |n| n == lm_head_name)?
-                        .take(&lm_head_name)?,
-                )
+                let w = read_resident_only(split_dir, e, device, kind, |n| n == lm_head_name)?
+                    .take(&lm_head_name)?;
+                HeadMatrix::Resident(if spec.lm_head_norm {
+                    crate::head::normalize_rows_l2(&w)?
+                } else {
+                    w
+                })
             }
             (Some(e), Some(c), _) => {
                 let m = MappedMatrix::open(split_dir, e, &lm_head_name)?;

@@ -12,7 +12,7 @@ use super::{
 use crate::arch::SynthShape;
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::ModelError;
-use crate::registry::spec_from_config;
+use crate::registry::{parse_config, spec_from_config};
 use crate::spec::ModelSpec;
 
 /// A fully validated synthesis job: what will be written, before anything is.
@@ -174,6 +174,7 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
         .or(cfg.get("tie_word_embeddings").and_then(Value::as_bool))
         .unwrap_or(family.0.variant().tied_by_default);
     cfg.insert("tie_word_embeddings".into(), json!(tied));
+    family.0.synth_finish(&mut cfg);
     let config_json = Value::Object(cfg);
     let generation_config_json = json!({
         "bos_token_id": endoftext,
@@ -200,10 +201,10 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
         ),
         source: Box::new(source),
     };
-    let config: HfConfig = serde_json::from_value(config_json.clone()).map_err(|e| {
+    let config: HfConfig = parse_config(&config_json.to_string()).map_err(|reason| {
         invalid(ModelError::BadConfig {
             path: "config.json".into(),
-            reason: e.to_string(),
+            reason,
         })
     })?;
     let gen: GenerationConfig =

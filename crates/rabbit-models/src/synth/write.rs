@@ -113,7 +113,7 @@ pub fn synthesize(
             files.push(path.clone());
             progress(SynthProgress::FileWritten { path, bytes });
         };
-    let model_max_length = plan.config.max_position_embeddings;
+    let model_max_length = plan.spec.max_position_embeddings;
     let small: [(&str, Vec<u8>); 5] = [
         ("tokenizer.json", tok.tokenizer_json().into_bytes()),
         (

@@ -9,9 +9,26 @@ use std::path::Path;
 use rabbit_models::synth::{synthesize, SynthOptions, SynthReport};
 
 /// Every family synth writes.
-pub const ARCHES: [&str; 10] = [
-    "qwen2", "qwen3", "llama", "mistral", "gemma2", "gemma3", "phi3", "phi", "glm4", "glm",
+pub const ARCHES: [&str; 15] = [
+    "qwen2",
+    "qwen3",
+    "llama",
+    "mistral",
+    "gemma2",
+    "gemma3",
+    "phi3",
+    "phi",
+    "glm4",
+    "glm",
+    "chatglm",
+    "internlm2",
+    "internlm",
+    "baichuan",
+    "qwen1",
 ];
+
+/// Families whose attention has no grouped keys: tiny gets as many key/value heads as heads.
+pub const NO_GQA: [&str; 3] = ["internlm", "baichuan", "qwen1"];
 
 pub fn opts(arch: &str, preset: &str, dir: &Path) -> SynthOptions {
     SynthOptions::new(arch, preset, dir)

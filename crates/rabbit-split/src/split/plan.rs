@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::error::{Result, SplitError};
 use crate::fsutil;
-use crate::layout::{Layout, UnitSpec};
+use crate::layout::{Layout, RowOrder, UnitSpec};
 use crate::manifest::{QuantizedEntry, SplitSettings, FORMAT_NAME, FORMAT_VERSION, PLAN_FILE};
 use crate::quant::{Compression, QUANT_BLOCK};
 use crate::writer::{build_header, HeaderLayout, TensorHeader};
@@ -55,6 +55,8 @@ pub(super) enum Source {
 pub(super) struct Piece<'a> {
     pub(super) loc: &'a TensorLoc,
     pub(super) source: Source,
+    /// The split stores the rows regrouped (the checkpoint's bytes are read in this order).
+    pub(super) order: Option<&'a RowOrder>,
     pub(super) out: TensorHeader,
 }
 
@@ -103,10 +105,25 @@ pub(super) fn plan_units<'a>(
         let mut pieces = Vec::with_capacity(locs.len());
         let mut quantized = Vec::new();
         for (name, loc) in locs {
+            let order = RowOrder::of(&layout.row_orders, name);
+            if let Some(o) = order {
+                let rows = loc.shape.first().copied().unwrap_or(0);
+                if rows == 0 || rows % o.order.len() != 0 {
+                    return Err(SplitError::InvalidLayout {
+                        architecture: layout.architecture.clone(),
+                        reason: format!(
+                            "{name} has shape {:?}: its {rows} rows cannot be regrouped into {} blocks",
+                            loc.shape,
+                            o.order.len()
+                        ),
+                    });
+                }
+            }
             let Some(scheme) = opts.compression_for(spec.kind, loc) else {
                 pieces.push(Piece {
                     loc,
                     source: Source::Copy,
+                    order,
                     out: TensorHeader {
                         name: name.to_string(),
                         dtype: loc.dtype,
@@ -128,6 +145,7 @@ pub(super) fn plan_units<'a>(
             pieces.push(Piece {
                 loc,
                 source: Source::Scales(scheme),
+                order,
                 out: TensorHeader {
                     name: q.scales.clone(),
                     dtype: crate::dtype::Dtype::F32,
@@ -137,6 +155,7 @@ pub(super) fn plan_units<'a>(
             pieces.push(Piece {
                 loc,
                 source: Source::Codes(scheme),
+                order,
                 out: TensorHeader {
                     name: q.codes.clone(),
                     dtype: scheme.codes_dtype(),

@@ -2,6 +2,7 @@
 
 use crate::checkpoint::{Checkpoint, TensorLoc};
 use crate::error::Result;
+use crate::layout::RowOrder;
 use crate::quant::{self, Compression};
 use crate::writer::{AlignedWriter, WrittenFile};
 
@@ -25,16 +26,46 @@ pub(super) fn write_unit(
                     if buf.len() < n {
                         buf.resize(n, 0);
                     }
-                    ckpt.read_range(loc, done, &mut buf[..n])?;
+                    read_piece(ckpt, loc, p.order, done, &mut buf[..n])?;
                     w.write_data(&buf[..n])?;
                     done += n as u64;
                 }
             }
-            Source::Scales(scheme) => write_quantized(ckpt, loc, scheme, false, &mut w, &mut qbuf)?,
-            Source::Codes(scheme) => write_quantized(ckpt, loc, scheme, true, &mut w, &mut qbuf)?,
+            Source::Scales(scheme) => {
+                write_quantized(ckpt, loc, p.order, scheme, false, &mut w, &mut qbuf)?
+            }
+            Source::Codes(scheme) => {
+                write_quantized(ckpt, loc, p.order, scheme, true, &mut w, &mut qbuf)?
+            }
         }
     }
     w.finish()
+}
+
+/// Reads bytes `start..start + buf.len()` of a tensor as the split stores it: the checkpoint's
+/// bytes, or with a row order, its row blocks in that order.
+fn read_piece(
+    ckpt: &Checkpoint,
+    loc: &TensorLoc,
+    order: Option<&RowOrder>,
+    start: u64,
+    buf: &mut [u8],
+) -> Result<()> {
+    let Some(o) = order else {
+        return ckpt.read_range(loc, start, buf);
+    };
+    // The plan checked that the rows divide into the blocks evenly.
+    let block = loc.len / o.order.len() as u64;
+    let mut done = 0usize;
+    while done < buf.len() {
+        let at = start + done as u64;
+        let (i, within) = ((at / block) as usize, at % block);
+        let n = ((block - within) as usize).min(buf.len() - done);
+        let from = o.order[i] as u64 * block + within;
+        ckpt.read_range(loc, from, &mut buf[done..done + n])?;
+        done += n;
+    }
+    Ok(())
 }
 
 /// Elements of a source tensor quantized per step (a multiple of [`QUANT_BLOCK`]).
@@ -55,6 +86,7 @@ struct QuantBuffers {
 fn write_quantized(
     ckpt: &Checkpoint,
     loc: &TensorLoc,
+    order: Option<&RowOrder>,
     scheme: Compression,
     codes: bool,
     w: &mut AlignedWriter,
@@ -69,7 +101,7 @@ fn write_quantized(
         if b.raw.len() < bytes {
             b.raw.resize(bytes, 0);
         }
-        ckpt.read_range(loc, done * elem, &mut b.raw[..bytes])?;
+        read_piece(ckpt, loc, order, done * elem, &mut b.raw[..bytes])?;
         b.values.clear();
         let ok = quant::to_f32(loc.dtype, &b.raw[..bytes], &mut b.values);
         debug_assert!(ok, "only float dtypes are planned for quantization");

@@ -256,6 +256,7 @@ pub fn layout(spec: &Spec) -> Layout {
         ignored_suffixes: ignored,
         ignored_prefixes: vec![],
         aliases: vec![],
+        row_orders: vec![],
     }
 }
 

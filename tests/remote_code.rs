@@ -1,0 +1,145 @@
+//! Parity with the original remote modeling code of ChatGLM2/3, InternLM2, InternLM (v1),
+//! Baichuan 2 and QWen v1, on the fixtures of `tests/fixtures/make_remote_fixtures.py` (each
+//! made by the checkpoint's own `modeling_*.py`, see `reference` in its expected.json): f32
+//! logits within 1e-4 at every prompt position and along 32 greedy steps, identical tokens, and
+//! a left-padded batch equal to each prompt alone. Every norm weight and bias is random.
+
+mod common;
+
+use common::*;
+use rabbitllm::models::RopeScaling;
+use rabbitllm::{AutoModel, DType, DeviceSpec, LoadOptions, SamplingParams};
+
+fn check_family(name: &str) {
+    check_f32(name);
+    check_batch(name);
+}
+
+fn spec_of(name: &str) -> rabbitllm::models::ModelSpec {
+    rabbitllm::models::load_spec(&fixture(name)).unwrap()
+}
+
+/// ChatGLM3: config keys of its own (`num_layers`, `padded_vocab_size`, `kv_channels`,
+/// `multi_query_group_num`, ...), two multi-query groups, a biased fused `query_key_value`,
+/// rotary on half of each head in interleaved pairs; the checkpoint's `rotary_pos_emb.inv_freq`
+/// buffer is not a weight.
+#[test]
+fn chatglm3_matches_its_original_code() {
+    let s = spec_of("chatglm3");
+    assert_eq!((s.num_heads, s.num_kv_heads, s.head_dim), (4, 2, 16));
+    assert_eq!(s.rope.dim, 8);
+    assert!(s.rope.interleaved);
+    check_family("chatglm3");
+}
+
+/// ChatGLM2 (one multi-query group: every query head shares one key/value head).
+#[test]
+fn chatglm2_matches_its_original_code() {
+    assert_eq!(spec_of("chatglm2").num_kv_heads, 1);
+    check_family("chatglm2");
+}
+
+/// InternLM2: `wqkv` packed per key/value group (regrouped by the split), and dynamic NTK past
+/// `max_position_embeddings` 24: the 40-token prompt is past it at prefill, the 12-token one
+/// crosses it while generating, and in the batch each row keeps its own base.
+#[test]
+fn internlm2_matches_its_original_code() {
+    let s = spec_of("internlm2");
+    assert!(matches!(s.rope.scaling, RopeScaling::Dynamic { .. }));
+    assert!(s.tensors.layer.iter().any(|p| p.row_order.is_some()));
+    check_family("internlm2");
+}
+
+/// InternLM v1: the Llama layer with biases on q, k, v and o.
+#[test]
+fn internlm_matches_its_original_code() {
+    check_family("internlm");
+}
+
+/// Baichuan 2, 13B code: ALiBi (6 heads, not a power of two), no rotary, the normalised head,
+/// prompts and generation past `model_max_length`.
+#[test]
+fn baichuan2_13b_matches_its_original_code() {
+    let s = spec_of("baichuan2_13b");
+    assert!(s.attention.alibi && s.lm_head_norm);
+    check_family("baichuan2_13b");
+}
+
+/// Baichuan 2, 7B code: rotary positions (the config has `max_position_embeddings`) and the
+/// normalised head.
+#[test]
+fn baichuan2_7b_matches_its_original_code() {
+    let s = spec_of("baichuan2_7b");
+    assert!(!s.attention.alibi && s.lm_head_norm);
+    check_family("baichuan2_7b");
+}
+
+/// QWen v1 with dynamic NTK and log-n on and `seq_length` 16: a 40-token prompt (alpha 7 chosen
+/// at prefill and kept), and a 10-token one that crosses 16 while generating (alpha 1, log-n
+/// from position 16 on).
+#[test]
+fn qwen_matches_its_original_code() {
+    let s = spec_of("qwen");
+    assert_eq!(s.rope.scaling, RopeScaling::QwenNtk { seq_length: 16 });
+    assert_eq!(s.attention.logn_length, Some(16));
+    assert_eq!(s.intermediate_size, 128);
+    check_family("qwen");
+}
+
+/// QWen v1 with both switched off.
+#[test]
+fn qwen_plain_matches_its_original_code() {
+    let s = spec_of("qwen_plain");
+    assert_eq!(s.rope.scaling, RopeScaling::Default);
+    assert_eq!(s.attention.logn_length, None);
+    check_family("qwen_plain");
+}
+
+/// The fixtures run every layer streamed (`Case::open`); resident layers (fused projections)
+/// and an LM head walked in chunks from the split file (Baichuan's rows normalised chunk by
+/// chunk) give the same tokens and logits.
+#[test]
+fn resident_layers_and_a_chunked_head_give_the_same_results() {
+    for name in [
+        "internlm2",
+        "baichuan2_13b",
+        "baichuan2_7b",
+        "chatglm3",
+        "qwen",
+    ] {
+        let case = Case::load(name);
+        let split = tempfile::tempdir().unwrap();
+        let open = |budget: Option<u64>| {
+            let mut opts = LoadOptions::default()
+                .device(DeviceSpec::Cpu)
+                .dtype(DType::F32)
+                .split_dir(split.path());
+            if let Some(b) = budget {
+                opts = opts.device_memory_budget(b);
+            }
+            AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).unwrap()
+        };
+        let mut resident = open(None);
+        let p = resident.engine.plan().clone();
+        assert!(p.lm_head_chunk_bytes.is_none(), "{name}: {p:?}");
+        let spec = resident.engine.spec().clone();
+        let matrix = (spec.vocab_size * spec.hidden_size * 4) as u64;
+        // Room for neither the embedding nor the whole LM head.
+        let budget = (spec.hidden_size * 4) as u64 + p.kv_bytes + p.activation_bytes + matrix / 2;
+        let mut chunked = open(Some(budget));
+        assert!(
+            chunked.engine.plan().lm_head_chunk_bytes.is_some(),
+            "{name}"
+        );
+        for model in [&mut resident, &mut chunked] {
+            for (i, (input, want)) in case.sequences().into_iter().enumerate() {
+                let out = greedy(model, vec![input], want.len(), SamplingParams::default());
+                let s = &out.sequences[0];
+                assert_eq!(s.output_ids, want, "{name} seq {i}");
+                let (_, expected) = case.tensor(&format!("logits.{i}"));
+                let d = max_abs_diff(s.logits.as_ref().unwrap(), &expected);
+                assert!(d < 1e-4, "{name} seq {i}: logits differ by {d}");
+            }
+        }
+    }
+}
