@@ -33,6 +33,8 @@ pub mod spec;
 pub mod synth;
 #[doc(hidden)]
 pub mod testdata;
+#[cfg(feature = "text")]
+pub mod tokenizer;
 
 pub use arch::{Architecture, Variant};
 pub use blocks::{
@@ -46,3 +48,5 @@ pub use error::{ModelError, Result};
 pub use registry::{families, load_spec, lookup, spec_from_config, supported_architectures};
 pub use rope::{RopeScaling, RopeSpec};
 pub use spec::ModelSpec;
+#[cfg(feature = "text")]
+pub use tokenizer::{load_tokenizer, LoadedTokenizer, TokenizerError, TokenizerSource};
