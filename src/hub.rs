@@ -270,6 +270,9 @@ const OPTIONAL: &[&str] = &[
     "tokenizer.json",
     "tokenizer_config.json",
 ];
+/// The tokenizer files of checkpoints without a tokenizer.json (QWen v1; the sentencepiece
+/// ones: ChatGLM, Baichuan, InternLM), fetched only then.
+const TOKENIZER_FALLBACKS: &[&str] = &["qwen.tiktoken", "tokenizer.model"];
 
 /// Fetches one repo file into the cache (or finds it there): `None` when the repo lacks it.
 type Fetch = dyn Fn(&str) -> Result<Option<PathBuf>>;
@@ -369,8 +372,17 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
         let p = fetch(f)?.ok_or_else(|| missing(f))?;
         dir = p.parent().map(Path::to_path_buf);
     }
+    let mut has_tokenizer_json = false;
     for f in OPTIONAL {
-        fetch(f)?;
+        let got = fetch(f)?;
+        has_tokenizer_json |= *f == "tokenizer.json" && got.is_some();
+    }
+    if !has_tokenizer_json {
+        for f in TOKENIZER_FALLBACKS {
+            if fetch(f)?.is_some() {
+                break;
+            }
+        }
     }
     if opts.skip_weights {
         let dir = dir.ok_or_else(|| missing("config.json"))?;

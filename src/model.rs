@@ -283,7 +283,7 @@ pub struct Model {
 }
 
 impl Model {
-    /// The tokenizer, when the model directory has a tokenizer.json.
+    /// The tokenizer, when the model directory has one.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.codec.as_ref().map(TextCodec::tokenizer)
     }
@@ -302,7 +302,7 @@ impl Model {
     pub fn require_codec(&self) -> Result<&TextCodec> {
         self.codec.as_ref().ok_or_else(|| {
             Error::Tokenizer(format!(
-                "{} has no tokenizer.json: pass token ids instead of text",
+                "{} has no tokenizer (tokenizer.json, qwen.tiktoken or tokenizer.model): pass token ids instead of text",
                 self.model_dir.display()
             ))
         })
@@ -331,10 +331,11 @@ impl Model {
         Ok(())
     }
 
-    /// User text → ids. Special-token strings typed in the text stay plain text.
+    /// User text → ids, with the BOS/prefix ids the model's tokenizer adds by default (see
+    /// [`TextCodec::encode_prompt`]). Special-token strings typed in the text stay plain text.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         self.check_text_len("the prompt", text.len())?;
-        self.require_codec()?.encode(text, false)
+        self.require_codec()?.encode_prompt(text)
     }
 
     /// Renders `messages` with the model's chat template and encodes the result: the template's

@@ -1,5 +1,6 @@
-//! Text ↔ token ids through the model's `tokenizer.json` (the `tokenizers` crate, pure-Rust
-//! fancy-regex backend).
+//! Text ↔ token ids through the model's tokenizer (the `tokenizers` crate, pure-Rust fancy-regex
+//! backend): its `tokenizer.json`, or for checkpoints that ship none (QWen v1, ChatGLM,
+//! Baichuan, InternLM) their `qwen.tiktoken` / `tokenizer.model`, converted on load.
 
 use std::path::Path;
 
@@ -7,15 +8,12 @@ use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
 
-/// Loads `<dir>/tokenizer.json` if present.
+/// Loads the tokenizer of the model in `dir`, if it has one (see
+/// [`rabbit_models::tokenizer::load_tokenizer`] for the files and their order).
 pub fn load_tokenizer(dir: &Path) -> Result<Option<Tokenizer>> {
-    let path = dir.join("tokenizer.json");
-    if !path.exists() {
-        return Ok(None);
-    }
-    Tokenizer::from_file(&path)
-        .map(Some)
-        .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))
+    rabbit_models::tokenizer::load_tokenizer(dir)
+        .map(|t| t.map(|t| t.tokenizer))
+        .map_err(|e| Error::Tokenizer(e.to_string()))
 }
 
 /// A tokenizer in two modes: special-token strings in the text (`<|im_end|>`) either become
@@ -81,6 +79,17 @@ impl TextCodec {
         };
         let enc = tok
             .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// A user's prompt → ids as the model's own tokenizer class gives them by default
+    /// (`tokenizer(text)` in transformers): with the BOS or prefix ids its post-processor adds
+    /// (Llama's BOS, ChatGLM's `[gMASK] sop`), special-token strings in the text kept as text.
+    pub fn encode_prompt(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .plain
+            .encode(text, true)
             .map_err(|e| Error::Tokenizer(e.to_string()))?;
         Ok(enc.get_ids().to_vec())
     }
