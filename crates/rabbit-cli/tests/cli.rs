@@ -367,6 +367,11 @@ fn every_family_generates_from_its_synthetic_checkpoint() {
         "GlmForCausalLM",
         "Qwen2ForCausalLM",
         "LlamaForCausalLM",
+        "ChatGLMModel",
+        "InternLM2ForCausalLM",
+        "InternLMForCausalLM",
+        "BaichuanForCausalLM",
+        "QWenLMHeadModel",
     ] {
         assert!(
             families.iter().any(|f| f["architecture"] == arch),

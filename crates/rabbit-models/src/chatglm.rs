@@ -129,6 +129,15 @@ impl Architecture for ChatGlm {
             r.set_max_positions(2048);
         }
         if mqa {
+            if groups == 0 || cfg.num_attention_heads % groups != 0 {
+                return Err(refuse(
+                    "multi_query_group_num",
+                    &format!(
+                        "({groups}) must divide `num_attention_heads` ({})",
+                        cfg.num_attention_heads
+                    ),
+                ));
+            }
             r.set_kv_heads(groups);
         } else if cfg.num_key_value_heads.is_some() {
             return Err(unsupported(

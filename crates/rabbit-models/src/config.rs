@@ -241,6 +241,10 @@ impl HfConfig {
             return parse_json(text);
         }
         parse_json(&value.to_string()).map_err(|mut e| {
+            // A position in the rewritten text would not point into the user's file.
+            if let Some(at) = e.find(" at line ") {
+                e.truncate(at);
+            }
             // Name the key as the user's file spells it.
             for (from, to) in &renamed {
                 e = e.replace(&format!("field `{to}`"), &format!("field `{from}`"));
