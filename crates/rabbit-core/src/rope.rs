@@ -73,13 +73,19 @@ impl RopeTables {
         }
     }
 
-    /// cos/sin `[B, 1, T, rotary]` in `kind` for `positions` `[B, T]` (int64 on the device).
+    /// cos/sin `[B, 1, T, rotary]` in `kind` (f32 for a spec that rotates in f32) for
+    /// `positions` `[B, T]` (int64 on the device).
     pub fn cos_sin(
         &self,
         positions: &Tensor,
         rows: &RowLengths<'_>,
         kind: Kind,
     ) -> Result<RopeCosSin> {
+        let kind = if self.spec.rotate_f32 {
+            Kind::Float
+        } else {
+            kind
+        };
         let pos = positions.f_to_kind(Kind::Float)?.f_unsqueeze(-1)?;
         let freqs = pos.f_mul(&self.frequencies(rows)?)?;
         // Halves layout: (f0..fn, f0..fn); interleaved pairs: (f0, f0, f1, f1, ...).

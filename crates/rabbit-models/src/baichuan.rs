@@ -64,6 +64,8 @@ impl Architecture for Baichuan {
         }
         let mut spec = r.base()?;
         let (h, q, m) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);
+        // The 7B code rotates `q.float()` with f32 tables, then casts back.
+        spec.rope.rotate_f32 = rope;
         if !rope {
             spec.attention.alibi = true;
             spec.notes

@@ -85,6 +85,8 @@ impl Architecture for Qwen1 {
         }
         let seq_length: Option<usize> = r.take("seq_length")?;
         let mut spec = r.base()?;
+        // `apply_rotary_pos_emb`: `t.float()` times the f32 tables, then `type_as(t)`.
+        spec.rope.rotate_f32 = true;
         if ntk || logn {
             let n = seq_length.filter(|&n| n > 1).ok_or_else(|| {
                 unsupported(

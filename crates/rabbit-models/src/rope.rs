@@ -94,6 +94,10 @@ pub struct RopeSpec {
     /// Rotate interleaved pairs `(x0, x1), (x2, x3), ...` (GLM) instead of the two halves.
     #[serde(default)]
     pub interleaved: bool,
+    /// Rotate q and k in f32 with f32 tables, then cast back (QWen v1, Baichuan 2 7B), instead
+    /// of in the compute dtype with tables cast to it (transformers' Llama). The same in f32.
+    #[serde(default)]
+    pub rotate_f32: bool,
 }
 
 impl RopeSpec {
@@ -104,6 +108,7 @@ impl RopeSpec {
             dim,
             scaling: RopeScaling::Default,
             interleaved: false,
+            rotate_f32: false,
         }
     }
 
@@ -160,6 +165,7 @@ impl RopeSpec {
                 dim,
                 scaling: RopeScaling::Default,
                 interleaved: false,
+                rotate_f32: false,
             }
             .checked(max_position_embeddings);
         };
@@ -318,6 +324,7 @@ impl RopeSpec {
             dim,
             scaling,
             interleaved: false,
+            rotate_f32: false,
         }
         .checked(max_position_embeddings)
     }

@@ -74,9 +74,15 @@ fn rotate_pairs(x: &Tensor) -> Result<Tensor> {
 }
 
 /// Rotary embedding on the first `cos.size(-1)` channels of each head of `x` (`[B, H, T, D]`);
-/// the rest pass through. `cos`/`sin` are `[B, 1, T, rotary]` in the compute dtype, laid out
-/// for the rotation style (halves, or each frequency twice for interleaved pairs).
+/// the rest pass through. `cos`/`sin` are `[B, 1, T, rotary]`, laid out for the rotation style
+/// (halves, or each frequency twice for interleaved pairs), in the compute dtype, or in f32:
+/// then the rotation runs in f32 and the result is cast back to `x`'s dtype.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result<Tensor> {
+    let kind = x.kind();
+    if cos.kind() != kind {
+        let wide = x.f_to_kind(cos.kind())?;
+        return Ok(rope(&wide, cos, sin, interleaved)?.f_to_kind(kind)?);
+    }
     let d = x.size()[x.dim() - 1];
     let r = cos.size()[cos.dim() - 1];
     let rot = if r < d {
