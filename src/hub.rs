@@ -391,37 +391,65 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
             hub: Some((id_or_path.to_string(), revision)),
         });
     }
-    match fetch("model.safetensors.index.json")? {
-        Some(index) => {
-            let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-            let v: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Hub(format!("{}: {e}", index.display())))?;
-            let mut shards: Vec<String> = v
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .map(|m| {
-                    m.values()
-                        .filter_map(|s| s.as_str().map(String::from))
-                        .collect()
-                })
-                .unwrap_or_default();
-            shards.sort();
-            shards.dedup();
-            for s in shards {
+    // Safetensors first; PyTorch zip checkpoints (`pytorch_model*.bin`, which several
+    // remote-code families ship only) when a repo has none. Sharded: the index, then its shards.
+    let mut found = false;
+    for (index, single) in [
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ] {
+        if let Some(index) = fetch(index)? {
+            for s in index_shards(&index)? {
                 fetch(&s)?.ok_or_else(|| missing(&s))?;
             }
+            found = true;
+            break;
         }
-        None => {
-            fetch("model.safetensors")?.ok_or_else(|| {
-                missing("model.safetensors (nor model.safetensors.index.json; only safetensors checkpoints are supported)")
-            })?;
+        if fetch(single)?.is_some() {
+            found = true;
+            break;
         }
+    }
+    if !found {
+        return Err(missing(
+            "weights (model.safetensors[.index.json], nor pytorch_model.bin[.index.json])",
+        ));
     }
     let dir = dir.ok_or_else(|| missing("config.json"))?;
     Ok(ModelLocation {
         dir,
         hub: Some((id_or_path.to_string(), revision)),
     })
+}
+
+/// The shard files a weight index (`*.index.json`) names, sorted, each once.
+fn index_shards(index: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Error::Hub(format!("{}: {e}", index.display())))?;
+    let mut shards: Vec<String> = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.values()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    shards.sort();
+    shards.dedup();
+    // Names are relative to the repo: nothing that could reach outside the snapshot.
+    if let Some(bad) = shards.iter().find(|s| {
+        Path::new(s)
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    }) {
+        return Err(Error::Hub(format!(
+            "{}: shard name {bad:?} is not a file inside the repo",
+            index.display()
+        )));
+    }
+    Ok(shards)
 }
 
 #[cfg(test)]

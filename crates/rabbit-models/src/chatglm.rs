@@ -129,7 +129,7 @@ impl Architecture for ChatGlm {
             r.set_max_positions(2048);
         }
         if mqa {
-            if groups == 0 || cfg.num_attention_heads % groups != 0 {
+            if groups == 0 || !cfg.num_attention_heads.is_multiple_of(groups) {
                 return Err(refuse(
                     "multi_query_group_num",
                     &format!(

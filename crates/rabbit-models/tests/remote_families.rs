@@ -6,9 +6,7 @@
 use std::path::Path;
 
 use rabbit_models::registry::parse_config;
-use rabbit_models::{
-    alibi_slopes, spec_from_config, ModelSpec, NormKind, Role, RopeScaling,
-};
+use rabbit_models::{alibi_slopes, spec_from_config, ModelSpec, NormKind, Role, RopeScaling};
 use serde_json::{json, Value};
 
 fn fixture_config(case: &str) -> Value {
@@ -51,18 +49,32 @@ fn chatglm_reads_its_own_key_names() {
     let s = resolve(&base).unwrap();
     assert_eq!(s.architecture, "ChatGLMModel");
     assert_eq!(
-        (s.num_layers, s.vocab_size, s.intermediate_size, s.max_position_embeddings),
+        (
+            s.num_layers,
+            s.vocab_size,
+            s.intermediate_size,
+            s.max_position_embeddings
+        ),
         (2, 256, 96, 8192)
     );
     assert_eq!((s.num_heads, s.num_kv_heads, s.head_dim), (4, 2, 16));
     assert_eq!(s.norm.kind, NormKind::RmsWeightF32);
     assert_eq!(s.norm.eps, 1e-5);
     assert!(s.has(Role::Qkv) && s.has(Role::GateUp) && !s.tie_word_embeddings);
-    assert_eq!((s.rope.dim, s.rope.theta, s.rope.interleaved), (8, 10000.0, true));
-    assert_eq!(s.tensors.embed_weight(), "transformer.embedding.word_embeddings.weight");
+    assert_eq!(
+        (s.rope.dim, s.rope.theta, s.rope.interleaved),
+        (8, 10000.0, true)
+    );
+    assert_eq!(
+        s.tensors.embed_weight(),
+        "transformer.embedding.word_embeddings.weight"
+    );
     assert!(s.layout().is_ignored("transformer.rotary_pos_emb.inv_freq"));
     // The other class name of the same checkpoints.
-    let other = with(&base, json!({"architectures": ["ChatGLMForConditionalGeneration"]}));
+    let other = with(
+        &base,
+        json!({"architectures": ["ChatGLMForConditionalGeneration"]}),
+    );
     assert_eq!(resolve(&other).unwrap().num_kv_heads, 2);
     // GLM-4 / ChatGLM3-32k's base.
     let r = resolve(&with(&base, json!({"rope_ratio": 500}))).unwrap();
@@ -77,20 +89,37 @@ fn chatglm_reads_its_own_key_names() {
         Some(&[0, 3, 6, 9, 1, 4, 7, 10, 2, 5, 8, 11][..])
     );
     // LayerNorm instead of RMSNorm, biased linears.
-    let ln = resolve(&with(&base, json!({"rmsnorm": false, "add_bias_linear": true}))).unwrap();
+    let ln = resolve(&with(
+        &base,
+        json!({"rmsnorm": false, "add_bias_linear": true}),
+    ))
+    .unwrap();
     assert_eq!(ln.norm.kind, NormKind::Layer);
     assert!(ln.tensors.final_norm_bias);
-    assert!(ln.tensors.layer.iter().filter(|p| !p.role.is_norm()).all(|p| p.bias));
+    assert!(ln
+        .tensors
+        .layer
+        .iter()
+        .filter(|p| !p.role.is_norm())
+        .all(|p| p.bias));
 }
 
 #[test]
 fn chatglm_refuses_what_it_cannot_run_by_name() {
     let base = fixture_config("chatglm3");
-    refused(&base, json!({"num_hidden_layers": 3}), &["num_layers", "num_hidden_layers"]);
+    refused(
+        &base,
+        json!({"num_hidden_layers": 3}),
+        &["num_layers", "num_hidden_layers"],
+    );
     refused(&base, json!({"num_layers": "two"}), &["num_layers"]);
     refused(&base, json!({"quantization_bit": 4}), &["quantization_bit"]);
     refused(&base, json!({"pre_seq_len": 128}), &["pre_seq_len"]);
-    refused(&base, json!({"post_layer_norm": false}), &["post_layer_norm"]);
+    refused(
+        &base,
+        json!({"post_layer_norm": false}),
+        &["post_layer_norm"],
+    );
     refused(&base, json!({"original_rope": false}), &["original_rope"]);
     refused(
         &base,
@@ -100,7 +129,11 @@ fn chatglm_refuses_what_it_cannot_run_by_name() {
     refused(&base, json!({"rope_theta": 500000.0}), &["rope_theta"]);
     refused(&base, json!({"rope_ratio": 0}), &["rope_ratio"]);
     refused(&base, json!({"rotary_percent": 0.5}), &["rotary_percent"]);
-    refused(&base, json!({"multi_query_group_num": 3}), &["multi_query_group_num", "divide"]);
+    refused(
+        &base,
+        json!({"multi_query_group_num": 3}),
+        &["multi_query_group_num", "divide"],
+    );
     // The position of a bad value refers to the user's file, or is left out.
     let e = resolve(&with(&base, json!({"num_layers": "two"}))).unwrap_err();
     assert!(!e.contains("column"), "{e}");
@@ -122,8 +155,16 @@ fn internlm2_regroups_wqkv_and_reads_dynamic_ntk() {
     assert_eq!(order[0].tensor, "model.layers.0.attention.wqkv.weight");
     assert_eq!(order[0].order, vec![0, 1, 4, 5, 2, 6, 3, 7]);
     let biased = resolve(&with(&base, json!({"bias": true}))).unwrap();
-    assert_eq!(biased.layout().row_orders.len(), 4, "the bias is regrouped too");
-    refused(&base, json!({"rope_scaling": {"type": "ntk", "factor": 2.0}}), &["ntk"]);
+    assert_eq!(
+        biased.layout().row_orders.len(),
+        4,
+        "the bias is regrouped too"
+    );
+    refused(
+        &base,
+        json!({"rope_scaling": {"type": "ntk", "factor": 2.0}}),
+        &["ntk"],
+    );
     refused(&base, json!({"sliding_window": 4}), &["sliding_window"]);
 }
 
@@ -133,14 +174,20 @@ fn internlm_v1_refuses_settings_its_code_ignores() {
     let s = resolve(&base).unwrap();
     assert!(s.tensors.param(Role::O).unwrap().bias && s.tensors.param(Role::Q).unwrap().bias);
     assert!(!s.tensors.param(Role::Gate).unwrap().bias);
-    assert!(!resolve(&with(&base, json!({"bias": false})))
-        .unwrap()
-        .tensors
-        .param(Role::O)
-        .unwrap()
-        .bias);
+    assert!(
+        !resolve(&with(&base, json!({"bias": false})))
+            .unwrap()
+            .tensors
+            .param(Role::O)
+            .unwrap()
+            .bias
+    );
     refused(&base, json!({"rope_theta": 1e6}), &["rope_theta"]);
-    refused(&base, json!({"num_key_value_heads": 2}), &["num_key_value_heads"]);
+    refused(
+        &base,
+        json!({"num_key_value_heads": 2}),
+        &["num_key_value_heads"],
+    );
     refused(&base, json!({"pretraining_tp": 2}), &["pretraining_tp"]);
 }
 
@@ -154,13 +201,29 @@ fn baichuan_tells_its_two_position_schemes_apart() {
     assert!(!rope.attention.alibi && rope.lm_head_norm);
     assert_eq!(rope.context_limit(), Some(4096));
     // Baichuan 1 (vocabulary 64000): a plain head.
-    let v1 = resolve(&with(&fixture_config("baichuan2_13b"), json!({"vocab_size": 64000}))).unwrap();
+    let v1 = resolve(&with(
+        &fixture_config("baichuan2_13b"),
+        json!({"vocab_size": 64000}),
+    ))
+    .unwrap();
     assert!(!v1.lm_head_norm);
     let base = fixture_config("baichuan2_13b");
-    refused(&base, json!({"model_max_length": null}), &["max_position_embeddings"]);
+    refused(
+        &base,
+        json!({"model_max_length": null}),
+        &["max_position_embeddings"],
+    );
     refused(&base, json!({"rope_theta": 1e6}), &["rope_theta"]);
-    refused(&base, json!({"tie_word_embeddings": true}), &["tie_word_embeddings"]);
-    refused(&base, json!({"num_key_value_heads": 2}), &["num_key_value_heads"]);
+    refused(
+        &base,
+        json!({"tie_word_embeddings": true}),
+        &["tie_word_embeddings"],
+    );
+    refused(
+        &base,
+        json!({"num_key_value_heads": 2}),
+        &["num_key_value_heads"],
+    );
 }
 
 #[test]
@@ -188,14 +251,36 @@ fn qwen_v1_reads_seq_length_ntk_and_logn() {
     assert_eq!(s.norm.eps, 1e-6);
     let qkv = s.tensors.param(Role::Qkv).unwrap();
     assert!(qkv.bias && !s.tensors.param(Role::O).unwrap().bias);
-    let plain = resolve(&with(&base, json!({"use_dynamic_ntk": false, "use_logn_attn": false})))
-        .unwrap();
-    assert_eq!((plain.rope.scaling, plain.attention.logn_length), (RopeScaling::Default, None));
+    let plain = resolve(&with(
+        &base,
+        json!({"use_dynamic_ntk": false, "use_logn_attn": false}),
+    ))
+    .unwrap();
+    assert_eq!(
+        (plain.rope.scaling, plain.attention.logn_length),
+        (RopeScaling::Default, None)
+    );
     refused(&base, json!({"seq_length": null}), &["seq_length"]);
-    refused(&base, json!({"use_cache_quantization": true}), &["use_cache_quantization"]);
-    refused(&base, json!({"intermediate_size": 255}), &["intermediate_size"]);
-    refused(&base, json!({"kv_channels": 8}), &["kv_channels", "hidden_size"]);
-    refused(&base, json!({"kv_channels": 16, "head_dim": 8}), &["kv_channels", "head_dim"]);
+    refused(
+        &base,
+        json!({"use_cache_quantization": true}),
+        &["use_cache_quantization"],
+    );
+    refused(
+        &base,
+        json!({"intermediate_size": 255}),
+        &["intermediate_size"],
+    );
+    refused(
+        &base,
+        json!({"kv_channels": 8}),
+        &["kv_channels", "hidden_size"],
+    );
+    refused(
+        &base,
+        json!({"kv_channels": 16, "head_dim": 8}),
+        &["kv_channels", "head_dim"],
+    );
     refused(&base, json!({"n_embd": 64}), &["n_embd"]);
 }
 

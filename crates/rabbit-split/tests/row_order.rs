@@ -34,7 +34,11 @@ fn split_tensors(dir: &Path) -> Vec<(String, String, Vec<u8>)> {
         let mut names: Vec<String> = st.names().into_iter().map(String::from).collect();
         names.sort();
         for n in names {
-            out.push((file.clone(), n.clone(), st.tensor(&n).unwrap().data().to_vec()));
+            out.push((
+                file.clone(),
+                n.clone(),
+                st.tensor(&n).unwrap().data().to_vec(),
+            ));
         }
     }
     out
@@ -43,7 +47,12 @@ fn split_tensors(dir: &Path) -> Vec<(String, String, Vec<u8>)> {
 /// A copy of the checkpoint in `src` with `name`'s rows regrouped by `order`.
 fn regrouped_checkpoint(src: &Path, dst: &Path, spec: &Spec, edits: &[(&str, &[usize])]) {
     fs::create_dir_all(dst).unwrap();
-    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+    ] {
         fs::copy(src.join(f), dst.join(f)).unwrap();
     }
     let tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = spec
@@ -113,7 +122,9 @@ fn a_row_order_is_part_of_the_layout_digest() {
     let ordered = with_orders(&spec, &[(GATE, &[1, 0])]);
     assert_ne!(plain.digest(), ordered.digest());
     // An empty list serialises as before: existing splits stay current.
-    assert!(!serde_json::to_string(&plain).unwrap().contains("row_orders"));
+    assert!(!serde_json::to_string(&plain)
+        .unwrap()
+        .contains("row_orders"));
 }
 
 #[test]
@@ -131,8 +142,12 @@ fn bad_row_orders_are_refused_naming_the_tensor() {
     ];
     for (tensor, order, why) in cases {
         let out = tmp.path().join("out");
-        let err = run_split(&ckpt, &with_orders(&spec, &[(tensor, order)]), &opts_to(&out))
-            .unwrap_err();
+        let err = run_split(
+            &ckpt,
+            &with_orders(&spec, &[(tensor, order)]),
+            &opts_to(&out),
+        )
+        .unwrap_err();
         assert!(matches!(err, SplitError::InvalidLayout { .. }), "{err:?}");
         let msg = err.to_string();
         assert!(msg.contains(tensor) && msg.contains(why), "{msg}");
