@@ -33,12 +33,19 @@
 //! `('k', 1)`); `~` and `join` print non-strings minijinja's way where they differ from `str()`;
 //! `strftime_now` uses UTC where Python uses local time; `\N{...}` escapes are not decoded.
 //!
+//! Checkpoints without a template whose family builds its prompt in Python (QWen v1 Chat,
+//! ChatGLM2/3, Baichuan 2 Chat) get a [`BuiltinFormat`] instead, token-level and exact to the
+//! original code; [`ChatFormat::from_model_dir`] picks the template or that format
+//! (`builtin.rs`, `detect.rs`).
+//!
 //! Unlike jinja2, a render is bounded: its output stops at
 //! [`ChatTemplate::max_rendered_bytes`] ([`ChatError::RenderTooLarge`]) and its instruction count
 //! at an allowance that grows with the input ([`ChatError::RenderTooLong`]), so a template that
 //! loops without end fails fast. Strings a template builds in variables without printing them
 //! (`~` doubling a string) are not bounded by either: minijinja offers no limit there.
 
+mod builtin;
+mod detect;
 mod environment;
 mod limits;
 mod load;
@@ -53,6 +60,10 @@ use std::path::{Path, PathBuf};
 use minijinja::{Environment, Error as JinjaError, ErrorKind, Value};
 use serde::{Deserialize, Serialize};
 
+pub use builtin::{
+    BuiltinFormat, EncodeError, PromptEncoder, QWEN_DEFAULT_MAX_WINDOW_SIZE, QWEN_DEFAULT_SYSTEM,
+};
+pub use detect::ChatFormat;
 pub use limits::DEFAULT_MAX_RENDERED_BYTES;
 pub use load::load_messages;
 
@@ -172,6 +183,39 @@ pub enum ChatError {
         origin: String,
         /// The limit, in bytes.
         limit: usize,
+    },
+    /// The checkpoint's files name a family with a built-in prompt format, but not one that
+    /// can be used (a base model's `chat_format`, ids missing, ChatGLM2 vs ChatGLM3 undecidable).
+    #[error("{}: {reason}", path.display())]
+    NotAChatModel {
+        /// The file that decided it (or the directory).
+        path: PathBuf,
+        /// Why, naming the field.
+        reason: String,
+    },
+    /// A built-in prompt format cannot express this conversation (its roles or their order).
+    #[error("{format}: {reason}")]
+    BadConversation {
+        /// The format ([`BuiltinFormat::name`]).
+        format: &'static str,
+        /// What is wrong, naming the message (`message 2: ...`).
+        reason: String,
+    },
+    /// The tokenizer failed on a piece of a built-in prompt.
+    #[error("{format}: the tokenizer failed: {source}")]
+    Encode {
+        /// The format ([`BuiltinFormat::name`]).
+        format: &'static str,
+        /// The tokenizer's error.
+        source: builtin::EncodeError,
+    },
+    /// The tokenizer lacks a special token a built-in prompt format needs.
+    #[error("{format}: the tokenizer has no token {token:?}, which this prompt format needs")]
+    UnknownToken {
+        /// The format ([`BuiltinFormat::name`]).
+        format: &'static str,
+        /// The token's string.
+        token: String,
     },
     /// The template executed more instructions than a render of this input may (a loop that
     /// does not end, or one far too large for the conversation).
