@@ -383,6 +383,8 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
                 break;
             }
         }
+        // Never run; read to tell ChatGLM3's chat format from ChatGLM2's (same class name).
+        fetch("tokenization_chatglm.py")?;
     }
     if opts.skip_weights {
         let dir = dir.ok_or_else(|| missing("config.json"))?;

@@ -363,6 +363,29 @@ impl Model {
         codec.encode_rendered(&rendered)
     }
 
+    /// Encodes a conversation with the model's chat format: its template
+    /// ([`Model::encode_chat`]), or the prompt builder of its family's code for checkpoints
+    /// that ship none (QWen v1, ChatGLM2/3, Baichuan 2), id for id as that code builds it.
+    pub fn encode_conversation(
+        &self,
+        format: &rabbit_models::chat::ChatFormat,
+        messages: &[rabbit_models::chat::Message],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        use rabbit_models::chat::ChatFormat;
+        match format {
+            ChatFormat::Template(t) => self.encode_chat(t, messages, add_generation_prompt),
+            ChatFormat::Builtin(f) => {
+                let codec = self.require_codec()?;
+                let typed: usize = messages.iter().map(|m| m.content.len()).sum();
+                self.check_text_len("the conversation", typed)?;
+                // Typed special-token strings stay text here: the format inserts its own
+                // control tokens by id.
+                Ok(f.encode(messages, add_generation_prompt, &CodecPrompt(codec))?)
+            }
+        }
+    }
+
     /// Ids → text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.require_codec()?.decode(ids)
@@ -388,5 +411,32 @@ impl Model {
         };
         let out = self.engine.generate(&req, &mut |_| Control::Continue)?;
         self.decode(&out.sequences[0].output_ids)
+    }
+}
+
+/// The codec as the built-in chat formats see a tokenizer: user text (special-token strings kept
+/// as text) with or without the tokenizer's default prefix, and special tokens by string.
+struct CodecPrompt<'a>(&'a TextCodec);
+
+impl rabbit_models::chat::PromptEncoder for CodecPrompt<'_> {
+    fn encode_text(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+    ) -> std::result::Result<Vec<u32>, rabbit_models::chat::EncodeError> {
+        let ids = if add_special_tokens {
+            self.0.encode_prompt(text)
+        } else {
+            self.0.encode(text, false)
+        };
+        ids.map_err(|e| e.to_string().into())
+    }
+
+    fn token_id(&self, token: &str) -> Option<u32> {
+        self.0.tokenizer().token_to_id(token)
+    }
+
+    fn id_to_token(&self, id: u32) -> Option<String> {
+        self.0.tokenizer().id_to_token(id)
     }
 }

@@ -9,27 +9,46 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::{Control, GenerateRequest, SamplingParams};
-use rabbit_models::chat::{load_messages, ChatTemplate, Message};
+use rabbit_models::chat::{load_messages, ChatFormat, Message};
 use rabbitllm::Model;
 
 use crate::load::ModelArgs;
 use crate::out::{self, note, note_inline, outln, StdoutError};
 
-/// The model's chat template, or a clear error.
-pub fn template_of(dir: &Path) -> Result<ChatTemplate> {
-    match ChatTemplate::from_tokenizer_config(dir)? {
-        Some(t) => Ok(t),
+/// The model's chat format (its template, or its family's built-in one), or a clear error.
+pub fn format_of(dir: &Path) -> Result<ChatFormat> {
+    match ChatFormat::from_model_dir(dir)? {
+        Some(f) => Ok(f),
         None => bail!(
-            "{} has no chat_template in tokenizer_config.json: this is not a chat model (use --prompt without --chat)",
+            "{} has no chat_template in tokenizer_config.json and its tokenizer class has no \
+             built-in chat format: this is not a chat model (use --prompt without --chat)",
             dir.display()
         ),
     }
 }
 
-/// The chat template of a loaded model, its rendering capped at what could still fit the
-/// model's context (a longer prompt is refused anyway, so a runaway template stops early).
-pub fn model_template(model: &Model) -> Result<ChatTemplate> {
-    Ok(template_of(model.model_dir())?.with_max_rendered_bytes(model.max_text_bytes()?))
+/// The chat format of a loaded model: a template's rendering capped at what could still fit the
+/// model's context (a longer prompt is refused anyway, so a runaway template stops early); a
+/// built-in format keeps room for `max_new_tokens` as its family's chat() does (Baichuan).
+pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> {
+    Ok(match format_of(model.model_dir())? {
+        ChatFormat::Template(t) => {
+            ChatFormat::Template(Box::new(t.with_max_rendered_bytes(model.max_text_bytes()?)))
+        }
+        ChatFormat::Builtin(f) => ChatFormat::Builtin(f.with_max_new_tokens(max_new_tokens)),
+    })
+}
+
+/// The ids an answer stops at: the model's eos ids, plus the turn markers a built-in format's
+/// chat() also stops on (QWen's `<|im_end|>`, ChatGLM3's `<|user|>`).
+pub fn stop_ids(model: &Model, format: &ChatFormat) -> Vec<u32> {
+    let mut ids = model.engine.spec().eos_token_ids.clone();
+    if let (ChatFormat::Builtin(f), Some(tok)) = (format, model.tokenizer()) {
+        ids.extend(f.stop_tokens().iter().filter_map(|t| tok.token_to_id(t)));
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// Arguments of `rabbit template`.
@@ -63,9 +82,23 @@ pub fn template(a: TemplateArgs) -> Result<()> {
         ..Default::default()
     };
     let loc = rabbitllm::hub::locate(&a.model, &hub)?;
-    let tpl = template_of(&loc.dir)?;
+    let format = format_of(&loc.dir)?;
     let messages = load_messages(&a.messages)?;
-    let text = tpl.render(&messages, !a.no_generation_prompt)?;
+    let text = match format {
+        ChatFormat::Template(t) => t.render(&messages, !a.no_generation_prompt)?,
+        ChatFormat::Builtin(f) => {
+            // A built-in format is token-level: it needs the tokenizer to spell its prompt.
+            let mut tok = rabbitllm::text::load_tokenizer(&loc.dir)?.with_context(|| {
+                format!(
+                    "{}: the {} chat format needs the model's tokenizer, and there is none",
+                    loc.dir.display(),
+                    f.name()
+                )
+            })?;
+            tok.set_encode_special_tokens(true);
+            f.render_text(&messages, !a.no_generation_prompt, &tok)?
+        }
+    };
     out::write(&text)?;
     Ok(())
 }
@@ -106,7 +139,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     sampling_of(&a).validate()?;
     let (mut model, _) = a.model.load(false)?;
     // Also refuses a model without a tokenizer (the context bound needs one).
-    let tpl = model_template(&model)?;
+    let format = model_format(&model, a.max_new_tokens)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C while answering stops the answer; at the prompt it does the same (nothing to stop),
@@ -170,10 +203,15 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             content,
         });
         stop.store(false, Ordering::SeqCst);
-        match answer(&mut model, &tpl, system.as_deref(), &history, &a, &stop) {
+        match answer(&mut model, &format, system.as_deref(), &history, &a, &stop) {
             Ok(text) => history.push(Message {
                 role: "assistant".into(),
-                content: text,
+                // What the family's chat() keeps of a reply (stripped; ChatGLM3's metadata
+                // line dropped).
+                content: match &format {
+                    ChatFormat::Builtin(f) => f.reply_for_history(&text),
+                    ChatFormat::Template(_) => text,
+                },
             }),
             // Nobody reads the answers any more: end the session.
             Err(e) if e.downcast_ref::<StdoutError>().is_some() => return Err(e),
@@ -197,7 +235,7 @@ fn sampling_of(a: &ChatArgs) -> SamplingParams {
 
 fn answer(
     model: &mut Model,
-    tpl: &ChatTemplate,
+    format: &ChatFormat,
     system: Option<&str>,
     history: &[Message],
     a: &ChatArgs,
@@ -211,7 +249,7 @@ fn answer(
         });
     }
     messages.extend(history.iter().cloned());
-    let ids = model.encode_chat(tpl, &messages, true)?;
+    let ids = model.encode_conversation(format, &messages, true)?;
     let spec = model.engine.spec().clone();
     let room = spec.max_position_embeddings.saturating_sub(ids.len());
     if room == 0 {
@@ -224,7 +262,7 @@ fn answer(
         sequences: vec![ids],
         max_new_tokens: a.max_new_tokens.min(room),
         sampling: sampling_of(a),
-        eos_token_ids: spec.eos_token_ids.clone(),
+        eos_token_ids: stop_ids(model, format),
         keep_logits: false,
     };
     let codec = model.require_codec()?.clone();

@@ -133,9 +133,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     // Before loading: a bad flag should not cost a split or a model load.
     sampling.validate()?;
     let (mut model, load_s) = a.model.load(a.json)?;
+    let mut chat_format = None;
     let sequences = match &a.prompt {
         Some(p) if a.chat => {
-            let tpl = crate::chat::model_template(&model)?;
+            let format = crate::chat::model_format(&model, a.max_new_tokens)?;
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
                 messages.push(Message {
@@ -147,7 +148,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 role: "user".into(),
                 content: p.clone(),
             });
-            vec![model.encode_chat(&tpl, &messages, true)?]
+            let ids = model.encode_conversation(&format, &messages, true)?;
+            chat_format = Some(format);
+            vec![ids]
         }
         Some(p) => vec![model.encode(p)?],
         None => sequences_from_ids,
@@ -157,7 +160,10 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         sequences: sequences.clone(),
         max_new_tokens: a.max_new_tokens,
         sampling,
-        eos_token_ids: spec.eos_token_ids.clone(),
+        eos_token_ids: match &chat_format {
+            Some(f) => crate::chat::stop_ids(&model, f),
+            None => spec.eos_token_ids.clone(),
+        },
         keep_logits: a.dump_logits.is_some(),
     };
     model.engine.validate_request(&req)?;
