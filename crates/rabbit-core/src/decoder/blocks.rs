@@ -181,9 +181,10 @@ pub fn attention_with_bias(
     } else {
         (keys.shallow_clone(), values.shallow_clone())
     };
+    // Divided by sqrt(head_dim), as the original writes it (bf16 rounds each step).
     let scores = q
         .f_matmul(&keys.f_transpose(-2, -1)?)?
-        .f_mul_scalar(spec.scale)?
+        .f_div_scalar(spec.scale.recip())?
         .f_add(bias)?;
     let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     Ok(probs.f_matmul(&values)?)
