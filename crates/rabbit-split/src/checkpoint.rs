@@ -50,7 +50,7 @@ pub struct TensorLoc {
 pub struct Checkpoint {
     /// Checkpoint directory.
     pub dir: PathBuf,
-    /// Weight files (`model.safetensors`, or the shards in name order).
+    /// Weight files (`model.safetensors` or `pytorch_model.bin`, or the shards in name order).
     pub files: Vec<PathBuf>,
     /// The shard index, for sharded checkpoints.
     pub index: Option<PathBuf>,

@@ -195,11 +195,11 @@ impl<'a> Machine<'a> {
     }
 
     fn memo_put(&mut self, key: u32) -> PResult<()> {
-        let v = self
-            .stack
-            .last()
-            .cloned()
-            .ok_or_else(|| PickleError::Bad("memoizing an empty stack".into()))?;
+        let floor = self.marks.last().copied().unwrap_or(0);
+        if self.stack.len() <= floor {
+            return bad(format!("memoizing an empty stack at byte {}", self.pos));
+        }
+        let v = self.stack.last().cloned().expect("checked above");
         self.memo.insert(key, v);
         Ok(())
     }

@@ -492,3 +492,27 @@ fn deeply_nested_or_cyclic_pickles_do_not_crash() {
         assert!(e.contains(want), "{e}");
     }
 }
+
+#[test]
+fn no_corruption_of_a_bin_file_panics() {
+    // Every byte of a real torch.save archive flipped in turn (zip headers, zip directory,
+    // pickle, data), and every truncation: an error or a readable checkpoint, never a panic.
+    let orig = fs::read(fixtures().join("state.bin")).unwrap();
+    let (_t, dir) = bin_dir("state.bin");
+    let path = dir.join("pytorch_model.bin");
+    let mut buf = Vec::new();
+    for i in 0..orig.len() {
+        let mut bytes = orig.clone();
+        bytes[i] ^= 0xff;
+        fs::write(&path, &bytes).unwrap();
+        if let Ok(ckpt) = Checkpoint::open(&dir) {
+            for t in ckpt.tensors() {
+                ckpt.read_tensor(&t.name, &mut buf).unwrap();
+            }
+        }
+    }
+    for cut in 0..orig.len() {
+        fs::write(&path, &orig[..cut]).unwrap();
+        assert!(Checkpoint::open(&dir).is_err(), "cut at {cut}");
+    }
+}
