@@ -1,5 +1,7 @@
 //! Reading a local Hugging Face checkpoint: `model.safetensors`, or
-//! `model.safetensors.index.json` plus its shards. Only headers are parsed when opening; tensor
+//! `model.safetensors.index.json` plus its shards; failing those, the PyTorch weights
+//! `pytorch_model.bin` or `pytorch_model.bin.index.json` plus its shards (read by
+//! [`crate::torch_bin`] without running Python). Only headers are parsed when opening; tensor
 //! bytes are read later with positioned reads (`pread`) into caller-owned buffers.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,6 +19,10 @@ use crate::writer::MAX_HEADER_LEN;
 pub const SINGLE_FILE: &str = "model.safetensors";
 /// Name of the shard index of a sharded HF checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
+/// Name of the single-file PyTorch weights (`torch.save` zip archive) of a HF checkpoint.
+pub const TORCH_SINGLE_FILE: &str = "pytorch_model.bin";
+/// Name of the shard index of a sharded PyTorch HF checkpoint.
+pub const TORCH_INDEX_FILE: &str = "pytorch_model.bin.index.json";
 /// Name of the model configuration.
 pub const CONFIG_FILE: &str = "config.json";
 
@@ -44,10 +50,12 @@ pub struct TensorLoc {
 pub struct Checkpoint {
     /// Checkpoint directory.
     pub dir: PathBuf,
-    /// Weight files (`model.safetensors`, or the shards in name order).
+    /// Weight files (`model.safetensors` or `pytorch_model.bin`, or the shards in name order).
     pub files: Vec<PathBuf>,
     /// The shard index, for sharded checkpoints.
     pub index: Option<PathBuf>,
+    /// The format of the weight files.
+    pub format: WeightFormat,
     tensors: BTreeMap<String, TensorLoc>,
     handles: Vec<OnceLock<File>>,
 }
@@ -68,9 +76,20 @@ fn read_config_bytes(dir: &Path) -> Result<Vec<u8>> {
     })
 }
 
+/// The format of a checkpoint's weight files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    /// safetensors files.
+    Safetensors,
+    /// PyTorch `torch.save` zip archives (`.bin`), read without executing their pickle.
+    PyTorch,
+}
+
 /// The weight files of a checkpoint, found without parsing any safetensors header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WeightFiles {
+    /// Their format.
+    pub format: WeightFormat,
     /// `model.safetensors`, or every shard named by the index (sorted, unique).
     pub files: Vec<PathBuf>,
     /// The index file when the checkpoint is sharded.
@@ -79,19 +98,36 @@ pub struct WeightFiles {
     pub weight_map: BTreeMap<String, String>,
 }
 
-/// Finds the weight files the way `transformers` does: `model.safetensors` if present, else the
-/// shard index. Fails when there are no weights or a listed shard is missing.
+/// Finds the weight files the way `transformers` does: `model.safetensors` if present, else its
+/// shard index, else `pytorch_model.bin`, else its shard index. Fails when there are no weights
+/// or a listed shard is missing.
 pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
-    let single = dir.join(SINGLE_FILE);
-    if is_present_file(&single)? {
-        return Ok(WeightFiles {
-            files: vec![single],
-            index: None,
-            weight_map: BTreeMap::new(),
-        });
+    let formats = [
+        (WeightFormat::Safetensors, SINGLE_FILE, INDEX_FILE),
+        (WeightFormat::PyTorch, TORCH_SINGLE_FILE, TORCH_INDEX_FILE),
+    ];
+    for (format, single, index) in formats {
+        let single = dir.join(single);
+        if is_present_file(&single)? {
+            return Ok(WeightFiles {
+                format,
+                files: vec![single],
+                index: None,
+                weight_map: BTreeMap::new(),
+            });
+        }
+        let index = dir.join(index);
+        if is_present_file(&index)? {
+            return read_index(dir, format, index);
+        }
     }
-    let index = dir.join(INDEX_FILE);
-    is_present_file(&index)?;
+    Err(SplitError::MissingWeights {
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Reads a shard index and checks every shard it names is there.
+fn read_index(dir: &Path, format: WeightFormat, index: PathBuf) -> Result<WeightFiles> {
     let Some(bytes) = crate::fsutil::read_regular(&index)? else {
         return Err(SplitError::MissingWeights {
             dir: dir.to_path_buf(),
@@ -152,6 +188,7 @@ pub fn weight_files(dir: &Path) -> Result<WeightFiles> {
         files.push(p);
     }
     Ok(WeightFiles {
+        format,
         files,
         index: Some(index),
         weight_map,
@@ -436,9 +473,24 @@ impl Checkpoint {
         let mut tensors: BTreeMap<String, TensorLoc> = BTreeMap::new();
         for (file_index, path) in w.files.iter().enumerate() {
             let f = crate::fsutil::open_regular(path)?;
-            let h = read_safetensors_header(path, &f)?;
-            let base = h.data_offset();
-            for t in h.tensors {
+            let found: Vec<crate::torch_bin::BinTensor> = match w.format {
+                WeightFormat::Safetensors => {
+                    let h = read_safetensors_header(path, &f)?;
+                    let base = h.data_offset();
+                    h.tensors
+                        .into_iter()
+                        .map(|t| crate::torch_bin::BinTensor {
+                            name: t.name,
+                            dtype: t.dtype,
+                            shape: t.shape,
+                            offset: base + t.start,
+                            len: t.end - t.start,
+                        })
+                        .collect()
+                }
+                WeightFormat::PyTorch => crate::torch_bin::read_torch_bin(path, &f)?,
+            };
+            for t in found {
                 if let Some(prev) = tensors.get(&t.name) {
                     return Err(SplitError::DuplicateTensor {
                         tensor: t.name,
@@ -452,8 +504,8 @@ impl Checkpoint {
                     file_index,
                     dtype: t.dtype,
                     shape: t.shape,
-                    offset: base + t.start,
-                    len: t.end - t.start,
+                    offset: t.offset,
+                    len: t.len,
                 };
                 tensors.insert(t.name, loc);
             }
@@ -477,6 +529,7 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             files: w.files,
             index: w.index,
+            format: w.format,
             tensors,
             handles,
         })

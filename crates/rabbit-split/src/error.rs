@@ -26,9 +26,11 @@ pub enum SplitError {
         /// Parser message.
         reason: String,
     },
-    /// Neither `model.safetensors` nor `model.safetensors.index.json` exists.
+    /// None of `model.safetensors`, `model.safetensors.index.json`, `pytorch_model.bin` and
+    /// `pytorch_model.bin.index.json` exists.
     #[error(
-        "no safetensors weights in {}: expected model.safetensors or model.safetensors.index.json",
+        "no weights in {}: expected model.safetensors, model.safetensors.index.json, \
+         pytorch_model.bin or pytorch_model.bin.index.json",
         dir.display()
     )]
     MissingWeights {
@@ -38,7 +40,7 @@ pub enum SplitError {
     /// The shard index is not valid.
     #[error("invalid shard index {}: {reason}", index.display())]
     BadIndex {
-        /// Path of `model.safetensors.index.json`.
+        /// Path of `model.safetensors.index.json` (or `pytorch_model.bin.index.json`).
         index: PathBuf,
         /// What is wrong with it.
         reason: String,
@@ -69,13 +71,13 @@ pub enum SplitError {
         /// What is wrong with it.
         reason: String,
     },
-    /// A safetensors file is shorter than its header says.
+    /// A weight file is shorter than its header (or zip directory) says.
     #[error(
         "{} is truncated: its header describes {expected} bytes but the file has {actual} (incomplete download?)",
         file.display()
     )]
     Truncated {
-        /// The safetensors file.
+        /// The weight file.
         file: PathBuf,
         /// Size the header implies.
         expected: u64,
@@ -92,6 +94,40 @@ pub enum SplitError {
         /// The dtype string found.
         dtype: String,
     },
+    /// A PyTorch checkpoint (`.bin`) cannot be read: not a `torch.save` zip archive, truncated,
+    /// compressed records, a malformed pickle, or a pickle that is not a state dict of tensors.
+    #[error("cannot read PyTorch checkpoint {}: {reason}", file.display())]
+    BadTorchFile {
+        /// The `.bin` file.
+        file: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A PyTorch checkpoint in the format of `torch.save` before torch 1.6 (a bare pickle
+    /// stream), which cannot be read without executing it.
+    #[error(
+        "{} is in the legacy PyTorch format (torch.save before torch 1.6); re-save it with \
+         torch >= 1.6 or convert it to safetensors",
+        file.display()
+    )]
+    LegacyTorchFormat {
+        /// The `.bin` file.
+        file: PathBuf,
+    },
+    /// The pickle of a PyTorch checkpoint refers to a Python global that a state dict of
+    /// tensors does not use (it would run code if unpickled by Python).
+    #[error(
+        "refusing {}: its pickle refers to the Python global {global}, which is not part of a \
+         state dict of tensors (nothing in the pickle is executed); convert the checkpoint to \
+         safetensors if it is trusted",
+        file.display()
+    )]
+    ForbiddenGlobal {
+        /// The `.bin` file.
+        file: PathBuf,
+        /// `module.name` of the global.
+        global: String,
+    },
     /// A tensor was asked for by name but the checkpoint has none of that name.
     #[error("no tensor {tensor} in the checkpoint at {}", dir.display())]
     NoSuchTensor {
@@ -100,10 +136,11 @@ pub enum SplitError {
         /// Requested name.
         tensor: String,
     },
-    /// A tensor's header entry is inconsistent (bad shape, offsets out of range, overlap, ...).
+    /// A tensor's header entry is inconsistent (bad shape, offsets out of range, overlap, ...),
+    /// or a PyTorch tensor cannot be read as one byte range (not contiguous, past its storage).
     #[error("tensor {tensor} in {}: {reason}", file.display())]
     BadTensor {
-        /// The safetensors file.
+        /// The weight file.
         file: PathBuf,
         /// Tensor name.
         tensor: String,
@@ -253,7 +290,8 @@ pub enum SplitError {
     },
     /// The source weights are missing (not deleted by us), and the existing split cannot be used.
     #[error(
-        "{} has no weights to split (expected model.safetensors or model.safetensors.index.json), \
+        "{} has no weights to split (expected model.safetensors, model.safetensors.index.json, \
+         pytorch_model.bin or pytorch_model.bin.index.json), \
          and the existing split in {} cannot be used: {reason}; put the original weights back (or \
          download them again) to repair it",
         dir.display(),

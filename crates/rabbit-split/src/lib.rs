@@ -1,6 +1,7 @@
-//! Checkpoint splitter: turns a Hugging Face safetensors checkpoint into one aligned safetensors
-//! file per layer unit plus a `manifest.json`, so the executor can fetch a whole decoder layer
-//! with a single sequential read and view its tensors in place.
+//! Checkpoint splitter: turns a Hugging Face checkpoint (safetensors, or PyTorch `.bin` weights,
+//! read without running Python) into one aligned safetensors file per layer unit plus a
+//! `manifest.json`, so the executor can fetch a whole decoder layer with a single sequential read
+//! and view its tensors in place.
 //!
 //! Pure Rust (no libtorch), streaming (bounded memory whatever the model size), crash-safe and
 //! resumable, and a current split is recognized in milliseconds. The directory format is
@@ -33,10 +34,13 @@ pub mod quant;
 mod split;
 #[doc(hidden)]
 pub mod testing;
+mod torch_bin;
+mod torch_globals;
+mod torch_pickle;
 mod verify;
 pub mod writer;
 
-pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc};
+pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc, WeightFormat};
 pub use dtype::Dtype;
 pub use error::{Damage, Result, SplitError};
 pub use layout::{Layout, UnitKind, UnitSpec};

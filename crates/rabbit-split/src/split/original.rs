@@ -4,7 +4,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{source_fingerprint, INDEX_FILE, SINGLE_FILE};
+use crate::checkpoint::{
+    source_fingerprint, INDEX_FILE, SINGLE_FILE, TORCH_INDEX_FILE, TORCH_SINGLE_FILE,
+};
 use crate::error::{Result, SplitError};
 use crate::fsutil::{self, remove_if_exists, write_atomic, DirLock};
 use crate::integrity::{self, Checksums};
@@ -15,16 +17,32 @@ use crate::verify::verify_against;
 use super::dir::is_safe_file_name;
 use super::{default_split_dir_for, SplitEvent};
 
-/// The source weight files that exist now, in deletion order (shards first, index last). Works
-/// on a partially deleted checkpoint.
+/// The source weight files that exist now, in deletion order: the PyTorch `.bin` weights, then
+/// the safetensors weights (each shards first, index last). Works on a partially deleted
+/// checkpoint. Both formats go, when a checkpoint has both: a `.bin` copy left beside deleted
+/// safetensors would become the checkpoint's weights, which the split marked as the only copy
+/// was not made from. The source (safetensors, when both are there) goes last, so a deletion
+/// that stops partway leaves that source, whole or in part, never another one.
 pub(super) fn existing_source_weights(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let single = dir.join(SINGLE_FILE);
+    for (single, index) in [
+        (TORCH_SINGLE_FILE, TORCH_INDEX_FILE),
+        (SINGLE_FILE, INDEX_FILE),
+    ] {
+        existing_weights_of(dir, single, index, &mut out);
+    }
+    out
+}
+
+/// [`existing_source_weights`] of one format: the single file if present, else the index's
+/// shards that exist and the index.
+fn existing_weights_of(dir: &Path, single: &str, index: &str, out: &mut Vec<PathBuf>) {
+    let single = dir.join(single);
     if single.is_file() {
         out.push(single);
-        return out;
+        return;
     }
-    let index = dir.join(INDEX_FILE);
+    let index = dir.join(index);
     if let Ok(Some(bytes)) = fsutil::read_regular(&index) {
         if let Ok(json) = serde_json::from_slice::<serde_json::Value>(&bytes) {
             let mut shards: Vec<&str> = json
@@ -43,7 +61,6 @@ pub(super) fn existing_source_weights(dir: &Path) -> Vec<PathBuf> {
         }
         out.push(index);
     }
-    out
 }
 
 fn delete_source_weights(dir: &Path) -> Result<usize> {
