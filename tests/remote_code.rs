@@ -240,3 +240,42 @@ fn checkpoints_without_tokenizer_json_take_text() {
         let _ = text; // Random weights: any text; decoding it must not fail.
     }
 }
+
+/// Checkpoints shipped as PyTorch `.bin` only (Baichuan 2, ChatGLM2, InternLM v1 on the hub):
+/// the same logits from `pytorch_model.bin` (and a sharded `.bin` with its index) as from the
+/// safetensors (`tests/fixtures/make_bin_copies.py` wrote the same tensors with torch.save).
+#[test]
+fn pytorch_bin_checkpoints_give_the_same_results() {
+    for name in ["baichuan2_13b", "chatglm2"] {
+        let case = Case::load(name);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("m");
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["config.json", "generation_config.json"] {
+            if case.dir.join(f).exists() {
+                std::fs::copy(case.dir.join(f), dir.join(f)).unwrap();
+            }
+        }
+        for e in std::fs::read_dir(case.dir.join("bin")).unwrap() {
+            let p = e.unwrap().path();
+            std::fs::copy(&p, dir.join(p.file_name().unwrap())).unwrap();
+        }
+        let split = tmp.path().join("split");
+        let mut model = case.open_dir(&dir, DType::F32, &split);
+        for (i, (input, want)) in case.sequences().into_iter().enumerate() {
+            let (_, prefill) = case.tensor(&format!("prefill.{i}"));
+            let d = max_abs_diff(&model.engine.prompt_logits(&input).unwrap(), &prefill);
+            assert!(d < 1e-4, "{name} seq {i} from .bin: prefill differs by {d}");
+            let out = greedy(
+                &mut model,
+                vec![input],
+                want.len(),
+                SamplingParams::default(),
+            );
+            assert_eq!(
+                out.sequences[0].output_ids, want,
+                "{name} seq {i} from .bin"
+            );
+        }
+    }
+}
