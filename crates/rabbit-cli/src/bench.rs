@@ -300,7 +300,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         outln!("note: {n}")?;
     }
     outln!(
-        "{} layers of {} each | hidden {} | heads {}/{} x {} | vocab {} | context {}",
+        "{} layers of {} each | hidden {} | heads {}/{} x {} | vocab {} | context {}{}",
         spec.num_layers,
         human_bytes(per_layer),
         spec.hidden_size,
@@ -308,7 +308,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
         spec.num_kv_heads,
         spec.head_dim,
         spec.vocab_size,
-        spec.max_position_embeddings
+        spec.max_position_embeddings,
+        if spec.context_limit().is_none() {
+            " (not a limit: the model extends past it)"
+        } else {
+            ""
+        }
     )?;
     outln!(
         "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",

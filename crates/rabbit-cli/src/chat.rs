@@ -20,11 +20,19 @@ pub fn format_of(dir: &Path) -> Result<ChatFormat> {
     match ChatFormat::from_model_dir(dir)? {
         Some(f) => Ok(f),
         None => bail!(
-            "{} has no chat_template in tokenizer_config.json and its tokenizer class has no \
-             built-in chat format: this is not a chat model (use --prompt without --chat)",
-            dir.display()
+            "{} has no chat_template in tokenizer_config.json, and its tokenizer class ({}) has no \
+             built-in chat format: no chat prompt can be built for it (use --prompt without --chat)",
+            dir.display(),
+            tokenizer_class(dir).unwrap_or_else(|| "none".into())
         ),
     }
+}
+
+/// `tokenizer_class` of the model's tokenizer_config.json, for messages.
+fn tokenizer_class(dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
+    v.get("tokenizer_class")?.as_str().map(str::to_string)
 }
 
 /// The chat format of a loaded model: a template's rendering capped at what could still fit the
@@ -43,8 +51,12 @@ pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> 
 /// chat() also stops on (QWen's `<|im_end|>`, ChatGLM3's `<|user|>`).
 pub fn stop_ids(model: &Model, format: &ChatFormat) -> Vec<u32> {
     let mut ids = model.engine.spec().eos_token_ids.clone();
-    if let (ChatFormat::Builtin(f), Some(tok)) = (format, model.tokenizer()) {
-        ids.extend(f.stop_tokens().iter().filter_map(|t| tok.token_to_id(t)));
+    let extra = match format {
+        ChatFormat::Builtin(f) => f.stop_tokens().to_vec(),
+        ChatFormat::Template(_) => rabbit_models::chat::template_stop_tokens(model.model_dir()),
+    };
+    if let Some(tok) = model.tokenizer() {
+        ids.extend(extra.iter().filter_map(|t| tok.token_to_id(t)));
     }
     ids.sort_unstable();
     ids.dedup();
@@ -54,7 +66,8 @@ pub fn stop_ids(model: &Model, format: &ChatFormat) -> Vec<u32> {
 /// Arguments of `rabbit template`.
 #[derive(Args)]
 pub struct TemplateArgs {
-    /// Model directory (or hub repo id) whose tokenizer_config.json holds the template.
+    /// Model directory (or hub repo id): its tokenizer_config.json's chat_template, or the
+    /// built-in prompt format of its family (QWen v1, ChatGLM2/3, Baichuan 2).
     #[arg(long)]
     model: String,
     /// JSON file: an array of {"role", "content"} objects.
@@ -140,6 +153,7 @@ pub fn chat(a: ChatArgs) -> Result<()> {
     let (mut model, _) = a.model.load(false)?;
     // Also refuses a model without a tokenizer (the context bound needs one).
     let format = model_format(&model, a.max_new_tokens)?;
+    refuse_system(&format, a.system.is_some(), "--system")?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // Ctrl-C while answering stops the answer; at the prompt it does the same (nothing to stop),
@@ -181,6 +195,12 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             .filter(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace));
         if let Some(rest) = system_arg {
             let text = rest.trim();
+            if !text.is_empty() {
+                if let Err(e) = refuse_system(&format, true, "/system") {
+                    note!("error: {e}");
+                    continue;
+                }
+            }
             system = (!text.is_empty()).then(|| text.to_string());
             history.clear();
             note!(
@@ -221,6 +241,20 @@ pub fn chat(a: ChatArgs) -> Result<()> {
             }
         }
     }
+}
+
+/// A system prompt (from `what`) for a format that has none is refused up front, not at every
+/// turn.
+pub fn refuse_system(format: &ChatFormat, given: bool, what: &str) -> Result<()> {
+    if let (ChatFormat::Builtin(f), true) = (format, given) {
+        if !f.takes_system() {
+            bail!(
+                "{what}: the {} has no system message (this model's chat takes only user and assistant turns)",
+                f.name()
+            );
+        }
+    }
+    Ok(())
 }
 
 fn sampling_of(a: &ChatArgs) -> SamplingParams {

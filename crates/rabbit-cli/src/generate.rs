@@ -137,6 +137,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let sequences = match &a.prompt {
         Some(p) if a.chat => {
             let format = crate::chat::model_format(&model, a.max_new_tokens)?;
+            crate::chat::refuse_system(&format, a.system.is_some(), "--system")?;
             let mut messages = Vec::new();
             if let Some(s) = &a.system {
                 messages.push(Message {

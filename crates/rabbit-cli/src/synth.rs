@@ -12,8 +12,8 @@ use crate::report::human_bytes;
 /// Arguments of `rabbit synth`.
 #[derive(Args)]
 pub struct SynthArgs {
-    /// Architecture family: qwen2, qwen3, llama, mistral, gemma2, gemma3, phi3, phi, glm4 or glm
-    /// (`rabbit info` lists them).
+    /// Architecture family: qwen2, qwen3, llama, mistral, gemma2, gemma3, phi3, phi, glm4, glm,
+    /// chatglm, internlm2, internlm, baichuan or qwen1 (`rabbit info` lists them).
     #[arg(long)]
     arch: String,
     /// Shape preset: tiny, or a real model's shape (qwen2.5-0.5b, qwen2.5-1.5b, qwen3-0.6b, ...).

@@ -122,3 +122,36 @@ fn a_model_without_template_or_known_format_is_not_a_chat_model() {
         .arg(&dir));
     assert_clean_failure(&o, &["chat_format"]);
 }
+
+/// ChatGLM2's format has no system message: `--system` is refused before anything runs, naming
+/// the flag.
+#[test]
+fn a_system_prompt_is_refused_where_the_format_has_none() {
+    let g = goldens();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    model_with("chatglm", "chatglm2", &g["families"]["chatglm2"], &dir);
+    let o = run(rabbit()
+        .args(["generate", "--device", "cpu", "--max-new-tokens", "2"])
+        .args([
+            "--chat",
+            "--system",
+            "Be brief.",
+            "--prompt",
+            "hi",
+            "--model",
+        ])
+        .arg(&dir));
+    assert_clean_failure(&o, &["--system", "ChatGLM2"]);
+    let o = run(rabbit()
+        .args([
+            "chat",
+            "--device",
+            "cpu",
+            "--system",
+            "Be brief.",
+            "--model",
+        ])
+        .arg(&dir));
+    assert_clean_failure(&o, &["--system", "ChatGLM2"]);
+}

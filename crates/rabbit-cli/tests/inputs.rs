@@ -9,7 +9,8 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use common::{
-    assert_clean_failure, assert_ok, last_json_line, no_panic, rabbit, stderr, synth, tiny_model,
+    assert_clean_failure, assert_ok, last_json_line, no_panic, rabbit, run, stderr, synth,
+    tiny_model,
 };
 use serde_json::Value;
 
@@ -429,4 +430,38 @@ fn streamed_output_is_cut_before_the_stop_string() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     assert_eq!(String::from_utf8_lossy(&o.stdout), format!("{want}\n"));
+}
+
+/// A checkpoint tensor of another shape than config.json implies is refused before the split
+/// writes anything — with `--delete-original` too, which must never remove the weights of a
+/// split that could not load.
+#[test]
+fn a_tensor_of_the_wrong_shape_is_refused_before_splitting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    synth(&model, &["--arch", "qwen1", "--preset", "tiny"]);
+    // Transpose one MLP matrix in place (a checkpoint that does not match its config).
+    let path = model.join("model.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let name = "transformer.h.0.mlp.w1.weight";
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> = Vec::new();
+    for (n, t) in st.tensors() {
+        let t = if n == name {
+            let s = t.shape().to_vec();
+            safetensors::tensor::TensorView::new(t.dtype(), vec![s[1], s[0]], t.data()).unwrap()
+        } else {
+            t
+        };
+        tensors.push((n, t));
+    }
+    let out = safetensors::serialize(tensors, None).unwrap();
+    drop(st);
+    std::fs::write(&path, out).unwrap();
+    let o = run(rabbit()
+        .args(["split", "--delete-original", "--model"])
+        .arg(&model));
+    assert_clean_failure(&o, &[name, "config.json implies"]);
+    assert!(path.exists(), "the original weights are still there");
+    assert!(!model.join("rabbit-split").join("manifest.json").exists());
 }

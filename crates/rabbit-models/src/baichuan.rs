@@ -55,13 +55,20 @@ impl Architecture for Baichuan {
         }
         let mut r = Resolver::new(&BAICHUAN_VARIANT, cfg, gen);
         let model_max_length: Option<usize> = r.take("model_max_length")?;
+
         // vLLM and llama.cpp tell the two apart by size (hidden 4096 / 32 layers: 7B); the
         // 7B config also is the only one with `max_position_embeddings`, which tiny
         // checkpoints of either kind keep.
         let rope = cfg.max_position_embeddings.is_some() || cfg.hidden_size == 4096;
-        if let Some(n) = model_max_length {
-            r.set_max_positions(n);
+        // BaichuanConfig's default; the 13B code grows its ALiBi table past it anyway.
+        let model_max_length = model_max_length.unwrap_or(4096);
+        if model_max_length == 0 {
+            return Err(crate::arch::unsupported(
+                &BAICHUAN_VARIANT,
+                "`model_max_length` must be positive",
+            ));
         }
+        r.set_max_positions(model_max_length);
         let mut spec = r.base()?;
         let (h, q, m) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);
         // The 7B code rotates `q.float()` with f32 tables, then casts back.

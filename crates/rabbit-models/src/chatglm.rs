@@ -125,6 +125,12 @@ impl Architecture for ChatGlm {
                 "ChatGLM's code reads no `rope_theta`/`rope_scaling` (its base is 10000 × `rope_ratio`)",
             ));
         }
+        if cfg.hidden_act.is_some() {
+            return Err(refuse(
+                "hidden_act",
+                "is not read by ChatGLM's code (its MLP is SwiGLU)",
+            ));
+        }
         if cfg.max_position_embeddings.is_none() {
             r.set_max_positions(2048);
         }

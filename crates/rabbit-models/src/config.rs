@@ -245,9 +245,15 @@ impl HfConfig {
             if let Some(at) = e.find(" at line ") {
                 e.truncate(at);
             }
-            // Name the key as the user's file spells it.
+            // Name the key as the user's file spells it (also a missing one).
             for (from, to) in &renamed {
                 e = e.replace(&format!("field `{to}`"), &format!("field `{from}`"));
+            }
+            for (from, to) in pairs {
+                e = e.replace(
+                    &format!("missing field `{to}`"),
+                    &format!("missing field `{from}`"),
+                );
             }
             if nested {
                 format!("{e} (in `text_config`)")

@@ -10,6 +10,7 @@ use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::lineage::separate_projections;
 use crate::resolve::Resolver;
+use crate::rope::RopeScaling;
 use crate::spec::ModelSpec;
 
 static INTERNLM_VARIANT: Variant = Variant {
@@ -142,6 +143,27 @@ impl Architecture for InternLm2 {
         let mut r = Resolver::new(&INTERNLM2_VARIANT, cfg, gen);
         let bias = bias(&mut r)?;
         let mut spec = r.base()?;
+        // Its `_init_rope` knows only these two (and its config check wants a factor above 1).
+        match &spec.rope.scaling {
+            RopeScaling::Default => {}
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor, .. } if *factor > 1.0 => {}
+            other => {
+                return Err(unsupported(
+                    &INTERNLM2_VARIANT,
+                    format!("`rope_scaling` {other:?}: InternLM2's code runs only `linear` or `dynamic` with a factor above 1"),
+                ))
+            }
+        }
+        if cfg
+            .rope_scaling
+            .as_ref()
+            .is_some_and(|s| !s.is_null() && s.get("type").is_none())
+        {
+            return Err(unsupported(
+                &INTERNLM2_VARIANT,
+                "`rope_scaling` needs `type` (InternLM2's code reads `rope_scaling[\"type\"]`)",
+            ));
+        }
         let (h, q, kv, m) = (
             spec.hidden_size,
             spec.q_dim(),

@@ -28,10 +28,6 @@ static QWEN1_VARIANT: Variant = Variant {
     harmless_keys: &[
         "emb_dropout_prob",
         "attn_dropout_prob",
-        // Which precision the original loads in; rabbitllm has `--dtype`.
-        "bf16",
-        "fp16",
-        "fp32",
         "onnx_safe",
         "use_flash_attn",
         "softmax_in_fp32",
@@ -64,6 +60,16 @@ impl Architecture for Qwen1 {
 
     fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
         let v = &QWEN1_VARIANT;
+        // The original reads neither: a value would be silently ignored by it.
+        if cfg.rope_scaling.is_some() || cfg.rope_parameters.is_some() {
+            return Err(unsupported(v, "QWen's code reads no `rope_scaling` (its long-context settings are `use_dynamic_ntk` and `use_logn_attn`)"));
+        }
+        if cfg.hidden_act.is_some() {
+            return Err(unsupported(
+                v,
+                "QWen's code reads no `hidden_act` (its MLP is SwiGLU)",
+            ));
+        }
         let mut r = Resolver::new(v, cfg, gen);
         let flag = |r: &mut Resolver<'_>, key: &str, default: bool| -> Result<bool> {
             Ok(r.take_or(key, Some(default))?.unwrap_or(default))
@@ -84,7 +90,28 @@ impl Architecture for Qwen1 {
             ));
         }
         let seq_length: Option<usize> = r.take("seq_length")?;
+        // The precision the original loads in (its config has no torch_dtype); all false: it
+        // picks one by device (f32 on CPU), as rabbitllm's default does without a dtype.
+        let mut precision = None;
+        for (key, dtype) in [
+            ("bf16", "bfloat16"),
+            ("fp16", "float16"),
+            ("fp32", "float32"),
+        ] {
+            if flag(&mut r, key, false)? {
+                if precision.is_some() {
+                    return Err(unsupported(
+                        v,
+                        "more than one of `bf16`, `fp16`, `fp32` is true",
+                    ));
+                }
+                precision = Some(dtype);
+            }
+        }
         let mut spec = r.base()?;
+        if spec.storage_dtype.is_none() {
+            spec.storage_dtype = precision.map(str::to_string);
+        }
         // `apply_rotary_pos_emb`: `t.float()` times the f32 tables, then `type_as(t)`.
         spec.rope.rotate_f32 = true;
         if ntk || logn {

@@ -323,8 +323,13 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
 
     let first =
         |ids: Option<&crate::config::TokenIds>| ids.and_then(|t| t.to_vec().first().copied());
-    let eos_token_ids = gen
-        .and_then(|g| g.eos_token_id.as_ref())
+    let gen_eos = gen.and_then(|g| g.eos_token_id.as_ref());
+    let eos_source = if gen_eos.is_some() {
+        "generation_config.json's `eos_token_id`"
+    } else {
+        "`eos_token_id`"
+    };
+    let eos_token_ids = gen_eos
         .or(cfg.eos_token_id.as_ref())
         .map(|t| t.to_vec())
         .unwrap_or_default();
@@ -336,7 +341,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         return Err(unsupported(
             v,
             format!(
-                "`eos_token_id` {bad} is outside the vocabulary (`vocab_size` {})",
+                "{eos_source} {bad} is outside the vocabulary (`vocab_size` {})",
                 cfg.vocab_size
             ),
         ));

@@ -211,6 +211,7 @@ impl ModelSpec {
             ignored_prefixes: t.ignored_prefixes.clone(),
             aliases: t.aliases.clone(),
             row_orders: self.row_orders(),
+            shapes: self.tensor_shapes().into_iter().collect(),
         }
     }
 

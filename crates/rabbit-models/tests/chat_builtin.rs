@@ -589,4 +589,15 @@ mod chat_builtin {
             }
         }
     }
+    /// InternLM2's chat() stops at `<|im_end|>` besides its eos (`</s>`): the template path adds it.
+    #[test]
+    fn internlm2_chat_stops_at_im_end() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/internlm2");
+        assert_eq!(
+            rabbit_models::chat::template_stop_tokens(&dir),
+            vec!["<|im_end|>"]
+        );
+        let qwen = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tokenizers/qwen");
+        assert!(rabbit_models::chat::template_stop_tokens(&qwen).is_empty());
+    }
 }

@@ -129,6 +129,12 @@ fn chatglm_refuses_what_it_cannot_run_by_name() {
     refused(&base, json!({"rope_theta": 500000.0}), &["rope_theta"]);
     refused(&base, json!({"rope_ratio": 0}), &["rope_ratio"]);
     refused(&base, json!({"rotary_percent": 0.5}), &["rotary_percent"]);
+    refused(&base, json!({"hidden_act": "gelu"}), &["hidden_act"]);
+    refused(
+        &base,
+        json!({"ffn_hidden_size": null}),
+        &["ffn_hidden_size"],
+    );
     refused(
         &base,
         json!({"multi_query_group_num": 3}),
@@ -164,6 +170,22 @@ fn internlm2_regroups_wqkv_and_reads_dynamic_ntk() {
         &base,
         json!({"rope_scaling": {"type": "ntk", "factor": 2.0}}),
         &["ntk"],
+    );
+    // InternLM2's code runs only linear / dynamic, with a type and a factor above 1.
+    refused(
+        &base,
+        json!({"rope_scaling": {"type": "yarn", "factor": 2.0, "original_max_position_embeddings": 24}}),
+        &["rope_scaling"],
+    );
+    refused(
+        &base,
+        json!({"rope_scaling": {"factor": 2.0}}),
+        &["rope_scaling"],
+    );
+    refused(
+        &base,
+        json!({"rope_scaling": {"type": "linear", "factor": 1.0}}),
+        &["rope_scaling"],
     );
     refused(&base, json!({"sliding_window": 4}), &["sliding_window"]);
 }
@@ -208,11 +230,10 @@ fn baichuan_tells_its_two_position_schemes_apart() {
     .unwrap();
     assert!(!v1.lm_head_norm);
     let base = fixture_config("baichuan2_13b");
-    refused(
-        &base,
-        json!({"model_max_length": null}),
-        &["max_position_embeddings"],
-    );
+    // BaichuanConfig's default length when the key is absent; 0 is refused by its name.
+    let no_len = resolve(&with(&base, json!({"model_max_length": null}))).unwrap();
+    assert_eq!(no_len.max_position_embeddings, 4096);
+    refused(&base, json!({"model_max_length": 0}), &["model_max_length"]);
     refused(&base, json!({"rope_theta": 1e6}), &["rope_theta"]);
     refused(
         &base,
@@ -282,6 +303,21 @@ fn qwen_v1_reads_seq_length_ntk_and_logn() {
         &["kv_channels", "head_dim"],
     );
     refused(&base, json!({"n_embd": 64}), &["n_embd"]);
+    // Keys its code never reads would be silently ignored by the original.
+    refused(
+        &base,
+        json!({"rope_scaling": {"type": "linear", "factor": 2.0}}),
+        &["rope_scaling"],
+    );
+    refused(&base, json!({"hidden_act": "gelu"}), &["hidden_act"]);
+    refused(
+        &base,
+        json!({"bf16": true, "fp32": true}),
+        &["bf16", "fp32"],
+    );
+    // Its precision flags give the storage dtype when config.json names none.
+    let bf = resolve(&with(&base, json!({"fp32": false, "bf16": true}))).unwrap();
+    assert_eq!(bf.storage_dtype.as_deref(), Some("bfloat16"));
 }
 
 #[test]

@@ -134,6 +134,21 @@ fn chatglm_specials_sit_after_the_vocabulary_and_prefix_the_text() {
             tok.token_to_id("sop").unwrap(),
         ];
         assert_eq!(enc.get_ids()[..2], prefix, "{fam}");
+        // The class decodes unk/bos/eos to "" (convert_id_to_token): every answer of a real
+        // ChatGLM ends with eos, which must not show as `</s>`.
+        let hi = tok.encode("hi", false).unwrap().get_ids().to_vec();
+        for id in [0u32, 1, 2] {
+            let mut ids = hi.clone();
+            ids.push(id);
+            assert_eq!(tok.decode(&ids, true).unwrap(), "hi", "{fam}: id {id}");
+        }
+        // Typed as text, `</s>` stays text.
+        let typed = tok.encode("</s>", false).unwrap();
+        assert!(
+            !typed.get_ids().contains(&2),
+            "{fam}: {:?}",
+            typed.get_ids()
+        );
     }
 }
 

@@ -185,6 +185,18 @@ pub enum SplitError {
         /// Missing tensor name.
         tensor: String,
     },
+    /// A checkpoint tensor's shape is not the one config.json implies (nothing is written).
+    #[error("{}: tensor {tensor} has shape {found:?}, but config.json implies {expected:?}", file.display())]
+    TensorShape {
+        /// Weight file holding it.
+        file: std::path::PathBuf,
+        /// Tensor name.
+        tensor: String,
+        /// Its shape in the checkpoint.
+        found: Vec<usize>,
+        /// The shape the model's config implies.
+        expected: Vec<usize>,
+    },
     /// Invalid [`crate::SplitOptions`].
     #[error("invalid split options: {reason}")]
     InvalidOptions {

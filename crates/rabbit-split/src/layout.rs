@@ -57,6 +57,12 @@ pub struct Layout {
     /// Tensors stored with their rows regrouped (see [`RowOrder`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub row_orders: Vec<RowOrder>,
+    /// The shape config.json implies for each tensor it names: a checkpoint tensor of another
+    /// shape is refused before anything is written (a split that could never load, or worse,
+    /// one whose originals `--delete-original` would remove). Not part of the digest: it only
+    /// restates what the units' names and the config already fix.
+    #[serde(skip)]
+    pub shapes: std::collections::BTreeMap<String, Vec<usize>>,
 }
 
 /// A tensor whose rows the split stores in another order than the checkpoint: the leading

@@ -166,6 +166,11 @@ impl<'a> Out<'a> {
 }
 
 impl BuiltinFormat {
+    /// Whether a conversation may start with a system message (ChatGLM2's format has none).
+    pub fn takes_system(&self) -> bool {
+        !matches!(self, BuiltinFormat::ChatGlm2)
+    }
+
     /// A short name for messages (`QWen ChatML`, `ChatGLM3`, ...).
     pub fn name(&self) -> &'static str {
         match self {

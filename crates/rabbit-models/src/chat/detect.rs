@@ -34,6 +34,20 @@ pub enum ChatFormat {
     Builtin(BuiltinFormat),
 }
 
+/// The turn-end tokens a family's own `chat()` stops on besides its eos ids, for a checkpoint
+/// that renders with its template: InternLM2's adds `<|im_end|>` (its generation_config.json
+/// names only `</s>`). By `tokenizer_class` in tokenizer_config.json; none when unknown.
+pub fn template_stop_tokens(dir: &Path) -> Vec<&'static str> {
+    let class = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("tokenizer_class")?.as_str().map(str::to_string));
+    match class.as_deref() {
+        Some("InternLM2Tokenizer") | Some("InternLM2TokenizerFast") => vec!["<|im_end|>"],
+        _ => vec![],
+    }
+}
+
 impl ChatFormat {
     /// The chat format of the model in `dir`: [`ChatTemplate::from_tokenizer_config`] when it
     /// finds a template, else [`BuiltinFormat::detect`]. `Ok(None)`: neither (not a chat model).

@@ -63,7 +63,7 @@ use serde::{Deserialize, Serialize};
 pub use builtin::{
     BuiltinFormat, EncodeError, PromptEncoder, QWEN_DEFAULT_MAX_WINDOW_SIZE, QWEN_DEFAULT_SYSTEM,
 };
-pub use detect::ChatFormat;
+pub use detect::{template_stop_tokens, ChatFormat};
 pub use limits::DEFAULT_MAX_RENDERED_BYTES;
 pub use load::load_messages;
 

@@ -80,6 +80,21 @@ impl TokenizerConfig {
         ))
     }
 
+    /// Refuses a class whose `tokenizer.model` is not converted from sentencepiece.
+    pub(crate) fn expect_sentencepiece_class(&self) -> Result<(), TokenizerError> {
+        let class = self.class()?;
+        if SUPPORTED_CLASSES[..4].contains(&class) {
+            return Ok(());
+        }
+        Err(self.unsupported(
+            "tokenizer_class",
+            &format!(
+                "`{class}` is not converted from tokenizer.model (supported: {}); a tokenizer.json for the model would be used instead",
+                SUPPORTED_CLASSES[..4].join(", ")
+            ),
+        ))
+    }
+
     fn unsupported(&self, field: &str, reason: &str) -> TokenizerError {
         TokenizerError::Unsupported {
             path: self.path.clone(),
@@ -211,10 +226,20 @@ pub(crate) fn sentencepiece_tokenizer(
 fn chatglm(path: &Path, sp: &SpModel) -> Result<Tokenizer, TokenizerError> {
     let n = sp.pieces.len() as u32;
     let names: Vec<&str> = GLM_SPECIALS.iter().chain(GLM3_ROLES).copied().collect();
-    let extra: Vec<AddedToken> = names
+    let mut extra: Vec<AddedToken> = names
         .iter()
         .map(|s| AddedToken::from(s.to_string(), true).normalized(false))
         .collect();
+    // The class decodes its unk/bos/eos (and pad = unk) ids to "" (`convert_id_to_token`):
+    // special, so decoding skips them. They keep their piece ids, and text never produces them
+    // (special tokens are not read out of text, below).
+    for id in [sp.unk_id, sp.bos_id, sp.eos_id] {
+        if let Some(i) = sp.special_id(id) {
+            extra.push(
+                AddedToken::from(sp.pieces[i as usize].piece.clone(), true).normalized(false),
+            );
+        }
+    }
     let mut tok = sp.tokenizer(&extra, false)?;
     for (i, s) in names.iter().enumerate() {
         if tok.token_to_id(s) != Some(n + i as u32) {

@@ -151,6 +151,9 @@ pub fn load_tokenizer(dir: &Path) -> Result<Option<LoadedTokenizer>, TokenizerEr
                          special tokens) applies is unknown"
                     .into(),
             })?;
+        // The class first: a tokenizer.model of another kind (glm-4's ChatGLM4Tokenizer keeps
+        // a tiktoken file under that name) is refused by its class, not as a bad protobuf.
+        config.expect_sentencepiece_class()?;
         let sp = sentencepiece::SpModel::parse(&model, &bytes)?;
         let (tokenizer, class) = families::sentencepiece_tokenizer(&model, &sp, &config)?;
         return Ok(Some(LoadedTokenizer {

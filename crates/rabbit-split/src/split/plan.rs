@@ -105,6 +105,16 @@ pub(super) fn plan_units<'a>(
         let mut pieces = Vec::with_capacity(locs.len());
         let mut quantized = Vec::new();
         for (name, loc) in locs {
+            if let Some(expected) = layout.shapes.get(name) {
+                if *expected != loc.shape {
+                    return Err(SplitError::TensorShape {
+                        file: loc.file.clone(),
+                        tensor: loc.name.clone(),
+                        found: loc.shape.clone(),
+                        expected: expected.clone(),
+                    });
+                }
+            }
             let order = RowOrder::of(&layout.row_orders, name);
             if let Some(o) = order {
                 let rows = loc.shape.first().copied().unwrap_or(0);

@@ -257,6 +257,7 @@ pub fn layout(spec: &Spec) -> Layout {
         ignored_prefixes: vec![],
         aliases: vec![],
         row_orders: vec![],
+        shapes: Default::default(),
     }
 }
 
