@@ -146,6 +146,17 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
     o.overrides.hidden = Some(128);
     assert_eq!(plan(&o).unwrap().spec.head_dim, 32);
 
+    // Families without grouped keys refuse an explicit other count rather than ignore it.
+    for arch in NO_GQA {
+        let mut o = opts(arch, "tiny", dir);
+        o.overrides.kv_heads = Some(2);
+        let e = plan(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("--kv-heads") && e.contains("grouped"),
+            "{arch}: {e}"
+        );
+    }
+
     let all = synth::all_presets();
     assert_eq!(all[0].name, "tiny");
     assert_eq!(all.len(), 21);

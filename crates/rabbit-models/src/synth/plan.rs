@@ -215,6 +215,18 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
             })
         })?;
     let spec = spec_from_config(&config, Some(&gen)).map_err(invalid)?;
+    // A family without grouped keys writes as many key/value heads as heads: an explicit
+    // other count cannot be honoured.
+    if let Some(kv) = o.kv_heads.filter(|&kv| kv != spec.num_kv_heads) {
+        return Err(SynthError::InvalidOption {
+            option: "--kv-heads",
+            reason: format!(
+                "{} has no grouped keys: its key/value heads are its {} heads, not {kv}",
+                family.key(),
+                spec.num_heads
+            ),
+        });
+    }
 
     let tensors = spec.tensor_shapes();
     if opts.shards > tensors.len() {
