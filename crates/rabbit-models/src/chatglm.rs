@@ -169,12 +169,13 @@ impl Architecture for ChatGlm {
             spec.intermediate_size,
             spec.head_dim,
         );
+        // `bias=config.add_bias_linear or config.add_qkv_bias` in the original.
         let mut qkv = Param::linear(
             Role::Qkv,
             "self_attention.query_key_value",
             q + 2 * kv,
             h,
-            qkv_bias,
+            qkv_bias || linear_bias,
         );
         if !mqa {
             // Without multi-query groups the rows are packed per head, `[q_h; k_h; v_h]` for

@@ -102,6 +102,13 @@ fn chatglm_reads_its_own_key_names() {
         .iter()
         .filter(|p| !p.role.is_norm())
         .all(|p| p.bias));
+    // `add_bias_linear` alone biases query_key_value too (`bias=add_bias_linear or add_qkv_bias`).
+    let lin = resolve(&with(
+        &base,
+        json!({"add_qkv_bias": false, "add_bias_linear": true}),
+    ))
+    .unwrap();
+    assert!(lin.tensors.param(Role::Qkv).unwrap().bias);
 }
 
 #[test]
