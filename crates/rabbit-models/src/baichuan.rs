@@ -56,10 +56,11 @@ impl Architecture for Baichuan {
         let mut r = Resolver::new(&BAICHUAN_VARIANT, cfg, gen);
         let model_max_length: Option<usize> = r.take("model_max_length")?;
 
-        // vLLM and llama.cpp tell the two apart by size (hidden 4096 / 32 layers: 7B); the
-        // 7B config also is the only one with `max_position_embeddings`, which tiny
-        // checkpoints of either kind keep.
-        let rope = cfg.max_position_embeddings.is_some() || cfg.hidden_size == 4096;
+        // The 7B config is the only one with `max_position_embeddings` (its config class has
+        // the key, the 13B's has not), which checkpoints of any size keep. (vLLM and llama.cpp
+        // go by size, hidden 4096 / 32 layers: the same on the released models, but wrong for a
+        // 13B-code model of another size.)
+        let rope = cfg.max_position_embeddings.is_some();
         // BaichuanConfig's default; the 13B code grows its ALiBi table past it anyway.
         let model_max_length = model_max_length.unwrap_or(4096);
         if model_max_length == 0 {
@@ -70,6 +71,8 @@ impl Architecture for Baichuan {
         }
         r.set_max_positions(model_max_length);
         let mut spec = r.base()?;
+        // Both codes grow their tables (rotary cache, ALiBi mask) past the configured length.
+        spec.unbounded_positions = true;
         let (h, q, m) = (spec.hidden_size, spec.q_dim(), spec.intermediate_size);
         // The 7B code rotates `q.float()` with f32 tables, then casts back.
         spec.rope.rotate_f32 = rope;

@@ -11,6 +11,7 @@ use crate::blocks::{Activation, NormKind, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::resolve::Resolver;
+use crate::rope::RopeScaling;
 use crate::spec::ModelSpec;
 
 static CHATGLM_VARIANT: Variant = Variant {
@@ -151,8 +152,31 @@ impl Architecture for ChatGlm {
                 "`num_key_value_heads` is not a ChatGLM key (use `multi_query_group_num`)",
             ));
         }
+        let name = cfg
+            .extra
+            .get("_name_or_path")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_ascii_lowercase();
         let mut spec = r.base()?;
-        spec.rope.theta = 10000.0 * rope_ratio;
+        if rope_ratio != 1.0 {
+            // One key, two meanings: chatglm2-6b-32k's code divides the positions by it,
+            // chatglm3-6b-32k's and glm-4's multiply the base. Only the checkpoint's name
+            // tells them apart; say which was used.
+            if name.contains("chatglm2") {
+                spec.rope.scaling = RopeScaling::Linear { factor: rope_ratio };
+                spec.notes.push(format!(
+                    "rope_ratio {rope_ratio} divides the positions (ChatGLM2-32k's code; `_name_or_path` names chatglm2)"
+                ));
+            } else {
+                spec.rope.theta = 10000.0 * rope_ratio;
+                spec.notes.push(format!(
+                    "rope_ratio {rope_ratio} multiplies the rotary base (ChatGLM3-32k / GLM-4 code; ChatGLM2-32k checkpoints are recognised by a `_name_or_path` naming chatglm2)"
+                ));
+            }
+        } else {
+            spec.rope.theta = 10000.0;
+        }
         spec.rope.interleaved = true;
         // The original RMSNorm multiplies its weight in f32, then casts.
         spec.norm.kind = if rmsnorm {

@@ -76,7 +76,9 @@ impl Architecture for InternLm {
                 ));
             }
         }
-        let spec = r.base()?;
+        let mut spec = r.base()?;
+        // Its rotary cache grows past the configured length (`if seq_len > max_seq_len_cached`).
+        spec.unbounded_positions = true;
         // The original code builds its rotary from the head size alone (base 10000) and has no
         // grouped keys: settings it would silently ignore are refused.
         if spec.rope != crate::rope::RopeSpec::plain(10000.0, spec.head_dim) {
@@ -94,7 +96,6 @@ impl Architecture for InternLm {
                 ),
             ));
         }
-        let mut spec = spec;
         let h = spec.hidden_size;
         let mut layer = vec![Param::norm(Role::AttnNorm, "input_layernorm", h, false)];
         layer.extend(separate_projections(&spec, bias, bias, false));
@@ -143,14 +144,16 @@ impl Architecture for InternLm2 {
         let mut r = Resolver::new(&INTERNLM2_VARIANT, cfg, gen);
         let bias = bias(&mut r)?;
         let mut spec = r.base()?;
-        // Its `_init_rope` knows only these two (and its config check wants a factor above 1).
+        // Its rotary caches grow past the configured length, scaled or not.
+        spec.unbounded_positions = true;
+        // Its config check allows only these two, with a factor of at least 1.
         match &spec.rope.scaling {
             RopeScaling::Default => {}
-            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor, .. } if *factor > 1.0 => {}
+            RopeScaling::Linear { factor } | RopeScaling::Dynamic { factor, .. } if *factor >= 1.0 => {}
             other => {
                 return Err(unsupported(
                     &INTERNLM2_VARIANT,
-                    format!("`rope_scaling` {other:?}: InternLM2's code runs only `linear` or `dynamic` with a factor above 1"),
+                    format!("`rope_scaling` {other:?}: InternLM2's code runs only `linear` or `dynamic` with a factor of at least 1"),
                 ))
             }
         }

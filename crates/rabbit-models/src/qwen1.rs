@@ -109,6 +109,8 @@ impl Architecture for Qwen1 {
             }
         }
         let mut spec = r.base()?;
+        // Its rotary cache grows with the sequence (`update_rotary_pos_emb_cache`).
+        spec.unbounded_positions = true;
         if spec.storage_dtype.is_none() {
             spec.storage_dtype = precision.map(str::to_string);
         }
@@ -122,6 +124,13 @@ impl Architecture for Qwen1 {
                 )
             })?;
             if ntk {
+                if spec.rope.dim <= 2 {
+                    // `ntk_alpha ** (dim / (dim - 2))`: the original divides by zero.
+                    return Err(unsupported(
+                        v,
+                        format!("`use_dynamic_ntk` with a rotary width of {} (kv_channels × rotary_pct) is not something the original can run", spec.rope.dim),
+                    ));
+                }
                 spec.rope.scaling = RopeScaling::QwenNtk { seq_length: n };
             }
             if logn {

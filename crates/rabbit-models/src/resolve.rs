@@ -387,6 +387,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         embed_scale: None,
         final_logit_softcap: None,
         lm_head_norm: false,
+        unbounded_positions: false,
         tensors: TensorLayout::llama_names(vec![]),
         notes: vec![],
         bos_token_id: gen

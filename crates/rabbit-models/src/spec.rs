@@ -72,6 +72,10 @@ pub struct ModelSpec {
     /// 1e-12) before use.
     #[serde(default)]
     pub lm_head_norm: bool,
+    /// The family's original code grows its position tables past `max_position_embeddings`
+    /// (InternLM, InternLM2, Baichuan, QWen v1): that length is no limit.
+    #[serde(default)]
+    pub unbounded_positions: bool,
     /// Every tensor name and shape of the checkpoint.
     pub tensors: TensorLayout,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
@@ -99,10 +103,11 @@ impl ModelSpec {
     }
 
     /// The longest sequence the model runs as its original code does: `max_position_embeddings`,
-    /// or `None` where positions past it are part of the design (dynamic NTK, QWen's NTK, ALiBi:
-    /// their original code grows its tables instead of stopping).
+    /// or `None` where positions past it are part of the design (dynamic NTK, QWen's NTK, ALiBi,
+    /// and families whose original code grows its tables instead of stopping).
     pub fn context_limit(&self) -> Option<usize> {
-        let extrapolates = self.attention.alibi
+        let extrapolates = self.unbounded_positions
+            || self.attention.alibi
             || matches!(
                 self.rope.scaling,
                 RopeScaling::Dynamic { .. } | RopeScaling::QwenNtk { .. }

@@ -79,6 +79,15 @@ fn chatglm_reads_its_own_key_names() {
     // GLM-4 / ChatGLM3-32k's base.
     let r = resolve(&with(&base, json!({"rope_ratio": 500}))).unwrap();
     assert_eq!(r.rope.theta, 5e6);
+    assert!(r.notes.iter().any(|n| n.contains("rope_ratio")));
+    // chatglm2-6b-32k's code divides the positions instead.
+    let r2 = resolve(&with(
+        &base,
+        json!({"rope_ratio": 16, "_name_or_path": "THUDM/chatglm2-6b-32k"}),
+    ))
+    .unwrap();
+    assert_eq!(r2.rope.theta, 10000.0);
+    assert_eq!(r2.rope.scaling, RopeScaling::Linear { factor: 16.0 });
     // Without multi-query groups, every head has its own k/v, packed per head: regrouped.
     let mha = resolve(&with(&base, json!({"multi_query_attention": false}))).unwrap();
     assert_eq!(mha.num_kv_heads, 4);
@@ -191,7 +200,12 @@ fn internlm2_regroups_wqkv_and_reads_dynamic_ntk() {
     );
     refused(
         &base,
-        json!({"rope_scaling": {"type": "linear", "factor": 1.0}}),
+        json!({"rope_scaling": {"type": "linear", "factor": 0.5}}),
+        &["rope_scaling"],
+    );
+    refused(
+        &base,
+        json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
         &["rope_scaling"],
     );
     refused(&base, json!({"sliding_window": 4}), &["sliding_window"]);
@@ -228,7 +242,15 @@ fn baichuan_tells_its_two_position_schemes_apart() {
     assert_eq!(alibi.context_limit(), None);
     let rope = resolve(&fixture_config("baichuan2_7b")).unwrap();
     assert!(!rope.attention.alibi && rope.lm_head_norm);
-    assert_eq!(rope.context_limit(), Some(4096));
+    // Both codes grow their tables past the configured length.
+    assert_eq!(rope.context_limit(), None);
+    // ChatGLM's does not: positions past `seq_length` fail in the original.
+    assert_eq!(
+        resolve(&fixture_config("chatglm3"))
+            .unwrap()
+            .context_limit(),
+        Some(8192)
+    );
     // Baichuan 1 (vocabulary 64000): a plain head.
     let v1 = resolve(&with(
         &fixture_config("baichuan2_13b"),
