@@ -386,6 +386,15 @@ pub fn locate(id_or_path: &str, opts: &HubOptions) -> Result<ModelLocation> {
         // Never run; read to tell ChatGLM3's chat format from ChatGLM2's (same class name).
         fetch("tokenization_chatglm.py")?;
     }
+    // Never run either: Baichuan's two position schemes ship as two modeling files, and the
+    // file settles which one a checkpoint uses (see rabbit_models' Baichuan).
+    let is_baichuan = dir
+        .as_ref()
+        .and_then(|d| std::fs::read_to_string(d.join("config.json")).ok())
+        .is_some_and(|t| t.contains("\"BaichuanForCausalLM\""));
+    if is_baichuan {
+        fetch("modeling_baichuan.py")?;
+    }
     if opts.skip_weights {
         let dir = dir.ok_or_else(|| missing("config.json"))?;
         return Ok(ModelLocation {

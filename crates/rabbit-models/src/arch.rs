@@ -80,6 +80,19 @@ pub trait Architecture: Send + Sync + 'static {
     /// would silently produce wrong numbers.
     fn spec(&self, cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec>;
 
+    /// [`Architecture::spec`] for the checkpoint in `dir`: a family whose config leaves
+    /// something open that the checkpoint's own files settle reads them (Baichuan's two
+    /// position schemes ship as two `modeling_baichuan.py` files). By default the config alone.
+    fn spec_in_dir(
+        &self,
+        cfg: &HfConfig,
+        gen: Option<&GenerationConfig>,
+        dir: &std::path::Path,
+    ) -> Result<ModelSpec> {
+        let _ = dir;
+        self.spec(cfg, gen)
+    }
+
     /// The family-specific part of a synthetic config.json for this shape (what the family's
     /// real checkpoints carry beyond the common keys).
     /// `None` when the family is not synthesised (another family writes the same model).

@@ -83,6 +83,16 @@ pub fn lookup(architecture: &str) -> Result<&'static dyn Architecture> {
 
 /// Resolves a parsed config (and optional generation config) into a spec.
 pub fn spec_from_config(cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Result<ModelSpec> {
+    spec_in_dir(cfg, gen, None)
+}
+
+/// [`spec_from_config`] for the checkpoint in `dir`, whose other files may settle what the
+/// config leaves open (see [`Architecture::spec_in_dir`]).
+fn spec_in_dir(
+    cfg: &HfConfig,
+    gen: Option<&GenerationConfig>,
+    dir: Option<&Path>,
+) -> Result<ModelSpec> {
     let arch = match cfg.architectures.as_slice() {
         [one] => one.as_str(),
         [] => {
@@ -98,7 +108,11 @@ pub fn spec_from_config(cfg: &HfConfig, gen: Option<&GenerationConfig>) -> Resul
             })
         }
     };
-    lookup(arch)?.spec(cfg, gen)
+    let family = lookup(arch)?;
+    match dir {
+        Some(d) => family.spec_in_dir(cfg, gen, d),
+        None => family.spec(cfg, gen),
+    }
 }
 
 /// The defaults of the text model inside a wrapper of `model_type` (e.g. Gemma 3's multimodal
@@ -128,7 +142,7 @@ pub fn parse_config(text: &str) -> std::result::Result<HfConfig, String> {
 pub fn load_spec(dir: &Path) -> Result<ModelSpec> {
     let cfg = HfConfig::load_hooked(dir, &text_config_defaults, &config_aliases)?;
     let gen = GenerationConfig::load(dir)?;
-    spec_from_config(&cfg, gen.as_ref()).map_err(|e| match e {
+    spec_in_dir(&cfg, gen.as_ref(), Some(dir)).map_err(|e| match e {
         ModelError::Unsupported {
             architecture,
             reason,

@@ -276,6 +276,31 @@ fn baichuan_tells_its_two_position_schemes_apart() {
     );
 }
 
+/// The checkpoint's own modeling file, when present, decides Baichuan's position scheme over the
+/// config's shape (the 7B file has `RotaryEmbedding`, the 13B's `_get_interleave`).
+#[test]
+fn baichuan_reads_its_scheme_from_its_modeling_file_when_there_is_one() {
+    for (case, code, alibi) in [
+        (
+            "baichuan2_13b",
+            "class RotaryEmbedding(torch.nn.Module):\n",
+            false,
+        ),
+        ("baichuan2_7b", "def _get_interleave(n):\n", true),
+        // Unclear (neither or both): the config decides.
+        ("baichuan2_7b", "# nothing\n", false),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../tests/fixtures")
+            .join(case);
+        std::fs::copy(src.join("config.json"), dir.path().join("config.json")).unwrap();
+        std::fs::write(dir.path().join("modeling_baichuan.py"), code).unwrap();
+        let s = rabbit_models::load_spec(dir.path()).unwrap();
+        assert_eq!(s.attention.alibi, alibi, "{case} with {code:?}");
+    }
+}
+
 #[test]
 fn alibi_slopes_are_baichuans() {
     // 8 heads: 2^(-8/8 · (i+1)).
