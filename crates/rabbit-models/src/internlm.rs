@@ -160,6 +160,17 @@ impl Architecture for InternLm2 {
         if cfg
             .rope_scaling
             .as_ref()
+            .and_then(|s| s.get("factor"))
+            .is_some_and(|f| !f.is_f64())
+        {
+            return Err(unsupported(
+                &INTERNLM2_VARIANT,
+                "`rope_scaling.factor` must be a float (InternLM2's config check refuses an integer such as `2`; write `2.0`)",
+            ));
+        }
+        if cfg
+            .rope_scaling
+            .as_ref()
             .is_some_and(|s| !s.is_null() && s.get("type").is_none())
         {
             return Err(unsupported(

@@ -208,6 +208,11 @@ fn internlm2_regroups_wqkv_and_reads_dynamic_ntk() {
         json!({"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
         &["rope_scaling"],
     );
+    refused(
+        &base,
+        json!({"rope_scaling": {"type": "dynamic", "factor": 2}}),
+        &["rope_scaling.factor", "float"],
+    );
     refused(&base, json!({"sliding_window": 4}), &["sliding_window"]);
 }
 
