@@ -22,10 +22,10 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::read_safetensors_header;
 use crate::error::{Damage, Result, SplitError};
 use crate::fsutil;
 use crate::manifest::{Manifest, UnitEntry, FORMAT_NAME, FORMAT_VERSION};
+use crate::safetensors_header::read_safetensors_header;
 use crate::writer::checksum_file;
 
 /// File name of the verification record inside a split directory.

@@ -31,6 +31,7 @@ mod jsonutil;
 pub mod layout;
 pub mod manifest;
 pub mod quant;
+mod safetensors_header;
 mod split;
 #[doc(hidden)]
 pub mod testing;
