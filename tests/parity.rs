@@ -256,16 +256,7 @@ fn embedding_and_lm_head_off_the_device_give_the_same_results() {
         let case = Case::load(name);
         let (input, want) = case.sequences().remove(0);
         let split = tempfile::tempdir().unwrap();
-        let open = |budget: Option<u64>| {
-            let mut opts = LoadOptions::default()
-                .device(DeviceSpec::Cpu)
-                .dtype(DType::F32)
-                .split_dir(split.path());
-            if let Some(b) = budget {
-                opts = opts.device_memory_budget(b);
-            }
-            AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).unwrap()
-        };
+        let open = |budget: Option<u64>| case.open_planned(split.path(), budget);
         let mut model = open(None);
         let p0 = model.engine.plan().clone();
         assert!(!p0.embedding_on_host && p0.lm_head_chunk_bytes.is_none());

@@ -131,16 +131,7 @@ fn resident_layers_and_a_chunked_head_give_the_same_results() {
     ] {
         let case = Case::load(name);
         let split = tempfile::tempdir().unwrap();
-        let open = |budget: Option<u64>| {
-            let mut opts = LoadOptions::default()
-                .device(DeviceSpec::Cpu)
-                .dtype(DType::F32)
-                .split_dir(split.path());
-            if let Some(b) = budget {
-                opts = opts.device_memory_budget(b);
-            }
-            AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).unwrap()
-        };
+        let open = |budget: Option<u64>| case.open_planned(split.path(), budget);
         let mut resident = open(None);
         let p = resident.engine.plan().clone();
         assert!(p.lm_head_chunk_bytes.is_none(), "{name}: {p:?}");

@@ -99,6 +99,19 @@ impl Case {
         )
         .unwrap_or_else(|e| panic!("loading {}: {e}", dir.display()))
     }
+
+    /// The case in f32 with the default residency plan, under a device budget if given.
+    pub fn open_planned(&self, split: &Path, budget: Option<u64>) -> Model {
+        let mut opts = LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .dtype(DType::F32)
+            .split_dir(split);
+        if let Some(b) = budget {
+            opts = opts.device_memory_budget(b);
+        }
+        AutoModel::from_pretrained(self.dir.to_str().unwrap(), opts)
+            .unwrap_or_else(|e| panic!("loading {}: {e}", self.dir.display()))
+    }
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
