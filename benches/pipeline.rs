@@ -35,7 +35,7 @@ fn benches(c: &mut Criterion) {
     synthesize(&opts, &mut |_| {}).expect("synth");
 
     let mut streamed = model(&dir, 0);
-    let split = streamed.engine.split_dir().to_path_buf();
+    let split = streamed.engine.source_dir().to_path_buf();
     let units: Vec<_> = streamed.engine.layer_units().to_vec();
     let layer = &units[0];
 
@@ -78,7 +78,7 @@ fn benches(c: &mut Criterion) {
         )
         .expect("compressed split");
         let unit = m.engine.layer_units()[0].clone();
-        let bytes = std::fs::read(m.engine.split_dir().join(&unit.file)).unwrap();
+        let bytes = std::fs::read(m.engine.source_dir().join(&unit.file)).unwrap();
         let region =
             bytes[unit.data_offset as usize..(unit.data_offset + unit.data_len) as usize].to_vec();
         let values: u64 = unit

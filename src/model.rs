@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use rabbit_split::{Compression, SplitEvent, SplitOptions, SplitOutcome};
+use rabbit_split::{Compression, SplitError, SplitEvent, SplitOptions, SplitOutcome};
 use tokenizers::Tokenizer;
 
 use rabbit_core::device::{device_name, DType, DeviceSpec};
@@ -44,6 +44,10 @@ pub struct LoadOptions {
     pub compression: Option<Compression>,
     /// Also compress the embedding and LM head.
     pub compress_embeddings: bool,
+    /// Stream straight from the checkpoint's own weight files: no split is written (or read),
+    /// nothing is written anywhere. Not with compression (which needs the compressed bytes a
+    /// split holds). Without it, a split that would not fit on the disk falls back to this.
+    pub no_split: bool,
 }
 
 impl Default for LoadOptions {
@@ -60,6 +64,7 @@ impl Default for LoadOptions {
             budget: MemoryBudget::default(),
             compression: None,
             compress_embeddings: false,
+            no_split: false,
         }
     }
 }
@@ -137,6 +142,11 @@ impl LoadOptions {
         self.delete_original = yes;
         self
     }
+    /// Stream from the checkpoint's own files, without a split (see [`LoadOptions::no_split`]).
+    pub fn no_split(mut self, yes: bool) -> Self {
+        self.no_split = yes;
+        self
+    }
 }
 
 /// Progress of loading, for progress bars.
@@ -148,6 +158,11 @@ pub enum LoadEvent {
     Split(SplitEvent),
     /// The residency plan.
     Planned(rabbit_core::plan::Plan),
+    /// The layers stream straight from the checkpoint's weight files, no split.
+    InPlace {
+        /// Why: asked for, or the split would not fit (with the numbers).
+        reason: String,
+    },
     /// The engine is open on this device.
     Opened {
         /// `cpu` / `cuda:N`.
@@ -210,33 +225,68 @@ impl AutoModel {
             }
             (None, None) => None,
         };
-        let split_opts = SplitOptions {
-            out_dir: split_dir,
-            delete_original: opts.delete_original,
-            compression: opts.compression,
-            compress_embeddings: opts.compress_embeddings,
-            ..SplitOptions::default()
-        };
-        let layout = spec.layout();
-        let (split_dir, outcome) = rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| {
-            progress(&LoadEvent::Split(e.clone()))
-        })?;
-        if let SplitOutcome::Written { .. } = outcome {
-            tracing::info!(dir = %split_dir.display(), "split written");
+        if opts.no_split {
+            refuse_with_no_split(&opts)?;
         }
         // Reading further ahead than there are layers buys nothing and costs staging memory.
         let prefetch_depth = opts.prefetch_depth.clamp(1, spec.num_layers.max(1));
-        let engine = Engine::open(
-            &split_dir,
-            spec,
-            &EngineOptions {
-                prefetch_depth,
-                direct_io: opts.direct_io,
-                verify_split: opts.verify_split,
-                budget: opts.budget,
-                ..EngineOptions::new(device, dtype)
-            },
-        )?;
+        let engine_opts = EngineOptions {
+            prefetch_depth,
+            direct_io: opts.direct_io,
+            verify_split: opts.verify_split,
+            budget: opts.budget,
+            ..EngineOptions::new(device, dtype)
+        };
+        let layout = spec.layout();
+        let split_dir = if opts.no_split {
+            progress(&LoadEvent::InPlace {
+                reason: "streaming straight from the checkpoint's files, no split (--no-split)"
+                    .into(),
+            });
+            None
+        } else {
+            let split_opts = SplitOptions {
+                out_dir: split_dir,
+                delete_original: opts.delete_original,
+                compression: opts.compression,
+                compress_embeddings: opts.compress_embeddings,
+                ..SplitOptions::default()
+            };
+            match rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| {
+                progress(&LoadEvent::Split(e.clone()))
+            }) {
+                Ok((dir, outcome)) => {
+                    if let SplitOutcome::Written { .. } = outcome {
+                        tracing::info!(dir = %dir.display(), "split written");
+                    }
+                    Some(dir)
+                }
+                // Splitting needs the model's size again in free space; streaming in place
+                // needs none. Compression and --delete-original need the split: their error
+                // stands.
+                Err(SplitError::NoSpace {
+                    dir,
+                    needed,
+                    available,
+                }) if opts.compression.is_none() && !opts.delete_original => {
+                    let reason = format!(
+                        "the split would need {} in {} but only {} are free: streaming straight \
+                         from the checkpoint's files instead (as --no-split)",
+                        rabbit_split::error::human_bytes(needed),
+                        dir.display(),
+                        rabbit_split::error::human_bytes(available)
+                    );
+                    tracing::warn!("{reason}");
+                    progress(&LoadEvent::InPlace { reason });
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let engine = match &split_dir {
+            Some(dir) => Engine::open(dir, spec, &engine_opts)?,
+            None => Engine::open_in_place(&loc.dir, spec, &engine_opts)?,
+        };
         progress(&LoadEvent::Planned(engine.plan().clone()));
         progress(&LoadEvent::Opened {
             device: device_name(device),
@@ -248,6 +298,27 @@ impl AutoModel {
             codec,
             model_dir: loc.dir,
         })
+    }
+}
+
+/// Options that need a split, refused with `--no-split` by name.
+fn refuse_with_no_split(opts: &LoadOptions) -> Result<()> {
+    let clash = if opts.compression.is_some() {
+        Some("--compression (compressed layers are written by the split)")
+    } else if opts.delete_original {
+        Some("--delete-original (without a split the original weights are the only copy)")
+    } else if opts.split_dir.is_some() {
+        Some("--split-dir (no split is read or written)")
+    } else if opts.verify_split {
+        Some("--verify-split (there is no split to verify)")
+    } else {
+        None
+    };
+    match clash {
+        Some(c) => Err(Error::InvalidInput(format!(
+            "--no-split cannot be combined with {c}"
+        ))),
+        None => Ok(()),
     }
 }
 

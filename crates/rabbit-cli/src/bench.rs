@@ -6,7 +6,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use rabbit_core::bench::{self, BenchConfig, BenchReport};
 use rabbit_core::plan::host_available;
-use rabbit_core::reader::measure_read;
+use rabbit_core::reader::measure_regions;
 use serde_json::json;
 
 use crate::load::ModelArgs;
@@ -150,7 +150,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
         .unwrap_or(u32::MAX);
     let mut report = bench::run(&mut model.engine, &cfg, limit).context("bench")?;
     report.load_s = Some(load_s);
-    let layer_bytes: u64 = model.engine.layer_units().iter().map(|u| u.data_len).sum();
+    let layer_bytes: u64 = model
+        .engine
+        .layer_regions()
+        .iter()
+        .map(|r| r.bytes_read())
+        .sum();
     let all_resident = report.streamed_layers == 0;
     drop(model);
     if !a.no_baseline {
@@ -256,8 +261,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let e = &model.engine;
     let spec = e.spec();
     let plan = e.plan();
-    let units = e.layer_units();
-    let per_layer = units.iter().map(|u| u.data_len).max().unwrap_or(0);
+    let units = e.layer_regions();
+    let per_layer = units.iter().map(|r| r.bytes_read()).max().unwrap_or(0);
     // A sample of the streamed layers is enough to measure the path's bandwidth.
     let sample: Vec<_> = plan
         .streamed_layers
@@ -269,7 +274,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
     let (bw, floor) = if sample.is_empty() {
         (None, 0.0)
     } else {
-        let (bytes, secs) = measure_read(e.split_dir(), &sample, mode, false)?;
+        let (bytes, secs) = measure_regions(&sample, mode, false)?;
         let bw = bytes as f64 / secs.max(1e-9);
         (Some(bw), plan.streamed_bytes_per_sweep as f64 / bw)
     };

@@ -62,6 +62,10 @@ pub struct ModelArgs {
     /// With --compression, compress the embedding and LM head too.
     #[arg(long, requires = "compression")]
     pub compress_embeddings: bool,
+    /// Stream straight from the checkpoint's own weight files: no split is written, nothing
+    /// is written anywhere (also what happens when a split would not fit on the disk).
+    #[arg(long, conflicts_with_all = ["compression", "delete_original", "split_dir", "verify_split"])]
+    pub no_split: bool,
 }
 
 impl ModelArgs {
@@ -72,7 +76,8 @@ impl ModelArgs {
             .prefetch_depth(self.prefetch as usize)
             .direct_io(self.direct_io)
             .verify_split(self.verify_split)
-            .delete_original(self.delete_original);
+            .delete_original(self.delete_original)
+            .no_split(self.no_split);
         if let Some(d) = self.dtype {
             opts = opts.dtype(d);
         }
@@ -121,6 +126,9 @@ impl ModelArgs {
                     if let Some(pb) = &split_bar {
                         pb.inc(1);
                     }
+                }
+                LoadEvent::InPlace { reason } if !quiet => {
+                    note!("{reason}");
                 }
                 LoadEvent::Planned(p) if !quiet => {
                     if let Some(pb) = split_bar.take() {

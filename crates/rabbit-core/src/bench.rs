@@ -10,7 +10,7 @@ use crate::generate::{Control, GenerateRequest};
 use crate::kv::KvCache;
 use crate::memory::peak_rss;
 use crate::plan::host_available;
-use crate::reader::measure_read;
+use crate::reader::measure_regions;
 use crate::sampling::SamplingParams;
 use crate::stats::median;
 
@@ -199,7 +199,7 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
     let units: Vec<_> = plan
         .streamed_layers
         .iter()
-        .map(|&i| &engine.layer_units()[i])
+        .map(|&i| &engine.layer_regions()[i])
         .collect();
     let mode = engine.read_mode();
     let (read_bytes_per_s, io_floor) = if units.is_empty() {
@@ -208,7 +208,7 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         // Median of three passes, like the decode figures.
         let mut rates = Vec::new();
         for _ in 0..3 {
-            let (bytes, secs) = measure_read(engine.split_dir(), &units, mode, cfg.cold)?;
+            let (bytes, secs) = measure_regions(&units, mode, cfg.cold)?;
             rates.push(bytes as f64 / secs.max(1e-9));
         }
         let rate = median(&rates);

@@ -45,6 +45,18 @@ pub enum CoreError {
         /// Expected vs found.
         reason: String,
     },
+    /// A weight file was modified while the model was running (its size or modification time
+    /// changed since it was opened): its bytes can no longer be trusted to match what was
+    /// checked at open.
+    #[error(
+        "{}: the file changed while the model was running (size or modification time differ \
+         from when it was opened); reload the model",
+        path.display()
+    )]
+    SourceChanged {
+        /// The file.
+        path: PathBuf,
+    },
     /// The background reader thread died.
     #[error("layer reader stopped: {0}")]
     Reader(String),
@@ -93,6 +105,20 @@ impl CoreError {
             std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
                 "file is shorter than the manifest says (damaged split: run `rabbit split --verify`)",
+            ),
+        )
+    }
+}
+
+impl CoreError {
+    /// An original weight file (streamed in place) that ends before its header says.
+    pub(crate) fn truncated_original(path: impl Into<PathBuf>) -> Self {
+        CoreError::io(
+            path,
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "file is shorter than its header says (truncated while the model was running, \
+                 or an incomplete download)",
             ),
         )
     }

@@ -12,12 +12,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rabbit_split::manifest::UnitEntry;
+use rabbit_split::UnitRegion;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
 use crate::weights::kind_of;
 
-/// A `[rows, cols]` matrix viewed in a mapped split file.
+/// A `[rows, cols]` matrix viewed in a mapped split file (or original shard).
 pub struct MappedMatrix {
     map: memmap2::Mmap,
     /// Byte offset of the tensor inside the mapping.
@@ -27,15 +28,35 @@ pub struct MappedMatrix {
     rows: i64,
     cols: i64,
     path: PathBuf,
+    /// An original shard streamed in place: the file and its (size, mtime) when mapped, checked
+    /// before every use (a file cut short under a mapping would kill the process with SIGBUS).
+    guard: Option<(std::fs::File, (u64, i64, i64))>,
+}
+
+fn stamp(f: &std::fs::File, path: &Path) -> Result<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let md = f.metadata().map_err(|e| CoreError::io(path, e))?;
+    Ok((md.len(), md.mtime(), md.mtime_nsec()))
 }
 
 impl MappedMatrix {
     /// Maps tensor `name` of `entry` (a unit of the split in `dir`). Quantized tensors cannot be
     /// used this way (their rows are not stored as rows).
     pub fn open(dir: &Path, entry: &UnitEntry, name: &str) -> Result<Arc<MappedMatrix>> {
-        let path = dir.join(&entry.file);
+        Self::open_in(&UnitRegion::of_split_unit(dir, entry), entry, name, false)
+    }
+
+    /// Maps tensor `name` of `entry`, whose bytes come from `region` (`original`: a shard
+    /// streamed in place, checked for changes before every use).
+    pub fn open_in(
+        region: &UnitRegion,
+        entry: &UnitEntry,
+        name: &str,
+        original: bool,
+    ) -> Result<Arc<MappedMatrix>> {
+        let first = region.extents.first().map(|e| e.file.clone());
         let bad = |reason: String| CoreError::BadTensor {
-            file: path.clone(),
+            file: first.clone().unwrap_or_else(|| entry.file.clone().into()),
             tensor: name.to_string(),
             reason,
         };
@@ -43,7 +64,7 @@ impl MappedMatrix {
             return Err(CoreError::InvalidInput(format!(
                 "{}: `{name}` is compressed (--compress-embeddings) and cannot be streamed from the \
                  split; give the device budget room for it or split without --compress-embeddings",
-                path.display()
+                entry.file
             )));
         }
         let t = entry
@@ -62,28 +83,70 @@ impl MappedMatrix {
         if (rows * cols * elem) as u64 != t.len {
             return Err(bad(format!("{} bytes for shape {:?}", t.len, t.shape)));
         }
+        let (extent, at) = region
+            .locate(t.offset, t.len)
+            .ok_or_else(|| bad("its bytes lie outside the unit's data".into()))?;
+        let path = extent.file.clone();
+        if !at.is_multiple_of(elem as u64) {
+            return Err(CoreError::BadTensor {
+                file: path,
+                tensor: name.to_string(),
+                reason: format!(
+                    "stored at byte {at}, not aligned for {} (an old safetensors writer): it \
+                     cannot be used in place; split the model, or give the device budget room \
+                     for it",
+                    t.dtype.name()
+                ),
+            });
+        }
         let file = rabbit_split::fsutil::open_regular(&path)?;
         let file_len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
-        if file_len < entry.data_offset + t.offset + t.len {
-            return Err(CoreError::truncated(&path));
+        if file_len < at + t.len {
+            return Err(if original {
+                CoreError::truncated_original(&path)
+            } else {
+                CoreError::truncated(&path)
+            });
         }
-        // SAFETY: split files are written once (tmp + rename) and never modified in place.
+        let page = rustix::param::page_size().max(1) as u64;
+        let start = at / page * page;
+        // SAFETY: split files are written once (tmp + rename) and never modified in place;
+        // original shards are checked for changes before every use (`guard`).
         let map = unsafe {
             memmap2::MmapOptions::new()
-                .offset(entry.data_offset)
-                .len(entry.data_len as usize)
+                .offset(start)
+                .len((at - start + t.len) as usize)
                 .map(&file)
         }
         .map_err(|e| CoreError::io(&path, e))?;
+        let guard = if original {
+            let s = stamp(&file, &path)?;
+            Some((file, s))
+        } else {
+            None
+        };
         Ok(Arc::new(MappedMatrix {
             map,
-            offset: t.offset as usize,
+            offset: (at - start) as usize,
             stored,
             elem,
             rows: rows as i64,
             cols: cols as i64,
             path,
+            guard,
         }))
+    }
+
+    /// Fails when an original shard changed since it was mapped.
+    fn check(&self) -> Result<()> {
+        if let Some((f, s)) = &self.guard {
+            if stamp(f, &self.path)? != *s {
+                return Err(CoreError::SourceChanged {
+                    path: self.path.clone(),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Rows of the matrix.
@@ -100,7 +163,8 @@ impl MappedMatrix {
     fn view(&self, start: i64, n: i64) -> Result<Tensor> {
         let at = self.offset + (start * self.cols) as usize * self.elem;
         // SAFETY: the range lies inside the mapping (checked at open; callers stay within
-        // `rows`), the split aligns tensors naturally, and the view is dropped before `self`.
+        // `rows`), the tensor is aligned for its dtype (checked at open), and the view is
+        // dropped before `self`.
         Ok(unsafe {
             Tensor::f_from_blob(
                 self.map.as_ptr().add(at),
@@ -135,6 +199,7 @@ impl MappedMatrix {
     /// Embedding lookup on the host: `ids` (any shape, any device) → `[..ids, cols]` on `device`
     /// in `kind`.
     pub fn embed(&self, ids: &Tensor, device: Device, kind: Kind) -> Result<Tensor> {
+        self.check()?;
         let flat = ids.f_to_device(Device::Cpu)?.f_reshape([-1])?;
         let (lo, hi) = (
             flat.f_min()?.int64_value(&[]),
@@ -168,6 +233,7 @@ impl MappedMatrix {
         kind: Kind,
         normalize_rows: bool,
     ) -> Result<Tensor> {
+        self.check()?;
         let chunk_rows = chunk_rows.max(1);
         let mut parts = Vec::new();
         let mut start = 0;

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 use rabbit_split::manifest::UnitEntry;
-use rabbit_split::{fsutil, SplitError};
+use rabbit_split::{fsutil, SplitError, UnitRegion};
 
 use crate::buffer::AlignedBuf;
 use crate::error::{CoreError, Result};
@@ -62,10 +62,11 @@ impl ReadMode {
 /// size in use; the split aligns data regions to it).
 const DIRECT_ALIGN: u64 = 4096;
 
-/// Opens a unit file for `mode`: `O_DIRECT` when asked and the file system allows it. Only a
+/// Opens a unit file for `mode`: `O_DIRECT` when asked, the reads are `aligned` and the file
+/// system allows it. Only a
 /// regular file opens (a FIFO in its place would block the reader forever).
-fn open_unit(path: &Path, mode: ReadMode, offset: u64) -> Result<(File, bool)> {
-    if mode == ReadMode::Direct && offset.is_multiple_of(DIRECT_ALIGN) {
+fn open_unit(path: &Path, mode: ReadMode, aligned: bool) -> Result<(File, bool)> {
+    if mode == ReadMode::Direct && aligned {
         let direct = rustix::fs::OFlags::DIRECT.bits() as i32;
         match fsutil::open_regular_with_flags(path, direct) {
             Ok(f) => return Ok((f, true)),
@@ -83,20 +84,54 @@ fn open_unit(path: &Path, mode: ReadMode, offset: u64) -> Result<(File, bool)> {
     Ok((fsutil::open_regular(path)?, false))
 }
 
+/// One mapped extent of a unit's region.
+pub struct MappedExtent {
+    map: memmap2::Mmap,
+    /// Bytes of the mapping before the extent (mappings start on a page).
+    skip: usize,
+    region_offset: u64,
+    len: u64,
+}
+
 /// The bytes of one unit's data region.
 pub enum UnitBytes {
-    /// Read into a recycled buffer.
+    /// Read into a recycled buffer (extents at their region positions).
     Buf(AlignedBuf),
-    /// Mapped from the file.
-    Map(memmap2::Mmap),
+    /// Mapped from the files, one mapping per extent.
+    Map(Vec<MappedExtent>),
 }
 
 impl UnitBytes {
-    /// The data region (tensor offsets are relative to its start).
-    pub fn as_slice(&self) -> &[u8] {
+    /// Region bytes `offset..offset + len` (tensor offsets are region positions), or `None`
+    /// when they lie outside the region or across two extents.
+    pub fn get(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        let end = offset.checked_add(len)?;
         match self {
-            UnitBytes::Buf(b) => b.as_slice(),
-            UnitBytes::Map(m) => m,
+            UnitBytes::Buf(b) => b
+                .as_slice()
+                .get(usize::try_from(offset).ok()?..usize::try_from(end).ok()?),
+            UnitBytes::Map(maps) => {
+                let i = maps
+                    .partition_point(|m| m.region_offset <= offset)
+                    .checked_sub(1)?;
+                let m = &maps[i];
+                if end > m.region_offset + m.len {
+                    return None;
+                }
+                let at = m.skip + (offset - m.region_offset) as usize;
+                m.map.get(at..at + len as usize)
+            }
+        }
+    }
+
+    /// The whole region when it is one contiguous slice (a buffer, or a single mapping).
+    pub fn as_contiguous(&self) -> Option<&[u8]> {
+        match self {
+            UnitBytes::Buf(b) => Some(b.as_slice()),
+            UnitBytes::Map(maps) if maps.len() == 1 && maps[0].region_offset == 0 => {
+                Some(&maps[0].map[maps[0].skip..])
+            }
+            UnitBytes::Map(_) => None,
         }
     }
 }
@@ -107,66 +142,182 @@ pub struct LoadedUnit {
     pub slot: usize,
     /// The data region.
     pub bytes: UnitBytes,
+    /// Bytes read from the files (the region without its alignment gaps).
+    pub bytes_read: u64,
     /// Time spent reading (or faulting in) the region.
     pub read_time: Duration,
 }
 
-struct Source {
+/// An open file the reader reads from, with its size and modification time when opened: a file
+/// changed in place while the model runs is refused, not read half old, half new.
+struct OpenFile {
     path: PathBuf,
-    file: Arc<File>,
-    offset: u64,
-    len: usize,
+    file: File,
     /// Opened with `O_DIRECT`: reads must be aligned.
     direct: bool,
+    stamp: (u64, i64, i64),
+    /// The file is an original checkpoint shard (streaming in place), not a split unit file:
+    /// for messages.
+    original: bool,
 }
 
-/// A prefetching reader over a fixed cycle of unit files.
+fn stamp_of(md: &std::fs::Metadata) -> (u64, i64, i64) {
+    use std::os::unix::fs::MetadataExt;
+    (md.len(), md.mtime(), md.mtime_nsec())
+}
+
+impl OpenFile {
+    /// Fails when the file is now shorter than `need` bytes, or was modified since it was
+    /// opened.
+    fn check(&self, need: u64) -> Result<u64> {
+        let md = self
+            .file
+            .metadata()
+            .map_err(|e| CoreError::io(&self.path, e))?;
+        if md.len() < need {
+            return Err(self.truncated());
+        }
+        if stamp_of(&md) != self.stamp {
+            return Err(CoreError::SourceChanged {
+                path: self.path.clone(),
+            });
+        }
+        Ok(md.len())
+    }
+
+    fn truncated(&self) -> CoreError {
+        if self.original {
+            CoreError::truncated_original(&self.path)
+        } else {
+            CoreError::truncated(&self.path)
+        }
+    }
+}
+
+/// One extent of a unit, its file an index into the reader's files.
+struct SourceExtent {
+    file: usize,
+    offset: u64,
+    len: usize,
+    region_offset: usize,
+}
+
+struct Source {
+    extents: Vec<SourceExtent>,
+    /// Region length.
+    len: usize,
+    bytes_read: u64,
+}
+
+/// Opens every file of `regions` once (the same shard serves many units) and turns the regions
+/// into sources. `O_DIRECT` is used for a file only when every extent read from it is aligned.
+fn open_sources(
+    regions: &[&UnitRegion],
+    mode: ReadMode,
+    original: bool,
+) -> Result<(Vec<Arc<OpenFile>>, Vec<Source>)> {
+    let mut index: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
+    let mut paths: Vec<(&Path, bool)> = Vec::new();
+    for r in regions {
+        for e in &r.extents {
+            let aligned = e.file_offset.is_multiple_of(DIRECT_ALIGN);
+            match index.get(e.file.as_path()) {
+                Some(&i) => paths[i].1 &= aligned,
+                None => {
+                    index.insert(e.file.as_path(), paths.len());
+                    paths.push((e.file.as_path(), aligned));
+                }
+            }
+        }
+    }
+    let mut files = Vec::with_capacity(paths.len());
+    for (path, aligned) in paths {
+        let (file, direct) = open_unit(path, mode, aligned)?;
+        let md = file.metadata().map_err(|e| CoreError::io(path, e))?;
+        files.push(Arc::new(OpenFile {
+            path: path.to_path_buf(),
+            file,
+            direct,
+            stamp: stamp_of(&md),
+            original,
+        }));
+    }
+    let mut sources = Vec::with_capacity(regions.len());
+    for r in regions {
+        let too_large =
+            || CoreError::InvalidInput(format!("{}: unit too large", r.extents[0].file.display()));
+        let mut extents = Vec::with_capacity(r.extents.len());
+        for e in r.extents.iter().filter(|e| e.len > 0) {
+            extents.push(SourceExtent {
+                file: index[e.file.as_path()],
+                offset: e.file_offset,
+                len: usize::try_from(e.len).map_err(|_| too_large())?,
+                region_offset: usize::try_from(e.region_offset).map_err(|_| too_large())?,
+            });
+        }
+        sources.push(Source {
+            extents,
+            len: usize::try_from(r.len).map_err(|_| too_large())?,
+            bytes_read: r.bytes_read(),
+        });
+    }
+    Ok((files, sources))
+}
+
+/// A prefetching reader over a fixed cycle of units.
 pub struct LayerReader {
     rx: Receiver<Result<LoadedUnit>>,
     free_tx: Sender<AlignedBuf>,
     stop: Arc<AtomicBool>,
     handle: Option<JoinHandle<()>>,
     cycle_len: usize,
-    /// Each unit's file and data range, for dropping its pages from the page cache.
-    regions: Vec<(Arc<File>, u64, u64)>,
+    /// Each unit's file ranges, for dropping its pages from the page cache.
+    regions: Vec<Vec<(Arc<OpenFile>, u64, u64)>>,
     /// When set, each unit's pages are dropped from the page cache once it has been used, so
     /// every sweep reads from the disk (benchmarks of models larger than RAM).
     evicting: bool,
 }
 
 impl LayerReader {
-    /// Opens every unit file and starts the reader thread with `depth` layers of read-ahead.
+    /// Opens every unit file of a split and starts the reader thread with `depth` layers of
+    /// read-ahead.
     pub fn start(
         dir: &Path,
         units: &[&UnitEntry],
         depth: usize,
         mode: ReadMode,
     ) -> Result<LayerReader> {
-        if units.is_empty() {
+        let regions: Vec<UnitRegion> = units
+            .iter()
+            .map(|u| UnitRegion::of_split_unit(dir, u))
+            .collect();
+        let refs: Vec<&UnitRegion> = regions.iter().collect();
+        Self::start_regions(&refs, depth, mode, false)
+    }
+
+    /// Starts the reader over units described by their regions (split units, or ranges of the
+    /// original shards when `original`, which only changes the messages).
+    pub fn start_regions(
+        regions: &[&UnitRegion],
+        depth: usize,
+        mode: ReadMode,
+        original: bool,
+    ) -> Result<LayerReader> {
+        if regions.is_empty() {
             return Err(CoreError::InvalidInput(
                 "layer reader started with no units".into(),
             ));
         }
-        let mut sources = Vec::with_capacity(units.len());
-        let mut max_len = 0usize;
-        for u in units {
-            let path = dir.join(&u.file);
-            let (file, direct) = open_unit(&path, mode, u.data_offset)?;
-            let len = usize::try_from(u.data_len).map_err(|_| {
-                CoreError::InvalidInput(format!("{}: unit too large", path.display()))
-            })?;
-            max_len = max_len.max(len);
-            sources.push(Source {
-                path,
-                file: Arc::new(file),
-                offset: u.data_offset,
-                len,
-                direct,
-            });
-        }
-        let regions: Vec<(Arc<File>, u64, u64)> = sources
+        let (files, sources) = open_sources(regions, mode, original)?;
+        let max_len = sources.iter().map(|s| s.len).max().unwrap_or(0).max(1);
+        let evict: Vec<Vec<(Arc<OpenFile>, u64, u64)>> = sources
             .iter()
-            .map(|s| (s.file.clone(), s.offset, s.len as u64))
+            .map(|s| {
+                s.extents
+                    .iter()
+                    .map(|e| (files[e.file].clone(), e.offset, e.len as u64))
+                    .collect()
+            })
             .collect();
         let depth = depth.max(1);
         let (tx, rx) = bounded::<Result<LoadedUnit>>(depth);
@@ -185,19 +336,18 @@ impl LayerReader {
         let stop_thread = stop.clone();
         let handle = std::thread::Builder::new()
             .name("rabbit-reader".into())
-            .spawn(move || read_loop(sources, mode, tx, free_rx, stop_thread))
+            .spawn(move || read_loop(files, sources, mode, tx, free_rx, stop_thread))
             .map_err(|e| CoreError::Reader(format!("cannot start thread: {e}")))?;
         Ok(LayerReader {
             rx,
             free_tx,
             stop,
             handle: Some(handle),
-            cycle_len: units.len(),
-            regions,
+            cycle_len: regions.len(),
+            regions: evict,
             evicting: false,
         })
     }
-
     /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evicting` field).
     pub fn set_evict(&mut self, on: bool) {
         self.evicting = on;
@@ -236,10 +386,10 @@ impl LayerReader {
             drop(bytes);
         }
         if self.evicting {
-            if let Some((file, offset, len)) = self.regions.get(slot) {
+            for (f, offset, len) in self.regions.get(slot).into_iter().flatten() {
                 // Advisory: failure only means the pages stay cached.
                 let _ = rustix::fs::fadvise(
-                    file,
+                    &f.file,
                     *offset,
                     std::num::NonZeroU64::new(*len),
                     rustix::fs::Advice::DontNeed,
@@ -270,6 +420,7 @@ impl Drop for LayerReader {
 }
 
 fn read_loop(
+    files: Vec<Arc<OpenFile>>,
     sources: Vec<Source>,
     mode: ReadMode,
     tx: Sender<Result<LoadedUnit>>,
@@ -286,17 +437,19 @@ fn read_loop(
                     return;
                 }
                 let start = Instant::now();
-                read_region(src, &mut buf).map(|()| LoadedUnit {
+                read_source(&files, src, &mut buf).map(|()| LoadedUnit {
                     slot,
                     bytes: UnitBytes::Buf(buf),
+                    bytes_read: src.bytes_read,
                     read_time: start.elapsed(),
                 })
             }
             ReadMode::Map => {
                 let start = Instant::now();
-                map_region(src).map(|m| LoadedUnit {
+                map_source(&files, src).map(|m| LoadedUnit {
                     slot,
                     bytes: UnitBytes::Map(m),
+                    bytes_read: src.bytes_read,
                     read_time: start.elapsed(),
                 })
             }
@@ -309,35 +462,46 @@ fn read_loop(
     }
 }
 
-fn map_region(src: &Source) -> Result<memmap2::Mmap> {
-    let file_len = src
-        .file
-        .metadata()
-        .map_err(|e| CoreError::io(&src.path, e))?
-        .len();
-    if file_len < src.offset + src.len as u64 {
-        return Err(CoreError::truncated(&src.path));
-    }
+fn map_source(files: &[Arc<OpenFile>], src: &Source) -> Result<Vec<MappedExtent>> {
+    src.extents
+        .iter()
+        .map(|e| map_extent(&files[e.file], e))
+        .collect()
+}
+
+fn map_extent(f: &OpenFile, e: &SourceExtent) -> Result<MappedExtent> {
+    f.check(e.offset + e.len as u64)?;
+    let page = rustix::param::page_size().max(1) as u64;
+    let start = e.offset / page * page;
+    let skip = (e.offset - start) as usize;
     let map = |populate: bool| {
         let mut opts = memmap2::MmapOptions::new();
-        opts.offset(src.offset).len(src.len);
+        opts.offset(start).len(skip + e.len);
         if populate {
             opts.populate();
         }
         // SAFETY: split files are written once (tmp + rename) and never modified in place; a
         // file replaced by a new split is a new inode, so this mapping keeps the old bytes.
-        unsafe { opts.map(&src.file) }.map_err(|e| CoreError::io(&src.path, e))
+        // Original shards streamed in place are checked for changes (size, mtime) before every
+        // mapping.
+        unsafe { opts.map(&f.file) }.map_err(|err| CoreError::io(&f.path, err))
     };
     // Pages already in the page cache need no reading: leave them to be faulted in by the
     // compute threads (measured ~6% faster than populating them from this thread on a 2-core
     // machine). Pages not cached must be read now, ahead of compute: populate.
     let m = map(false)?;
-    if all_cached(&m) {
-        Ok(m)
+    let m = if all_cached(&m) {
+        m
     } else {
         drop(m);
-        map(true)
-    }
+        map(true)?
+    };
+    Ok(MappedExtent {
+        map: m,
+        skip,
+        region_offset: e.region_offset as u64,
+        len: e.len as u64,
+    })
 }
 
 /// Whether every page of a mapping is resident in the page cache (`mincore`).
@@ -351,33 +515,40 @@ fn all_cached(m: &memmap2::Mmap) -> bool {
     rc == 0 && vec.iter().all(|v| v & 1 == 1)
 }
 
-fn read_region(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
-    if src.direct {
-        return read_region_direct(src, buf);
+/// Reads every extent of a unit to its region position in `buf`.
+fn read_source(files: &[Arc<OpenFile>], src: &Source, buf: &mut AlignedBuf) -> Result<()> {
+    for e in &src.extents {
+        let f = &files[e.file];
+        f.check(e.offset + e.len as u64)?;
+        if f.direct {
+            read_extent_direct(f, e, buf)?;
+        } else {
+            let dst = &mut buf.spare_mut()[e.region_offset..e.region_offset + e.len];
+            f.file
+                .read_exact_at(dst, e.offset)
+                .map_err(|err| match err.kind() {
+                    std::io::ErrorKind::UnexpectedEof => f.truncated(),
+                    _ => CoreError::io(&f.path, err),
+                })?;
+        }
     }
-    let dst = &mut buf.spare_mut()[..src.len];
-    src.file
-        .read_exact_at(dst, src.offset)
-        .map_err(|e| match e.kind() {
-            std::io::ErrorKind::UnexpectedEof => CoreError::truncated(&src.path),
-            _ => CoreError::io(&src.path, e),
-        })?;
     buf.set_len(src.len);
     Ok(())
 }
 
-/// `O_DIRECT` read of a region: whole aligned blocks into the aligned buffer (its capacity is a
-/// multiple of the alignment), up to the end of the region or of the file.
-fn read_region_direct(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
-    let want = (src.len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+/// `O_DIRECT` read of an extent: whole aligned blocks to its (aligned) region position, up to
+/// the end of the extent rounded up to a block, or of the file (the buffer's capacity is a
+/// multiple of the alignment).
+fn read_extent_direct(f: &OpenFile, e: &SourceExtent, buf: &mut AlignedBuf) -> Result<()> {
     let spare = buf.spare_mut();
-    let want = (want as usize).min(spare.len());
+    // The next extent starts at the next aligned region position: a whole last block never
+    // overwrites it.
+    let want = (e.len as u64).div_ceil(DIRECT_ALIGN) * DIRECT_ALIGN;
+    let want = (want as usize).min(spare.len() - e.region_offset);
+    let dst = &mut spare[e.region_offset..e.region_offset + want];
     let mut got = 0usize;
-    while got < src.len {
-        match src
-            .file
-            .read_at(&mut spare[got..want], src.offset + got as u64)
-        {
+    while got < e.len {
+        match f.file.read_at(&mut dst[got..], e.offset + got as u64) {
             Ok(0) => break,
             Ok(n) => {
                 got += n;
@@ -387,47 +558,46 @@ fn read_region_direct(src: &Source, buf: &mut AlignedBuf) -> Result<()> {
                     break;
                 }
             }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(CoreError::io(&src.path, e)),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(CoreError::io(&f.path, err)),
         }
     }
-    if got < src.len {
-        return Err(CoreError::truncated(&src.path));
+    if got < e.len {
+        return Err(f.truncated());
     }
-    buf.set_len(src.len);
     Ok(())
 }
 
-/// Reads every unit once, sequentially, the way the reader would (`mode`), and returns
-/// `(bytes, seconds)`: the raw bandwidth of this machine's path for these files. With `cold`,
-/// each file's pages are dropped from the page cache first, so the figure is the disk's.
+/// Reads every unit of a split once, sequentially, the way the reader would (`mode`); see
+/// [`measure_regions`].
 pub fn measure_read(
     dir: &Path,
     units: &[&UnitEntry],
     mode: ReadMode,
     cold: bool,
 ) -> Result<(u64, f64)> {
-    let mut sources = Vec::with_capacity(units.len());
-    for u in units {
-        let path = dir.join(&u.file);
-        let (file, direct) = open_unit(&path, mode, u.data_offset)?;
-        sources.push(Source {
-            path,
-            file: Arc::new(file),
-            offset: u.data_offset,
-            len: u.data_len as usize,
-            direct,
-        });
-    }
+    let regions: Vec<UnitRegion> = units
+        .iter()
+        .map(|u| UnitRegion::of_split_unit(dir, u))
+        .collect();
+    let refs: Vec<&UnitRegion> = regions.iter().collect();
+    measure_regions(&refs, mode, cold)
+}
+
+/// Reads every region once, sequentially, the way the reader would (`mode`), and returns
+/// `(bytes, seconds)`: the raw bandwidth of this machine's path for these files. With `cold`,
+/// each file's pages are dropped from the page cache first, so the figure is the disk's.
+pub fn measure_regions(regions: &[&UnitRegion], mode: ReadMode, cold: bool) -> Result<(u64, f64)> {
+    let (files, sources) = open_sources(regions, mode, false)?;
     if cold {
-        for s in &sources {
+        for f in &files {
             // Advisory: failure only means the pages stay cached.
-            let _ = rustix::fs::fadvise(&s.file, 0, None, rustix::fs::Advice::DontNeed);
+            let _ = rustix::fs::fadvise(&f.file, 0, None, rustix::fs::Advice::DontNeed);
         }
     }
     let mut buf = match mode {
         ReadMode::Copy | ReadMode::Direct => Some(AlignedBuf::new(
-            sources.iter().map(|s| s.len).max().unwrap_or(1),
+            sources.iter().map(|s| s.len).max().unwrap_or(1).max(1),
         )),
         ReadMode::Map => None,
     };
@@ -435,10 +605,10 @@ pub fn measure_read(
     let start = Instant::now();
     for s in &sources {
         match buf.as_mut() {
-            Some(buf) => read_region(s, buf)?,
-            None => drop(map_region(s)?),
+            Some(buf) => read_source(&files, s, buf)?,
+            None => drop(map_source(&files, s)?),
         }
-        bytes += s.len as u64;
+        bytes += s.bytes_read;
     }
     Ok((bytes, start.elapsed().as_secs_f64()))
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use rabbit_models::{ModelSpec, Role};
 use rabbit_split::dtype::Dtype;
+use rabbit_split::layout::RowOrder;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use tch::{Device, Kind, Tensor};
 
@@ -13,6 +14,7 @@ use crate::decoder::NormWeights;
 use crate::dequant::dequantize_cpu;
 pub use crate::dequant::{dequantize, DequantBuffers};
 use crate::error::{CoreError, Result};
+use crate::reader::UnitBytes;
 
 /// The libtorch kind of a stored dtype (the float types of weights, and the integer types of
 /// quantized codes).
@@ -57,46 +59,27 @@ impl UnitTensors {
         kind: Kind,
         buffers: Option<&mut DequantBuffers>,
     ) -> Result<Self> {
-        let mut raw = BTreeMap::new();
-        for t in &entry.tensors {
-            let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
-                file: entry.file.clone().into(),
-                tensor: t.name.clone(),
-                reason: format!("dtype {} cannot hold weights", t.dtype.name()),
-            })?;
-            let end = t
-                .offset
-                .checked_add(t.len)
-                .filter(|e| *e as usize <= data.len());
-            if end.is_none() {
-                return Err(CoreError::BadTensor {
-                    file: entry.file.clone().into(),
-                    tensor: t.name.clone(),
-                    reason: format!("bytes {}..+{} lie outside the unit's data", t.offset, t.len),
-                });
-            }
-            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-            // SAFETY: the range was bounds-checked above and the split guarantees natural
-            // alignment; the view lives no longer than `self`, which the caller drops before
-            // recycling `data`.
-            let view = unsafe {
-                Tensor::f_from_blob(
-                    data.as_ptr().add(t.offset as usize),
-                    &shape,
-                    &[],
-                    stored,
-                    Device::Cpu,
-                )?
-            };
-            // Stored bytes go to the device as they are (fewer bytes over PCIe); conversion and
-            // dequantization happen there.
-            let on_device = if device == Device::Cpu {
-                view
-            } else {
-                view.f_to_device(device)?
-            };
-            raw.insert(t.name.clone(), on_device);
-        }
+        let get = |offset: u64, len: u64| {
+            let end = usize::try_from(offset.checked_add(len)?).ok()?;
+            data.get(offset as usize..end)
+        };
+        let raw = view_tensors(entry, &get, device, &[])?;
+        Self::assemble_into(entry, raw, kind, buffers)
+    }
+
+    /// [`UnitTensors::from_region_into`] of a unit as the reader delivers it (one buffer, or one
+    /// mapping per extent), regrouping the rows of the tensors `row_orders` names (streaming in
+    /// place: the split would have done it on disk).
+    pub fn from_unit_bytes(
+        entry: &UnitEntry,
+        bytes: &UnitBytes,
+        device: Device,
+        kind: Kind,
+        buffers: Option<&mut DequantBuffers>,
+        row_orders: &[RowOrder],
+    ) -> Result<Self> {
+        let get = |offset: u64, len: u64| bytes.get(offset, len);
+        let raw = view_tensors(entry, &get, device, row_orders)?;
         Self::assemble_into(entry, raw, kind, buffers)
     }
 
@@ -172,6 +155,94 @@ impl UnitTensors {
     pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name)
     }
+}
+
+/// Views (or, when the bytes are not aligned for their dtype, copies) each tensor of a unit out
+/// of its region and moves it to `device` in its stored dtype; rows regrouped as `row_orders`
+/// says.
+fn view_tensors<'a>(
+    entry: &UnitEntry,
+    get: &dyn Fn(u64, u64) -> Option<&'a [u8]>,
+    device: Device,
+    row_orders: &[RowOrder],
+) -> Result<BTreeMap<String, Tensor>> {
+    let mut raw = BTreeMap::new();
+    for t in &entry.tensors {
+        let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
+            file: entry.file.clone().into(),
+            tensor: t.name.clone(),
+            reason: format!("dtype {} cannot hold weights", t.dtype.name()),
+        })?;
+        let bytes = get(t.offset, t.len).ok_or_else(|| CoreError::BadTensor {
+            file: entry.file.clone().into(),
+            tensor: t.name.clone(),
+            reason: format!("bytes {}..+{} lie outside the unit's data", t.offset, t.len),
+        })?;
+        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+        let numel: i64 = shape.iter().product();
+        if numel as u64 * t.dtype.size_bytes() as u64 != t.len {
+            return Err(CoreError::BadTensor {
+                file: entry.file.clone().into(),
+                tensor: t.name.clone(),
+                reason: format!("{} bytes for shape {:?}", t.len, t.shape),
+            });
+        }
+        let view = if (bytes.as_ptr() as usize).is_multiple_of(t.dtype.size_bytes().max(1)) {
+            // SAFETY: `bytes` holds exactly the tensor (length checked above) and is aligned for
+            // its dtype; the view lives no longer than the unit's tensors, which the caller
+            // drops before recycling the region.
+            unsafe { Tensor::f_from_blob(bytes.as_ptr(), &shape, &[], stored, Device::Cpu)? }
+        } else {
+            // A safetensors file whose header length is not a multiple of 8 (old writers) puts
+            // its tensors off their natural alignment: copy rather than view.
+            aligned_copy(bytes, &shape, stored)?
+        };
+        // Stored bytes go to the device as they are (fewer bytes over PCIe); conversion and
+        // dequantization happen there.
+        let on_device = if device == Device::Cpu {
+            view
+        } else {
+            view.f_to_device(device)?
+        };
+        let on_device = match RowOrder::of(row_orders, &t.name) {
+            Some(o) => reorder_rows(&on_device, o)?,
+            None => on_device,
+        };
+        raw.insert(t.name.clone(), on_device);
+    }
+    Ok(raw)
+}
+
+/// A fresh CPU tensor holding a copy of `bytes`.
+pub(crate) fn aligned_copy(bytes: &[u8], shape: &[i64], stored: Kind) -> Result<Tensor> {
+    let t = Tensor::f_empty(shape, (stored, Device::Cpu))?;
+    // SAFETY: `t` is a fresh contiguous tensor of exactly `bytes.len()` bytes (the caller
+    // checked the length against the shape).
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), t.data_ptr() as *mut u8, bytes.len());
+    }
+    Ok(t)
+}
+
+/// Regroups a tensor's rows: its leading dimension cut into `o.order.len()` equal blocks, block
+/// `i` of the result is block `o.order[i]` of `t` (what the split stores on disk).
+pub(crate) fn reorder_rows(t: &Tensor, o: &RowOrder) -> Result<Tensor> {
+    let shape = t.size();
+    let blocks = o.order.len() as i64;
+    if shape
+        .first()
+        .is_none_or(|&rows| rows == 0 || rows % blocks != 0)
+    {
+        return Err(CoreError::InvalidInput(format!(
+            "{}: shape {shape:?} cannot be regrouped into {blocks} row blocks",
+            o.tensor
+        )));
+    }
+    let idx: Vec<i64> = o.order.iter().map(|&b| b as i64).collect();
+    let idx = Tensor::from_slice(&idx).f_to_device(t.device())?;
+    Ok(t.f_reshape([blocks, -1])?
+        .f_index_select(0, &idx)?
+        .f_reshape(&shape)?)
 }
 
 /// A linear projection.

@@ -26,6 +26,7 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod error;
 pub mod fsutil;
+pub mod in_place;
 pub mod integrity;
 mod jsonutil;
 pub mod layout;
@@ -44,6 +45,7 @@ pub mod writer;
 pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc, WeightFormat};
 pub use dtype::Dtype;
 pub use error::{Damage, Result, SplitError};
+pub use in_place::{plan_in_place, Extent, InPlace, UnitRegion};
 pub use layout::{Layout, UnitKind, UnitSpec};
 pub use manifest::{Manifest, QuantizedEntry, SplitSettings, TensorEntry, UnitEntry};
 pub use quant::{

@@ -154,7 +154,7 @@ impl Engine {
                 )));
             };
             let (unit, wait) = reader.next(slot)?;
-            let n = unit.bytes.as_slice().len() as u64;
+            let n = unit.bytes_read;
             self.profile.read_wait_s += wait.as_secs_f64();
             self.profile.read_s += unit.read_time.as_secs_f64();
             self.profile.bytes_streamed += n;
@@ -165,12 +165,13 @@ impl Engine {
             lp.bytes += n;
             let result = (|| {
                 let stage = Instant::now();
-                let tensors = UnitTensors::from_region_into(
+                let tensors = UnitTensors::from_unit_bytes(
                     &self.layers[i],
-                    unit.bytes.as_slice(),
+                    &unit.bytes,
                     self.device,
                     self.kind,
                     Some(&mut self.dequant_buffers),
+                    &self.row_orders,
                 )?;
                 let dequant = tensors.dequant_s;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;

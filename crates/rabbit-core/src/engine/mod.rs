@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rabbit_models::ModelSpec;
+use rabbit_split::layout::RowOrder;
 use rabbit_split::manifest::UnitEntry;
+use rabbit_split::UnitRegion;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
 
@@ -156,7 +158,14 @@ enum HeadMatrix {
 /// A model opened for streamed execution.
 pub struct Engine {
     spec: ModelSpec,
-    split_dir: PathBuf,
+    /// The split directory, or the checkpoint directory when streaming in place.
+    source_dir: PathBuf,
+    /// Streaming from the original weight files (no split).
+    in_place: bool,
+    /// Where each layer's bytes come from.
+    layer_regions: Vec<UnitRegion>,
+    /// Tensors whose rows are regrouped after reading (in place only).
+    row_orders: Vec<RowOrder>,
     device: Device,
     kind: Kind,
     embed: HeadMatrix,
@@ -203,9 +212,19 @@ impl Engine {
         self.kind
     }
 
-    /// The split directory in use.
-    pub fn split_dir(&self) -> &Path {
-        &self.split_dir
+    /// The split directory in use, or the checkpoint directory when streaming in place.
+    pub fn source_dir(&self) -> &Path {
+        &self.source_dir
+    }
+
+    /// Whether the layers stream straight from the checkpoint's weight files (no split).
+    pub fn streams_in_place(&self) -> bool {
+        self.in_place
+    }
+
+    /// Where each layer's bytes come from (one extent per layer for a split).
+    pub fn layer_regions(&self) -> &[UnitRegion] {
+        &self.layer_regions
     }
 
     /// Bytes of weights resident on the device (embedding, norm, LM head).
@@ -223,7 +242,7 @@ impl Engine {
         self.plan
             .streamed_layers
             .iter()
-            .map(|&i| self.layers[i].data_len)
+            .map(|&i| self.layer_regions[i].bytes_read())
             .sum()
     }
 
@@ -237,7 +256,8 @@ impl Engine {
         &self.plan
     }
 
-    /// The layer files' entries, in execution order.
+    /// The layers' entries, in execution order (tensor offsets are positions in each layer's
+    /// region).
     pub fn layer_units(&self) -> &[UnitEntry] {
         &self.layers
     }

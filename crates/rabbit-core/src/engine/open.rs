@@ -1,13 +1,16 @@
 //! Opening a split: validation against the spec, the integrity check, the residency plan, the
 //! resident units and the layer reader.
 
+use std::collections::HashMap;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use rabbit_models::ModelSpec;
-use rabbit_split::integrity;
+use rabbit_split::layout::RowOrder;
 use rabbit_split::layout::UnitKind;
 use rabbit_split::manifest::{Manifest, UnitEntry};
+use rabbit_split::{integrity, InPlace, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
@@ -18,49 +21,111 @@ use crate::kv::KvCache;
 use crate::plan::{make_plan, PlanInputs};
 use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
-use crate::weights::{kind_of, validate_split, DequantBuffers, LayerWeights, UnitTensors};
+use crate::weights::{
+    kind_of, reorder_rows, validate_split, DequantBuffers, LayerWeights, UnitTensors,
+};
 
-/// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
-/// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
-fn read_resident(dir: &Path, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
-    read_resident_only(dir, entry, device, kind, |_| true)
+/// Where the units' bytes come from.
+struct Units<'a> {
+    manifest: &'a Manifest,
+    regions: &'a [UnitRegion],
+    row_orders: &'a [RowOrder],
+    /// Original shards streamed in place (changes how damage is reported).
+    original: bool,
 }
 
-/// [`read_resident`] of the tensors `want` accepts (a mapped LM head's bias without its weight).
-fn read_resident_only(
-    dir: &Path,
-    entry: &UnitEntry,
-    device: Device,
-    kind: Kind,
-    want: impl Fn(&str) -> bool,
-) -> Result<UnitTensors> {
-    let path = dir.join(&entry.file);
-    let file = rabbit_split::fsutil::open_regular(&path)?;
-    let mut tensors = std::collections::BTreeMap::new();
-    for t in entry.tensors.iter().filter(|t| want(&t.name)) {
-        let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
-            file: path.clone(),
-            tensor: t.name.clone(),
-            reason: format!("dtype {} cannot hold weights", t.dtype.name()),
-        })?;
-        let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-        let host = Tensor::f_empty(shape.as_slice(), (stored, Device::Cpu))?;
-        let numel: i64 = shape.iter().product();
-        if (numel as u64) * (t.dtype.size_bytes() as u64) != t.len {
-            return Err(CoreError::BadTensor {
-                file: path.clone(),
-                tensor: t.name.clone(),
-                reason: format!("{} bytes for shape {:?}", t.len, t.shape),
-            });
-        }
-        // SAFETY: `host` is a fresh contiguous CPU tensor of exactly `t.len` bytes.
-        let dst =
-            unsafe { std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, t.len as usize) };
-        file.read_exact_at(dst, entry.data_offset + t.offset)
-            .map_err(|e| CoreError::io(&path, e))?;
-        tensors.insert(t.name.clone(), host.f_to_device(device)?);
+impl Units<'_> {
+    fn region(&self, entry: &UnitEntry) -> &UnitRegion {
+        let i = self
+            .manifest
+            .units
+            .iter()
+            .position(|u| std::ptr::eq(u, entry))
+            .expect("entries come from this manifest");
+        &self.regions[i]
     }
-    UnitTensors::assemble(entry, tensors, kind)
+
+    /// Loads a unit that stays resident, tensor by tensor straight into tensor storage (no
+    /// whole-unit staging buffer, so loading a 2 GB embedding needs 2 GB, not 4).
+    fn read_resident(&self, entry: &UnitEntry, device: Device, kind: Kind) -> Result<UnitTensors> {
+        self.read_resident_only(entry, device, kind, |_| true)
+    }
+
+    /// [`Units::read_resident`] of the tensors `want` accepts (a mapped LM head's bias without
+    /// its weight).
+    fn read_resident_only(
+        &self,
+        entry: &UnitEntry,
+        device: Device,
+        kind: Kind,
+        want: impl Fn(&str) -> bool,
+    ) -> Result<UnitTensors> {
+        let region = self.region(entry);
+        let mut files: HashMap<&Path, std::fs::File> = HashMap::new();
+        let mut tensors = std::collections::BTreeMap::new();
+        for t in entry.tensors.iter().filter(|t| want(&t.name)) {
+            let (extent, at) =
+                region
+                    .locate(t.offset, t.len)
+                    .ok_or_else(|| CoreError::BadTensor {
+                        file: entry.file.clone().into(),
+                        tensor: t.name.clone(),
+                        reason: "its bytes lie outside the unit's data".into(),
+                    })?;
+            let path = extent.file.as_path();
+            let stored = kind_of(t.dtype).ok_or_else(|| CoreError::BadTensor {
+                file: path.to_path_buf(),
+                tensor: t.name.clone(),
+                reason: format!("dtype {} cannot hold weights", t.dtype.name()),
+            })?;
+            let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+            let host = Tensor::f_empty(shape.as_slice(), (stored, Device::Cpu))?;
+            let numel: i64 = shape.iter().product();
+            if (numel as u64) * (t.dtype.size_bytes() as u64) != t.len {
+                return Err(CoreError::BadTensor {
+                    file: path.to_path_buf(),
+                    tensor: t.name.clone(),
+                    reason: format!("{} bytes for shape {:?}", t.len, t.shape),
+                });
+            }
+            let file = match files.entry(path) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(rabbit_split::fsutil::open_regular(path)?)
+                }
+            };
+            // SAFETY: `host` is a fresh contiguous CPU tensor of exactly `t.len` bytes.
+            let dst = unsafe {
+                std::slice::from_raw_parts_mut(host.data_ptr() as *mut u8, t.len as usize)
+            };
+            file.read_exact_at(dst, at).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    if self.original {
+                        CoreError::truncated_original(path)
+                    } else {
+                        CoreError::truncated(path)
+                    }
+                } else {
+                    CoreError::io(path, e)
+                }
+            })?;
+            let host = match RowOrder::of(self.row_orders, &t.name) {
+                Some(o) => reorder_rows(&host, o)?,
+                None => host,
+            };
+            tensors.insert(t.name.clone(), host.f_to_device(device)?);
+        }
+        UnitTensors::assemble(entry, tensors, kind)
+    }
+
+    fn mapped(&self, entry: &UnitEntry, name: &str) -> Result<Arc<MappedMatrix>> {
+        if RowOrder::of(self.row_orders, name).is_some() {
+            return Err(CoreError::InvalidInput(format!(
+                "`{name}` is stored with its rows regrouped and cannot be used in place"
+            )));
+        }
+        MappedMatrix::open_in(self.region(entry), entry, name, self.original)
+    }
 }
 
 impl Engine {
@@ -89,11 +154,61 @@ impl Engine {
                 "cannot record the verified split files (they will be hashed again): {e}"
             );
         }
+        let regions: Vec<UnitRegion> = manifest
+            .units
+            .iter()
+            .map(|u| UnitRegion::of_split_unit(split_dir, u))
+            .collect();
+        let units = Units {
+            manifest: &manifest,
+            regions: &regions,
+            row_orders: &[],
+            original: false,
+        };
+        Self::open_units(split_dir, &units, spec, opts)
+    }
+
+    /// Opens a checkpoint for streaming straight from its own weight files, no split written
+    /// (`--no-split`): the tensors' byte ranges come from the shard headers, adjacent ranges are
+    /// read as one, and nothing is written anywhere. The same checks as a split refuse a
+    /// checkpoint that does not match its config, by name.
+    pub fn open_in_place(
+        checkpoint_dir: &Path,
+        spec: ModelSpec,
+        opts: &EngineOptions,
+    ) -> Result<Engine> {
+        let plan = rabbit_split::plan_in_place(checkpoint_dir, &spec.layout())?;
+        Self::open_planned_in_place(&plan, spec, opts)
+    }
+
+    /// [`Engine::open_in_place`] of a checkpoint already planned (the caller wanted its sizes).
+    pub fn open_planned_in_place(
+        plan: &InPlace,
+        spec: ModelSpec,
+        opts: &EngineOptions,
+    ) -> Result<Engine> {
+        validate_split(&spec, &plan.manifest, &plan.dir)?;
+        let units = Units {
+            manifest: &plan.manifest,
+            regions: &plan.regions,
+            row_orders: &plan.row_orders,
+            original: true,
+        };
+        Self::open_units(&plan.dir, &units, spec, opts)
+    }
+
+    fn open_units(
+        source_dir: &Path,
+        units: &Units<'_>,
+        spec: ModelSpec,
+        opts: &EngineOptions,
+    ) -> Result<Engine> {
+        let manifest = units.manifest;
         let kind = opts.dtype.kind();
         let device = opts.device;
         let unit = |k: UnitKind| {
             manifest.unit(k).ok_or_else(|| {
-                CoreError::InvalidInput(format!("{}: split has no {k:?} unit", split_dir.display()))
+                CoreError::InvalidInput(format!("{}: no {k:?} unit", source_dir.display()))
             })
         };
         let embed_entry = unit(UnitKind::Embedding)?;
@@ -103,7 +218,12 @@ impl Engine {
         } else {
             Some(unit(UnitKind::LmHead)?)
         };
-        let layers: Vec<UnitEntry> = manifest.layers().cloned().collect();
+        let layer_entries: Vec<&UnitEntry> = manifest.layers().collect();
+        let layers: Vec<UnitEntry> = layer_entries.iter().map(|u| (*u).clone()).collect();
+        let layer_regions: Vec<UnitRegion> = layer_entries
+            .iter()
+            .map(|u| units.region(u).clone())
+            .collect();
         let elem = opts.dtype.size() as u64;
         // Bytes a unit takes once on the device in the compute dtype (quantized tensors are kept
         // dequantized when resident).
@@ -171,7 +291,7 @@ impl Engine {
         // A tied LM head's own bias travels with the final norm.
         let mut tied_bias = None;
         let norm = {
-            let mut u = read_resident(split_dir, norm_entry, device, kind)?;
+            let mut u = units.read_resident(norm_entry, device, kind)?;
             let bias = if names.final_norm_bias {
                 Some(u.take(&format!("{}.bias", names.final_norm))?)
             } else {
@@ -184,16 +304,19 @@ impl Engine {
         };
         let mut resident_bytes = norm_entry.data_len;
         let embed = if plan.embedding_on_host {
-            HeadMatrix::Mapped(MappedMatrix::open(split_dir, embed_entry, &embed_name)?, 0)
+            HeadMatrix::Mapped(units.mapped(embed_entry, &embed_name)?, 0)
         } else {
             resident_bytes += embed_entry.data_len;
             HeadMatrix::Resident(
-                read_resident(split_dir, embed_entry, device, kind)?.take(&embed_name)?,
+                units
+                    .read_resident(embed_entry, device, kind)?
+                    .take(&embed_name)?,
             )
         };
         let lm_head_bias = match lm_head_entry {
             Some(e) if names.lm_head_bias => Some(
-                read_resident_only(split_dir, e, device, kind, |n| n == lm_head_bias_name)?
+                units
+                    .read_resident_only(e, device, kind, |n| n == lm_head_bias_name)?
                     .take(&lm_head_bias_name)?,
             ),
             _ => tied_bias,
@@ -207,7 +330,8 @@ impl Engine {
             }
             (Some(e), None, _) => {
                 resident_bytes += e.data_len;
-                let w = read_resident_only(split_dir, e, device, kind, |n| n == lm_head_name)?
+                let w = units
+                    .read_resident_only(e, device, kind, |n| n == lm_head_name)?
                     .take(&lm_head_name)?;
                 HeadMatrix::Resident(if spec.lm_head_norm {
                     crate::head::normalize_rows_l2(&w)?
@@ -216,7 +340,7 @@ impl Engine {
                 })
             }
             (Some(e), Some(c), _) => {
-                let m = MappedMatrix::open(split_dir, e, &lm_head_name)?;
+                let m = units.mapped(e, &lm_head_name)?;
                 let rows = chunk_rows(&m, c);
                 HeadMatrix::Mapped(m, rows)
             }
@@ -228,7 +352,7 @@ impl Engine {
         };
         let mut resident: Vec<Option<LayerWeights>> = (0..layers.len()).map(|_| None).collect();
         for &i in &plan.resident_layers {
-            let tensors = read_resident(split_dir, &layers[i], device, kind)?;
+            let tensors = units.read_resident(layer_entries[i], device, kind)?;
             let mut w = LayerWeights::from_unit(&spec, i, tensors)?;
             w.fuse()?;
             resident[i] = Some(w);
@@ -244,14 +368,23 @@ impl Engine {
         for (slot, &i) in plan.streamed_layers.iter().enumerate() {
             stream_slot[i] = Some(slot);
         }
-        let refs: Vec<&UnitEntry> = plan.streamed_layers.iter().map(|&i| &layers[i]).collect();
+        let refs: Vec<&UnitRegion> = plan
+            .streamed_layers
+            .iter()
+            .map(|&i| &layer_regions[i])
+            .collect();
         let depth = opts.prefetch_depth.max(1);
         // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
         let mode = ReadMode::for_device(device, opts.direct_io);
         let reader = if refs.is_empty() {
             None
         } else {
-            Some(LayerReader::start(split_dir, &refs, depth, mode)?)
+            Some(LayerReader::start_regions(
+                &refs,
+                depth,
+                mode,
+                units.original,
+            )?)
         };
         resident_bytes += plan.resident_layer_bytes;
         let staging_bytes = plan.staging_bytes;
@@ -274,7 +407,10 @@ impl Engine {
         };
         Ok(Engine {
             spec,
-            split_dir: split_dir.to_path_buf(),
+            source_dir: source_dir.to_path_buf(),
+            in_place: units.original,
+            layer_regions,
+            row_orders: units.row_orders.to_vec(),
             device,
             kind,
             embed,

@@ -39,6 +39,7 @@ use original::{
     dependent_splits, existing_source_weights, finish_deleting_original,
     verify_and_delete_original, DepCheck,
 };
+pub(crate) use plan::resolve_units;
 use plan::{plan_units, read_plan, unit_file_matches, Plan, PlanUnit};
 pub use stale::{is_current, stale_reason};
 use write::write_unit;
@@ -143,6 +144,7 @@ pub fn split(
         // check before the deletion takes them again.
         drop(dependent_splits(checkpoint_dir, &out, DepCheck::Cheap)?);
     }
+    let created = fs::symlink_metadata(&out).is_err();
     fs::create_dir_all(&out).map_err(|e| SplitError::io(&out, e))?;
     let lock = DirLock::acquire(&out)?;
     // Another process may have completed the split while we waited for the lock.
@@ -203,6 +205,12 @@ pub fn split(
         .sum();
     let available = fsutil::available_space(&out)?;
     if needed > available {
+        drop(lock);
+        if created {
+            // Nothing was written: leave no empty directory behind (fails, harmlessly, if
+            // another process has put something in it meanwhile).
+            let _ = fs::remove_dir(&out);
+        }
         return Err(SplitError::NoSpace {
             dir: out.clone(),
             needed,

@@ -72,15 +72,20 @@ pub(super) struct UnitPlan<'a> {
     pub(super) header: HeaderLayout,
 }
 
-pub(super) fn plan_units<'a>(
+/// A unit's tensors as found in the checkpoint: `(name in the layout, where it is)`, required
+/// ones first, in layout order.
+pub(crate) type ResolvedUnit<'a> = (&'a UnitSpec, Vec<(&'a str, &'a TensorLoc)>);
+
+/// Finds every unit's tensors in the checkpoint (through the layout's aliases) and checks them
+/// against what the layout implies: shapes, row orders that divide the rows, no tensor left
+/// unclaimed. Shared by the splitter and by streaming in place (`crate::in_place`), so both
+/// refuse the same checkpoints with the same errors.
+pub(crate) fn resolve_units<'a>(
     ckpt: &'a Checkpoint,
     layout: &'a Layout,
-    opts: &SplitOptions,
-    fingerprint: &str,
-    out: &Path,
-) -> Result<Vec<UnitPlan<'a>>> {
+) -> Result<Vec<ResolvedUnit<'a>>> {
     let mut claimed: HashSet<&str> = HashSet::new();
-    let mut plans = Vec::with_capacity(layout.units.len());
+    let mut out = Vec::with_capacity(layout.units.len());
     for spec in &layout.units {
         // (name in the split, where it is in the checkpoint): an aliased checkpoint name is
         // stored under the layout's name, so everything after the split sees one naming.
@@ -102,9 +107,7 @@ pub(super) fn plan_units<'a>(
                 .filter_map(|n| layout.find(n, |n| ckpt.tensor(n)).map(|l| (n.as_str(), l))),
         );
         claimed.extend(locs.iter().map(|(_, l)| l.name.as_str()));
-        let mut pieces = Vec::with_capacity(locs.len());
-        let mut quantized = Vec::new();
-        for (name, loc) in locs {
+        for &(name, loc) in &locs {
             if let Some(expected) = layout.shapes.get(name) {
                 if *expected != loc.shape {
                     return Err(SplitError::TensorShape {
@@ -115,8 +118,7 @@ pub(super) fn plan_units<'a>(
                     });
                 }
             }
-            let order = RowOrder::of(&layout.row_orders, name);
-            if let Some(o) = order {
+            if let Some(o) = RowOrder::of(&layout.row_orders, name) {
                 let rows = loc.shape.first().copied().unwrap_or(0);
                 if rows == 0 || rows % o.order.len() != 0 {
                     return Err(SplitError::InvalidLayout {
@@ -129,6 +131,38 @@ pub(super) fn plan_units<'a>(
                     });
                 }
             }
+        }
+        out.push((spec, locs));
+    }
+    let unclaimed: Vec<String> = ckpt
+        .tensors()
+        .map(|l| l.name.as_str())
+        .filter(|n| !claimed.contains(n) && !layout.is_ignored(n))
+        .map(str::to_string)
+        .collect();
+    if !unclaimed.is_empty() {
+        return Err(SplitError::UnclaimedTensors {
+            architecture: layout.architecture.clone(),
+            names: unclaimed,
+        });
+    }
+    Ok(out)
+}
+
+pub(super) fn plan_units<'a>(
+    ckpt: &'a Checkpoint,
+    layout: &'a Layout,
+    opts: &SplitOptions,
+    fingerprint: &str,
+    out: &Path,
+) -> Result<Vec<UnitPlan<'a>>> {
+    let resolved = resolve_units(ckpt, layout)?;
+    let mut plans = Vec::with_capacity(resolved.len());
+    for (spec, locs) in resolved {
+        let mut pieces = Vec::with_capacity(locs.len());
+        let mut quantized = Vec::new();
+        for (name, loc) in locs {
+            let order = RowOrder::of(&layout.row_orders, name);
             let Some(scheme) = opts.compression_for(spec.kind, loc) else {
                 pieces.push(Piece {
                     loc,
@@ -193,18 +227,6 @@ pub(super) fn plan_units<'a>(
             pieces,
             quantized,
             header,
-        });
-    }
-    let unclaimed: Vec<String> = ckpt
-        .tensors()
-        .map(|l| l.name.as_str())
-        .filter(|n| !claimed.contains(n) && !layout.is_ignored(n))
-        .map(str::to_string)
-        .collect();
-    if !unclaimed.is_empty() {
-        return Err(SplitError::UnclaimedTensors {
-            architecture: layout.architecture.clone(),
-            names: unclaimed,
         });
     }
     Ok(plans)
