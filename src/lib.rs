@@ -1,8 +1,8 @@
 //! rabbitllm: run language models far larger than device memory by streaming one decoder layer
 //! at a time.
 //!
-//! This crate is the front end: it finds (or downloads) a checkpoint ([`hub`]), splits it on
-//! first use, opens the executor ([`rabbit_core::Engine`]) and turns text into token ids and back
+//! This crate is the front end: it finds (or downloads) a checkpoint ([`hub`]), streams it in
+//! place or splits it where that pays ([`storage`]), opens the executor ([`rabbit_core::Engine`]) and turns text into token ids and back
 //! ([`text`]). Most users need only [`AutoModel`]. The executor itself (`rabbit-core`) builds and
 //! runs without network or tokenizer crates.
 //!
@@ -16,6 +16,7 @@
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod storage;
 pub mod text;
 
 pub use error::{Error, Result};
@@ -27,3 +28,4 @@ pub use rabbit_core::{
 };
 pub use rabbit_models as models;
 pub use rabbit_split as split;
+pub use storage::SplitPolicy;

@@ -1,9 +1,10 @@
 //! The library entry point: [`AutoModel::from_pretrained`] locates (or downloads) a checkpoint,
-//! splits it on first use, opens it for streaming and returns a [`Model`] with its tokenizer.
+//! decides whether to stream it in place or from a split ([`crate::storage`]), opens it and
+//! returns a [`Model`] with its tokenizer.
 
 use std::path::{Path, PathBuf};
 
-use rabbit_split::{Compression, SplitError, SplitEvent, SplitOptions, SplitOutcome};
+use rabbit_split::{Compression, SplitEvent};
 use tokenizers::Tokenizer;
 
 use rabbit_core::device::{device_name, DType, DeviceSpec};
@@ -13,6 +14,7 @@ use rabbit_core::plan::MemoryBudget;
 
 use crate::error::{Error, Result};
 use crate::hub::{locate, HubOptions};
+use crate::storage::{Source, SplitPolicy};
 use crate::text::{load_tokenizer, TextCodec};
 
 /// Options of [`AutoModel::from_pretrained`], as a typed builder.
@@ -44,10 +46,10 @@ pub struct LoadOptions {
     pub compression: Option<Compression>,
     /// Also compress the embedding and LM head.
     pub compress_embeddings: bool,
-    /// Stream straight from the checkpoint's own weight files: no split is written (or read),
-    /// nothing is written anywhere. Not with compression (which needs the compressed bytes a
-    /// split holds). Without it, a split that would not fit on the disk falls back to this.
-    pub no_split: bool,
+    /// Whether to split the checkpoint or stream straight from its own weight files (default:
+    /// in place unless a split pays, see [`SplitPolicy`]). A split that would not fit on the
+    /// disk falls back to streaming in place unless it is needed (compression, --split).
+    pub split: SplitPolicy,
 }
 
 impl Default for LoadOptions {
@@ -64,7 +66,7 @@ impl Default for LoadOptions {
             budget: MemoryBudget::default(),
             compression: None,
             compress_embeddings: false,
-            no_split: false,
+            split: SplitPolicy::Auto,
         }
     }
 }
@@ -142,9 +144,19 @@ impl LoadOptions {
         self.delete_original = yes;
         self
     }
-    /// Stream from the checkpoint's own files, without a split (see [`LoadOptions::no_split`]).
+    /// Never split: stream from the checkpoint's own files (`yes`), or back to the default
+    /// policy.
     pub fn no_split(mut self, yes: bool) -> Self {
-        self.no_split = yes;
+        self.split = if yes {
+            SplitPolicy::Never
+        } else {
+            SplitPolicy::Auto
+        };
+        self
+    }
+    /// When to split (see [`SplitPolicy`]).
+    pub fn split_policy(mut self, p: SplitPolicy) -> Self {
+        self.split = p;
         self
     }
 }
@@ -225,9 +237,6 @@ impl AutoModel {
             }
             (None, None) => None,
         };
-        if opts.no_split {
-            refuse_with_no_split(&opts)?;
-        }
         // Reading further ahead than there are layers buys nothing and costs staging memory.
         let prefetch_depth = opts.prefetch_depth.clamp(1, spec.num_layers.max(1));
         let engine_opts = EngineOptions {
@@ -238,54 +247,9 @@ impl AutoModel {
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();
-        let split_dir = if opts.no_split {
-            progress(&LoadEvent::InPlace {
-                reason: "streaming straight from the checkpoint's files, no split (--no-split)"
-                    .into(),
-            });
-            None
-        } else {
-            let split_opts = SplitOptions {
-                out_dir: split_dir,
-                delete_original: opts.delete_original,
-                compression: opts.compression,
-                compress_embeddings: opts.compress_embeddings,
-                ..SplitOptions::default()
-            };
-            match rabbit_split::split(&loc.dir, &layout, &split_opts, &mut |e| {
-                progress(&LoadEvent::Split(e.clone()))
-            }) {
-                Ok((dir, outcome)) => {
-                    if let SplitOutcome::Written { .. } = outcome {
-                        tracing::info!(dir = %dir.display(), "split written");
-                    }
-                    Some(dir)
-                }
-                // Splitting needs the model's size again in free space; streaming in place
-                // needs none. Compression and --delete-original need the split: their error
-                // stands.
-                Err(SplitError::NoSpace {
-                    dir,
-                    needed,
-                    available,
-                }) if opts.compression.is_none() && !opts.delete_original => {
-                    let reason = format!(
-                        "the split would need {} in {} but only {} are free: streaming straight \
-                         from the checkpoint's files instead (as --no-split)",
-                        rabbit_split::error::human_bytes(needed),
-                        dir.display(),
-                        rabbit_split::error::human_bytes(available)
-                    );
-                    tracing::warn!("{reason}");
-                    progress(&LoadEvent::InPlace { reason });
-                    None
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-        let engine = match &split_dir {
-            Some(dir) => Engine::open(dir, spec, &engine_opts)?,
-            None => Engine::open_in_place(&loc.dir, spec, &engine_opts)?,
+        let engine = match crate::storage::prepare(&loc.dir, split_dir, &layout, &opts, progress)? {
+            Source::Split(dir) => Engine::open(&dir, spec, &engine_opts)?,
+            Source::InPlace(plan) => Engine::open_planned_in_place(&plan, spec, &engine_opts)?,
         };
         progress(&LoadEvent::Planned(engine.plan().clone()));
         progress(&LoadEvent::Opened {
@@ -298,27 +262,6 @@ impl AutoModel {
             codec,
             model_dir: loc.dir,
         })
-    }
-}
-
-/// Options that need a split, refused with `--no-split` by name.
-fn refuse_with_no_split(opts: &LoadOptions) -> Result<()> {
-    let clash = if opts.compression.is_some() {
-        Some("--compression (compressed layers are written by the split)")
-    } else if opts.delete_original {
-        Some("--delete-original (without a split the original weights are the only copy)")
-    } else if opts.split_dir.is_some() {
-        Some("--split-dir (no split is read or written)")
-    } else if opts.verify_split {
-        Some("--verify-split (there is no split to verify)")
-    } else {
-        None
-    };
-    match clash {
-        Some(c) => Err(Error::InvalidInput(format!(
-            "--no-split cannot be combined with {c}"
-        ))),
-        None => Ok(()),
     }
 }
 

@@ -265,3 +265,60 @@ fn a_silent_hub_times_out_naming_the_endpoint() {
         );
     }
 }
+
+/// By default a hub model streams in place from the HF cache: its blobs, through the snapshot's
+/// links, read where they are; the cache is left exactly as it was. Same tokens as a split.
+#[test]
+fn a_hub_model_streams_from_the_cache_blobs_in_place() {
+    let tmp = tempfile::tempdir().unwrap();
+    let repo = fake_cache(tmp.path());
+    let listing = |d: &Path| {
+        let mut v = Vec::new();
+        for e in walk(d) {
+            let md = std::fs::symlink_metadata(&e).unwrap();
+            v.push((e, md.len(), md.modified().ok()));
+        }
+        v.sort();
+        v
+    };
+    let before = listing(&repo);
+    let opts = || {
+        LoadOptions {
+            hub: offline(tmp.path()),
+            ..LoadOptions::default()
+        }
+        .device(DeviceSpec::Cpu)
+        .dtype(DType::F32)
+    };
+    let req = GenerateRequest {
+        sequences: vec![vec![1, 2, 3]],
+        max_new_tokens: 4,
+        ..Default::default()
+    };
+    let mut model = AutoModel::from_pretrained("acme/tiny", opts()).unwrap();
+    assert!(model.engine.streams_in_place());
+    assert_eq!(
+        model.engine.source_dir(),
+        repo.join("snapshots").join(COMMIT).as_path()
+    );
+    let got = model.generate(&req, &mut |_| Control::Continue).unwrap();
+    drop(model);
+    assert_eq!(listing(&repo), before, "the HF cache is untouched");
+    let split = tmp.path().join("split");
+    let mut model = AutoModel::from_pretrained("acme/tiny", opts().split_dir(&split)).unwrap();
+    assert!(!model.engine.streams_in_place());
+    let want = model.generate(&req, &mut |_| Control::Continue).unwrap();
+    assert_eq!(got.sequences[0].output_ids, want.sequences[0].output_ids);
+}
+
+fn walk(d: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).unwrap() {
+        let p = e.unwrap().path();
+        if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

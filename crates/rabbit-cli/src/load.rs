@@ -26,7 +26,7 @@ pub struct ModelArgs {
     /// Compute dtype: f32, bf16 or f16 (default: the checkpoint's dtype).
     #[arg(long, value_name = "f32|bf16|f16")]
     pub dtype: Option<DType>,
-    /// Where the per-layer split lives (default: next to the checkpoint).
+    /// Where the per-layer split lives (default: next to the checkpoint); implies a split.
     #[arg(long)]
     pub split_dir: Option<PathBuf>,
     /// Layers read ahead of the one computing (at most the number of layers).
@@ -62,10 +62,15 @@ pub struct ModelArgs {
     /// With --compression, compress the embedding and LM head too.
     #[arg(long, requires = "compression")]
     pub compress_embeddings: bool,
-    /// Stream straight from the checkpoint's own weight files: no split is written, nothing
-    /// is written anywhere (also what happens when a split would not fit on the disk).
+    /// Never split: stream straight from the checkpoint's own weight files, nothing written
+    /// anywhere (the default unless compression, --split-dir, --delete-original or
+    /// --verify-split needs a split, or one already exists).
     #[arg(long, conflicts_with_all = ["compression", "delete_original", "split_dir", "verify_split"])]
     pub no_split: bool,
+    /// Stream from a per-layer split (made on first use, next to the checkpoint or in
+    /// --split-dir) even where streaming in place would do.
+    #[arg(long, conflicts_with = "no_split")]
+    pub split: bool,
 }
 
 impl ModelArgs {
@@ -78,6 +83,9 @@ impl ModelArgs {
             .verify_split(self.verify_split)
             .delete_original(self.delete_original)
             .no_split(self.no_split);
+        if self.split {
+            opts = opts.split_policy(rabbitllm::SplitPolicy::Always);
+        }
         if let Some(d) = self.dtype {
             opts = opts.dtype(d);
         }

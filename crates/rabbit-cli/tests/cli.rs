@@ -340,8 +340,47 @@ fn prompt_generates_text_with_the_synthetic_tokenizer() {
         .expect("text present with a tokenizer");
     assert!(!text.trim().is_empty(), "generated text is empty");
     assert!(v["sequences"][0]["input_ids"].as_array().unwrap().len() >= 4);
-    // The split was made next to the checkpoint on first use, and is reused the second time.
+    // Streamed in place: no split was made.
+    assert!(!model.join("rabbit-split").exists());
+    // With --split, one is made next to the checkpoint on first use, and then used without it
+    // (a current split is as fast, and verified): the same text either way.
+    let again = |extra: &[&str]| {
+        let o = run(rabbit()
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--json",
+                "--max-new-tokens",
+                "12",
+            ])
+            .args(["--prompt", "The quick brown fox", "--model"])
+            .arg(&model)
+            .args(extra));
+        assert_ok(&o);
+        last_json_line(&o)["sequences"][0]["text"].clone()
+    };
+    assert_eq!(again(&["--split"]), text);
     assert!(model.join("rabbit-split/manifest.json").exists());
+    let o = run(rabbit()
+        .args([
+            "generate",
+            "--device",
+            "cpu",
+            "--max-new-tokens",
+            "1",
+            "--input-ids",
+            "1",
+        ])
+        .arg("--model")
+        .arg(&model));
+    assert_ok(&o);
+    assert!(
+        !stderr(&o).contains("straight from the checkpoint"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(again(&[]), text);
 }
 
 /// Every family synth writes generates text through `rabbit generate`, and `rabbit info` without a
@@ -406,4 +445,57 @@ fn every_family_generates_from_its_synthetic_checkpoint() {
     let o = run(rabbit().args(["info"]));
     assert_ok(&o);
     assert!(stdout(&o).contains("Gemma2ForCausalLM"), "{}", stdout(&o));
+}
+
+/// `--no-split`: the same tokens as the split, a note saying no split is used, nothing written
+/// next to the checkpoint; with an option that needs a split, a clean failure naming both flags.
+#[test]
+fn no_split_generates_the_same_tokens_and_writes_nothing() {
+    let exp = expected("qwen2_tied_f32");
+    let seq = &exp["sequences"][0];
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    copy_dir(&fixture("qwen2_tied_f32"), &model);
+    let files = |d: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = files(&model);
+    let gen = |extra: &[&str]| {
+        run(rabbit()
+            .args(["generate", "--device", "cpu", "--dtype", "f32", "--json"])
+            .args(["--max-new-tokens", "8", "--resident-layers", "0"])
+            .args(["--input-ids", &ids_csv(&seq["input_ids"])])
+            .arg("--model")
+            .arg(&model)
+            .args(extra))
+    };
+    let o = gen(&["--no-split"]);
+    assert_ok(&o);
+    let want: Vec<Value> = seq["greedy_output_ids"].as_array().unwrap()[..8].to_vec();
+    assert_eq!(
+        last_json_line(&o)["sequences"][0]["output_ids"],
+        Value::Array(want)
+    );
+    assert_eq!(
+        files(&model),
+        before,
+        "nothing written next to the checkpoint"
+    );
+    for (flag, value) in [
+        ("--compression", Some("4bit")),
+        ("--delete-original", None),
+        ("--verify-split", None),
+        ("--split-dir", Some("/tmp/nowhere")),
+    ] {
+        let mut extra = vec!["--no-split", flag];
+        extra.extend(value);
+        let o = gen(&extra);
+        assert_clean_failure(&o, &["--no-split", flag]);
+    }
+    assert_eq!(files(&model), before);
 }

@@ -131,7 +131,8 @@ fn without_the_source_a_damaged_split_is_a_clear_error() {
 fn weights_moved_away_from_a_damaged_split_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
-    assert_ok(&generate(&m, &[]));
+    // A split made on first use; later runs use it without asking.
+    assert_ok(&generate(&m, &["--split"]));
     std::fs::rename(m.join("model.safetensors"), tmp.path().join("saved")).unwrap();
     flip_byte(&m.join("rabbit-split").join("layer.001.safetensors"));
     let o = generate(&m, &[]);
