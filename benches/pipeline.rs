@@ -1,7 +1,8 @@
 //! criterion benches of the streaming pipeline's pieces on a synthetic model made at start-up
 //! (qwen2.5-0.5b widths, 4 layers, bf16): reading a layer file (mmap view, and pread copy),
-//! staging its bytes into tensors, dequantizing a 4bit/8bit layer, one decoder layer's compute, and a whole decode step streamed
-//! vs resident. `cargo bench --bench pipeline` (after `source scripts/env.sh`).
+//! staging its bytes into tensors, dequantizing a 4bit/8bit layer, one decoder layer's compute,
+//! and a whole decode step streamed (from the split, and in place from the checkpoint) vs
+//! resident. `cargo bench --bench pipeline` (after `source scripts/env.sh`).
 
 use std::path::Path;
 
@@ -10,15 +11,18 @@ use rabbitllm::core::reader::{measure_read, ReadMode};
 use rabbitllm::core::weights::{DequantBuffers, UnitTensors};
 use rabbitllm::models::synth::{synthesize, SynthOptions, SynthOverrides};
 use rabbitllm::split::Compression;
-use rabbitllm::{AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model};
+use rabbitllm::{
+    AutoModel, Control, DType, DeviceSpec, GenerateRequest, LoadOptions, Model, SplitPolicy,
+};
 
-fn model(dir: &Path, resident: usize) -> Model {
+fn model(dir: &Path, resident: usize, split: SplitPolicy) -> Model {
     AutoModel::from_pretrained(
         dir.to_str().unwrap(),
         LoadOptions::default()
             .device(DeviceSpec::Cpu)
             .dtype(DType::BF16)
-            .resident_layers(resident),
+            .resident_layers(resident)
+            .split_policy(split),
     )
     .expect("synthetic model loads")
 }
@@ -34,7 +38,8 @@ fn benches(c: &mut Criterion) {
     };
     synthesize(&opts, &mut |_| {}).expect("synth");
 
-    let mut streamed = model(&dir, 0);
+    // The split's pieces (its unit files are what `read_layer`/`stage_layer` read).
+    let mut streamed = model(&dir, 0, SplitPolicy::Always);
     let split = streamed.engine.source_dir().to_path_buf();
     let units: Vec<_> = streamed.engine.layer_units().to_vec();
     let layer = &units[0];
@@ -116,7 +121,12 @@ fn benches(c: &mut Criterion) {
         b.iter(|| streamed.generate(&req, &mut |_| Control::Continue).unwrap())
     });
     drop(streamed);
-    let mut resident = model(&dir, usize::MAX);
+    let mut in_place = model(&dir, 0, SplitPolicy::Never);
+    g.bench_function("streamed_in_place", |b| {
+        b.iter(|| in_place.generate(&req, &mut |_| Control::Continue).unwrap())
+    });
+    drop(in_place);
+    let mut resident = model(&dir, usize::MAX, SplitPolicy::Auto);
     g.bench_function("resident", |b| {
         b.iter(|| resident.generate(&req, &mut |_| Control::Continue).unwrap())
     });

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: make a synthetic model with the shape of Qwen2.5-0.5B
-# (seeded random weights, real tokenizer), split it into per-layer files, and stream it layer by
-# layer to generate text; prints the text, per-token time and peak memory.
+# (seeded random weights, real tokenizer) and stream it layer by layer, straight from its own
+# weight files, to generate text; prints the text, per-token time and peak memory.
 # Extra arguments go to `rabbit generate` (e.g. --device cuda --max-new-tokens 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -99,6 +99,9 @@ fn every_fixture_gives_the_same_logits_bit_for_bit_in_place() {
     }
 }
 
+/// Options applied on top of the base ones.
+type Setting = Box<dyn Fn(LoadOptions) -> LoadOptions>;
+
 /// Every residency setting and read mode, on an untied and a tied model, a sharded bf16 one and
 /// InternLM2 (whose packed `wqkv` the split regroups on disk, and in place after each read).
 #[test]
@@ -113,7 +116,7 @@ fn every_residency_setting_gives_the_same_logits_in_place() {
         let (prompt, _) = case.sequences().remove(0);
         let split = tempfile::tempdir().unwrap();
         let tight = tight_budget(&case.dir);
-        let settings: Vec<(&str, Box<dyn Fn(LoadOptions) -> LoadOptions>)> = vec![
+        let settings: Vec<(&str, Setting)> = vec![
             ("all streamed", Box::new(|o| o.resident_layers(0))),
             (
                 "all streamed, O_DIRECT",

@@ -278,6 +278,12 @@ pub fn info(a: InfoArgs) -> Result<()> {
         let bw = bytes as f64 / secs.max(1e-9);
         (Some(bw), plan.streamed_bytes_per_sweep as f64 / bw)
     };
+    // Where the layers stream from.
+    let source = if e.streams_in_place() {
+        "in place"
+    } else {
+        "split"
+    };
     if a.json {
         outln!(
             "{}",
@@ -289,6 +295,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 "bytes_per_layer": per_layer,
                 "plan": plan,
                 "read_bytes_per_s": bw,
+                "source": source,
+                "source_dir": e.source_dir(),
                 "io_floor_s_per_token": floor,
                 "device": rabbit_core::device::device_name(e.device()),
             })
@@ -333,6 +341,10 @@ pub fn info(a: InfoArgs) -> Result<()> {
         human_bytes(plan.streamed_bytes_per_sweep),
         human_bytes(plan.kv_bytes),
         human_bytes(plan.activation_bytes)
+    )?;
+    outln!(
+        "layers stream from: {source} ({})",
+        e.source_dir().display()
     )?;
     match bw {
         Some(bw) => outln!(

@@ -140,6 +140,9 @@ pub fn plan_opened(ckpt: &Checkpoint, layout: &Layout) -> Result<InPlace> {
     })
 }
 
+/// Tensors of one file read as one range: `(file index, start, end, the tensors)`.
+type Range<'a> = (usize, u64, u64, Vec<&'a (&'a str, &'a TensorLoc)>);
+
 /// One unit: its tensors grouped by file, sorted by offset, ranges closer than
 /// [`COALESCE_GAP`] merged, each range placed at the next aligned region position.
 fn unit_of(
@@ -150,7 +153,7 @@ fn unit_of(
     let mut sorted: Vec<&(&str, &TensorLoc)> = locs.iter().collect();
     sorted.sort_by_key(|(_, l)| (l.file_index, l.offset));
     // Ranges per file, in file order: [start, end) plus the tensors inside.
-    let mut ranges: Vec<(usize, u64, u64, Vec<&(&str, &TensorLoc)>)> = Vec::new();
+    let mut ranges: Vec<Range<'_>> = Vec::new();
     for item in sorted {
         let l = item.1;
         let end = l
