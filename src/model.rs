@@ -48,7 +48,8 @@ pub struct LoadOptions {
     pub compress_embeddings: bool,
     /// Whether to split the checkpoint or stream straight from its own weight files (default:
     /// in place unless a split pays, see [`SplitPolicy`]). A split that would not fit on the
-    /// disk falls back to streaming in place unless it is needed (compression, --split).
+    /// disk falls back to streaming in place unless it is needed (compression,
+    /// --delete-original, --verify-split).
     pub split: SplitPolicy,
 }
 

@@ -436,3 +436,101 @@ fn a_misaligned_safetensors_file_is_copied_not_viewed() {
         "{e}"
     );
 }
+
+/// Every family `rabbit synth` writes, in three shards (so units straddle files) and in f32 and
+/// bf16: in place equals the split bit for bit, streamed and with the default plan.
+#[test]
+fn every_family_in_shards_gives_the_same_logits_in_place() {
+    use rabbitllm::models::synth::{synthesize, SynthDtype, SynthOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let mut seen = 0;
+    for f in rabbitllm::models::families() {
+        if !f.can_synth() {
+            continue;
+        }
+        for (dtype, d) in [(SynthDtype::F32, "f32"), (SynthDtype::BF16, "bf16")] {
+            let dir = tmp.path().join(format!("{}-{d}", f.key()));
+            let mut o = SynthOptions::new(f.key(), "tiny", &dir);
+            o.shards = 3;
+            o.dtype = dtype;
+            o.seed = 11;
+            synthesize(&o, &mut |_| {}).unwrap();
+            let split = tmp.path().join(format!("{}-{d}-split", f.key()));
+            let prompt: Vec<u32> = (1..=9).collect();
+            for resident in [Some(0), None] {
+                let base = || {
+                    let o = LoadOptions::default();
+                    match resident {
+                        Some(n) => o.resident_layers(n),
+                        None => o,
+                    }
+                };
+                let mut a = load(&dir, base().split_dir(&split));
+                let want = run(&mut a, &prompt, 3);
+                drop(a);
+                let mut b = load(&dir, base().no_split(true));
+                let got = run(&mut b, &prompt, 3);
+                let what = format!("{} {d} resident {resident:?}", f.key());
+                assert_eq!(got.0, want.0, "{what}: tokens");
+                assert!(got.1 == want.1 && got.2 == want.2, "{what}: logits differ");
+            }
+            seen += 1;
+        }
+    }
+    assert!(seen >= 20, "only {seen} families synthesised");
+}
+
+/// By default a checkpoint whose tensors are packed in another row order (InternLM2's `wqkv`) is
+/// split: in place, every streamed layer would regroup the rows again (measured 1.5× slower,
+/// docs/BENCHMARKS.md). `--verify-split` asks for a split to check: no fallback when it does not
+/// fit.
+#[test]
+fn row_ordered_checkpoints_are_split_and_verify_split_needs_its_split() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("internlm2", tmp.path());
+    let m = load(&dir, LoadOptions::default().dtype(DType::F32));
+    assert!(!m.engine.streams_in_place());
+    assert!(dir.join("rabbit-split/manifest.json").exists());
+    drop(m);
+    let dir = copy_fixture("qwen2_tied_f32", tmp.path());
+    rabbitllm::split::testing::override_available_space(Some(1000));
+    let e = AutoModel::from_pretrained(
+        dir.to_str().unwrap(),
+        LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .verify_split(true),
+    )
+    .err()
+    .map(|e| e.to_string());
+    rabbitllm::split::testing::override_available_space(None);
+    let e = e.expect("no fallback with --verify-split");
+    assert!(e.contains("not enough disk space"), "{e}");
+    assert!(!dir.join("rabbit-split").exists(), "nothing left behind");
+}
+
+/// The byte ranges come from the headers read when planning: a shard replaced (a new file under
+/// the same name, as a re-download writes it) before the engine opens is refused, naming it.
+#[test]
+fn a_shard_replaced_between_planning_and_opening_is_refused() {
+    use rabbitllm::core::engine::{Engine, EngineOptions};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("qwen2_bf16_sharded", tmp.path());
+    let spec = rabbitllm::models::load_spec(&dir).unwrap();
+    let plan = rabbitllm::split::plan_in_place(&dir, &spec.layout()).unwrap();
+    let victim = dir.join("model-00003-of-00007.safetensors");
+    let bytes = fs::read(&victim).unwrap();
+    fs::remove_file(&victim).unwrap();
+    fs::write(&victim, &bytes).unwrap();
+    let opts = EngineOptions::new(DeviceSpec::Cpu.resolve().unwrap(), DType::F32);
+    let e = Engine::open_planned_in_place(&plan, spec.clone(), &opts)
+        .err()
+        .expect("a replaced shard")
+        .to_string();
+    assert!(
+        e.contains("model-00003-of-00007.safetensors") && e.contains("changed"),
+        "{e}"
+    );
+    // Planned again, it opens.
+    let plan = rabbitllm::split::plan_in_place(&dir, &spec.layout()).unwrap();
+    assert!(Engine::open_planned_in_place(&plan, spec, &opts).is_ok());
+}

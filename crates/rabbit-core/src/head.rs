@@ -71,7 +71,7 @@ impl MappedMatrix {
             .tensors
             .iter()
             .find(|t| t.name == name)
-            .ok_or_else(|| bad("missing from the split".into()))?;
+            .ok_or_else(|| bad("missing from its unit (the split or the checkpoint)".into()))?;
         let stored = kind_of(t.dtype)
             .filter(|k| matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half))
             .ok_or_else(|| bad(format!("dtype {} cannot hold weights", t.dtype.name())))?;

@@ -62,6 +62,11 @@ impl ReadMode {
 /// size in use; the split aligns data regions to it).
 const DIRECT_ALIGN: u64 = 4096;
 
+// `read_extent_direct` reads whole blocks: buffers and in-place regions must be laid out on them
+// (a region aligned less would let a block's tail overwrite the next extent).
+const _: () = assert!((crate::buffer::BUFFER_ALIGN as u64).is_multiple_of(DIRECT_ALIGN));
+const _: () = assert!(rabbit_split::in_place::REGION_ALIGN.is_multiple_of(DIRECT_ALIGN));
+
 /// Opens a unit file for `mode`: `O_DIRECT` when asked, the reads are `aligned` and the file
 /// system allows it. Only a
 /// regular file opens (a FIFO in its place would block the reader forever).
@@ -105,6 +110,10 @@ impl UnitBytes {
     /// Region bytes `offset..offset + len` (tensor offsets are region positions), or `None`
     /// when they lie outside the region or across two extents.
     pub fn get(&self, offset: u64, len: u64) -> Option<&[u8]> {
+        if len == 0 {
+            // An empty tensor has no bytes to find (its extent may have been skipped).
+            return Some(&[]);
+        }
         let end = offset.checked_add(len)?;
         match self {
             UnitBytes::Buf(b) => b

@@ -142,7 +142,7 @@ impl UnitTensors {
             .ok_or_else(|| CoreError::BadTensor {
                 file: self.file.clone().into(),
                 tensor: name.to_string(),
-                reason: "missing from the split".into(),
+                reason: "missing from its unit (the split or the checkpoint)".into(),
             })
     }
 

@@ -83,8 +83,8 @@ impl UnitRegion {
 }
 
 /// A checkpoint opened for streaming in place: an in-memory manifest (never written; its units'
-/// tensor offsets are region positions, `file` names the unit's first shard, `size`/`checksum`
-/// are empty) with each unit's region, and the row orders the executor applies after reading.
+/// tensor offsets are region positions, `file` is the path of the unit's first shard,
+/// `size`/`checksum` are empty) with each unit's region, and the row orders the executor applies after reading.
 #[derive(Debug, Clone)]
 pub struct InPlace {
     /// The checkpoint directory.
@@ -97,6 +97,40 @@ pub struct InPlace {
     pub row_orders: Vec<RowOrder>,
     /// Total bytes of the weight files a split would have copied.
     pub weight_bytes: u64,
+    /// Each weight file's identity when its header was read: the offsets above hold for these
+    /// bytes only, so a file replaced or modified before the model opens is refused.
+    pub stamps: Vec<FileStamp>,
+}
+
+/// A file's identity: device, inode, size and modification time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileStamp {
+    /// The file.
+    pub path: PathBuf,
+    /// `(dev, ino, size, mtime s, mtime ns)`.
+    pub id: (u64, u64, u64, i64, i64),
+}
+
+impl FileStamp {
+    /// The identity of `path` now (following symlinks, as opening it does).
+    pub fn of(path: &Path) -> Result<FileStamp> {
+        let md = std::fs::metadata(path).map_err(|e| SplitError::io(path, e))?;
+        Ok(FileStamp {
+            path: path.to_path_buf(),
+            id: Self::id_of(&md),
+        })
+    }
+
+    /// The identity fields of a file's metadata.
+    pub fn id_of(md: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+        use std::os::unix::fs::MetadataExt;
+        (md.dev(), md.ino(), md.len(), md.mtime(), md.mtime_nsec())
+    }
+
+    /// Whether the file is still the one stamped.
+    pub fn unchanged(&self) -> Result<bool> {
+        Ok(Self::of(&self.path)?.id == self.id)
+    }
 }
 
 /// Plans streaming `checkpoint_dir` in place with `layout`: the same checks as a split (missing,
@@ -110,6 +144,11 @@ pub fn plan_in_place(checkpoint_dir: &Path, layout: &Layout) -> Result<InPlace> 
 
 /// [`plan_in_place`] of an opened checkpoint.
 pub fn plan_opened(ckpt: &Checkpoint, layout: &Layout) -> Result<InPlace> {
+    let stamps = ckpt
+        .files
+        .iter()
+        .map(|f| FileStamp::of(f))
+        .collect::<Result<Vec<_>>>()?;
     let resolved = crate::split::resolve_units(ckpt, layout)?;
     let mut units = Vec::with_capacity(resolved.len());
     let mut regions = Vec::with_capacity(resolved.len());
@@ -137,6 +176,7 @@ pub fn plan_opened(ckpt: &Checkpoint, layout: &Layout) -> Result<InPlace> {
         regions,
         row_orders: layout.row_orders.clone(),
         weight_bytes,
+        stamps,
     })
 }
 
@@ -198,10 +238,10 @@ fn unit_of(
         cursor = (region_offset + len).div_ceil(REGION_ALIGN) * REGION_ALIGN;
     }
     let region_len = extents.last().map_or(0, |e| e.region_offset + e.len);
+    // The full path: messages name it, and joining it to any directory leaves it as it is.
     let file = extents
         .first()
-        .and_then(|e| e.file.file_name())
-        .map(|n| n.to_string_lossy().into_owned())
+        .map(|e| e.file.to_string_lossy().into_owned())
         .unwrap_or_default();
     let entry = UnitEntry {
         name: name.to_string(),

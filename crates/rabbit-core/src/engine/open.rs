@@ -10,7 +10,7 @@ use rabbit_models::ModelSpec;
 use rabbit_split::layout::RowOrder;
 use rabbit_split::layout::UnitKind;
 use rabbit_split::manifest::{Manifest, UnitEntry};
-use rabbit_split::{integrity, InPlace, UnitRegion};
+use rabbit_split::{integrity, FileStamp, InPlace, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
@@ -32,6 +32,8 @@ struct Units<'a> {
     row_orders: &'a [RowOrder],
     /// Original shards streamed in place (changes how damage is reported).
     original: bool,
+    /// In place: the files' identities when their headers were read.
+    stamps: &'a [FileStamp],
 }
 
 impl Units<'_> {
@@ -164,6 +166,7 @@ impl Engine {
             regions: &regions,
             row_orders: &[],
             original: false,
+            stamps: &[],
         };
         Self::open_units(split_dir, &units, spec, opts)
     }
@@ -193,6 +196,7 @@ impl Engine {
             regions: &plan.regions,
             row_orders: &plan.row_orders,
             original: true,
+            stamps: &plan.stamps,
         };
         Self::open_units(&plan.dir, &units, spec, opts)
     }
@@ -405,6 +409,16 @@ impl Engine {
             Some(r) => Some(RopeTables::new(r, device)?),
             None => None,
         };
+        // The offsets come from the headers read when planning: every file must still be that
+        // file (not replaced or modified since), now that the reader has its own baseline and
+        // the resident weights are read.
+        for st in units.stamps {
+            if !st.unchanged()? {
+                return Err(CoreError::SourceChanged {
+                    path: st.path.clone(),
+                });
+            }
+        }
         Ok(Engine {
             spec,
             source_dir: source_dir.to_path_buf(),
