@@ -99,10 +99,11 @@ fn print_report(r: &BenchReport) -> Result<()> {
         r.load_s.unwrap_or(0.0)
     )?;
     outln!(
-        "streamed: {} per token from {} layers ({} resident) | read {}/s{} | I/O floor {:.4} s/token",
+        "streamed: {} per token from {} layers ({} resident, {}) | read {}/s{} | I/O floor {:.4} s/token",
         human_bytes(r.bytes_streamed_per_token),
         r.streamed_layers,
         r.resident_layers,
+        if r.in_place { "in place" } else { "split" },
         human_bytes(r.read_bytes_per_s as u64),
         if r.config.cold { " (cold)" } else { "" },
         r.io_floor_s_per_token

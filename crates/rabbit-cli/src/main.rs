@@ -25,7 +25,8 @@ struct Cli {
 enum Command {
     /// Write a synthetic HF-format checkpoint (seeded random weights + a real tokenizer).
     Synth(synth::SynthArgs),
-    /// Split a checkpoint into aligned per-layer files, or verify a split.
+    /// Split a checkpoint into aligned per-layer files, or verify a split (optional: models
+    /// stream in place from their own files unless compression or --split asks for a split).
     Split(split::SplitArgs),
     /// Generate tokens from a prompt or token ids.
     Generate(generate::GenerateArgs),

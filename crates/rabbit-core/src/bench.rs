@@ -70,6 +70,8 @@ pub struct BenchReport {
     pub resident_layers: usize,
     /// Layers streamed each sweep.
     pub streamed_layers: usize,
+    /// The layers streamed straight from the checkpoint's files (no split).
+    pub in_place: bool,
     /// Stage timings of the last repetition.
     pub profile: Profile,
 }
@@ -230,6 +232,7 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         ratio_to_floor: None,
         resident_layers: plan.resident_layers.len(),
         streamed_layers: plan.streamed_layers.len(),
+        in_place: engine.streams_in_place(),
         profile: engine.profile.clone(),
     })
 }
