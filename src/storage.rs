@@ -8,8 +8,9 @@
 //! on disk), `--delete-original`, `--verify-split`, an explicit `--split-dir` or `--split`, or a
 //! checkpoint whose tensors are off their natural alignment (old safetensors writers) or packed
 //! in another row order (InternLM2's `wqkv`): in place those would be copied, or regrouped, on
-//! every sweep (measured 1.5× slower decode for InternLM2). A split already made at the default place is used
-//! (and kept current). A split that would not fit on the disk streams in place instead, unless
+//! every sweep (measured 1.5× slower decode for InternLM2). A split of the same weights already
+//! at the default place is used (and repaired if damaged); one of other weights (the checkpoint
+//! changed since) is left alone. A split that would not fit on the disk streams in place instead, unless
 //! compression, `--delete-original` or `--verify-split` needs it; so does a split made only for
 //! speed that cannot be written (a read-only checkpoint directory).
 
@@ -53,6 +54,31 @@ fn needs_split(opts: &LoadOptions) -> Option<&'static str> {
         Some("--verify-split (there is no split to verify)")
     } else {
         None
+    }
+}
+
+/// Whether `out` holds a split of this checkpoint as it is now (same weights, layout and
+/// options; damage aside), or one whose originals were deleted. A split of other weights (the
+/// checkpoint changed since) is not redone: streaming in place needs no copy.
+fn split_of_this_checkpoint(
+    out: &Path,
+    checkpoint: &Path,
+    layout: &Layout,
+    opts: &SplitOptions,
+) -> bool {
+    let Ok(m) = rabbit_split::Manifest::load(out) else {
+        return false;
+    };
+    if m.original_deleted {
+        return true;
+    }
+    if m.options != opts.settings() || m.layout_digest != layout.digest() {
+        return false;
+    }
+    match rabbit_split::source_fingerprint(checkpoint) {
+        Ok(fp) => fp == m.source_fingerprint,
+        // No weights to stream in place (moved away?): the split's errors explain best.
+        Err(_) => true,
     }
 }
 
@@ -106,9 +132,9 @@ pub(crate) fn prepare(
         }
         SplitPolicy::Auto if needs_split(opts).is_none() => {
             let out = split_opts.split_dir(checkpoint);
-            // A split made here before (`rabbit split`, `--split`, an older rabbitllm) is as
-            // fast, checksummed, and kept in step with the checkpoint (repaired or redone).
-            if !out.join(rabbit_split::manifest::MANIFEST_FILE).exists() {
+            // A split of this checkpoint made here before (`rabbit split`, `--split`, an older
+            // rabbitllm) is as fast and checksummed: used (and repaired if damaged).
+            if !split_of_this_checkpoint(&out, checkpoint, layout, &split_opts) {
                 let plan = rabbit_split::plan_in_place(checkpoint, layout)?;
                 if !misaligned(&plan) && plan.row_orders.is_empty() {
                     progress(&LoadEvent::InPlace {

@@ -534,3 +534,32 @@ fn a_shard_replaced_between_planning_and_opening_is_refused() {
     let plan = rabbitllm::split::plan_in_place(&dir, &spec.layout()).unwrap();
     assert!(Engine::open_planned_in_place(&plan, spec, &opts).is_ok());
 }
+
+/// A split of the same weights at the default place is used (and repaired when damaged); after
+/// the checkpoint changes, the old split is left alone and the model streams in place, unless
+/// `--split` asks to redo it.
+#[test]
+fn an_existing_split_is_used_while_it_matches_the_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_fixture("qwen2_untied_f32", tmp.path());
+    let opts = || LoadOptions::default().dtype(DType::F32);
+    drop(load(&dir, opts().split_policy(SplitPolicy::Always)));
+    let manifest = dir.join("rabbit-split/manifest.json");
+    let made = fs::read(&manifest).unwrap();
+    let m = load(&dir, opts());
+    assert!(!m.engine.streams_in_place(), "the split is used");
+    drop(m);
+    // The weights change (a new modification time is enough for the fingerprint).
+    let w = dir.join("model.safetensors");
+    let f = fs::OpenOptions::new().write(true).open(&w).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(10))
+        .unwrap();
+    drop(f);
+    let m = load(&dir, opts());
+    assert!(m.engine.streams_in_place(), "a stale split is not redone");
+    drop(m);
+    assert_eq!(fs::read(&manifest).unwrap(), made, "and left alone");
+    let m = load(&dir, opts().split_policy(SplitPolicy::Always));
+    assert!(!m.engine.streams_in_place());
+    assert_ne!(fs::read(&manifest).unwrap(), made, "--split redoes it");
+}
