@@ -111,8 +111,12 @@ impl CoreError {
 }
 
 impl CoreError {
-    /// An original weight file (streamed in place) that ends before its header says.
-    pub(crate) fn truncated_original(path: impl Into<PathBuf>) -> Self {
+    /// A weight file that ends before it should: a split unit file (shorter than its manifest
+    /// says) or, with `original`, a checkpoint shard streamed in place (shorter than its header).
+    pub(crate) fn truncated_file(path: impl Into<PathBuf>, original: bool) -> Self {
+        if !original {
+            return CoreError::truncated(path);
+        }
         CoreError::io(
             path,
             std::io::Error::new(

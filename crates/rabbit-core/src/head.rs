@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rabbit_split::manifest::UnitEntry;
-use rabbit_split::UnitRegion;
+use rabbit_split::{FileId, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
@@ -30,13 +30,12 @@ pub struct MappedMatrix {
     path: PathBuf,
     /// An original shard streamed in place: the file and its (size, mtime) when mapped, checked
     /// before every use (a file cut short under a mapping would kill the process with SIGBUS).
-    guard: Option<(std::fs::File, (u64, i64, i64))>,
+    guard: Option<(std::fs::File, FileId)>,
 }
 
-fn stamp(f: &std::fs::File, path: &Path) -> Result<(u64, i64, i64)> {
-    use std::os::unix::fs::MetadataExt;
+fn stamp(f: &std::fs::File, path: &Path) -> Result<FileId> {
     let md = f.metadata().map_err(|e| CoreError::io(path, e))?;
-    Ok((md.len(), md.mtime(), md.mtime_nsec()))
+    Ok(rabbit_split::FileStamp::id_of(&md))
 }
 
 impl MappedMatrix {
@@ -102,11 +101,7 @@ impl MappedMatrix {
         let file = rabbit_split::fsutil::open_regular(&path)?;
         let file_len = file.metadata().map_err(|e| CoreError::io(&path, e))?.len();
         if file_len < at + t.len {
-            return Err(if original {
-                CoreError::truncated_original(&path)
-            } else {
-                CoreError::truncated(&path)
-            });
+            return Err(CoreError::truncated_file(&path, original));
         }
         let page = rustix::param::page_size().max(1) as u64;
         let start = at / page * page;

@@ -102,13 +102,16 @@ pub struct InPlace {
     pub stamps: Vec<FileStamp>,
 }
 
-/// A file's identity: device, inode, size and modification time.
+/// A file's identity: `(dev, ino, size, mtime s, mtime ns)`.
+pub type FileId = (u64, u64, u64, i64, i64);
+
+/// A file and its identity at some moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileStamp {
     /// The file.
     pub path: PathBuf,
-    /// `(dev, ino, size, mtime s, mtime ns)`.
-    pub id: (u64, u64, u64, i64, i64),
+    /// Its identity then.
+    pub id: FileId,
 }
 
 impl FileStamp {
@@ -122,7 +125,7 @@ impl FileStamp {
     }
 
     /// The identity fields of a file's metadata.
-    pub fn id_of(md: &std::fs::Metadata) -> (u64, u64, u64, i64, i64) {
+    pub fn id_of(md: &std::fs::Metadata) -> FileId {
         use std::os::unix::fs::MetadataExt;
         (md.dev(), md.ino(), md.len(), md.mtime(), md.mtime_nsec())
     }

@@ -45,7 +45,7 @@ pub mod writer;
 pub use checkpoint::{read_config_json, source_fingerprint, Checkpoint, TensorLoc, WeightFormat};
 pub use dtype::Dtype;
 pub use error::{Damage, Result, SplitError};
-pub use in_place::{plan_in_place, Extent, FileStamp, InPlace, UnitRegion};
+pub use in_place::{plan_in_place, Extent, FileId, FileStamp, InPlace, UnitRegion};
 pub use layout::{Layout, UnitKind, UnitSpec};
 pub use manifest::{Manifest, QuantizedEntry, SplitSettings, TensorEntry, UnitEntry};
 pub use quant::{

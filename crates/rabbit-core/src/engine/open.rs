@@ -102,11 +102,7 @@ impl Units<'_> {
             };
             file.read_exact_at(dst, at).map_err(|e| {
                 if e.kind() == std::io::ErrorKind::UnexpectedEof {
-                    if self.original {
-                        CoreError::truncated_original(path)
-                    } else {
-                        CoreError::truncated(path)
-                    }
+                    CoreError::truncated_file(path, self.original)
                 } else {
                     CoreError::io(path, e)
                 }

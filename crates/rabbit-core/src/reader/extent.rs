@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rabbit_split::{fsutil, SplitError, UnitRegion};
+use rabbit_split::{fsutil, FileId, FileStamp, SplitError, UnitRegion};
 
 use super::ReadMode;
 use crate::buffer::AlignedBuf;
@@ -119,15 +119,10 @@ pub(super) struct OpenFile {
     pub(super) file: File,
     /// Opened with `O_DIRECT`: reads must be aligned.
     pub(super) direct: bool,
-    pub(super) stamp: (u64, i64, i64),
+    pub(super) stamp: FileId,
     /// The file is an original checkpoint shard (streaming in place), not a split unit file:
     /// for messages.
     pub(super) original: bool,
-}
-
-fn stamp_of(md: &std::fs::Metadata) -> (u64, i64, i64) {
-    use std::os::unix::fs::MetadataExt;
-    (md.len(), md.mtime(), md.mtime_nsec())
 }
 
 impl OpenFile {
@@ -141,7 +136,7 @@ impl OpenFile {
         if md.len() < need {
             return Err(self.truncated());
         }
-        if stamp_of(&md) != self.stamp {
+        if FileStamp::id_of(&md) != self.stamp {
             return Err(CoreError::SourceChanged {
                 path: self.path.clone(),
             });
@@ -150,11 +145,7 @@ impl OpenFile {
     }
 
     fn truncated(&self) -> CoreError {
-        if self.original {
-            CoreError::truncated_original(&self.path)
-        } else {
-            CoreError::truncated(&self.path)
-        }
+        CoreError::truncated_file(&self.path, self.original)
     }
 }
 
@@ -202,7 +193,7 @@ pub(super) fn open_sources(
             path: path.to_path_buf(),
             file,
             direct,
-            stamp: stamp_of(&md),
+            stamp: FileStamp::id_of(&md),
             original,
         }));
     }
