@@ -29,6 +29,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         eos_token_ids: model.engine.spec().eos_token_ids.clone(),
         keep_logits: false,
+        ..Default::default()
     };
     let tokenizer = model.tokenizer().cloned();
     let mut generated = Vec::new();

@@ -262,6 +262,7 @@ impl AutoModel {
             engine,
             codec,
             model_dir: loc.dir,
+            draft: None,
         })
     }
 }
@@ -295,6 +296,8 @@ pub struct Model {
     pub engine: Engine,
     codec: Option<TextCodec>,
     model_dir: PathBuf,
+    /// The draft model for speculative decoding ([`Model::set_draft`]).
+    draft: Option<Engine>,
 }
 
 impl Model {
@@ -406,13 +409,79 @@ impl Model {
         self.require_codec()?.decode(ids)
     }
 
-    /// Runs a generation; see [`Engine::generate`].
+    /// Runs a generation; see [`Engine::generate`]. With
+    /// [`DraftSource::Model`](rabbit_core::DraftSource::Model) speculation, the draft set by
+    /// [`Model::set_draft`] makes the drafts.
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
         on_token: &mut dyn FnMut(&TokenEvent) -> Control,
     ) -> Result<GenerateOutput> {
-        Ok(self.engine.generate(req, on_token)?)
+        let draft = match req.speculation.source {
+            rabbit_core::DraftSource::Model => Some(self.draft.as_mut().ok_or_else(|| {
+                Error::InvalidInput(
+                    "speculation from a draft model needs one: Model::set_draft (--draft-model)"
+                        .into(),
+                )
+            })?),
+            _ => None,
+        };
+        Ok(self.engine.generate_with_draft(req, draft, on_token)?)
+    }
+
+    /// Uses `draft` (typically a small model of the same family, kept resident) to draft tokens
+    /// for speculative decoding. Refused unless it shares this model's vocabulary: the same size
+    /// and, when both have tokenizers, the same token for every id.
+    pub fn set_draft(&mut self, draft: Model) -> Result<()> {
+        let (t, d) = (
+            self.engine.spec().vocab_size,
+            draft.engine.spec().vocab_size,
+        );
+        if t != d {
+            return Err(Error::InvalidInput(format!(
+                "{}: the draft model's vocabulary has {d} tokens, {}'s has {t}; a draft must \
+                 share the model's tokenizer",
+                draft.model_dir.display(),
+                self.model_dir.display()
+            )));
+        }
+        if let (Some(a), Some(b)) = (self.tokenizer(), draft.tokenizer()) {
+            let (va, vb) = (a.get_vocab(true), b.get_vocab(true));
+            // A token of one that the other lacks or numbers differently.
+            let mismatch = va
+                .iter()
+                .find(|(tok, id)| vb.get(*tok) != Some(id))
+                .map(|(tok, id)| (tok, Some(*id), vb.get(tok).copied()))
+                .or_else(|| {
+                    vb.iter()
+                        .find(|(tok, _)| !va.contains_key(*tok))
+                        .map(|(tok, id)| (tok, None, Some(*id)))
+                });
+            if let Some((tok, in_model, in_draft)) = mismatch {
+                let show = |i: Option<u32>| i.map_or("absent".to_string(), |i| format!("id {i}"));
+                return Err(Error::InvalidInput(format!(
+                    "{}: the draft model's tokenizer differs from {}'s (token {tok:?}: {} in \
+                     the model, {} in the draft); a draft must share the model's tokenizer",
+                    draft.model_dir.display(),
+                    self.model_dir.display(),
+                    show(in_model),
+                    show(in_draft)
+                )));
+            }
+        }
+        self.draft = Some(draft.engine);
+        Ok(())
+    }
+
+    /// Takes the draft model's engine out (e.g. to pass it to
+    /// [`rabbit_core::bench::run_with_draft`]).
+    pub fn take_draft(&mut self) -> Option<Engine> {
+        self.draft.take()
+    }
+
+    /// The draft model's engine, when one is set.
+    pub fn draft_engine(&self) -> Option<&Engine> {
+        self.draft.as_ref()
     }
 
     /// Convenience: greedy (or as `req.sampling` says) continuation of one text prompt.

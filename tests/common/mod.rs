@@ -134,6 +134,7 @@ pub fn greedy(
         sampling,
         eos_token_ids: vec![],
         keep_logits: true,
+        ..Default::default()
     };
     model.generate(&req, &mut |_| Control::Continue).unwrap()
 }

@@ -12,12 +12,15 @@ use serde_json::json;
 use crate::load::ModelArgs;
 use crate::out::{note, outln};
 use crate::report::{head_note, human_bytes};
+use crate::speculate::StepArgs;
 
 /// Arguments of `rabbit bench`.
 #[derive(Args)]
 pub struct BenchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    step: StepArgs,
     /// Sequences decoded together.
     #[arg(long, default_value_t = 1)]
     batch: usize,
@@ -98,6 +101,18 @@ fn print_report(r: &BenchReport) -> Result<()> {
         human_bytes(r.peak_memory_bytes),
         r.load_s.unwrap_or(0.0)
     )?;
+    let t = &r.timings;
+    if t.draft_tokens > 0 {
+        outln!(
+            "speculation: {}/{} drafts accepted | {:.2} tokens per sweep | drafting {:.3} s vs target sweeps {:.3} s ({} sweeps)",
+            t.accepted_tokens,
+            t.draft_tokens,
+            t.tokens_per_sweep,
+            t.draft_s,
+            t.sweep_s,
+            t.sweeps
+        )?;
+    }
     outln!(
         "streamed: {} per token from {} layers ({} resident, {}) | read {}/s{} | I/O floor {:.4} s/token",
         human_bytes(r.bytes_streamed_per_token),
@@ -143,13 +158,19 @@ pub fn run(a: BenchArgs) -> Result<()> {
         cold: a.cold,
         seed: a.seed,
         prompt_ids,
+        prefill_chunk: a.step.prefill_chunk(),
+        speculation: a.step.speculation()?,
     };
     let (mut model, load_s) = a.model.load(a.json)?;
+    a.step.load_draft(&a.model, &mut model, a.json)?;
     let limit = model
         .tokenizer()
         .map(|t| t.get_vocab_size(true) as u32)
         .unwrap_or(u32::MAX);
-    let mut report = bench::run(&mut model.engine, &cfg, limit).context("bench")?;
+    let mut draft = model.take_draft();
+    let mut report =
+        bench::run_with_draft(&mut model.engine, draft.as_mut(), &cfg, limit).context("bench")?;
+    drop(draft);
     report.load_s = Some(load_s);
     let layer_bytes: u64 = model
         .engine
@@ -171,8 +192,11 @@ pub fn run(a: BenchArgs) -> Result<()> {
             let (mut m, _) = resident.load(true)?;
             let base = bench::run(
                 &mut m.engine,
+                // The compute of one plain decode sweep: no drafts (speculation's gain is then
+                // visible against the floor).
                 &BenchConfig {
                     cold: false,
+                    speculation: Default::default(),
                     ..cfg.clone()
                 },
                 limit,

@@ -14,6 +14,7 @@ use rabbitllm::Model;
 
 use crate::load::ModelArgs;
 use crate::out::{self, note, note_inline, outln, StdoutError};
+use crate::speculate::StepArgs;
 
 /// The model's chat format (its template, or its family's built-in one), or a clear error.
 pub fn format_of(dir: &Path) -> Result<ChatFormat> {
@@ -121,6 +122,8 @@ pub fn template(a: TemplateArgs) -> Result<()> {
 pub struct ChatArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    step: StepArgs,
     /// System prompt for the conversation.
     #[arg(long, allow_hyphen_values = true)]
     system: Option<String>,
@@ -150,7 +153,9 @@ const HELP: &str = "commands: /reset (forget the conversation), /system TEXT (se
 pub fn chat(a: ChatArgs) -> Result<()> {
     // Before loading: a bad flag should not cost a split or a model load.
     sampling_of(&a).validate()?;
+    a.step.speculation()?;
     let (mut model, _) = a.model.load(false)?;
+    a.step.load_draft(&a.model, &mut model, false)?;
     // Also refuses a model without a tokenizer (the context bound needs one).
     let format = model_format(&model, a.max_new_tokens)?;
     refuse_system(&format, a.system.is_some(), "--system")?;
@@ -298,6 +303,8 @@ fn answer(
         sampling: sampling_of(a),
         eos_token_ids: stop_ids(model, format),
         keep_logits: false,
+        prefill_chunk: a.step.prefill_chunk(),
+        speculation: a.step.speculation()?,
     };
     let codec = model.require_codec()?.clone();
     let mut stream = codec.stream();

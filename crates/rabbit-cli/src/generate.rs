@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::load::ModelArgs;
 use crate::out::{self, note, outln, StdoutError};
 use crate::report::human_bytes;
+use crate::speculate::StepArgs;
 use crate::util::{bar, show_progress};
 
 /// Arguments of `rabbit generate`.
@@ -20,6 +21,8 @@ use crate::util::{bar, show_progress};
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    step: StepArgs,
     /// Text prompt (needs the model's tokenizer.json).
     #[arg(long, conflicts_with = "input_ids", allow_hyphen_values = true)]
     prompt: Option<String>,
@@ -132,7 +135,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     // Before loading: a bad flag should not cost a split or a model load.
     sampling.validate()?;
+    let speculation = a.step.speculation()?;
     let (mut model, load_s) = a.model.load(a.json)?;
+    a.step.load_draft(&a.model, &mut model, a.json)?;
     let mut chat_format = None;
     let sequences = match &a.prompt {
         Some(p) if a.chat => {
@@ -166,6 +171,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             None => spec.eos_token_ids.clone(),
         },
         keep_logits: a.dump_logits.is_some(),
+        prefill_chunk: a.step.prefill_chunk(),
+        speculation,
     };
     model.engine.validate_request(&req)?;
 
@@ -274,6 +281,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             prof.head_s,
             prof.bottleneck()
         );
+        let t = &out.timings;
+        if t.draft_tokens > 0 || t.draft_s > 0.0 {
+            note!(
+                "speculation: drafting {:.3} s | target sweeps {:.3} s ({} sweeps, {:.3} s each) | {}/{} drafts accepted | {:.2} tokens per sweep",
+                t.draft_s,
+                t.sweep_s,
+                t.sweeps,
+                t.sweep_s / t.sweeps.max(1) as f64,
+                t.accepted_tokens,
+                t.draft_tokens,
+                t.tokens_per_sweep
+            );
+        }
     }
     let t = &out.timings;
     let peak = peak_rss();
@@ -297,6 +317,16 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "prefill: {} tokens in {:.3} s ({:.1} tok/s) | decode: {:.4} s/token (median of {} steps) | load {:.2} s",
             t.prefill_tokens, t.prefill_s, t.prefill_tokens_per_s, t.decode_s_per_token, t.decode_steps, load_s
         );
+        if t.draft_tokens > 0 {
+            note!(
+                "speculation: {}/{} drafts accepted ({:.0}%) | {:.2} tokens per sweep | {} sweeps",
+                t.accepted_tokens,
+                t.draft_tokens,
+                100.0 * t.accepted_tokens as f64 / t.draft_tokens as f64,
+                t.tokens_per_sweep,
+                t.sweeps
+            );
+        }
         note!(
             "memory: peak RSS {} | KV cache {} | resident weights {} | staging {}",
             peak.map(human_bytes).unwrap_or_else(|| "n/a".into()),
@@ -330,6 +360,12 @@ pub fn run(a: GenerateArgs) -> Result<()> {
                 "decode_steps": t.decode_steps,
                 "generated_tokens": t.generated_tokens,
                 "total_s": t.total_s,
+                "sweeps": t.sweeps,
+                "draft_tokens": t.draft_tokens,
+                "accepted_tokens": t.accepted_tokens,
+                "tokens_per_sweep": t.tokens_per_sweep,
+                "draft_s": t.draft_s,
+                "sweep_s": t.sweep_s,
             },
             "memory": {
                 "peak_rss_bytes": peak,

@@ -7,6 +7,7 @@ mod chat;
 mod generate;
 mod load;
 mod report;
+mod speculate;
 mod split;
 mod synth;
 mod util;

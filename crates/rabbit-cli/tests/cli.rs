@@ -484,3 +484,93 @@ fn no_split_generates_the_same_tokens_and_writes_nothing() {
     }
     assert_eq!(files(&model), before);
 }
+
+/// Speculative decoding from the command line: prompt lookup and a draft model (the model
+/// itself) give plain greedy's tokens and report their counters; bad settings are refused by
+/// name, a draft with another vocabulary too.
+#[test]
+fn speculation_flags_keep_greedy_tokens_and_refuse_bad_settings() {
+    let exp = expected("qwen2_tied_f32");
+    let seq = &exp["sequences"][0];
+    let model = fixture("qwen2_tied_f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let gen = |extra: &[&str]| {
+        run(rabbit()
+            .args(["generate", "--device", "cpu", "--dtype", "f32", "--json"])
+            .args(["--max-new-tokens", "12", "--no-split"])
+            .args(["--input-ids", &ids_csv(&seq["input_ids"])])
+            .arg("--model")
+            .arg(&model)
+            .args(extra))
+    };
+    let want: Vec<Value> = seq["greedy_output_ids"].as_array().unwrap()[..12].to_vec();
+    let model_str = model.to_str().unwrap();
+    for extra in [
+        vec!["--prompt-lookup"],
+        vec![
+            "--prompt-lookup",
+            "2",
+            "--draft-tokens",
+            "6",
+            "--prefill-chunk",
+            "3",
+        ],
+        vec!["--draft-model", model_str, "--draft-tokens", "3"],
+    ] {
+        let o = gen(&extra);
+        assert_ok(&o);
+        let j = last_json_line(&o);
+        assert_eq!(
+            j["sequences"][0]["output_ids"],
+            Value::Array(want.clone()),
+            "{extra:?}"
+        );
+        let t = &j["timings"];
+        for key in [
+            "sweeps",
+            "draft_tokens",
+            "accepted_tokens",
+            "tokens_per_sweep",
+        ] {
+            assert!(t[key].is_number(), "{extra:?}: timings.{key} missing: {t}");
+        }
+        if extra[0] == "--draft-model" {
+            // The model drafting for itself: every draft accepted, fewer sweeps than tokens.
+            assert_eq!(t["accepted_tokens"], t["draft_tokens"], "{t}");
+            assert!(t["sweeps"].as_u64().unwrap() < 12, "{t}");
+        }
+    }
+    let other = fixture("qwen2_untied_f32");
+    let other_str = other.to_str().unwrap();
+    for (extra, needle) in [
+        (
+            vec!["--draft-tokens", "4"],
+            "--draft-tokens needs --prompt-lookup or --draft-model",
+        ),
+        (
+            vec!["--prompt-lookup", "--draft-tokens", "0"],
+            "--draft-tokens",
+        ),
+        (
+            vec!["--prompt-lookup", "--draft-tokens", "99"],
+            "--draft-tokens",
+        ),
+        (vec!["--prompt-lookup", "0"], "--prompt-lookup"),
+        (vec!["--prefill-chunk", "0"], "--prefill-chunk"),
+        (
+            vec!["--prompt-lookup", "--draft-model", model_str],
+            "cannot be used with",
+        ),
+        (
+            vec!["--draft-model", other_str],
+            "vocabulary has 320 tokens",
+        ),
+        (
+            vec!["--draft-model", tmp.path().to_str().unwrap()],
+            "--draft-model",
+        ),
+    ] {
+        let o = gen(&extra);
+        assert_clean_failure(&o, &[needle]);
+    }
+}

@@ -6,13 +6,14 @@ use serde::Serialize;
 
 use crate::engine::{Engine, Profile};
 use crate::error::{CoreError, Result};
-use crate::generate::{Control, GenerateRequest};
+use crate::generate::{Control, GenerateRequest, Timings};
 use crate::kv::KvCache;
 use crate::memory::peak_rss;
 use crate::plan::host_available;
 use crate::reader::measure_regions;
 use crate::sampling::SamplingParams;
 use crate::stats::median;
+use crate::step::Speculation;
 
 /// The workload.
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +35,11 @@ pub struct BenchConfig {
     /// make them), e.g. to run the same prompt as another engine.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt_ids: Option<Vec<Vec<u32>>>,
+    /// Longest prompt chunk per sweep.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefill_chunk: Option<usize>,
+    /// Speculative decoding (a draft model goes to [`run_with_draft`]).
+    pub speculation: Speculation,
 }
 
 /// What one bench run measured.
@@ -74,6 +80,11 @@ pub struct BenchReport {
     pub in_place: bool,
     /// Stage timings of the last repetition.
     pub profile: Profile,
+    /// The generate timings of the last repetition (sweeps, drafts, acceptance).
+    pub timings: Timings,
+    /// The draft model's stage timings of the last repetition, when one drafted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub draft_profile: Option<Profile>,
 }
 
 /// Deterministic prompt ids below `limit`.
@@ -150,6 +161,16 @@ fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
 /// Runs the workload `repeat` times on `engine` and measures the read floor of its streamed
 /// layers. `token_limit` bounds the prompt ids (e.g. the tokenizer's size).
 pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<BenchReport> {
+    run_with_draft(engine, None, cfg, token_limit)
+}
+
+/// [`run`] with a draft model for speculative decoding.
+pub fn run_with_draft(
+    engine: &mut Engine,
+    mut draft: Option<&mut Engine>,
+    cfg: &BenchConfig,
+    token_limit: u32,
+) -> Result<BenchReport> {
     if cfg.batch == 0 || cfg.prompt_len == 0 || cfg.new_tokens < 2 || cfg.repeat == 0 {
         return Err(CoreError::InvalidInput(
             "bench needs --batch >= 1, --prompt-len >= 1, --new-tokens >= 2 and --repeat >= 1"
@@ -176,6 +197,8 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         sampling: SamplingParams::default(),
         eos_token_ids: vec![],
         keep_logits: false,
+        prefill_chunk: cfg.prefill_chunk,
+        speculation: cfg.speculation.clone(),
     };
     engine.validate_request(&req)?;
     engine.set_evict_after_use(cfg.cold);
@@ -184,17 +207,22 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
     let mut prefill_s = Vec::new();
     let mut output_ids = Vec::new();
     let mut bytes_per_token = 0;
+    let mut timings = Timings::default();
     for rep in 0..cfg.repeat {
         engine.reset_profile();
-        let out = engine.generate(&req, &mut |_| Control::Continue)?;
+        if let Some(d) = draft.as_deref_mut() {
+            d.reset_profile();
+        }
+        let out =
+            engine.generate_with_draft(&req, draft.as_deref_mut(), &mut |_| Control::Continue)?;
         decode.push(out.timings.decode_s_per_token);
         prefill.push(out.timings.prefill_tokens_per_s);
         prefill_s.push(out.timings.prefill_s);
         if rep == 0 {
             output_ids = out.sequences.iter().map(|s| s.output_ids.clone()).collect();
         }
-        let sweeps = out.timings.decode_steps as u64 + 1;
-        bytes_per_token = engine.profile.bytes_streamed / sweeps;
+        bytes_per_token = engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1);
+        timings = out.timings;
     }
     engine.set_evict_after_use(false);
     let plan = engine.plan().clone();
@@ -234,6 +262,8 @@ pub fn run(engine: &mut Engine, cfg: &BenchConfig, token_limit: u32) -> Result<B
         streamed_layers: plan.streamed_layers.len(),
         in_place: engine.streams_in_place(),
         profile: engine.profile.clone(),
+        timings,
+        draft_profile: draft.map(|d| d.profile.clone()),
     })
 }
 

@@ -1,40 +1,87 @@
-//! The KV cache: one preallocated K and V tensor per layer on the compute device, written in
-//! place at the current slot (no concatenation per step).
+//! The KV cache: one preallocated K and V tensor per layer on the compute device, one row per
+//! live sequence, written in place at each row's own slots (no concatenation per step, no copy
+//! to roll back: a row's length is simply set back).
 
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 
-/// K and V of one layer: `[B, kv_heads, capacity, head_dim]` each.
+/// Where one sweep writes its K/V: every row at the same slots, or each row at its own.
+pub enum KvSlots {
+    /// Rows `0..B` write `T` positions from `slot` (no padding in the sweep).
+    Uniform {
+        /// First slot.
+        slot: i64,
+    },
+    /// Rows `0..B` write at `rows`/`slots` (`[B, T]` int64); padding positions point at the
+    /// scratch slot past the capacity, which no sweep attends to.
+    Indexed {
+        /// Row of each position.
+        rows: Tensor,
+        /// Slot of each position.
+        slots: Tensor,
+    },
+}
+
+/// K and V of one layer: `[rows, kv_heads, capacity + 1, head_dim]` each (the last slot is the
+/// scratch slot padding positions write to).
 pub struct LayerKv {
     k: Tensor,
     v: Tensor,
 }
 
 impl LayerKv {
-    /// Writes `k`/`v` (`[B, kv_heads, T, D]`) at `slot..slot+T`.
-    pub fn write(&mut self, slot: i64, k: &Tensor, v: &Tensor) -> Result<()> {
-        let t = k.size()[2];
-        self.k.f_narrow(2, slot, t)?.f_copy_(k)?;
-        self.v.f_narrow(2, slot, t)?.f_copy_(v)?;
+    /// Writes `k`/`v` (`[B, kv_heads, T, D]`) of rows `0..B` at `at`.
+    pub fn write(&mut self, at: &KvSlots, k: &Tensor, v: &Tensor) -> Result<()> {
+        match at {
+            KvSlots::Uniform { slot } => {
+                let (b, t) = (k.size()[0], k.size()[2]);
+                self.k
+                    .f_narrow(0, 0, b)?
+                    .f_narrow(2, *slot, t)?
+                    .f_copy_(k)?;
+                self.v
+                    .f_narrow(0, 0, b)?
+                    .f_narrow(2, *slot, t)?
+                    .f_copy_(v)?;
+            }
+            KvSlots::Indexed { rows, slots } => {
+                // cache[rows, :, slots] is [B, T, kv_heads, D].
+                let idx = [
+                    Some(rows.shallow_clone()),
+                    None,
+                    Some(slots.shallow_clone()),
+                ];
+                let _ = self
+                    .k
+                    .f_index_put_(&idx, &k.f_permute([0, 2, 1, 3])?, false)?;
+                let _ = self
+                    .v
+                    .f_index_put_(&idx, &v.f_permute([0, 2, 1, 3])?, false)?;
+            }
+        }
         Ok(())
     }
 
-    /// Views of the first `len` slots.
-    pub fn view(&self, len: i64) -> Result<(Tensor, Tensor)> {
-        Ok((self.k.f_narrow(2, 0, len)?, self.v.f_narrow(2, 0, len)?))
+    /// Views of rows `0..b`, first `len` slots.
+    pub fn view(&self, b: i64, len: i64) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.k.f_narrow(0, 0, b)?.f_narrow(2, 0, len)?,
+            self.v.f_narrow(0, 0, b)?.f_narrow(2, 0, len)?,
+        ))
     }
 }
 
-/// The cache of every layer for one batch.
+/// The cache of every layer for up to `rows` sequences.
 pub struct KvCache {
     /// Per layer.
     pub layers: Vec<LayerKv>,
+    rows: i64,
     capacity: i64,
 }
 
 impl KvCache {
-    /// Bytes a cache of this shape takes.
+    /// Bytes a cache of this shape takes (`capacity` slots per row, plus the scratch slot).
     pub fn bytes(
         layers: usize,
         batch: usize,
@@ -44,22 +91,29 @@ impl KvCache {
         elem: usize,
     ) -> u64 {
         // Saturating: a request absurd enough to overflow is refused by size, not wrapped.
-        [layers, batch, kv_heads, capacity, head_dim, elem]
-            .iter()
-            .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
+        [
+            layers,
+            batch,
+            kv_heads,
+            capacity.saturating_add(1),
+            head_dim,
+            elem,
+        ]
+        .iter()
+        .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     /// Allocates the cache (fails cleanly, e.g. out of device memory).
     pub fn new(
         layers: usize,
-        batch: i64,
+        rows: i64,
         kv_heads: i64,
         capacity: i64,
         head_dim: i64,
         kind: Kind,
         device: Device,
     ) -> Result<KvCache> {
-        let shape = [batch, kv_heads, capacity, head_dim];
+        let shape = [rows, kv_heads, capacity + 1, head_dim];
         let mut out = Vec::with_capacity(layers);
         for _ in 0..layers {
             out.push(LayerKv {
@@ -69,6 +123,7 @@ impl KvCache {
         }
         Ok(KvCache {
             layers: out,
+            rows,
             capacity,
         })
     }
@@ -78,11 +133,28 @@ impl KvCache {
         self.capacity
     }
 
-    /// Keeps only the batch rows in `keep` (finished sequences stop costing compute).
-    pub fn retain_rows(&mut self, keep: &Tensor) -> Result<()> {
+    /// Sequences the cache holds at most.
+    pub fn rows(&self) -> i64 {
+        self.rows
+    }
+
+    /// The slot padding positions write to (never attended).
+    pub fn scratch_slot(&self) -> i64 {
+        self.capacity
+    }
+
+    /// Copies the first `len` slots of row `from` into row `to` in every layer: the scheduler
+    /// keeps live sequences in rows `0..n` by moving the last one into a freed row (one row's
+    /// copy per finished sequence, not a reallocation of the cache).
+    pub fn move_row(&mut self, from: i64, to: i64, len: i64) -> Result<()> {
+        if from == to || len == 0 {
+            return Ok(());
+        }
         for l in &mut self.layers {
-            l.k = l.k.f_index_select(0, keep)?;
-            l.v = l.v.f_index_select(0, keep)?;
+            for t in [&mut l.k, &mut l.v] {
+                let src = t.f_select(0, from)?.f_narrow(1, 0, len)?;
+                t.f_select(0, to)?.f_narrow(1, 0, len)?.f_copy_(&src)?;
+            }
         }
         Ok(())
     }

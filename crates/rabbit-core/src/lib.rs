@@ -1,6 +1,7 @@
 //! The rabbitllm executor: streams a split model one decoder layer at a time through libtorch,
 //! with the next layers already being read, a preallocated KV cache on the compute device, and
-//! batched generation.
+//! batched generation on a step-level scheduler
+//! (sequences join and leave between sweeps, chunked prefill, speculative decoding).
 //!
 //! The executor works on token ids and a split directory; it needs no tokenizer and no network.
 //! Finding models, downloading them and text handling live in the front end (the `rabbitllm`
@@ -24,6 +25,7 @@ pub mod reader;
 pub mod rope;
 pub mod sampling;
 pub mod stats;
+pub mod step;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
@@ -34,6 +36,9 @@ pub use generate::{
 };
 pub use plan::{ByteSize, MemoryBudget, Plan};
 pub use sampling::SamplingParams;
+pub use step::{
+    DraftSource, Scheduler, SchedulerOptions, SeqId, SequenceRequest, Speculation, StepReport,
+};
 
 /// Re-exported so library users can build devices/tensors without a direct tch dependency.
 pub use tch;

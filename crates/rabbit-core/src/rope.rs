@@ -51,6 +51,19 @@ impl RopeTables {
         }
     }
 
+    /// Whether a row of prompt length `prompt` is rotated with the same frequencies at lengths
+    /// `a` and `b`: then a sweep reaching length `b` computes its positions exactly as sweeps
+    /// ending at each length in between would (chunked prefill, verifying drafts).
+    pub fn same_frequencies(&self, a: usize, b: usize, prompt: usize) -> bool {
+        match (
+            self.deciding_length(a, prompt),
+            self.deciding_length(b, prompt),
+        ) {
+            (Some(x), Some(y)) => x == y || self.spec.inv_freq(x) == self.spec.inv_freq(y),
+            _ => true,
+        }
+    }
+
     /// `[B, 1, dim/2]` frequencies for the rows, or the shared `[1, 1, dim/2]` ones.
     fn frequencies(&self, rows: &RowLengths<'_>) -> Result<Tensor> {
         let per_row: Option<Vec<usize>> = rows

@@ -243,27 +243,20 @@ impl Sampler {
         history: &[u32],
         params: &SamplingParams,
     ) -> std::result::Result<u32, DegenerateScores> {
-        process(scores, history, params);
-        let degenerate = |token: usize, value: f32| DegenerateScores {
-            token,
-            value,
-            temperature: params.temperature,
-            penalty: params.repetition_penalty.unwrap_or(1.0),
-        };
-        // Greedy: +inf is a clear argmax (transformers picks it too); NaN is not.
-        // Sampling: exp(s - max) needs a finite max.
-        let bad = |v: f32| v.is_nan() || (params.is_sampling() && v == f32::INFINITY);
-        if let Some((j, &v)) = scores.iter().enumerate().find(|(_, v)| bad(**v)) {
-            return Err(degenerate(j, v));
-        }
         if !params.is_sampling() {
-            return Ok(argmax(scores));
+            return greedy(scores, history, params);
         }
-        let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        if max == f32::NEG_INFINITY {
-            return Err(degenerate(0, max));
-        }
-        let weights: Vec<f64> = scores.iter().map(|s| ((s - max) as f64).exp()).collect();
+        let p = distribution(scores, history, params)?;
+        Ok(self.sample(&p))
+    }
+
+    /// A uniform draw in `[0, 1)` from the sequence's stream.
+    pub fn uniform(&mut self) -> f64 {
+        self.rng.random::<f64>()
+    }
+
+    /// Draws an index with probability proportional to `weights` (non-negative, not all zero).
+    pub fn sample(&mut self, weights: &[f64]) -> u32 {
         let total: f64 = weights.iter().sum();
         let mut x = self.rng.random::<f64>() * total;
         let mut last_nonzero = 0;
@@ -271,13 +264,64 @@ impl Sampler {
             if *w > 0.0 {
                 last_nonzero = i;
                 if x < *w {
-                    return Ok(i as u32);
+                    return i as u32;
                 }
                 x -= w;
             }
         }
-        Ok(last_nonzero as u32)
+        last_nonzero as u32
     }
+}
+
+fn degenerate(params: &SamplingParams, token: usize, value: f32) -> DegenerateScores {
+    DegenerateScores {
+        token,
+        value,
+        temperature: params.temperature,
+        penalty: params.repetition_penalty.unwrap_or(1.0),
+    }
+}
+
+/// Greedy choice: processes `scores` in place (repetition penalty) and takes the argmax; +inf
+/// is a clear argmax (transformers picks it too), NaN is refused.
+pub fn greedy(
+    scores: &mut [f32],
+    history: &[u32],
+    params: &SamplingParams,
+) -> std::result::Result<u32, DegenerateScores> {
+    process(scores, history, params);
+    if let Some((j, &v)) = scores.iter().enumerate().find(|(_, v)| v.is_nan()) {
+        return Err(degenerate(params, j, v));
+    }
+    Ok(argmax(scores))
+}
+
+/// The sampling distribution (probabilities summing to 1) after the processors; `scores` are
+/// processed in place. Refuses NaN, +inf, or nothing left to sample.
+pub fn distribution(
+    scores: &mut [f32],
+    history: &[u32],
+    params: &SamplingParams,
+) -> std::result::Result<Vec<f64>, DegenerateScores> {
+    process(scores, history, params);
+    // exp(s - max) needs a finite max.
+    if let Some((j, &v)) = scores
+        .iter()
+        .enumerate()
+        .find(|(_, v)| v.is_nan() || **v == f32::INFINITY)
+    {
+        return Err(degenerate(params, j, v));
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return Err(degenerate(params, 0, max));
+    }
+    let mut weights: Vec<f64> = scores.iter().map(|s| ((s - max) as f64).exp()).collect();
+    let total: f64 = weights.iter().sum();
+    for w in &mut weights {
+        *w /= total;
+    }
+    Ok(weights)
 }
 
 #[cfg(test)]

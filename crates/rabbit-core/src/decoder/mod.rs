@@ -7,6 +7,7 @@ pub mod blocks;
 use rabbit_models::{LayerProgram, ModelSpec, Role};
 use tch::Tensor;
 
+use crate::engine::Layout;
 use crate::error::Result;
 use crate::kv::LayerKv;
 use crate::weights::LayerWeights;
@@ -27,15 +28,16 @@ pub struct AttnContext {
     pub rope: Option<RopeCosSin>,
     /// RoPE of the sliding-window layers when the model has a separate one (Gemma 3).
     pub local_rope: Option<RopeCosSin>,
-    /// Cache slot where this forward's first token goes.
-    pub slot: i64,
+    /// The sweep's rows: positions, padding, where K/V go.
+    pub(crate) layout: Layout,
     /// Boolean mask `[B, 1, T, S]` (true = attend) for full-attention layers, when the plain
     /// causal rule is not enough (padding, past KV with T > 1).
     pub full_mask: Option<Tensor>,
     /// Mask for sliding-window layers once the window cuts (padding excluded too); `None` while
     /// the window is longer than the keys, when windowed layers use `full_mask`.
     pub window_mask: Option<Tensor>,
-    /// Use SDPA's built-in causal mask (only valid with no past KV: it aligns top-left).
+    /// Use SDPA's built-in causal mask (only valid with no past KV and no padding: it aligns
+    /// top-left).
     pub causal: bool,
     /// ALiBi: the additive scores `[B, H, T, S]` (masking included), for every layer.
     pub alibi: Option<Tensor>,
@@ -44,7 +46,9 @@ pub struct AttnContext {
 }
 
 /// The attention block: projections (fused or not), q/k norms, rotary, the KV cache write, and
-/// attention over the cached keys. Returns `[B, T, hidden]` after the output projection.
+/// attention over the cached keys. `x` is the hidden state in the sweep's layout (packed
+/// `[1, N, ·]`, or `[B, T, ·]` when every row is as wide); so is the result, after the output
+/// projection.
 fn self_attention(
     spec: &ModelSpec,
     w: &LayerWeights,
@@ -53,7 +57,8 @@ fn self_attention(
     ctx: &AttnContext,
     windowed: bool,
 ) -> Result<Tensor> {
-    let (b, t) = (x.size()[0], x.size()[1]);
+    let lay = &ctx.layout;
+    let (b, t) = (lay.b, lay.t);
     let (h, kvh, d) = (
         spec.num_heads as i64,
         spec.num_kv_heads as i64,
@@ -73,9 +78,12 @@ fn self_attention(
             w.req_linear(Role::V)?.forward(x)?,
         ),
     };
-    let mut q = q.f_view([b, t, h, d])?;
-    let mut k = k.f_view([b, t, kvh, d])?;
-    let v = v.f_view([b, t, kvh, d])?.f_transpose(1, 2)?;
+    let mut q = lay.to_padded(&q)?.f_view([b, t, h, d])?;
+    let mut k = lay.to_padded(&k)?.f_view([b, t, kvh, d])?;
+    let v = lay
+        .to_padded(&v)?
+        .f_view([b, t, kvh, d])?
+        .f_transpose(1, 2)?;
     if let (Some(qn), Some(kn)) = (w.norm(Role::QNorm), w.norm(Role::KNorm)) {
         q = norm(&q, qn, &spec.norm)?;
         k = norm(&k, kn, &spec.norm)?;
@@ -100,8 +108,8 @@ fn self_attention(
         None => q,
     };
 
-    kv.write(ctx.slot, &k, &v)?;
-    let (keys, values) = kv.view(ctx.slot + t)?;
+    kv.write(&lay.kv, &k, &v)?;
+    let (keys, values) = kv.view(b, lay.keys)?;
     // A window that does not cut yet leaves a windowed layer with the full layer's needs
     // (padding, past KV): falling back keeps padded rows out of its attention.
     let mask = match (windowed, &ctx.window_mask) {
@@ -114,7 +122,7 @@ fn self_attention(
         Some(bias) => blocks::attention_with_bias(&q, &keys, &values, bias, &spec.attention)?,
         None => blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?,
     };
-    let attn = attn.f_transpose(1, 2)?.f_reshape([b, t, h * d])?;
+    let attn = lay.to_packed(&attn.f_transpose(1, 2)?.f_reshape([b, t, h * d])?)?;
     w.req_linear(Role::O)?.forward(&attn)
 }
 
@@ -134,8 +142,8 @@ fn mlp(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
     w.req_linear(Role::Down)?.forward(&hidden)
 }
 
-/// One decoder layer as the family's program wires it. Writes this forward's K/V into `kv` at
-/// `ctx.slot`.
+/// One decoder layer as the family's program wires it. Writes this forward's K/V into `kv` where
+/// the sweep's layout says.
 pub fn layer_forward(
     spec: &ModelSpec,
     w: &LayerWeights,

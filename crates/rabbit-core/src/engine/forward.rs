@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
-use super::{Engine, HeadMatrix, LayerProfile, StepInput};
+use super::{Engine, HeadMatrix, LayerProfile, Layout, StepInput};
 use crate::decoder::{layer_forward, norm, AttnContext};
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
@@ -13,33 +13,10 @@ use crate::rope::RowLengths;
 use crate::weights::{LayerWeights, UnitTensors};
 
 impl Engine {
-    /// Attention mask `[B, 1, T, S]` (true = attend): causal, left padding excluded (a pad query
-    /// attends to itself so no row is empty), optional sliding window.
-    fn mask(&self, input: &StepInput, t: i64, window: Option<usize>) -> Result<Tensor> {
-        let s = input.slot + t;
-        let opts = (Kind::Int64, self.device);
-        let q = Tensor::f_arange_start(input.slot, s, opts)?.f_view([t, 1])?;
-        let k = Tensor::f_arange_start(0, s, opts)?.f_view([1, s])?;
-        let causal = k.f_le_tensor(&q)?;
-        let diag = k.f_eq_tensor(&q)?;
-        let not_pad = k
-            .f_unsqueeze(0)?
-            .f_ge_tensor(&input.pads.f_view([-1, 1, 1])?)?;
-        let mut allowed = causal
-            .f_unsqueeze(0)?
-            .f_logical_and(&not_pad.f_logical_or(&diag.f_unsqueeze(0)?)?)?;
-        if let Some(w) = window {
-            let inside = q.f_sub(&k)?.f_lt(w as i64)?;
-            allowed = allowed.f_logical_and(&inside.f_unsqueeze(0)?)?;
-        }
-        Ok(allowed.f_unsqueeze(1)?)
-    }
-
-    /// ALiBi scores `[B, H, T, S]` in the compute dtype: `slope_h · key position` (a key's
-    /// position in its own sequence, as in the original with one sequence, so a padded row
-    /// scores as alone), `-inf` where `allowed` (`[B, 1, T, S]`) is false.
-    fn alibi_bias(&self, input: &StepInput, t: i64, allowed: &Tensor) -> Result<Tensor> {
-        let s = input.slot + t;
+    /// ALiBi scores `[B, H, T, S]` in the compute dtype: `slope_h · key position` (a row's
+    /// keys start at slot 0, so a row scores as alone), `-inf` where `allowed` (`[B, 1, T, S]`)
+    /// is false.
+    fn alibi_bias(&self, keys: i64, allowed: &Tensor) -> Result<Tensor> {
         let slopes: Vec<f32> = rabbit_models::alibi_slopes(self.spec.num_heads)
             .into_iter()
             .map(|x| x as f32)
@@ -47,33 +24,37 @@ impl Engine {
         let slopes = Tensor::f_from_slice(&slopes)?
             .f_to_device(self.device)?
             .f_view([1, -1, 1, 1])?;
-        let keys = Tensor::f_arange_start(0, s, (Kind::Int64, self.device))?
-            .f_view([1, s])?
-            .f_sub(&input.pads.f_view([-1, 1])?)?
-            .f_to_kind(Kind::Float)?
-            .f_view([-1, 1, 1, s])?;
+        let keys = Tensor::f_arange(keys, (Kind::Float, self.device))?.f_view([1, 1, 1, keys])?;
         Ok(slopes
             .f_mul(&keys)?
             .f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?
             .f_to_kind(self.kind)?)
     }
 
-    /// One sweep over the whole model for a batch. Returns float32 logits: `[B, V]` for the last
-    /// position, or `[B, T, V]` for every position when `all_positions`.
-    pub fn forward(
-        &mut self,
-        input: &StepInput,
-        kv: &mut KvCache,
-        all_positions: bool,
-    ) -> Result<Tensor> {
+    /// One sweep over the whole model: every row of `input` (row `i` is row `i` of `kv`) adds
+    /// its new positions to its cache. Returns float32 logits `[M, V]` for the positions
+    /// `input` asks for, in row order.
+    pub fn forward(&mut self, input: &StepInput, kv: &mut KvCache) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
-        let size = input.ids.size();
-        let (b, t) = (size[0], size[1]);
+        let lay = Layout::new(input, kv.scratch_slot(), self.device)?;
+        if lay.b > kv.rows() || lay.keys > kv.capacity() {
+            return Err(CoreError::InvalidInput(format!(
+                "the sweep needs {} row(s) of {} slots; the KV cache has {} of {}",
+                lay.b,
+                lay.keys,
+                kv.rows(),
+                kv.capacity()
+            )));
+        }
+        let (b, t) = (lay.b, lay.t);
         let head_start = Instant::now();
         let mut h = match &self.embed {
             HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
             HeadMatrix::Mapped(m, _) => m.embed(&input.ids, self.device, self.kind)?,
         };
+        if lay.uniform {
+            h = h.f_view([b, t, -1])?;
+        }
         if let Some(s) = &self.embed_scale {
             h = h.f_mul(s)?;
         }
@@ -86,43 +67,47 @@ impl Engine {
         let rope = if alibi {
             None
         } else {
-            Some(self.rope.cos_sin(&input.positions, &rows, self.kind)?)
+            Some(self.rope.cos_sin(&lay.positions, &rows, self.kind)?)
         };
         let local_rope = match self.local_rope.as_ref() {
-            Some(r) => Some(r.cos_sin(&input.positions, &rows, self.kind)?),
+            Some(r) => Some(r.cos_sin(&lay.positions, &rows, self.kind)?),
             None => None,
         };
-        let needs_full = input.any_pad || (t > 1 && input.slot > 0);
+        // Uniform rows need no mask for a first chunk (SDPA's causal rule) or one token each
+        // (every cached key is visible); anything else does.
+        let past0 = input.past[0];
+        let needs_full = !(lay.uniform && (past0 == 0 || t == 1));
         let full_mask = if needs_full || alibi {
-            Some(self.mask(input, t, None)?)
+            Some(lay.mask(input, None, self.device)?)
         } else {
             None
         };
         let alibi_bias = match (&full_mask, alibi) {
-            (Some(m), true) => Some(self.alibi_bias(input, t, m)?),
+            (Some(m), true) => Some(self.alibi_bias(lay.keys, m)?),
             _ => None,
         };
         let q_scale = match self.spec.attention.logn_length {
-            Some(n) => Some(logn_scale(&input.positions, n, self.kind)?),
+            Some(n) => Some(logn_scale(&lay.positions, n, self.kind)?),
             None => None,
         };
         // The window only cuts once a query is `w` or more slots past the first key; before
         // that a windowed layer needs exactly what a full one does (decoder falls back to it).
         let window_mask = match self.window {
-            Some(w) if input.slot + t > w as i64 => Some(self.mask(input, t, Some(w))?),
+            Some(w) if lay.keys > w as i64 => Some(lay.mask(input, Some(w), self.device)?),
             _ => None,
         };
+        let causal = lay.uniform && past0 == 0 && t > 1;
         let ctx = AttnContext {
             rope,
             local_rope,
-            slot: input.slot,
+            layout: lay,
             full_mask,
             window_mask,
-            causal: input.slot == 0 && t > 1,
+            causal,
             alibi: alibi_bias,
             q_scale,
         };
-        let _ = b;
+        let multi = input.positions() > input.rows() as i64;
         let mut head_time = head_start.elapsed();
 
         for i in 0..self.layers.len() {
@@ -143,7 +128,7 @@ impl Engine {
                 let dt = compute.elapsed().as_secs_f64();
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
-                if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+                if let (true, Some(hook)) = (multi, self.on_prefill_layer.as_mut()) {
                     hook(i + 1, self.layers.len());
                 }
                 continue;
@@ -194,15 +179,26 @@ impl Engine {
                 reader.recycle(slot, unit.bytes);
             }
             h = result?;
-            if let (true, Some(hook)) = (t > 1, self.on_prefill_layer.as_mut()) {
+            if let (true, Some(hook)) = (multi, self.on_prefill_layer.as_mut()) {
                 hook(i + 1, self.layers.len());
             }
         }
 
         let head_start = Instant::now();
-        if !all_positions {
-            h = h.f_narrow(1, t - 1, 1)?;
+        if input.logits_at.is_empty() {
+            // A prefill chunk that does not end its prompt: no head at all (a mapped head would
+            // be read for nothing).
+            self.profile.head_s += head_time.as_secs_f64();
+            let vocab = self.spec.vocab_size as i64;
+            return Ok(Tensor::f_zeros([0, vocab], (Kind::Float, self.device))?);
         }
+        // Only the positions asked for go through the norm and the head.
+        let width = h.size()[h.dim() - 1];
+        let at = Tensor::f_from_slice(&input.logits_at)?.f_to_device(self.device)?;
+        let h = h
+            .f_reshape([-1, width])?
+            .f_index_select(0, &at)?
+            .f_unsqueeze(0)?;
         let h = norm(&h, &self.norm, &self.spec.norm)?;
         let mut logits = match &self.lm_head {
             HeadMatrix::Resident(w) => h.f_linear(w, self.lm_head_bias.as_ref())?,
@@ -219,12 +215,7 @@ impl Engine {
             // In the compute dtype, as transformers does (Gemma 2).
             logits = logits.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
         }
-        let logits = logits.f_to_kind(Kind::Float)?;
-        let logits = if all_positions {
-            logits
-        } else {
-            logits.f_squeeze_dim(1)?
-        };
+        let logits = logits.f_to_kind(Kind::Float)?.f_squeeze_dim(0)?;
         head_time += head_start.elapsed();
         self.profile.head_s += head_time.as_secs_f64();
         Ok(logits)

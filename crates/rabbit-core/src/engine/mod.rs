@@ -5,7 +5,11 @@
 //! stays resident, `forward` runs one sweep (masks, layers, head).
 
 mod forward;
+mod input;
 mod open;
+
+pub(crate) use input::Layout;
+pub use input::{Logits, RowInput, StepInput};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,13 +23,15 @@ use tch::{Device, Kind, Tensor};
 
 use crate::decoder::NormWeights;
 use crate::device::DType;
-use crate::error::Result;
+use crate::error::{CoreError, Result};
 use crate::head::MappedMatrix;
 use crate::kv::KvCache;
 use crate::plan::{MemoryBudget, Plan};
 use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
+use crate::sampling::SamplingParams;
 use crate::weights::{DequantBuffers, LayerWeights};
+use rabbit_models::RopeScaling;
 
 /// How to run a split model.
 #[derive(Debug, Clone)]
@@ -126,26 +132,6 @@ impl Profile {
             .map(|s| s.0)
             .unwrap_or("compute")
     }
-}
-
-/// One forward's inputs: a left-padded batch.
-pub struct StepInput {
-    /// Token ids `[B, T]`.
-    pub ids: Tensor,
-    /// Position of each token `[B, T]` (pads get 0).
-    pub positions: Tensor,
-    /// Largest position in `positions`.
-    pub max_position: i64,
-    /// Left-padding slots per row `[B]`.
-    pub pads: Tensor,
-    /// Whether any row has padding.
-    pub any_pad: bool,
-    /// Cache slot of the first token.
-    pub slot: i64,
-    /// Each row's length up to and including this forward's last token.
-    pub seq_lens: Vec<usize>,
-    /// Each row's prompt length.
-    pub prompt_lens: Vec<usize>,
 }
 
 /// The embedding or LM head: on the device, or used from the mapped split file (with the LM
@@ -275,7 +261,14 @@ impl Engine {
         self.profile = Profile::default();
     }
 
-    /// Allocates a KV cache for `batch` rows of `capacity` slots.
+    /// The model's rotary tables (the local one too, for models with one).
+    pub(crate) fn rope_tables(&self) -> Vec<&RopeTables> {
+        std::iter::once(&self.rope)
+            .chain(self.local_rope.as_ref())
+            .collect()
+    }
+
+    /// Allocates a KV cache for `batch` rows (sequences) of `capacity` slots.
     pub fn new_kv(&self, batch: usize, capacity: usize) -> Result<KvCache> {
         KvCache::new(
             self.spec.num_layers,
@@ -286,5 +279,56 @@ impl Engine {
             self.kind,
             self.device,
         )
+    }
+
+    /// Checks one sequence against the model's limits before any compute.
+    pub fn validate_sequence(
+        &self,
+        i: usize,
+        s: &[u32],
+        max_new_tokens: usize,
+        sampling: &SamplingParams,
+    ) -> Result<()> {
+        let spec = self.spec();
+        sampling.validate()?;
+        if s.is_empty() {
+            return Err(CoreError::InvalidInput(format!("sequence {i} is empty")));
+        }
+        if let Some(&bad) = s.iter().find(|&&t| t as usize >= spec.vocab_size) {
+            return Err(CoreError::InvalidInput(format!(
+                "sequence {i}: token id {bad} is out of range (vocab_size is {})",
+                spec.vocab_size
+            )));
+        }
+        let total = s.len().saturating_add(max_new_tokens);
+        if spec.context_limit().is_some_and(|limit| total > limit) {
+            return Err(CoreError::ContextTooLong {
+                reason: format!(
+                    "sequence {i}: {} prompt tokens + {max_new_tokens} new tokens = {total} > max_position_embeddings {}",
+                    s.len(),
+                    spec.max_position_embeddings
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The length past which LongRoPE switches to its long factors.
+    pub fn longrope_switch(&self) -> Option<usize> {
+        match &self.spec().rope.scaling {
+            RopeScaling::LongRope {
+                original_max_position_embeddings,
+                ..
+            } => Some(*original_max_position_embeddings),
+            _ => None,
+        }
+    }
+
+    /// Whether a row of prompt length `prompt` sees the same RoPE frequencies at lengths `a`
+    /// and `b` (every rotary table of the model).
+    pub fn rope_uniform(&self, a: usize, b: usize, prompt: usize) -> bool {
+        self.rope_tables()
+            .iter()
+            .all(|r| r.same_frequencies(a, b, prompt))
     }
 }

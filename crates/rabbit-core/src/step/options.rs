@@ -1,0 +1,190 @@
+//! What a scheduler is asked and what it answers: its options, speculation settings, a
+//! sequence request, the token events and the reports of a step.
+
+use serde::Serialize;
+
+use crate::error::{CoreError, Result};
+use crate::sampling::SamplingParams;
+
+/// Identifies a sequence in a scheduler (assigned in order from 0).
+pub type SeqId = usize;
+
+/// Most draft tokens per verify sweep: beyond this a sweep is no longer "about the cost of one
+/// token" even when streaming, and acceptance makes long drafts pointless.
+pub const MAX_DRAFT_TOKENS: usize = 32;
+/// Longest n-gram prompt lookup matches.
+pub const MAX_LOOKUP_NGRAM: usize = 16;
+
+/// Where drafts come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DraftSource {
+    /// No speculation.
+    #[default]
+    None,
+    /// n-gram matches in the sequence itself (`max_ngram`-long suffixes down to 1).
+    PromptLookup {
+        /// Longest suffix matched.
+        max_ngram: usize,
+    },
+    /// A draft model passed to [`Scheduler::step`].
+    Model,
+}
+
+/// Speculative decoding settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Speculation {
+    /// Draft source.
+    pub source: DraftSource,
+    /// Drafts per verify sweep (K).
+    pub draft_tokens: usize,
+}
+
+impl Speculation {
+    /// Whether drafts are made.
+    pub fn is_on(&self) -> bool {
+        self.source != DraftSource::None
+    }
+
+    /// Refuses K = 0 or beyond [`MAX_DRAFT_TOKENS`], and absurd n-gram sizes, by name.
+    pub fn validate(&self) -> Result<()> {
+        if !self.is_on() {
+            return Ok(());
+        }
+        if self.draft_tokens == 0 || self.draft_tokens > MAX_DRAFT_TOKENS {
+            return Err(CoreError::InvalidInput(format!(
+                "draft tokens must be in 1..={MAX_DRAFT_TOKENS}, got {}",
+                self.draft_tokens
+            )));
+        }
+        if let DraftSource::PromptLookup { max_ngram } = self.source {
+            if max_ngram == 0 || max_ngram > MAX_LOOKUP_NGRAM {
+                return Err(CoreError::InvalidInput(format!(
+                    "prompt lookup n-gram size must be in 1..={MAX_LOOKUP_NGRAM}, got {max_ngram}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a scheduler runs.
+#[derive(Debug, Clone)]
+pub struct SchedulerOptions {
+    /// Live sequences at most (KV rows); more wait in a queue.
+    pub max_batch: usize,
+    /// KV slots per sequence: prompt + new tokens of any sequence must fit.
+    pub capacity: usize,
+    /// Longest prefill chunk per sweep (`None`: a prompt in one sweep).
+    pub prefill_chunk: Option<usize>,
+    /// Speculative decoding.
+    pub speculation: Speculation,
+}
+
+/// One sequence to generate.
+#[derive(Debug, Clone, Default)]
+pub struct SequenceRequest {
+    /// Prompt token ids.
+    pub prompt: Vec<u32>,
+    /// Upper bound of new tokens.
+    pub max_new_tokens: usize,
+    /// Token choice.
+    pub sampling: SamplingParams,
+    /// Stop ids.
+    pub eos_token_ids: Vec<u32>,
+    /// Keep the raw float32 logits of every emitted token.
+    pub keep_logits: bool,
+}
+
+/// A sequence that left the scheduler.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    /// Its id.
+    pub id: SeqId,
+    /// What it produced.
+    pub output: SequenceOutput,
+}
+
+/// Counters since the scheduler was made.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepStats {
+    /// Target sweeps run.
+    pub sweeps: usize,
+    /// Drafts proposed.
+    pub draft_tokens: usize,
+    /// Drafts accepted.
+    pub accepted_tokens: usize,
+    /// Time making drafts (draft model sweeps, lookups).
+    pub draft_s: f64,
+    /// Time in target sweeps (forward and token choice).
+    pub sweep_s: f64,
+}
+
+/// What one [`Scheduler::step`] did.
+#[derive(Debug, Clone, Default)]
+pub struct StepReport {
+    /// Sequences that left.
+    pub finished: Vec<Finished>,
+    /// Rows in the sweep (0: nothing was live).
+    pub rows: usize,
+    /// Rows that emitted tokens.
+    pub emitting_rows: usize,
+    /// Tokens emitted over all rows.
+    pub emitted: usize,
+    /// Some row fed a prompt chunk.
+    pub prefill: bool,
+    /// Draft time of this step.
+    pub draft_s: f64,
+    /// Target sweep time of this step.
+    pub sweep_s: f64,
+}
+
+/// Why a sequence stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// max_new_tokens reached.
+    Length,
+    /// An eos id was produced.
+    Eos,
+    /// The caller's callback asked to stop this sequence (e.g. a stop string matched).
+    Stop,
+    /// The caller cancelled the whole generation.
+    Cancelled,
+}
+
+/// The caller's answer to each new token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Keep going.
+    Continue,
+    /// Finish this sequence now (the token is kept).
+    StopSequence,
+    /// Stop every sequence now.
+    Cancel,
+}
+
+/// One newly generated token.
+#[derive(Debug, Clone, Copy)]
+pub struct TokenEvent {
+    /// Index of the sequence in the request.
+    pub sequence: usize,
+    /// The token.
+    pub token: u32,
+    /// 0 for the first new token.
+    pub step: usize,
+}
+
+/// Result for one sequence.
+#[derive(Debug, Clone)]
+pub struct SequenceOutput {
+    /// The prompt.
+    pub input_ids: Vec<u32>,
+    /// Only the new tokens.
+    pub output_ids: Vec<u32>,
+    /// Why it stopped.
+    pub finish_reason: FinishReason,
+    /// `[new tokens, vocab]` float32 row-major, when requested: row 0 is the logits at the last
+    /// prompt position, row k those of decode step k.
+    pub logits: Option<Vec<f32>>,
+}
