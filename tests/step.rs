@@ -543,3 +543,32 @@ fn speculation_works_on_a_compressed_model() {
     }
     assert!(stats.draft_tokens > 0);
 }
+
+/// A scheduler stays usable after a refused request, and an absurd capacity is refused by size.
+#[test]
+fn absurd_sizes_are_refused_by_size() {
+    let case = Case::load("baichuan2_13b"); // ALiBi: no context limit from the config
+    let split = tempfile::tempdir().unwrap();
+    let mut model = case.open(DType::F32, split.path());
+    let req = GenerateRequest {
+        sequences: vec![vec![1, 2, 3]],
+        max_new_tokens: usize::MAX,
+        ..Default::default()
+    };
+    let e = model
+        .generate(&req, &mut |_| Control::Continue)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("positions") || e.contains("context"), "{e}");
+    let opts = SchedulerOptions {
+        max_batch: 1,
+        capacity: usize::MAX,
+        prefill_chunk: None,
+        speculation: Speculation::default(),
+    };
+    let e = Scheduler::new(&model.engine, None, opts)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("cannot be allocated"), "{e}");
+}

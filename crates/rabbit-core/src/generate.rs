@@ -167,7 +167,9 @@ impl Engine {
         let max_len = req.sequences.iter().map(Vec::len).max().unwrap_or(0);
         let opts = SchedulerOptions {
             max_batch: n,
-            capacity: max_len + req.max_new_tokens,
+            // validate_request bounded it by the context where the model has one; saturating
+            // leaves an absurd request to fail as an allocation, by size.
+            capacity: max_len.saturating_add(req.max_new_tokens),
             prefill_chunk: req.prefill_chunk,
             speculation: req.speculation.clone(),
         };

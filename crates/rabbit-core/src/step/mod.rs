@@ -7,6 +7,34 @@
 //! would alone; rejected drafts are rolled back by setting its length back (nothing is copied),
 //! and a finished sequence's row is refilled by moving the last live row into it (one row's
 //! copy, not a reallocation).
+//!
+//! ```no_run
+//! use rabbit_core::{Control, Engine, Scheduler, SchedulerOptions, SequenceRequest, Speculation};
+//! # fn serve(engine: &mut Engine) -> rabbit_core::Result<()> {
+//! let opts = SchedulerOptions {
+//!     max_batch: 16,           // live sequences; more wait in the queue
+//!     capacity: 4096,          // prompt + new tokens per sequence
+//!     prefill_chunk: Some(256),
+//!     speculation: Speculation::default(),
+//! };
+//! let mut sched = Scheduler::new(engine, None, opts)?;
+//! let id = sched.add(engine, SequenceRequest {
+//!     prompt: vec![1, 2, 3],
+//!     max_new_tokens: 32,
+//!     ..Default::default()
+//! })?;
+//! while !sched.is_idle() {
+//!     // New requests may be added (or cancelled) between steps.
+//!     let report = sched.step(engine, None, &mut |ev| {
+//!         println!("sequence {} token {}", ev.sequence, ev.token);
+//!         Control::Continue
+//!     })?;
+//!     for f in report.finished {
+//!         assert_eq!(f.id, id);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
 
 pub mod draft;
 mod options;
@@ -88,6 +116,15 @@ impl Scheduler {
             return Err(CoreError::InvalidInput("prefill chunk must be >= 1".into()));
         }
         opts.speculation.validate()?;
+        // Far beyond any memory; refused by size rather than wrapped into a negative shape.
+        if opts.capacity > (i64::MAX / 2) as usize {
+            return Err(CoreError::ContextTooLong {
+                reason: format!(
+                    "{} positions per sequence cannot be allocated",
+                    opts.capacity
+                ),
+            });
+        }
         let wants_draft = opts.speculation.source == DraftSource::Model;
         match (wants_draft, draft) {
             (true, None) => {
@@ -148,7 +185,7 @@ impl Scheduler {
     pub fn add(&mut self, target: &Engine, req: SequenceRequest) -> Result<SeqId> {
         let id = self.next_id;
         target.validate_sequence(id, &req.prompt, req.max_new_tokens, &req.sampling)?;
-        let total = req.prompt.len() + req.max_new_tokens;
+        let total = req.prompt.len().saturating_add(req.max_new_tokens);
         if total > self.opts.capacity {
             return Err(CoreError::ContextTooLong {
                 reason: format!(
@@ -310,6 +347,10 @@ impl Scheduler {
         let mut cancel_all = false;
         let longrope = target.longrope_switch();
         for (s, &(n, wants)) in self.live.iter_mut().zip(&feeds) {
+            if cancel_all {
+                // "Stop every sequence now": the rows after the cancelling one emit nothing.
+                break;
+            }
             let count = match wants {
                 Logits::None => 0,
                 Logits::Last => 1,
@@ -445,6 +486,9 @@ impl Scheduler {
         for s in &mut self.live {
             s.drafts.clear();
             s.q.clear();
+            // Drafting advanced the draft's rows before the verify that pulls them back; after
+            // a failed sweep that never came, only the sequence's own tokens are known valid.
+            s.draft_cached = s.draft_cached.min(s.tokens.len() - 1);
         }
         if !spec.is_on() {
             return Ok(());
