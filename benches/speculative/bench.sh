@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Speculative decoding on a streamed model, every layer read from the disk each sweep (--cold):
-# plain decoding, then drafts from perturbed copies of the target (make_draft.py) and prompt
-# lookup. One JSON line per run in $OUT/spec.jsonl.
-#   MODEL=/tmp/b15 DRAFTS="/tmp/d15-full-0.02 /tmp/d15-full-0.2" benches/speculative/bench.sh
+# plain decoding, then drafts from perturbed copies of the target (`rabbit synth --like MODEL
+# --noise SIGMA`) and prompt lookup. One JSON line per run in $OUT/spec.jsonl.
+#   MODEL=/tmp/b15 DRAFTS="/tmp/b15 /tmp/l15-0.005" KS="4 7" benches/speculative/bench.sh
 set -euo pipefail
 R=${RABBIT:-$CARGO_TARGET_DIR/release/rabbit}
 M=${MODEL:-/tmp/b15}

@@ -4,7 +4,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use rabbit_models::synth::{synthesize, SynthDtype, SynthOptions, SynthOverrides};
+use rabbit_models::synth::{
+    derive_like, synthesize, LikeOptions, SynthDtype, SynthOptions, SynthOverrides,
+};
 
 use crate::out::outln;
 use crate::report::human_bytes;
@@ -14,8 +16,17 @@ use crate::report::human_bytes;
 pub struct SynthArgs {
     /// Architecture family: qwen2, qwen3, llama, mistral, gemma2, gemma3, phi3, phi, glm4, glm,
     /// chatglm, internlm2, internlm, baichuan or qwen1 (`rabbit info` lists them).
-    #[arg(long)]
-    arch: String,
+    #[arg(long, required_unless_present = "like")]
+    arch: Option<String>,
+    /// Derive from this checkpoint instead (e.g. a draft for speculative-decoding benchmarks):
+    /// its first --layers layers, every weight plus --noise × its standard deviation.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["arch", "preset", "shards", "dtype", "hidden",
+          "intermediate", "heads", "kv_heads", "head_dim", "vocab", "max_position",
+          "tie_word_embeddings", "rope_theta"])]
+    like: Option<PathBuf>,
+    /// With --like: Gaussian noise, in units of each tensor's standard deviation (0: a copy).
+    #[arg(long, requires = "like", allow_hyphen_values = true)]
+    noise: Option<f64>,
     /// Shape preset: tiny, or a real model's shape (qwen2.5-0.5b, qwen2.5-1.5b, qwen3-0.6b, ...).
     #[arg(long, default_value = "tiny")]
     preset: String,
@@ -31,7 +42,7 @@ pub struct SynthArgs {
     /// Random seed of the weights.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Override: decoder layers.
+    /// Override: decoder layers (with --like: the first N layers are kept).
     #[arg(long)]
     layers: Option<usize>,
     /// Override: hidden size.
@@ -65,8 +76,40 @@ pub struct SynthArgs {
 
 /// Runs `rabbit synth`.
 pub fn run(a: SynthArgs) -> Result<()> {
+    if a.noise.is_some() && a.like.is_none() {
+        anyhow::bail!("--noise needs --like (it perturbs a copy of an existing checkpoint)");
+    }
+    if let Some(target) = &a.like {
+        let start = std::time::Instant::now();
+        let r = derive_like(&LikeOptions {
+            target: target.clone(),
+            out_dir: a.out.clone(),
+            layers: a.layers,
+            noise: a.noise.unwrap_or(0.0),
+            seed: a.seed,
+        })
+        .with_context(|| {
+            format!(
+                "writing {} from --like {}",
+                a.out.display(),
+                target.display()
+            )
+        })?;
+        outln!(
+            "{}: {}/{} layers of {}, noise {}, {} tensors, {}, {:.2} s",
+            r.out_dir.display(),
+            r.layers.0,
+            r.layers.1,
+            target.display(),
+            a.noise.unwrap_or(0.0),
+            r.tensors,
+            human_bytes(r.bytes),
+            start.elapsed().as_secs_f64()
+        )?;
+        return Ok(());
+    }
     let opts = SynthOptions {
-        arch: a.arch,
+        arch: a.arch.unwrap_or_default(),
         preset: a.preset,
         out_dir: a.out.clone(),
         shards: a.shards,

@@ -574,3 +574,88 @@ fn speculation_flags_keep_greedy_tokens_and_refuse_bad_settings() {
         assert_clean_failure(&o, &[needle]);
     }
 }
+
+/// `rabbit synth --like`: a noise-free copy decodes the target's tokens, a 1-layer noisy copy is
+/// a valid smaller model that drafts for it, and bad options are refused without writing.
+#[test]
+fn synth_like_derives_drafts_from_a_target() {
+    let exp = expected("qwen2_tied_f32");
+    let seq = &exp["sequences"][0];
+    let target = fixture("qwen2_tied_f32");
+    let tmp = tempfile::tempdir().unwrap();
+    let like = |out: &Path, extra: &[&str]| {
+        run(rabbit()
+            .args(["synth", "--like"])
+            .arg(&target)
+            .arg("--out")
+            .arg(out)
+            .args(extra))
+    };
+    let gen = |model: &Path, extra: &[&str]| {
+        let o = run(rabbit()
+            .args([
+                "generate",
+                "--device",
+                "cpu",
+                "--dtype",
+                "f32",
+                "--json",
+                "--no-split",
+            ])
+            .args([
+                "--max-new-tokens",
+                "8",
+                "--input-ids",
+                &ids_csv(&seq["input_ids"]),
+            ])
+            .arg("--model")
+            .arg(model)
+            .args(extra));
+        assert_ok(&o);
+        last_json_line(&o)["sequences"][0]["output_ids"].clone()
+    };
+    let copy = tmp.path().join("copy");
+    assert_ok(&like(&copy, &[]));
+    let want = Value::Array(seq["greedy_output_ids"].as_array().unwrap()[..8].to_vec());
+    assert_eq!(gen(&copy, &[]), want);
+    let small = tmp.path().join("small");
+    assert_ok(&like(
+        &small,
+        &["--layers", "1", "--noise", "0.05", "--seed", "2"],
+    ));
+    let cfg: Value =
+        serde_json::from_str(&std::fs::read_to_string(small.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["num_hidden_layers"], 1);
+    assert_ne!(
+        gen(&small, &[]),
+        want,
+        "a 1-layer noisy copy is another model"
+    );
+    let small_str = small.to_str().unwrap();
+    assert_eq!(gen(&target, &["--draft-model", small_str]), want);
+    // Refusals: nothing written, a user's directory untouched.
+    let user = tmp.path().join("user");
+    std::fs::create_dir(&user).unwrap();
+    std::fs::write(user.join("notes.txt"), "mine").unwrap();
+    let fresh = tmp.path().join("fresh");
+    for (out, extra, needle) in [
+        (&fresh, vec!["--layers", "3"], "has 2 decoder layers"),
+        (&fresh, vec!["--layers", "0"], "--layers"),
+        (&fresh, vec!["--noise", "-0.5"], "--noise"),
+        (&fresh, vec!["--noise", "nan"], "--noise"),
+        (&fresh, vec!["--preset", "tiny"], "cannot be used with"),
+        (&user, vec![], "not empty"),
+    ] {
+        let o = like(out, &extra);
+        assert_clean_failure(&o, &[needle]);
+    }
+    assert!(!fresh.exists(), "a refused derivation leaves no directory");
+    assert_eq!(
+        std::fs::read_to_string(user.join("notes.txt")).unwrap(),
+        "mine"
+    );
+    let o = run(rabbit()
+        .args(["synth", "--arch", "qwen2", "--noise", "0.1", "--out"])
+        .arg(&fresh));
+    assert_clean_failure(&o, &["--noise needs --like"]);
+}

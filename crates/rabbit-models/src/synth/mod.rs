@@ -20,6 +20,7 @@
 //!   for the same checkpoint is answered from disk, and only our own output is ever overwritten.
 
 pub mod init;
+pub mod like;
 pub mod tokenizer;
 pub mod weights;
 
@@ -40,6 +41,7 @@ use crate::config::HfConfig;
 use crate::error::ModelError;
 use crate::spec::ModelSpec;
 
+pub use like::{derive_like, LikeOptions, LikeReport};
 pub use plan::{plan, SynthPlan};
 pub use presets::{all_presets, presets, PresetInfo};
 pub use tokenizer::{synthetic_tokenizer, SynthTokenizer};
