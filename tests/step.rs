@@ -46,6 +46,7 @@ fn lookup(k: usize) -> Speculation {
     Speculation {
         source: DraftSource::PromptLookup { max_ngram: 2 },
         draft_tokens: k,
+        ..Default::default()
     }
 }
 
@@ -146,6 +147,16 @@ fn check_schedules(name: &str, sampling: SamplingParams) {
             max_batch: 3,
             chunk: Some(1),
             speculation: lookup(6),
+        },
+        // Adaptive verify widths (each sequence its own K, moving with its acceptance).
+        Schedule {
+            joins: (0..k).map(|i| i % 2).collect(),
+            max_batch: k,
+            chunk: Some(2),
+            speculation: Speculation {
+                adaptive: true,
+                ..lookup(2)
+            },
         },
     ];
     for (si, s) in schedules.iter().enumerate() {
@@ -250,6 +261,7 @@ fn greedy_speculation_with_a_draft_model_gives_plain_greedy_tokens() {
             speculation: Speculation {
                 source: DraftSource::Model,
                 draft_tokens: 4,
+                ..Default::default()
             },
         };
         let (got, stats) = scheduled(&mut target.engine, Some(draft), &prompts, n, &greedy, &s);
@@ -334,6 +346,7 @@ fn speculative_sampling_keeps_the_target_distribution() {
                 speculation: Speculation {
                     source: DraftSource::Model,
                     draft_tokens: 2,
+                    ..Default::default()
                 },
                 ..Default::default()
             };
@@ -383,6 +396,7 @@ fn bad_speculation_settings_are_refused_and_short_prompts_fall_back() {
             Speculation {
                 source: DraftSource::PromptLookup { max_ngram: 0 },
                 draft_tokens: 2,
+                ..Default::default()
             },
             "n-gram",
         ),
@@ -390,6 +404,7 @@ fn bad_speculation_settings_are_refused_and_short_prompts_fall_back() {
             Speculation {
                 source: DraftSource::Model,
                 draft_tokens: 2,
+                ..Default::default()
             },
             "draft model",
         ),

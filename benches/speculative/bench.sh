@@ -2,7 +2,7 @@
 # Speculative decoding on a streamed model, every layer read from the disk each sweep (--cold):
 # plain decoding, then drafts from perturbed copies of the target (`rabbit synth --like MODEL
 # --noise SIGMA`) and prompt lookup. One JSON line per run in $OUT/spec.jsonl.
-#   MODEL=/tmp/b15 DRAFTS="/tmp/b15 /tmp/l15-0.005" KS="4 7" benches/speculative/bench.sh
+#   MODEL=/tmp/b15 DRAFTS="/tmp/b15 /tmp/l15-0.005" KS="4 7" [ADAPTIVE=1] benches/speculative/bench.sh
 set -euo pipefail
 R=${RABBIT:-$CARGO_TARGET_DIR/release/rabbit}
 M=${MODEL:-/tmp/b15}
@@ -17,10 +17,15 @@ run() { # label, extra flags...
     >> $OUT/spec.jsonl
 }
 run plain
+# ADAPTIVE=1 adds each run again with --adaptive-draft (K starts there and follows acceptance).
 for d in ${DRAFTS:-}; do
-  for k in ${KS:-4}; do run "draft $(basename $d) K=$k" --draft-model $d --draft-tokens $k; done
+  for k in ${KS:-4}; do
+    run "draft $(basename $d) K=$k" --draft-model $d --draft-tokens $k
+    [ -n "${ADAPTIVE:-}" ] && run "draft $(basename $d) K=$k adaptive" --draft-model $d --draft-tokens $k --adaptive-draft
+  done
 done
 run "prompt lookup K=4" --prompt-lookup --draft-tokens 4
+[ -n "${ADAPTIVE:-}" ] && run "prompt lookup K=4 adaptive" --prompt-lookup --draft-tokens 4 --adaptive-draft
 python3 - $OUT/spec.jsonl <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]

@@ -32,6 +32,10 @@ pub struct StepArgs {
     #[arg(long, value_name = "K",
           value_parser = clap::value_parser!(u64).range(1..=MAX_DRAFT_TOKENS as u64))]
     pub draft_tokens: Option<u64>,
+    /// Adapt K to each sequence's acceptance, starting at --draft-tokens: +2 after a sweep that
+    /// accepted every draft, -1 after one that rejected some (transformers' heuristic).
+    #[arg(long)]
+    pub adaptive_draft: bool,
 }
 
 impl StepArgs {
@@ -46,6 +50,9 @@ impl StepArgs {
                 if self.draft_tokens.is_some() {
                     bail!("--draft-tokens needs --prompt-lookup or --draft-model");
                 }
+                if self.adaptive_draft {
+                    bail!("--adaptive-draft needs --prompt-lookup or --draft-model");
+                }
                 DraftSource::None
             }
         };
@@ -55,6 +62,7 @@ impl StepArgs {
             } else {
                 self.draft_tokens.unwrap_or(4) as usize
             },
+            adaptive: self.adaptive_draft,
             source,
         };
         s.validate()?;

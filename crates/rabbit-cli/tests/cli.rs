@@ -516,6 +516,7 @@ fn speculation_flags_keep_greedy_tokens_and_refuse_bad_settings() {
             "3",
         ],
         vec!["--draft-model", model_str, "--draft-tokens", "3"],
+        vec!["--prompt-lookup", "--adaptive-draft", "--draft-tokens", "1"],
     ] {
         let o = gen(&extra);
         assert_ok(&o);

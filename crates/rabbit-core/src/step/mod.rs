@@ -66,6 +66,8 @@ struct Seq {
     cached: usize,
     /// Tokens in the draft's KV row.
     draft_cached: usize,
+    /// Drafts this sequence asks for next (adaptive speculation moves it).
+    k: usize,
     sampler: Sampler,
     out: Vec<u32>,
     logits: Vec<f32>,
@@ -203,6 +205,7 @@ impl Scheduler {
             tokens: req.prompt.clone(),
             cached: 0,
             draft_cached: 0,
+            k: self.opts.speculation.draft_tokens,
             sampler: Sampler::new(req.sampling.seed),
             out: Vec::new(),
             logits: Vec::new(),
@@ -416,6 +419,11 @@ impl Scheduler {
                 non_finite(v.accepted)?;
                 self.stats.draft_tokens += s.drafts.len();
                 self.stats.accepted_tokens += v.accepted;
+                s.k = if v.accepted == s.drafts.len() {
+                    (s.k + 2).min(MAX_DRAFT_TOKENS)
+                } else {
+                    s.k.saturating_sub(1).max(1)
+                };
                 // Rejected drafts' slots are simply beyond the row's length now.
                 s.cached = n0 + v.accepted;
                 s.draft_cached = s.draft_cached.min(n0 + v.accepted);
@@ -502,7 +510,12 @@ impl Scheduler {
                 }
                 // Drafts past the last new token would be wasted.
                 let remaining = s.req.max_new_tokens - s.out.len();
-                let mut k = spec.draft_tokens.min(remaining.saturating_sub(1));
+                let wanted = if spec.adaptive {
+                    s.k
+                } else {
+                    spec.draft_tokens
+                };
+                let mut k = wanted.min(remaining.saturating_sub(1));
                 // A verify block must see the RoPE frequencies one-token steps would.
                 let n0 = s.tokens.len();
                 while k > 0 && !target.rope_uniform(n0, n0 + k, s.req.prompt.len()) {
@@ -582,6 +595,7 @@ fn placeholder() -> Seq {
         tokens: Vec::new(),
         cached: 0,
         draft_cached: 0,
+        k: 0,
         sampler: Sampler::new(0),
         out: Vec::new(),
         logits: Vec::new(),

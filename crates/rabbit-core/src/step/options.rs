@@ -36,8 +36,11 @@ pub enum DraftSource {
 pub struct Speculation {
     /// Draft source.
     pub source: DraftSource,
-    /// Drafts per verify sweep (K).
+    /// Drafts per verify sweep (K); the starting K when adaptive.
     pub draft_tokens: usize,
+    /// Adapt each sequence's K to its acceptance (transformers' heuristic schedule): +2 after
+    /// a verify that accepted every draft, −1 (at least 1) after one that rejected some.
+    pub adaptive: bool,
 }
 
 impl Speculation {
