@@ -12,6 +12,12 @@ use rabbitllm::core::step::{
 use rabbitllm::core::Engine;
 use rabbitllm::{Control, DType, GenerateRequest, SamplingParams};
 
+/// `case` with every layer streamed, and its split directory (kept while the model lives).
+fn open(case: &Case, dtype: DType) -> (rabbitllm::Model, tempfile::TempDir) {
+    let split = tempfile::tempdir().unwrap();
+    (case.open(dtype, split.path()), split)
+}
+
 /// A sequence's tokens and float32 logits.
 type Generated = (Vec<u32>, Vec<f32>);
 
@@ -235,14 +241,9 @@ fn schedules_keep_sampled_sequences_and_the_repetition_penalty() {
 fn greedy_speculation_with_a_draft_model_gives_plain_greedy_tokens() {
     let case = Case::load("qwen2_batch");
     let other = Case::load("mistral");
-    let (s1, s2, s3) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let mut target = case.open(DType::F32, s1.path());
-    let mut same = case.open(DType::F32, s2.path());
-    let mut different = other.open(DType::F32, s3.path());
+    let (mut target, _s1) = open(&case, DType::F32);
+    let (mut same, _s2) = open(&case, DType::F32);
+    let (mut different, _s3) = open(&other, DType::F32);
     let prompts = prompts(&case);
     let n = 16;
     let greedy = SamplingParams::default();
@@ -294,14 +295,9 @@ fn greedy_speculation_with_a_draft_model_gives_plain_greedy_tokens() {
 fn speculative_sampling_keeps_the_target_distribution() {
     let case = Case::load("qwen2_sampling");
     let other = Case::load("mistral");
-    let (s1, s2, s3) = (
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-        tempfile::tempdir().unwrap(),
-    );
-    let mut target = case.open(DType::F32, s1.path());
-    let mut close = case.open(DType::BF16, s2.path());
-    let mut far = other.open(DType::F32, s3.path());
+    let (mut target, _s1) = open(&case, DType::F32);
+    let (mut close, _s2) = open(&case, DType::BF16);
+    let (mut far, _s3) = open(&other, DType::F32);
     let prompt = case.sequences()[0].0.clone();
     let params = |seed| SamplingParams {
         temperature: 1.5,

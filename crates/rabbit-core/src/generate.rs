@@ -5,9 +5,8 @@
 use std::time::Instant;
 
 use serde::Serialize;
-use tch::Device;
 
-use crate::engine::{Engine, Logits, RowInput, StepInput};
+use crate::engine::{host_f32, Engine, Logits, RowInput, StepInput};
 use crate::error::{CoreError, Result};
 use crate::sampling::SamplingParams;
 use crate::stats::median;
@@ -115,12 +114,7 @@ impl Engine {
             self.device(),
         )?;
         let logits = self.forward(&input, &mut kv)?;
-        Ok(Vec::<f32>::try_from(
-            logits
-                .f_to_device(Device::Cpu)?
-                .f_contiguous()?
-                .f_view([-1])?,
-        )?)
+        host_f32(&logits)
     }
 
     /// Runs a whole generation. `on_token` sees every new token as it is chosen and may stop a

@@ -140,3 +140,19 @@ pub fn flip_byte(p: &Path) {
     b[n - 3] ^= 0x55;
     std::fs::write(p, b).unwrap();
 }
+
+/// A fixture's `expected.json`.
+pub fn expected(case: &str) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(fixture(case).join("expected.json")).unwrap())
+        .unwrap()
+}
+
+/// Token ids of a JSON array as `--input-ids` takes them.
+pub fn ids_csv(v: &Value) -> String {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}

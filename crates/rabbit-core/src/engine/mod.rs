@@ -134,6 +134,13 @@ impl Profile {
     }
 }
 
+/// A float32 tensor's values on the host, row-major (logits to choose tokens from).
+pub(crate) fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    Ok(Vec::<f32>::try_from(
+        t.f_to_device(Device::Cpu)?.f_contiguous()?.f_view([-1])?,
+    )?)
+}
+
 /// The embedding or LM head: on the device, or used from the mapped split file (with the LM
 /// head's chunk rows).
 enum HeadMatrix {

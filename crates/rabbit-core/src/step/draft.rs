@@ -1,9 +1,11 @@
 //! Where drafts come from: prompt lookup (n-gram matches in the sequence itself, no model) or a
-//! small draft model kept resident, run for all drafting sequences in the same sweeps.
+//! small draft model kept resident, run for all drafting sequences in the same sweeps; and the
+//! scheduler's drafting step, which picks each sequence's K and asks the source.
 
 use tch::Device;
 
-use crate::engine::{Engine, Logits, RowInput, StepInput};
+use super::{DraftSource, Scheduler};
+use crate::engine::{host_f32, Engine, Logits, RowInput, StepInput};
 use crate::error::{CoreError, Result};
 use crate::kv::KvCache;
 use crate::sampling::{distribution, greedy, Sampler, SamplingParams};
@@ -93,12 +95,7 @@ pub fn run_draft_model(
         let input = StepInput::new(&rows, device)?;
         let logits = draft.forward(&input, kv)?;
         let vocab = logits.size()[1] as usize;
-        let flat = Vec::<f32>::try_from(
-            logits
-                .f_to_device(Device::Cpu)?
-                .f_contiguous()?
-                .f_view([-1])?,
-        )?;
+        let flat = host_f32(&logits)?;
         let mut at = 0;
         for (j, f) in jobs.iter_mut().zip(&feeds) {
             if f.is_empty() {
@@ -123,6 +120,91 @@ pub fn run_draft_model(
         }
     }
     Ok(())
+}
+
+impl Scheduler {
+    /// Drafts for every sequence that decodes this sweep.
+    pub(super) fn make_drafts(
+        &mut self,
+        target: &Engine,
+        draft: Option<&mut Engine>,
+    ) -> Result<()> {
+        let spec = self.opts.speculation.clone();
+        for s in &mut self.live {
+            s.drafts.clear();
+            s.q.clear();
+            // Drafting advanced the draft's rows before the verify that pulls them back; after
+            // a failed sweep that never came, only the sequence's own tokens are known valid.
+            s.draft_cached = s.draft_cached.min(s.tokens.len() - 1);
+        }
+        if !spec.is_on() {
+            return Ok(());
+        }
+        let ks: Vec<usize> = self
+            .live
+            .iter()
+            .map(|s| {
+                if s.pending() != 1 {
+                    return 0;
+                }
+                // Drafts past the last new token would be wasted.
+                let remaining = s.req.max_new_tokens - s.out.len();
+                let wanted = if spec.adaptive {
+                    s.k
+                } else {
+                    spec.draft_tokens
+                };
+                let mut k = wanted.min(remaining.saturating_sub(1));
+                // A verify block must see the RoPE frequencies one-token steps would.
+                let n0 = s.tokens.len();
+                while k > 0 && !target.rope_uniform(n0, n0 + k, s.req.prompt.len()) {
+                    k -= 1;
+                }
+                k
+            })
+            .collect();
+        if ks.iter().all(|&k| k == 0) {
+            return Ok(());
+        }
+        match spec.source {
+            DraftSource::None => {}
+            DraftSource::PromptLookup { max_ngram } => {
+                for (s, &k) in self.live.iter_mut().zip(&ks) {
+                    s.drafts = prompt_lookup(&s.tokens, max_ngram, k);
+                }
+            }
+            DraftSource::Model => {
+                let (Some(draft), Some(kv)) = (draft, self.draft_kv.as_mut()) else {
+                    return Err(CoreError::InvalidInput(
+                        "speculation from a draft model needs the draft model".into(),
+                    ));
+                };
+                let mut jobs: Vec<DraftJob<'_>> = self
+                    .live
+                    .iter_mut()
+                    .zip(&ks)
+                    .map(|(s, &k)| DraftJob {
+                        tokens: &s.tokens,
+                        prompt_len: s.req.prompt.len(),
+                        cached: &mut s.draft_cached,
+                        k,
+                        params: &s.req.sampling,
+                        sampler: &mut s.sampler,
+                        drafts: Vec::new(),
+                        q: Vec::new(),
+                    })
+                    .collect();
+                run_draft_model(draft, kv, &mut jobs)?;
+                let made: Vec<(Vec<u32>, Vec<Vec<f64>>)> =
+                    jobs.into_iter().map(|j| (j.drafts, j.q)).collect();
+                for (s, (d, q)) in self.live.iter_mut().zip(made) {
+                    s.drafts = d;
+                    s.q = q;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
