@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/env.sh
+# The `rabbit serve` tests talk to the server with the real OpenAI Python client.
+rabbit_ensure_pip openai==3.57.0
 status=0
 cargo test --release --workspace --all-targets --no-fail-fast || status=1
 cargo test --release --workspace --doc || status=1

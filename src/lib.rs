@@ -13,6 +13,7 @@
 //! # Ok::<(), rabbitllm::Error>(())
 //! ```
 
+pub mod chat;
 pub mod error;
 pub mod hub;
 pub mod model;

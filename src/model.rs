@@ -51,6 +51,11 @@ pub struct LoadOptions {
     /// disk falls back to streaming in place unless it is needed (compression,
     /// --delete-original, --verify-split).
     pub split: SplitPolicy,
+    /// Sequences at once the planner reserves KV cache and activations for (default 1).
+    pub plan_batch: usize,
+    /// Positions per sequence (prompt + new tokens) reserved for (default 4096, at most the
+    /// model's context).
+    pub plan_context: usize,
 }
 
 impl Default for LoadOptions {
@@ -68,6 +73,8 @@ impl Default for LoadOptions {
             compression: None,
             compress_embeddings: false,
             split: SplitPolicy::Auto,
+            plan_batch: 1,
+            plan_context: 4096,
         }
     }
 }
@@ -124,6 +131,14 @@ impl LoadOptions {
         self.budget.device = Some(bytes);
         self
     }
+    /// Reserve KV cache and activations for `batch` sequences of `context` positions each
+    /// (a server's `--max-batch` and context): resident layers get only what is left.
+    pub fn plan_for(mut self, batch: usize, context: usize) -> Self {
+        self.plan_batch = batch;
+        self.plan_context = context;
+        self
+    }
+
     /// Keep exactly the first `n` decoder layers resident (0: stream every layer), instead of
     /// planning from the budget.
     pub fn resident_layers(mut self, n: usize) -> Self {
@@ -245,6 +260,8 @@ impl AutoModel {
             direct_io: opts.direct_io,
             verify_split: opts.verify_split,
             budget: opts.budget,
+            plan_batch: opts.plan_batch,
+            plan_context: opts.plan_context,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

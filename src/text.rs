@@ -202,3 +202,117 @@ impl TextStream<'_> {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }
+
+/// Streamed text minus what could still become a stop string: what a reader is shown is exactly
+/// the final text cut before the first stop string, however the pieces arrive.
+#[derive(Debug, Clone)]
+pub struct StopHold {
+    stops: Vec<String>,
+    text: String,
+    printed: usize,
+    hold: usize,
+    stopped: bool,
+}
+
+impl StopHold {
+    /// Watches for `stops` (empty strings are ignored: they would stop before any text).
+    pub fn new(mut stops: Vec<String>) -> StopHold {
+        stops.retain(|s| !s.is_empty());
+        StopHold {
+            // A stop string not yet complete is at most this long.
+            hold: stops
+                .iter()
+                .map(String::len)
+                .max()
+                .unwrap_or(1)
+                .saturating_sub(1),
+            stops,
+            text: String::new(),
+            printed: 0,
+            stopped: false,
+        }
+    }
+
+    /// Adds a streamed piece; returns what can be shown now.
+    pub fn push(&mut self, piece: &str) -> &str {
+        if self.stopped {
+            return "";
+        }
+        self.text.push_str(piece);
+        // A match cannot start in text already shown: it would have been found, or held back.
+        let from = self.printed;
+        let mut end = match self
+            .stops
+            .iter()
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| i + from))
+            .min()
+        {
+            Some(cut) => {
+                self.stopped = true;
+                cut
+            }
+            None => self.text.len().saturating_sub(self.hold),
+        };
+        while !self.text.is_char_boundary(end) {
+            end -= 1;
+        }
+        let end = end.max(self.printed);
+        let start = std::mem::replace(&mut self.printed, end);
+        &self.text[start..end]
+    }
+
+    /// Whether a stop string has matched (the text ends before it).
+    pub fn stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// What is left to show once the generation has ended.
+    pub fn finish(&mut self) -> &str {
+        if self.stopped {
+            return "";
+        }
+        let start = std::mem::replace(&mut self.printed, self.text.len());
+        &self.text[start..]
+    }
+
+    /// The whole text so far, cut before the stop string once one matched.
+    pub fn text(&self) -> &str {
+        if self.stopped {
+            &self.text[..self.printed]
+        } else {
+            &self.text
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopHold;
+
+    fn stream(pieces: &[&str], stops: &[&str]) -> String {
+        let mut h = StopHold::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut out = String::new();
+        for p in pieces {
+            out.push_str(h.push(p));
+        }
+        out.push_str(h.finish());
+        assert_eq!(out, h.text());
+        out
+    }
+
+    #[test]
+    fn streamed_text_stops_exactly_before_the_stop_string() {
+        assert_eq!(stream(&["Hello", " wor", "ld"], &[]), "Hello world");
+        assert_eq!(stream(&["a\n", "\nb", "c"], &["\n\n"]), "a");
+        assert_eq!(stream(&["x<|e", "nd|>y", "z"], &["<|end|>"]), "x");
+        // A prefix of a stop string that does not complete is shown in the end.
+        assert_eq!(stream(&["x<|e", "x"], &["<|end|>"]), "x<|ex");
+        // Never cut inside a character.
+        assert_eq!(stream(&["日本", "語STOP"], &["STOP"]), "日本語");
+        assert_eq!(stream(&["日本語"], &["語S"]), "日本語");
+        // The earliest of several stops; one spanning many pieces.
+        assert_eq!(stream(&["ab", "c", "d", "e"], &["cde", "d"]), "abc");
+        assert_eq!(stream(&["a", "b", "c", "d"], &["bcd"]), "a");
+        assert_eq!(stream(&["abc"], &[""]), "abc");
+    }
+}

@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use rabbitllm::core::step::{
-    DraftSource, Scheduler, SchedulerOptions, SequenceRequest, Speculation,
+    DraftSource, Scheduler, SchedulerOptions, SequenceRequest, Speculation, TokenLogprobs,
 };
 use rabbitllm::core::Engine;
 use rabbitllm::{Control, DType, GenerateRequest, SamplingParams};
@@ -76,6 +76,8 @@ fn scheduled(
     let mut out: Vec<Option<(Vec<u32>, Vec<f32>)>> = vec![None; prompts.len()];
     let mut ids = vec![usize::MAX; prompts.len()];
     let mut step = 0;
+    let mut events: std::collections::HashMap<usize, Vec<(u32, TokenLogprobs)>> =
+        Default::default();
     loop {
         for (i, p) in prompts.iter().enumerate() {
             if s.joins[i] == step {
@@ -85,6 +87,7 @@ fn scheduled(
                     sampling: sampling.clone(),
                     eos_token_ids: vec![],
                     keep_logits: true,
+                    logprobs: Some(3),
                 };
                 ids[i] = sched.add(engine, req).unwrap();
             }
@@ -94,11 +97,29 @@ fn scheduled(
             break;
         }
         let report = sched
-            .step(engine, draft.as_deref_mut(), &mut |_| Control::Continue)
+            .step(engine, draft.as_deref_mut(), &mut |ev| {
+                let lp = ev
+                    .logprobs
+                    .expect("log-probabilities were asked for")
+                    .clone();
+                events.entry(ev.sequence).or_default().push((ev.token, lp));
+                Control::Continue
+            })
             .unwrap();
         for f in report.finished {
             let i = ids.iter().position(|&id| id == f.id).unwrap();
-            out[i] = Some((f.output.output_ids, f.output.logits.unwrap()));
+            let logits = f.output.logits.unwrap();
+            // Each event's log-probabilities are those of the position its token came from,
+            // whatever the schedule (chunks, drafts accepted or not).
+            let seen = events.remove(&f.id).unwrap_or_default();
+            assert_eq!(seen.len(), f.output.output_ids.len());
+            let vocab = logits.len() / seen.len().max(1);
+            for (k, (token, lp)) in seen.iter().enumerate() {
+                assert_eq!(*token, f.output.output_ids[k]);
+                let row = &logits[k * vocab..(k + 1) * vocab];
+                assert_eq!(*lp, TokenLogprobs::from_logits(row, *token, 3));
+            }
+            out[i] = Some((f.output.output_ids, logits));
         }
         step += 1;
         assert!(step < 10_000, "the schedule does not finish");

@@ -18,50 +18,20 @@ use crate::speculate::StepArgs;
 
 /// The model's chat format (its template, or its family's built-in one), or a clear error.
 pub fn format_of(dir: &Path) -> Result<ChatFormat> {
-    match ChatFormat::from_model_dir(dir)? {
-        Some(f) => Ok(f),
-        None => bail!(
-            "{} has no chat_template in tokenizer_config.json, and its tokenizer class ({}) has no \
-             built-in chat format: no chat prompt can be built for it (use --prompt without --chat)",
-            dir.display(),
-            tokenizer_class(dir).unwrap_or_else(|| "none".into())
-        ),
-    }
-}
-
-/// `tokenizer_class` of the model's tokenizer_config.json, for messages.
-fn tokenizer_class(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v.get("tokenizer_class")?.as_str().map(str::to_string)
-}
-
-/// The chat format of a loaded model: a template's rendering capped at what could still fit the
-/// model's context (a longer prompt is refused anyway, so a runaway template stops early); a
-/// built-in format keeps room for `max_new_tokens` as its family's chat() does (Baichuan).
-pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> {
-    Ok(match format_of(model.model_dir())? {
-        ChatFormat::Template(t) => {
-            ChatFormat::Template(Box::new(t.with_max_rendered_bytes(model.max_text_bytes()?)))
-        }
-        ChatFormat::Builtin(f) => ChatFormat::Builtin(f.with_max_new_tokens(max_new_tokens)),
+    rabbitllm::chat::format_of(dir).map_err(|e| match e {
+        rabbitllm::Error::InvalidInput(m) => anyhow::anyhow!("{m} (use --prompt without --chat)"),
+        e => e.into(),
     })
 }
 
-/// The ids an answer stops at: the model's eos ids, plus the turn markers a built-in format's
-/// chat() also stops on (QWen's `<|im_end|>`, ChatGLM3's `<|user|>`).
+/// See [`Model::chat_format`].
+pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> {
+    Ok(model.chat_format(max_new_tokens)?)
+}
+
+/// See [`Model::chat_stop_ids`].
 pub fn stop_ids(model: &Model, format: &ChatFormat) -> Vec<u32> {
-    let mut ids = model.engine.spec().eos_token_ids.clone();
-    let extra = match format {
-        ChatFormat::Builtin(f) => f.stop_tokens().to_vec(),
-        ChatFormat::Template(_) => rabbit_models::chat::template_stop_tokens(model.model_dir()),
-    };
-    if let Some(tok) = model.tokenizer() {
-        ids.extend(extra.iter().filter_map(|t| tok.token_to_id(t)));
-    }
-    ids.sort_unstable();
-    ids.dedup();
-    ids
+    model.chat_stop_ids(format)
 }
 
 /// Arguments of `rabbit template`.

@@ -15,6 +15,7 @@ use crate::out::{self, note, outln, StdoutError};
 use crate::report::human_bytes;
 use crate::speculate::StepArgs;
 use crate::util::{bar, show_progress};
+use rabbitllm::text::StopHold;
 
 /// Arguments of `rabbit generate`.
 #[derive(Args)]
@@ -191,7 +192,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     let mut generated: HashMap<usize, Vec<u32>> = HashMap::new();
     let stops = a.stop.clone();
     let mut write_err: Option<StdoutError> = None;
-    let mut held = StopHold::new(&stops);
+    let mut held = StopHold::new(stops.clone());
     let files_wanted = a.dump_logits.is_some() || a.profile_json.is_some();
     // Without text streaming to watch, a long generation gets a progress bar (terminal only).
     let gen_bar =
@@ -202,7 +203,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         }
         if let Some(s) = streams.first_mut() {
             if let Ok(Some(piece)) = s.step(ev.token) {
-                if let Err(e) = out::write(held.push(&piece, &stops)) {
+                if let Err(e) = out::write(held.push(&piece)) {
                     write_err = Some(e);
                     // Nobody reads the answer any more: stop computing it, unless files were
                     // asked for, which then still get the whole run.
@@ -382,66 +383,6 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-/// Streamed text minus what could still become a stop string: the terminal shows exactly the
-/// final text, cut before the first stop string, as `--json` and batches report it.
-struct StopHold {
-    text: String,
-    printed: usize,
-    hold: usize,
-    stopped: bool,
-}
-
-impl StopHold {
-    fn new(stops: &[String]) -> StopHold {
-        StopHold {
-            text: String::new(),
-            printed: 0,
-            // A stop string not yet complete is at most this long.
-            hold: stops
-                .iter()
-                .map(String::len)
-                .max()
-                .unwrap_or(1)
-                .saturating_sub(1),
-            stopped: false,
-        }
-    }
-
-    /// Adds a streamed piece; returns what can be printed now.
-    fn push(&mut self, piece: &str, stops: &[String]) -> &str {
-        if self.stopped {
-            return "";
-        }
-        self.text.push_str(piece);
-        let mut end = match stops
-            .iter()
-            .filter_map(|s| self.text.find(s.as_str()))
-            .min()
-        {
-            Some(cut) => {
-                self.stopped = true;
-                cut
-            }
-            None => self.text.len().saturating_sub(self.hold),
-        };
-        while !self.text.is_char_boundary(end) {
-            end -= 1;
-        }
-        let end = end.max(self.printed);
-        let start = std::mem::replace(&mut self.printed, end);
-        &self.text[start..end]
-    }
-
-    /// What is left once the generation has ended.
-    fn finish(&mut self) -> &str {
-        if self.stopped {
-            return "";
-        }
-        let start = std::mem::replace(&mut self.printed, self.text.len());
-        &self.text[start..]
-    }
-}
-
 /// `--dump-logits` and `--profile-json`, when asked for.
 fn write_output_files(
     a: &GenerateArgs,
@@ -490,32 +431,4 @@ fn write_logits(
     rabbit_split::fsutil::write_atomic(path, &bytes)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StopHold;
-
-    fn stream(pieces: &[&str], stops: &[&str]) -> String {
-        let stops: Vec<String> = stops.iter().map(|s| s.to_string()).collect();
-        let mut h = StopHold::new(&stops);
-        let mut out = String::new();
-        for p in pieces {
-            out.push_str(h.push(p, &stops));
-        }
-        out.push_str(h.finish());
-        out
-    }
-
-    #[test]
-    fn streamed_text_stops_exactly_before_the_stop_string() {
-        assert_eq!(stream(&["Hello", " wor", "ld"], &[]), "Hello world");
-        assert_eq!(stream(&["a\n", "\nb", "c"], &["\n\n"]), "a");
-        assert_eq!(stream(&["x<|e", "nd|>y", "z"], &["<|end|>"]), "x");
-        // A prefix of a stop string that does not complete is printed in the end.
-        assert_eq!(stream(&["x<|e", "x"], &["<|end|>"]), "x<|ex");
-        // Never cut inside a character.
-        assert_eq!(stream(&["日本", "語STOP"], &["STOP"]), "日本語");
-        assert_eq!(stream(&["日本語"], &["語S"]), "日本語");
-    }
 }

@@ -76,7 +76,14 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model, reporting split progress on stderr unless quiet.
     pub fn load(&self, quiet: bool) -> Result<(Model, f64)> {
+        self.load_for(quiet, 1, 4096)
+    }
+
+    /// [`ModelArgs::load`] with the KV cache and activations of `batch` sequences of `context`
+    /// positions reserved in the residency plan.
+    pub fn load_for(&self, quiet: bool, batch: usize, context: usize) -> Result<(Model, f64)> {
         let mut opts = LoadOptions::default()
+            .plan_for(batch, context)
             .device(self.device)
             .prefetch_depth(self.prefetch as usize)
             .direct_io(self.direct_io)

@@ -7,6 +7,7 @@ mod chat;
 mod generate;
 mod load;
 mod report;
+mod serve;
 mod speculate;
 mod split;
 mod synth;
@@ -40,6 +41,9 @@ enum Command {
     Chat(chat::ChatArgs),
     /// Print the prompt a chat template renders for a JSON list of messages.
     Template(chat::TemplateArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat, completions, streaming),
+    /// every request in flight decoded in the same sweeps.
+    Serve(serve::ServeArgs),
 }
 
 /// Parses the command line. Numbers may be negative on the command line so that `--top-k -1`
@@ -77,6 +81,7 @@ fn main() {
         Command::Info(a) => bench::info(a),
         Command::Chat(a) => chat::chat(a),
         Command::Template(a) => chat::template(a),
+        Command::Serve(a) => serve::run(a),
     };
     if let Err(e) = result {
         if e.downcast_ref::<out::StdoutError>()

@@ -178,6 +178,7 @@ impl Engine {
                     sampling: req.sampling.clone(),
                     eos_token_ids: req.eos_token_ids.clone(),
                     keep_logits: req.keep_logits,
+                    logprobs: None,
                 },
             )?;
         }

@@ -42,8 +42,8 @@ pub mod verify;
 
 pub use options::{
     Control, DraftSource, FinishReason, Finished, SchedulerOptions, SeqId, SequenceOutput,
-    SequenceRequest, Speculation, StepReport, StepStats, TokenEvent, MAX_DRAFT_TOKENS,
-    MAX_LOOKUP_NGRAM,
+    SequenceRequest, Speculation, StepReport, StepStats, TokenEvent, TokenLogprobs,
+    MAX_DRAFT_TOKENS, MAX_LOOKUP_NGRAM, MAX_TOP_LOGPROBS,
 };
 
 use std::collections::VecDeque;
@@ -184,6 +184,13 @@ impl Scheduler {
     pub fn add(&mut self, target: &Engine, req: SequenceRequest) -> Result<SeqId> {
         let id = self.next_id;
         target.validate_sequence(id, &req.prompt, req.max_new_tokens, &req.sampling)?;
+        if req.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(CoreError::InvalidInput(format!(
+                "sequence {id}: at most {MAX_TOP_LOGPROBS} top log-probabilities per token, \
+                 asked for {}",
+                req.logprobs.unwrap_or(0)
+            )));
+        }
         let total = req.prompt.len().saturating_add(req.max_new_tokens);
         if total > self.opts.capacity {
             return Err(CoreError::ContextTooLong {
@@ -434,10 +441,15 @@ impl Scheduler {
                     s.logits.extend_from_slice(rows[j]);
                 }
                 report.emitted += 1;
+                let logprobs = s
+                    .req
+                    .logprobs
+                    .map(|top| TokenLogprobs::from_logits(rows[j], token, top));
                 let control = on_token(&TokenEvent {
                     sequence: s.id,
                     token,
                     step: s.out.len() - 1,
+                    logprobs: logprobs.as_ref(),
                 });
                 if control == Control::Cancel {
                     cancel_all = true;

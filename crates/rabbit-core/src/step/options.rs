@@ -97,6 +97,48 @@ pub struct SequenceRequest {
     pub eos_token_ids: Vec<u32>,
     /// Keep the raw float32 logits of every emitted token.
     pub keep_logits: bool,
+    /// Report each emitted token's log-probability and this many most likely alternatives
+    /// (0..=[`MAX_TOP_LOGPROBS`]) in its [`TokenEvent`].
+    pub logprobs: Option<usize>,
+}
+
+/// Most alternatives a token's [`TokenLogprobs`] lists (OpenAI's limit).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+/// Log-probabilities of one emitted token under the model's distribution at its position (the
+/// raw logits' log-softmax, before temperature, penalties or truncation: what the model says,
+/// whatever sampling then did with it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprobs {
+    /// The emitted token's.
+    pub logprob: f32,
+    /// The most likely tokens and theirs, most likely first (ties by lower id).
+    pub top: Vec<(u32, f32)>,
+}
+
+impl TokenLogprobs {
+    /// From one position's logits: `token`'s log-probability and the `top` best.
+    pub fn from_logits(row: &[f32], token: u32, top: usize) -> TokenLogprobs {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+        let sum: f64 = row.iter().map(|&v| (v as f64 - max).exp()).sum();
+        let norm = max + sum.ln();
+        let lp = |v: f32| (v as f64 - norm) as f32;
+        let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+        if top > 0 {
+            for (i, &v) in row.iter().enumerate() {
+                if best.len() == top && v <= best[top - 1].1 {
+                    continue;
+                }
+                let at = best.partition_point(|&(_, b)| b >= v);
+                best.insert(at, (i as u32, v));
+                best.truncate(top);
+            }
+        }
+        TokenLogprobs {
+            logprob: lp(row[token as usize]),
+            top: best.into_iter().map(|(i, v)| (i, lp(v))).collect(),
+        }
+    }
 }
 
 /// A sequence that left the scheduler.
@@ -169,13 +211,16 @@ pub enum Control {
 
 /// One newly generated token.
 #[derive(Debug, Clone, Copy)]
-pub struct TokenEvent {
+pub struct TokenEvent<'a> {
     /// Index of the sequence in the request.
     pub sequence: usize,
     /// The token.
     pub token: u32,
     /// 0 for the first new token.
     pub step: usize,
+    /// Its log-probabilities, when the sequence asked for them
+    /// ([`SequenceRequest::logprobs`]).
+    pub logprobs: Option<&'a TokenLogprobs>,
 }
 
 /// Result for one sequence.
@@ -190,4 +235,26 @@ pub struct SequenceOutput {
     /// `[new tokens, vocab]` float32 row-major, when requested: row 0 is the logits at the last
     /// prompt position, row k those of decode step k.
     pub logits: Option<Vec<f32>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TokenLogprobs;
+
+    #[test]
+    fn logprobs_are_the_log_softmax_and_its_best() {
+        let row = [1.0f32, 3.0, -2.0, 3.0, 0.5];
+        let lp = TokenLogprobs::from_logits(&row, 2, 3);
+        let z: f64 = row.iter().map(|&v| (v as f64).exp()).sum();
+        let want = |v: f32| (v as f64 - z.ln()) as f32;
+        assert!((lp.logprob - want(-2.0)).abs() < 1e-6);
+        // Most likely first; the tie between ids 1 and 3 goes to the lower id.
+        let ids: Vec<u32> = lp.top.iter().map(|t| t.0).collect();
+        assert_eq!(ids, [1, 3, 0]);
+        for (id, v) in &lp.top {
+            assert!((v - want(row[*id as usize])).abs() < 1e-6);
+        }
+        assert!(TokenLogprobs::from_logits(&row, 0, 0).top.is_empty());
+        assert_eq!(TokenLogprobs::from_logits(&row, 0, 9).top.len(), 5);
+    }
 }

@@ -1,0 +1,529 @@
+//! The engine thread: it owns the model and one [`Scheduler`], takes requests and
+//! cancellations between sweeps, and runs a sweep whenever a sequence is live. Every sweep
+//! carries every live sequence (continuous batching): a request admitted now rides along with
+//! the others' decode steps from the next sweep on, and one that finished or whose client left
+//! gives its row up at once.
+//!
+//! Tokenizing and chat rendering happen here too, between sweeps: they take milliseconds
+//! against a sweep's hundreds.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use rabbit_core::{
+    Control, FinishReason, Scheduler, SchedulerOptions, SeqId, SequenceRequest, Speculation,
+};
+use rabbit_models::chat::ChatFormat;
+use rabbitllm::text::{StopHold, TextCodec, TextStream};
+use rabbitllm::Model;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::api::{Generation, Prompt};
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::state::{Ready, Shared};
+
+/// A request's handle in the engine thread.
+pub type JobId = u64;
+
+/// One token's log-probabilities, as text.
+#[derive(Debug, Clone)]
+pub struct TokenLp {
+    /// The token's text.
+    pub token: String,
+    /// Its log-probability.
+    pub logprob: f32,
+    /// The most likely tokens at its position.
+    pub top: Vec<(String, f32)>,
+}
+
+/// What the engine thread tells a request.
+#[derive(Debug)]
+pub enum Event {
+    /// New text of a choice (possibly empty while a stop string may be forming) and the
+    /// log-probabilities of the tokens that made it, when asked for.
+    Delta {
+        /// Choice index.
+        choice: usize,
+        /// Text to append.
+        text: String,
+        /// Per token, when asked for.
+        logprobs: Vec<TokenLp>,
+    },
+    /// A choice ended.
+    Done {
+        /// Choice index.
+        choice: usize,
+        /// OpenAI's finish reason: `stop`, `length` or `abort` (server shutdown).
+        reason: &'static str,
+        /// Tokens it generated.
+        completion_tokens: usize,
+    },
+    /// The engine failed; the request ends.
+    Failed(String),
+}
+
+/// A request, admitted or not.
+pub struct Accepted {
+    /// For cancelling.
+    pub job: JobId,
+    /// Prompt tokens over all prompts (each counted once, whatever `n`).
+    pub prompt_tokens: usize,
+    /// The prompts' texts (completions with `echo`), in prompt order.
+    pub echoes: Vec<String>,
+}
+
+/// Commands to the engine thread.
+pub enum Command {
+    /// Run a request; the answer says whether it was admitted.
+    Submit(
+        Box<Generation>,
+        mpsc::UnboundedSender<Event>,
+        oneshot::Sender<Result<Accepted, ApiError>>,
+    ),
+    /// The client left: stop its sequences.
+    Cancel(JobId),
+    /// Stop taking requests; finish the running ones within `grace`, then end them.
+    Shutdown(Duration),
+}
+
+/// Limits of the engine thread.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// Live sequences at most.
+    pub max_batch: usize,
+    /// Waiting sequences at most (beyond: 429).
+    pub max_queue: usize,
+    /// Positions per sequence (prompt + completion).
+    pub context: usize,
+    /// Prompt tokens per sweep at most, per sequence.
+    pub prefill_chunk: Option<usize>,
+    /// Speculative decoding.
+    pub speculation: Speculation,
+}
+
+struct SeqState<'c> {
+    job: JobId,
+    choice: usize,
+    stream: TextStream<'c>,
+    hold: StopHold,
+    positions: usize,
+}
+
+struct JobState {
+    events: mpsc::UnboundedSender<Event>,
+    open: usize,
+}
+
+/// Runs the engine thread until shutdown: loads the model with `load`, then serves.
+pub fn run(
+    load: Box<dyn FnOnce() -> Result<Model, String> + Send>,
+    opts: WorkerOptions,
+    shared: std::sync::Arc<Shared>,
+    commands: Receiver<Command>,
+) {
+    let mut model = match load() {
+        Ok(m) => m,
+        Err(e) => {
+            shared.set_failed(e);
+            return;
+        }
+    };
+    if let Err(e) = serve(&mut model, &opts, &shared, &commands) {
+        shared.set_failed(e);
+    }
+}
+
+fn serve(
+    model: &mut Model,
+    opts: &WorkerOptions,
+    shared: &Shared,
+    commands: &Receiver<Command>,
+) -> Result<(), String> {
+    let spec = model.engine.spec().clone();
+    let context = spec
+        .context_limit()
+        .map_or(opts.context, |l| l.min(opts.context))
+        .max(1);
+    let codec = model
+        .require_codec()
+        .map_err(|e| format!("rabbit serve needs text in and out: {e}"))?
+        .clone();
+    let format = model.chat_format(context).ok();
+    let chat_stops = format
+        .as_ref()
+        .map_or_else(|| spec.eos_token_ids.clone(), |f| model.chat_stop_ids(f));
+    let mut draft = model.take_draft();
+    let sched_opts = SchedulerOptions {
+        max_batch: opts.max_batch,
+        capacity: context,
+        prefill_chunk: opts.prefill_chunk,
+        speculation: opts.speculation.clone(),
+    };
+    let new_sched = |engine: &rabbit_core::Engine, draft: Option<&rabbit_core::Engine>| {
+        Scheduler::new(engine, draft, sched_opts.clone()).map_err(|e| e.to_string())
+    };
+    let mut sched = new_sched(&model.engine, draft.as_ref())?;
+    let metrics: &Metrics = &shared.metrics;
+    metrics.set_kv_bytes(sched.kv_bytes(&model.engine, draft.as_ref()));
+    metrics.set_capacity((opts.max_batch * context) as u64);
+    shared.set_ready(Ready {
+        context,
+        chat: format.is_some(),
+    });
+    tracing::info!(
+        "ready: {} positions per sequence, {} rows",
+        context,
+        opts.max_batch
+    );
+
+    let mut w = Work {
+        codec: &codec,
+        seqs: HashMap::new(),
+        jobs: HashMap::new(),
+        next_job: 0,
+    };
+    let mut deadline: Option<Instant> = None;
+    let mut stopping = false;
+    loop {
+        // Idle: wait for a command; busy: take what has arrived and sweep.
+        let first = if sched.is_idle() {
+            if stopping {
+                return Ok(());
+            }
+            match commands.recv_timeout(Duration::from_millis(500)) {
+                Ok(c) => Some(c),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return Ok(()),
+            }
+        } else {
+            None
+        };
+        for cmd in first.into_iter().chain(commands.try_iter()) {
+            match cmd {
+                Command::Submit(g, events, reply) => {
+                    let answer = if stopping {
+                        Err(ApiError::unavailable("the server is shutting down"))
+                    } else {
+                        let prompt_stops = match &g.prompts[0] {
+                            Prompt::Chat(_) => chat_stops.as_slice(),
+                            _ => spec.eos_token_ids.as_slice(),
+                        };
+                        w.submit(
+                            model,
+                            &mut sched,
+                            format.as_ref(),
+                            prompt_stops,
+                            opts,
+                            context,
+                            *g,
+                            events,
+                        )
+                    };
+                    let _ = reply.send(answer);
+                }
+                Command::Cancel(job) => w.cancel(&mut sched, job),
+                Command::Shutdown(grace) => {
+                    stopping = true;
+                    let at = Instant::now() + grace;
+                    deadline = Some(deadline.map_or(at, |d| d.min(at)));
+                }
+            }
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            let ids: Vec<JobId> = w.jobs.keys().copied().collect();
+            for job in ids {
+                w.cancel(&mut sched, job);
+            }
+        }
+        if sched.is_idle() {
+            continue;
+        }
+        let bytes_before = model.engine.profile.bytes_streamed;
+        let result = sched.step(&mut model.engine, draft.as_mut(), &mut |ev| w.on_token(ev));
+        match result {
+            Ok(mut report) => {
+                for f in std::mem::take(&mut report.finished) {
+                    w.finish(f.id, f.output.finish_reason, &f.output.output_ids);
+                }
+                metrics.record_step(
+                    &report,
+                    model.engine.profile.bytes_streamed - bytes_before,
+                    sched.live(),
+                    sched.waiting(),
+                    w.seqs.values().map(|s| s.positions as u64).sum(),
+                );
+            }
+            Err(e) => {
+                // The scheduler's state is unknown after a failed sweep: every request in it
+                // ends with the error, and a new scheduler serves the next ones.
+                tracing::error!("sweep failed: {e}");
+                for (_, j) in w.jobs.drain() {
+                    let _ = j.events.send(Event::Failed(e.to_string()));
+                }
+                w.seqs.clear();
+                sched = new_sched(&model.engine, draft.as_ref())?;
+                metrics.record_failure();
+            }
+        }
+    }
+}
+
+struct Work<'c> {
+    codec: &'c TextCodec,
+    seqs: HashMap<SeqId, SeqState<'c>>,
+    jobs: HashMap<JobId, JobState>,
+    next_job: JobId,
+}
+
+impl<'c> Work<'c> {
+    #[allow(clippy::too_many_arguments)]
+    fn submit(
+        &mut self,
+        model: &Model,
+        sched: &mut Scheduler,
+        format: Option<&ChatFormat>,
+        eos: &[u32],
+        opts: &WorkerOptions,
+        context: usize,
+        g: Generation,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<Accepted, ApiError> {
+        let vocab = model.engine.spec().vocab_size;
+        let mut encoded = Vec::with_capacity(g.prompts.len());
+        for (i, p) in g.prompts.iter().enumerate() {
+            let field = match p {
+                Prompt::Chat(_) => "messages".to_string(),
+                _ if g.prompts.len() > 1 => format!("prompt[{i}]"),
+                _ => "prompt".to_string(),
+            };
+            let ids = match p {
+                Prompt::Chat(messages) => {
+                    let Some(f) = format else {
+                        return Err(ApiError::invalid(
+                            Some("messages".into()),
+                            "this model has no chat template: use /v1/completions",
+                        ));
+                    };
+                    if !rabbitllm::chat::takes_system(f)
+                        && messages.iter().any(|m| m.role == "system")
+                    {
+                        return Err(ApiError::invalid(
+                            Some("messages".into()),
+                            "this model's chat format has no system message (user and \
+                             assistant turns only)",
+                        ));
+                    }
+                    model.encode_conversation(f, messages, true)
+                }
+                Prompt::Text(t) => model.encode(t),
+                Prompt::Ids(ids) => Ok(ids.clone()),
+            }
+            .map_err(|e| ApiError::invalid(Some(field.clone()), e.to_string()))?;
+            if ids.is_empty() {
+                return Err(ApiError::invalid(
+                    Some(field),
+                    "the prompt is empty: it encodes to no token",
+                ));
+            }
+            if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ApiError::invalid(
+                    Some(field),
+                    format!("token id {bad} is out of range (the vocabulary has {vocab} tokens)"),
+                ));
+            }
+            let room = context.saturating_sub(ids.len());
+            let max_tokens = g.max_tokens.unwrap_or(room);
+            if max_tokens == 0 || max_tokens > room {
+                // The prompt alone too long, or the completion asked for.
+                let what = if g.max_tokens.is_some() && room > 0 {
+                    "max_tokens"
+                } else {
+                    field.as_str()
+                };
+                return Err(ApiError::invalid(
+                    Some(what.to_string()),
+                    format!(
+                        "this server's maximum context length is {context} tokens per sequence \
+                         (rabbit serve --context), but {} were asked for ({} in the prompt, {} \
+                         for the completion)",
+                        ids.len() + max_tokens.max(1),
+                        ids.len(),
+                        max_tokens.max(1)
+                    ),
+                )
+                .with_code("context_length_exceeded"));
+            }
+            encoded.push((ids, max_tokens));
+        }
+        let wanted = encoded.len() * g.n;
+        let (live, waiting) = (sched.live(), sched.waiting());
+        if live + waiting + wanted > opts.max_batch + opts.max_queue {
+            return Err(ApiError::busy(
+                format!(
+                    "the server is full: {live} sequences running and {waiting} waiting \
+                     (--max-batch {}, --max-queue {}); this request needs {wanted}",
+                    opts.max_batch, opts.max_queue
+                ),
+                1,
+            ));
+        }
+        let job = self.next_job;
+        self.next_job += 1;
+        let base_seed = g.seed.unwrap_or_else(rand::random);
+        let mut prompt_tokens = 0;
+        let mut echoes = Vec::new();
+        for (p, (ids, max_tokens)) in encoded.into_iter().enumerate() {
+            prompt_tokens += ids.len();
+            if g.echo {
+                echoes.push(match &g.prompts[p] {
+                    Prompt::Text(t) => t.clone(),
+                    _ => self.codec.decode(&ids).unwrap_or_default(),
+                });
+            }
+            for c in 0..g.n {
+                let choice = p * g.n + c;
+                let mut sampling = g.sampling.clone();
+                sampling.seed = base_seed.wrapping_add(choice as u64);
+                let positions = ids.len();
+                let req = SequenceRequest {
+                    prompt: ids.clone(),
+                    max_new_tokens: max_tokens,
+                    sampling,
+                    eos_token_ids: eos.to_vec(),
+                    keep_logits: false,
+                    logprobs: g.logprobs,
+                };
+                let id = match sched.add(&model.engine, req) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        // Nothing of a refused request keeps running.
+                        self.jobs.insert(
+                            job,
+                            JobState {
+                                events: events.clone(),
+                                open: 0,
+                            },
+                        );
+                        self.cancel(sched, job);
+                        self.jobs.remove(&job);
+                        return Err(ApiError::invalid(Some("messages".into()), e.to_string()));
+                    }
+                };
+                self.seqs.insert(
+                    id,
+                    SeqState {
+                        job,
+                        choice,
+                        stream: self.codec.stream(),
+                        hold: StopHold::new(g.stops.clone()),
+                        positions,
+                    },
+                );
+            }
+        }
+        self.jobs.insert(
+            job,
+            JobState {
+                events,
+                open: wanted,
+            },
+        );
+        Ok(Accepted {
+            job,
+            prompt_tokens,
+            echoes,
+        })
+    }
+
+    fn cancel(&mut self, sched: &mut Scheduler, job: JobId) {
+        for (id, s) in &self.seqs {
+            if s.job == job {
+                sched.cancel(*id);
+            }
+        }
+    }
+
+    /// Each new token: its text through the stop strings, to the client.
+    fn on_token(&mut self, ev: &rabbit_core::TokenEvent<'_>) -> Control {
+        let Some(s) = self.seqs.get_mut(&ev.sequence) else {
+            return Control::StopSequence;
+        };
+        s.positions += 1;
+        let piece = s.stream.step(ev.token).ok().flatten().unwrap_or_default();
+        let text = s.hold.push(&piece).to_string();
+        let logprobs = ev
+            .logprobs
+            .map(|lp| {
+                let tok = |id: u32| {
+                    self.codec
+                        .tokenizer()
+                        .decode(&[id], false)
+                        .unwrap_or_default()
+                };
+                vec![TokenLp {
+                    token: tok(ev.token),
+                    logprob: lp.logprob,
+                    top: lp.top.iter().map(|&(id, v)| (tok(id), v)).collect(),
+                }]
+            })
+            .unwrap_or_default();
+        let stopped = s.hold.stopped();
+        let Some(job) = self.jobs.get(&s.job) else {
+            return Control::StopSequence;
+        };
+        let sent = job.events.send(Event::Delta {
+            choice: s.choice,
+            text,
+            logprobs,
+        });
+        // A client that left gets nothing more computed; a stop string ends the choice.
+        if sent.is_err() || stopped {
+            Control::StopSequence
+        } else {
+            Control::Continue
+        }
+    }
+
+    fn finish(&mut self, id: SeqId, reason: FinishReason, ids: &[u32]) {
+        let Some(mut s) = self.seqs.remove(&id) else {
+            return;
+        };
+        let Some(job) = self.jobs.get_mut(&s.job) else {
+            return;
+        };
+        // The incremental decoder holds back bytes of a character not yet complete; at the end
+        // the answer is what decoding all its tokens gives (as `rabbit generate` reports it).
+        let mut tail = String::new();
+        if !s.hold.stopped() {
+            if let Ok(full) = self.codec.decode(ids) {
+                if let Some(rest) = full.strip_prefix(s.hold.text()) {
+                    tail.push_str(s.hold.push(rest));
+                }
+            }
+        }
+        tail.push_str(s.hold.finish());
+        if !tail.is_empty() {
+            let _ = job.events.send(Event::Delta {
+                choice: s.choice,
+                text: tail,
+                logprobs: vec![],
+            });
+        }
+        let reason = match reason {
+            FinishReason::Length => "length",
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Cancelled => "abort",
+        };
+        let _ = job.events.send(Event::Done {
+            choice: s.choice,
+            reason,
+            completion_tokens: ids.len(),
+        });
+        job.open = job.open.saturating_sub(1);
+        if job.open == 0 {
+            self.jobs.remove(&s.job);
+        }
+    }
+}
