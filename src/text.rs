@@ -110,6 +110,64 @@ impl TextCodec {
     }
 }
 
+impl TextCodec {
+    /// One token as OpenAI's log-probabilities show it: its text (special tokens by name), and
+    /// the bytes it stands for. A byte-level BPE token (GPT-2, Qwen, Llama 3) maps back to its
+    /// exact bytes, a byte-fallback `<0xNN>` to its byte, a SentencePiece piece with `▁` as a
+    /// space; otherwise the bytes are its text's.
+    pub fn token_text_and_bytes(&self, id: u32) -> (String, Vec<u8>) {
+        let text = self.special.decode(&[id], false).unwrap_or_default();
+        let Some(piece) = self.special.id_to_token(id) else {
+            return (text.clone(), text.into_bytes());
+        };
+        let is_special = self
+            .special
+            .get_added_vocabulary()
+            .get_added_tokens_decoder()
+            .get(&id)
+            .is_some_and(|t| t.special);
+        if is_special {
+            return (piece.clone(), piece.into_bytes());
+        }
+        let byte_level = matches!(
+            self.special.get_decoder(),
+            Some(tokenizers::DecoderWrapper::ByteLevel(_))
+        );
+        if byte_level {
+            if let Some(bytes) = piece.chars().map(byte_of_char).collect::<Option<Vec<u8>>>() {
+                return (String::from_utf8_lossy(&bytes).into_owned(), bytes);
+            }
+        }
+        if let Some(hex) = piece.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
+            if let Ok(b) = u8::from_str_radix(hex, 16) {
+                return (String::from_utf8_lossy(&[b]).into_owned(), vec![b]);
+            }
+        }
+        if piece.contains('\u{2581}') {
+            let t = piece.replace('\u{2581}', " ");
+            return (t.clone(), t.into_bytes());
+        }
+        (text.clone(), text.into_bytes())
+    }
+}
+
+/// GPT-2's byte-level alphabet backwards: the byte a char of a byte-level BPE token stands for.
+fn byte_of_char(c: char) -> Option<u8> {
+    let c = c as u32;
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
+    if c < 256 && printable(c) {
+        return Some(c as u8);
+    }
+    // The other bytes, in order, were given the chars from U+0100 on.
+    let n = c.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .map(|b| b as u8)
+}
+
 /// Start/end of a placeholder standing for a special-token string that a message's content
 /// contains (private-use code points no tokenizer or template produces).
 const SENTINEL_OPEN: char = '\u{10FFFD}';
@@ -298,6 +356,20 @@ mod tests {
         out.push_str(h.finish());
         assert_eq!(out, h.text());
         out
+    }
+
+    #[test]
+    fn byte_level_chars_map_back_to_their_bytes() {
+        // 'Ġ' (U+0120) is the space, 'Ċ' (U+010A) the newline, printable ASCII itself.
+        assert_eq!(super::byte_of_char('\u{120}'), Some(b' '));
+        assert_eq!(super::byte_of_char('\u{10A}'), Some(b'\n'));
+        assert_eq!(super::byte_of_char('a'), Some(b'a'));
+        assert_eq!(super::byte_of_char('\u{100}'), Some(0));
+        assert_eq!(super::byte_of_char('\u{2581}'), None);
+        let all: std::collections::HashSet<u8> = (0u32..0x200)
+            .filter_map(|c| char::from_u32(c).and_then(super::byte_of_char))
+            .collect();
+        assert_eq!(all.len(), 256);
     }
 
     #[test]

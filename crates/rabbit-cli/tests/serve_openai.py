@@ -69,6 +69,9 @@ for t in content:
     check(len(t.top_logprobs) == 3 and t.logprob <= 0, "logprob entry")
     check(abs(t.top_logprobs[0].logprob - t.logprob) < 1e-6, "greedy token is the most likely")
     check(t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob, "sorted")
+# The tokens' bytes make up the answer exactly (byte-level BPE: partial characters included).
+raw = b"".join(bytes(t.bytes) for t in content if not t.token.startswith("<|"))
+check(raw.decode("utf-8", "replace") == r.choices[0].message.content, f"bytes {raw!r} vs {r.choices[0].message.content!r}")
 
 # Completions: a list of prompts, n per prompt, logprobs, streaming.
 c = client.completions.create(model="tiny", prompt=["Once upon", "a time"], max_tokens=4, temperature=0, n=2, logprobs=2)

@@ -46,6 +46,9 @@ pub struct Generation {
     pub logprobs: Option<usize>,
     /// Completions: the prompt's text precedes the completion.
     pub echo: bool,
+    /// Extension (as vLLM's): generate past end-of-sequence tokens, up to `max_tokens` (for
+    /// benchmarks).
+    pub ignore_eos: bool,
     /// Answer as server-sent events.
     pub stream: bool,
     /// With `stream`: a last chunk with the usage.
@@ -68,6 +71,7 @@ const COMMON: &[&str] = &[
     "top_p",
     "top_k",
     "repetition_penalty",
+    "ignore_eos",
     "seed",
     "stop",
     "n",
@@ -98,6 +102,7 @@ const COMPLETIONS: &[&str] = &["prompt", "echo", "suffix", "best_of"];
 
 #[derive(Deserialize)]
 struct Body {
+    #[serde(default)]
     model: Value,
     messages: Option<Vec<Value>>,
     prompt: Option<Value>,
@@ -107,6 +112,7 @@ struct Body {
     top_p: Option<f64>,
     top_k: Option<i64>,
     repetition_penalty: Option<f64>,
+    ignore_eos: Option<bool>,
     seed: Option<i64>,
     stop: Option<Value>,
     n: Option<i64>,
@@ -223,7 +229,9 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8], max_n: usize) -> Result<Generatio
         r => r.filter(|&r| r != 1.0),
     };
     let sampling = SamplingParams {
-        temperature,
+        // As vLLM: a temperature this small is greedy decoding (dividing by it would overflow
+        // the scores and fail the sweep).
+        temperature: if temperature < 1e-5 { 0.0 } else { temperature },
         top_k,
         top_p,
         repetition_penalty,
@@ -274,6 +282,7 @@ pub fn parse(endpoint: Endpoint, bytes: &[u8], max_n: usize) -> Result<Generatio
         stops: stops(body.stop)?,
         logprobs,
         echo,
+        ignore_eos: body.ignore_eos.unwrap_or(false),
         stream,
         include_usage,
     })
@@ -550,3 +559,7 @@ fn logprobs(
         },
     }
 }
+
+#[cfg(test)]
+#[path = "api_tests.rs"]
+mod tests;

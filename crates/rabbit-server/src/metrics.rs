@@ -86,6 +86,13 @@ impl Metrics {
         waiting: usize,
         kv_used: u64,
     ) {
+        self.live.store(live as u64, Ordering::Relaxed);
+        self.waiting.store(waiting as u64, Ordering::Relaxed);
+        self.kv_used.store(kv_used, Ordering::Relaxed);
+        if r.rows == 0 {
+            // Only retired finished or cancelled sequences: no sweep ran.
+            return;
+        }
         self.sweeps.fetch_add(1, Ordering::Relaxed);
         if r.prefill {
             self.prefill_sweeps.fetch_add(1, Ordering::Relaxed);
@@ -95,9 +102,6 @@ impl Metrics {
         self.generated_tokens
             .fetch_add(r.emitted as u64, Ordering::Relaxed);
         self.bytes_streamed.fetch_add(bytes, Ordering::Relaxed);
-        self.live.store(live as u64, Ordering::Relaxed);
-        self.waiting.store(waiting as u64, Ordering::Relaxed);
-        self.kv_used.store(kv_used, Ordering::Relaxed);
         let mut w = self.recent.lock();
         w.tokens += r.emitted as u64;
         let secs = w.since.elapsed().as_secs_f64();

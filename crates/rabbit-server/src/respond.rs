@@ -42,12 +42,12 @@ pub fn usage(prompt: usize, completion: usize) -> Value {
 
 /// Chat's per-token entries.
 fn chat_logprobs(lps: &[TokenLp]) -> Value {
-    let entry = |token: &str, logprob: f32| json!({"token": token, "logprob": logprob, "bytes": token.as_bytes()});
+    let entry = |token: &str, bytes: &[u8], logprob: f32| json!({"token": token, "logprob": logprob, "bytes": bytes});
     let content: Vec<Value> = lps
         .iter()
         .map(|t| {
-            let mut e = entry(&t.token, t.logprob);
-            e["top_logprobs"] = t.top.iter().map(|(s, v)| entry(s, *v)).collect();
+            let mut e = entry(&t.token, &t.bytes, t.logprob);
+            e["top_logprobs"] = t.top.iter().map(|(s, b, v)| entry(s, b, *v)).collect();
             e
         })
         .collect();
@@ -66,7 +66,7 @@ fn completion_logprobs(lps: &[TokenLp], mut offset: usize) -> Value {
         "token_logprobs": lps.iter().map(|t| t.logprob).collect::<Vec<_>>(),
         "top_logprobs": lps
             .iter()
-            .map(|t| t.top.iter().map(|(s, v)| (s.clone(), json!(v))).collect::<serde_json::Map<_, _>>())
+            .map(|t| t.top.iter().map(|(s, _, v)| (s.clone(), json!(v))).collect::<serde_json::Map<_, _>>())
             .collect::<Vec<_>>(),
         "text_offset": text_offset,
     })

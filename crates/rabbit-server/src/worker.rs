@@ -32,10 +32,12 @@ pub type JobId = u64;
 pub struct TokenLp {
     /// The token's text.
     pub token: String,
+    /// The bytes it stands for.
+    pub bytes: Vec<u8>,
     /// Its log-probability.
     pub logprob: f32,
-    /// The most likely tokens at its position.
-    pub top: Vec<(String, f32)>,
+    /// The most likely tokens at its position: text, bytes, log-probability.
+    pub top: Vec<(String, Vec<u8>, f32)>,
 }
 
 /// What the engine thread tells a request.
@@ -108,7 +110,6 @@ struct SeqState<'c> {
     choice: usize,
     stream: TextStream<'c>,
     hold: StopHold,
-    positions: usize,
 }
 
 struct JobState {
@@ -123,6 +124,21 @@ pub fn run(
     shared: std::sync::Arc<Shared>,
     commands: Receiver<Command>,
 ) {
+    // A panic here is a bug; the server must then say it is down, not answer 200 on /health
+    // with nobody behind it.
+    let run = std::panic::AssertUnwindSafe(|| run_inner(load, &opts, &shared, &commands));
+    if std::panic::catch_unwind(run).is_err() {
+        shared
+            .set_failed("the engine thread panicked (a bug in rabbitllm: please report it)".into());
+    }
+}
+
+fn run_inner(
+    load: Box<dyn FnOnce() -> Result<Model, String> + Send>,
+    opts: &WorkerOptions,
+    shared: &Shared,
+    commands: &Receiver<Command>,
+) {
     let mut model = match load() {
         Ok(m) => m,
         Err(e) => {
@@ -130,7 +146,7 @@ pub fn run(
             return;
         }
     };
-    if let Err(e) = serve(&mut model, &opts, &shared, &commands) {
+    if let Err(e) = serve(&mut model, opts, shared, commands) {
         shared.set_failed(e);
     }
 }
@@ -150,7 +166,14 @@ fn serve(
         .require_codec()
         .map_err(|e| format!("rabbit serve needs text in and out: {e}"))?
         .clone();
-    let format = model.chat_format(context).ok();
+    // Built-in formats that keep room for the answer (Baichuan 2) get it per request.
+    let format = match model.chat_format(0) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            tracing::warn!("no chat format, /v1/chat/completions refused: {e}");
+            None
+        }
+    };
     let chat_stops = format
         .as_ref()
         .map_or_else(|| spec.eos_token_ids.clone(), |f| model.chat_stop_ids(f));
@@ -221,7 +244,10 @@ fn serve(
                             events,
                         )
                     };
-                    let _ = reply.send(answer);
+                    // A client that left while its request was being admitted.
+                    if let Err(Ok(a)) = reply.send(answer) {
+                        w.cancel(&mut sched, a.job);
+                    }
                 }
                 Command::Cancel(job) => w.cancel(&mut sched, job),
                 Command::Shutdown(grace) => {
@@ -237,6 +263,16 @@ fn serve(
                 w.cancel(&mut sched, job);
             }
         }
+        // Clients that left while their sequences wait or prefill: nothing more for them.
+        let gone: Vec<JobId> = w
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.events.is_closed())
+            .map(|(&id, _)| id)
+            .collect();
+        for job in gone {
+            w.cancel(&mut sched, job);
+        }
         if sched.is_idle() {
             continue;
         }
@@ -249,10 +285,14 @@ fn serve(
                 }
                 metrics.record_step(
                     &report,
-                    model.engine.profile.bytes_streamed - bytes_before,
+                    model
+                        .engine
+                        .profile
+                        .bytes_streamed
+                        .saturating_sub(bytes_before),
                     sched.live(),
                     sched.waiting(),
-                    w.seqs.values().map(|s| s.positions as u64).sum(),
+                    sched.cached_positions() as u64,
                 );
             }
             Err(e) => {
@@ -263,10 +303,22 @@ fn serve(
                     let _ = j.events.send(Event::Failed(e.to_string()));
                 }
                 w.seqs.clear();
+                // The old KV cache goes before the new one is allocated: both would not fit.
+                drop(sched);
                 sched = new_sched(&model.engine, draft.as_ref())?;
                 metrics.record_failure();
+                metrics.record_step(&Default::default(), 0, 0, 0, 0);
             }
         }
+    }
+}
+
+/// The request field a prompt came from.
+fn field_of(g: &Generation, i: usize) -> String {
+    match &g.prompts[i] {
+        Prompt::Chat(_) => "messages".to_string(),
+        _ if g.prompts.len() > 1 => format!("prompt[{i}]"),
+        _ => "prompt".to_string(),
     }
 }
 
@@ -291,13 +343,37 @@ impl<'c> Work<'c> {
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Accepted, ApiError> {
         let vocab = model.engine.spec().vocab_size;
+        let wanted = g.prompts.len() * g.n;
+        if wanted > opts.max_batch + opts.max_queue {
+            return Err(ApiError::invalid(
+                Some("prompt".into()),
+                format!(
+                    "this request needs {wanted} sequences, more than this server ever holds \
+                     (--max-batch {} + --max-queue {})",
+                    opts.max_batch, opts.max_queue
+                ),
+            ));
+        }
+        let max_text = self.codec.max_text_bytes(context);
         let mut encoded = Vec::with_capacity(g.prompts.len());
         for (i, p) in g.prompts.iter().enumerate() {
-            let field = match p {
-                Prompt::Chat(_) => "messages".to_string(),
-                _ if g.prompts.len() > 1 => format!("prompt[{i}]"),
-                _ => "prompt".to_string(),
+            let field = field_of(&g, i);
+            // Text that cannot fit the context is refused before it is tokenized.
+            let text_len = match p {
+                Prompt::Chat(m) => m.iter().map(|m| m.content.len()).sum(),
+                Prompt::Text(t) => t.len(),
+                Prompt::Ids(_) => 0,
             };
+            if text_len > max_text {
+                return Err(ApiError::invalid(
+                    Some(field),
+                    format!(
+                        "{text_len} bytes of text cannot fit this server's maximum context \
+                         length of {context} tokens per sequence (rabbit serve --context)"
+                    ),
+                )
+                .with_code("context_length_exceeded"));
+            }
             let ids = match p {
                 Prompt::Chat(messages) => {
                     let Some(f) = format else {
@@ -315,7 +391,13 @@ impl<'c> Work<'c> {
                              assistant turns only)",
                         ));
                     }
-                    model.encode_conversation(f, messages, true)
+                    match f {
+                        ChatFormat::Builtin(b) => {
+                            let room = b.clone().with_max_new_tokens(g.max_tokens.unwrap_or(0));
+                            model.encode_conversation(&ChatFormat::Builtin(room), messages, true)
+                        }
+                        t => model.encode_conversation(t, messages, true),
+                    }
                 }
                 Prompt::Text(t) => model.encode(t),
                 Prompt::Ids(ids) => Ok(ids.clone()),
@@ -357,7 +439,6 @@ impl<'c> Work<'c> {
             }
             encoded.push((ids, max_tokens));
         }
-        let wanted = encoded.len() * g.n;
         let (live, waiting) = (sched.live(), sched.waiting());
         if live + waiting + wanted > opts.max_batch + opts.max_queue {
             return Err(ApiError::busy(
@@ -386,12 +467,11 @@ impl<'c> Work<'c> {
                 let choice = p * g.n + c;
                 let mut sampling = g.sampling.clone();
                 sampling.seed = base_seed.wrapping_add(choice as u64);
-                let positions = ids.len();
                 let req = SequenceRequest {
                     prompt: ids.clone(),
                     max_new_tokens: max_tokens,
                     sampling,
-                    eos_token_ids: eos.to_vec(),
+                    eos_token_ids: if g.ignore_eos { vec![] } else { eos.to_vec() },
                     keep_logits: false,
                     logprobs: g.logprobs,
                 };
@@ -408,7 +488,7 @@ impl<'c> Work<'c> {
                         );
                         self.cancel(sched, job);
                         self.jobs.remove(&job);
-                        return Err(ApiError::invalid(Some("messages".into()), e.to_string()));
+                        return Err(ApiError::invalid(Some(field_of(&g, p)), e.to_string()));
                     }
                 };
                 self.seqs.insert(
@@ -418,7 +498,6 @@ impl<'c> Work<'c> {
                         choice,
                         stream: self.codec.stream(),
                         hold: StopHold::new(g.stops.clone()),
-                        positions,
                     },
                 );
             }
@@ -450,22 +529,25 @@ impl<'c> Work<'c> {
         let Some(s) = self.seqs.get_mut(&ev.sequence) else {
             return Control::StopSequence;
         };
-        s.positions += 1;
         let piece = s.stream.step(ev.token).ok().flatten().unwrap_or_default();
         let text = s.hold.push(&piece).to_string();
         let logprobs = ev
             .logprobs
             .map(|lp| {
-                let tok = |id: u32| {
-                    self.codec
-                        .tokenizer()
-                        .decode(&[id], false)
-                        .unwrap_or_default()
-                };
+                let tok = |id: u32| self.codec.token_text_and_bytes(id);
+                let (token, bytes) = tok(ev.token);
                 vec![TokenLp {
-                    token: tok(ev.token),
+                    token,
+                    bytes,
                     logprob: lp.logprob,
-                    top: lp.top.iter().map(|&(id, v)| (tok(id), v)).collect(),
+                    top: lp
+                        .top
+                        .iter()
+                        .map(|&(id, v)| {
+                            let (t, b) = tok(id);
+                            (t, b, v)
+                        })
+                        .collect(),
                 }]
             })
             .unwrap_or_default();
@@ -512,6 +594,8 @@ impl<'c> Work<'c> {
             });
         }
         let reason = match reason {
+            // The held-back text completed a stop string.
+            _ if s.hold.stopped() => "stop",
             FinishReason::Length => "length",
             FinishReason::Eos | FinishReason::Stop => "stop",
             FinishReason::Cancelled => "abort",

@@ -4,6 +4,8 @@
 //! given test binary leaves unused would otherwise each warn there.
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -250,6 +250,11 @@ impl Scheduler {
         self.waiting.len()
     }
 
+    /// KV positions holding tokens of live sequences.
+    pub fn cached_positions(&self) -> usize {
+        self.live.iter().map(|s| s.cached).sum()
+    }
+
     /// One sweep: admits waiting sequences into free rows, makes drafts, runs the target over
     /// every live sequence's next positions, emits the chosen tokens through `on_token`, and
     /// retires the sequences that finished.
