@@ -107,14 +107,15 @@ fn bf16_matches_the_original_code_in_bf16() {
     }
 }
 
-/// Per case: well below one bf16 ulp at the logits' magnitude (1/32 at 4..8; the engine agrees
-/// to 1e-3 on this CPU), far below the rounding points' effects (0.07 to 0.74, see
-/// expected.json) and transformers' own bf16-vs-f32 noise (0.1 to 0.6).
+/// Per case: within one bf16 ulp at the logits' magnitude (1/32 at 4..8: the engine agrees to
+/// 1e-3 on a quiet Intel CPU, to 0.018 on an AMD EPYC with the other core busy, where oneDNN's
+/// bf16 kernels split their work otherwise), below the rounding points' effects (0.07 to 0.74,
+/// see expected.json) and transformers' own bf16-vs-f32 noise (0.1 to 0.6).
 const BF16_TOL: &[(&str, f32)] = &[
-    ("qwen_bf16", 0.004),
-    ("chatglm3_bf16", 0.004),
-    ("baichuan2_7b_bf16", 0.004),
-    ("baichuan2_13b_bf16", 0.004),
+    ("qwen_bf16", 0.03),
+    ("chatglm3_bf16", 0.03),
+    ("baichuan2_7b_bf16", 0.03),
+    ("baichuan2_13b_bf16", 0.03),
 ];
 
 /// The fixtures run every layer streamed (`Case::open`); resident layers (fused projections)
