@@ -239,3 +239,85 @@ fn openai_python_client() {
         stdout(&o)
     );
 }
+
+/// A stream waiting for its first token (queued behind another) gets `: keep-alive` comments;
+/// a non-streamed request whose client hangs up while it waits is never computed.
+#[test]
+fn waiting_streams_are_kept_alive_and_hang_ups_cost_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    tiny_model(&model, 8);
+    let server = Server::start(
+        &model,
+        &[
+            "--served-model-name",
+            "tiny",
+            "--max-batch",
+            "1",
+            "--keepalive",
+            "0.05",
+        ],
+    );
+    let long = |n: usize| {
+        let mut b = chat_body("go on", n, true);
+        b["ignore_eos"] = serde_json::json!(true);
+        b
+    };
+    let addr = server.addr.clone();
+    let first = std::thread::spawn(move || stream_chat(&addr, &long(2000)));
+    let start = Instant::now();
+    while metric(&server.get("/metrics").2, "rabbit_running_sequences") < 1.0 {
+        assert!(start.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Queued behind the first: hangs up at once, never to be computed.
+    let mut gone = TcpStream::connect(&server.addr).unwrap();
+    let body = {
+        let mut b = long(2000);
+        b["stream"] = serde_json::json!(false);
+        b["stream_options"] = Value::Null;
+        b.to_string()
+    };
+    write!(
+        gone,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    drop(gone);
+    let (status, _, text) = server.post("/v1/chat/completions", &long(2));
+    assert_eq!(status, 200, "{text}");
+    // In order: a keep-alive comment comes before the first token's text.
+    let mut alive = false;
+    for line in text.lines() {
+        if line.starts_with(": keep-alive") {
+            alive = true;
+        }
+        let Some(Ok(v)) = line
+            .strip_prefix("data: ")
+            .map(serde_json::from_str::<Value>)
+        else {
+            continue;
+        };
+        if v["choices"][0]["delta"]["content"]
+            .as_str()
+            .is_some_and(|c| !c.is_empty())
+        {
+            break;
+        }
+    }
+    assert!(alive, "no keep-alive before the first token: {text}");
+    assert_eq!(sse_data(&text).last().map(String::as_str), Some("[DONE]"));
+    let (_, finish, usage) = first.join().unwrap();
+    assert_eq!(
+        (finish.as_str(), usage["completion_tokens"].as_u64()),
+        ("length", Some(2000))
+    );
+    let m = server.get("/metrics").2;
+    assert!(
+        metric(&m, "rabbit_generation_tokens_total") < 2100.0,
+        "the hung-up request ran:\n{m}"
+    );
+    assert!(server.terminate().success());
+}
