@@ -71,8 +71,12 @@ fn parse_cli() -> Cli {
 }
 
 fn main() {
-    util::init_tracing();
     let cli = parse_cli();
+    // A server says what it answered (one line per request); the other commands only warn.
+    util::init_tracing(match cli.command {
+        Command::Serve(_) => "warn,rabbit_server=info",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Synth(a) => synth::run(a),
         Command::Split(a) => split::run(a),

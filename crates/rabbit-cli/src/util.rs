@@ -2,10 +2,11 @@
 
 use std::io::IsTerminal;
 
-/// Logs go to stderr through `tracing`, filtered by RUST_LOG (default: warnings only).
-pub fn init_tracing() {
+/// Logs go to stderr through `tracing`, filtered by RUST_LOG (default: `default`, e.g. warnings
+/// only).
+pub fn init_tracing(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

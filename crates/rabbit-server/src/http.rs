@@ -168,7 +168,10 @@ async fn metrics(State(app): State<App>) -> Response {
 }
 
 fn answer(app: &App, endpoint: &'static str, r: Result<Response, ApiError>) -> Response {
-    let resp = r.unwrap_or_else(IntoResponse::into_response);
+    let resp = r.unwrap_or_else(|e| {
+        tracing::info!("{endpoint}: {} {}", e.status.as_u16(), e.message);
+        e.into_response()
+    });
     app.shared
         .metrics
         .count_request(endpoint, resp.status().as_u16());
@@ -271,6 +274,7 @@ async fn generate(
         arrived,
         first: true,
         shared: app.shared.clone(),
+        ttft: None,
         _guard: guard,
     };
     if stream {
@@ -298,15 +302,27 @@ struct Run {
     arrived: Instant,
     first: bool,
     shared: Arc<Shared>,
+    ttft: Option<f64>,
     _guard: CancelGuard,
 }
 
 impl Run {
+    /// The access log line of a request that ran.
+    fn log(&self, completion: usize, how: &str) {
+        tracing::info!(
+            "{} {how}: {} prompt + {completion} completion tokens, first token {:.2} s, {:.2} s in all",
+            self.meta.id,
+            self.prompt_tokens,
+            self.ttft.unwrap_or(f64::NAN),
+            self.arrived.elapsed().as_secs_f64()
+        );
+    }
+
     fn first_token(&mut self) {
         if std::mem::take(&mut self.first) {
-            self.shared
-                .metrics
-                .record_ttft(self.arrived.elapsed().as_secs_f64());
+            let t = self.arrived.elapsed().as_secs_f64();
+            self.ttft = Some(t);
+            self.shared.metrics.record_ttft(t);
         }
     }
 
@@ -344,6 +360,7 @@ impl Run {
                 }
             }
         }
+        self.log(choices.iter().map(|c| c.tokens).sum(), "answered");
         let body = self.meta.response(
             &choices,
             &self.echoes,
@@ -473,6 +490,7 @@ impl StreamState {
             }
             self.queue.push_back(SseEvent::default().data("[DONE]"));
             self.done = true;
+            self.run.log(self.completion, "streamed");
         }
     }
 }
