@@ -99,9 +99,14 @@ pub fn run(a: ServeArgs) -> Result<()> {
     let (max_batch, context) = (a.max_batch as usize, a.context as usize);
     let (margs, step) = (a.model.clone(), a.step.clone());
     let load = Box::new(move || -> Result<rabbitllm::Model, String> {
-        let (mut model, secs) = margs
-            .load_for(false, max_batch, context)
-            .map_err(|e| error_chain(&e))?;
+        let (mut model, secs) = margs.load_for(false, max_batch, context).map_err(|e| {
+            format!(
+                "{} (the memory plan reserves the KV cache and activations of --max-batch \
+                 {max_batch} sequences of --context {context} positions: lower either, or raise \
+                 --device-memory-budget)",
+                error_chain(&e)
+            )
+        })?;
         // A server's prefills are not watched on a terminal.
         model.engine.on_prefill_layer = None;
         step.load_draft(&margs, &mut model, false)

@@ -57,7 +57,8 @@ impl Shared {
 
     /// Loading or serving failed.
     pub fn set_failed(&self, why: String) {
-        tracing::error!("{why}");
+        // Said once, by whoever ends the process with it (`rabbit serve` prints it and exits 1).
+        tracing::debug!("{why}");
         *self.phase.lock() = Phase::Failed(why);
         self.changed.send_replace(());
     }
