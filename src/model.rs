@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// Positions per sequence (prompt + new tokens) reserved for (default 4096, at most the
     /// model's context).
     pub plan_context: usize,
+    /// Most positions one sweep carries over all rows (`None`: every row's whole context);
+    /// chunked prefill bounds it.
+    pub plan_sweep_tokens: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -75,6 +78,7 @@ impl Default for LoadOptions {
             split: SplitPolicy::Auto,
             plan_batch: 1,
             plan_context: 4096,
+            plan_sweep_tokens: None,
         }
     }
 }
@@ -136,6 +140,14 @@ impl LoadOptions {
     pub fn plan_for(mut self, batch: usize, context: usize) -> Self {
         self.plan_batch = batch;
         self.plan_context = context;
+        self
+    }
+
+    /// With [`LoadOptions::plan_for`]: sweeps carry at most `chunk` prompt positions per row
+    /// (`--prefill-chunk`), so activations are reserved for `batch x chunk` positions rather
+    /// than whole contexts.
+    pub fn plan_prefill_chunk(mut self, chunk: Option<usize>) -> Self {
+        self.plan_sweep_tokens = chunk.map(|c| c.saturating_mul(self.plan_batch.max(1)));
         self
     }
 
@@ -262,6 +274,7 @@ impl AutoModel {
             budget: opts.budget,
             plan_batch: opts.plan_batch,
             plan_context: opts.plan_context,
+            plan_sweep_tokens: opts.plan_sweep_tokens,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

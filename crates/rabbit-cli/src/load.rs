@@ -76,14 +76,22 @@ pub struct ModelArgs {
 impl ModelArgs {
     /// Loads the model, reporting split progress on stderr unless quiet.
     pub fn load(&self, quiet: bool) -> Result<(Model, f64)> {
-        self.load_for(quiet, 1, 4096)
+        self.load_for(quiet, 1, 4096, None)
     }
 
     /// [`ModelArgs::load`] with the KV cache and activations of `batch` sequences of `context`
-    /// positions reserved in the residency plan.
-    pub fn load_for(&self, quiet: bool, batch: usize, context: usize) -> Result<(Model, f64)> {
+    /// positions reserved in the residency plan (activations for `chunk` prompt positions per
+    /// row, with chunked prefill).
+    pub fn load_for(
+        &self,
+        quiet: bool,
+        batch: usize,
+        context: usize,
+        chunk: Option<usize>,
+    ) -> Result<(Model, f64)> {
         let mut opts = LoadOptions::default()
             .plan_for(batch, context)
+            .plan_prefill_chunk(chunk)
             .device(self.device)
             .prefetch_depth(self.prefetch as usize)
             .direct_io(self.direct_io)

@@ -97,16 +97,18 @@ pub fn run(a: ServeArgs) -> Result<()> {
         a.model.model
     );
     let (max_batch, context) = (a.max_batch as usize, a.context as usize);
-    let (margs, step) = (a.model.clone(), a.step.clone());
+    let (margs, step, chunk) = (a.model.clone(), a.step.clone(), a.step.prefill_chunk());
     let load = Box::new(move || -> Result<rabbitllm::Model, String> {
-        let (mut model, secs) = margs.load_for(false, max_batch, context).map_err(|e| {
-            format!(
-                "{} (the memory plan reserves the KV cache and activations of --max-batch \
+        let (mut model, secs) = margs
+            .load_for(false, max_batch, context, chunk)
+            .map_err(|e| {
+                format!(
+                    "{} (the memory plan reserves the KV cache and activations of --max-batch \
                  {max_batch} sequences of --context {context} positions: lower either, or raise \
                  --device-memory-budget)",
-                error_chain(&e)
-            )
-        })?;
+                    error_chain(&e)
+                )
+            })?;
         // A server's prefills are not watched on a terminal.
         model.engine.on_prefill_layer = None;
         step.load_draft(&margs, &mut model, false)

@@ -274,8 +274,9 @@ impl Engine {
                 spec.head_dim,
                 elem as usize,
             ),
-            activation_bytes: (batch
-                * context
+            activation_bytes: (opts
+                .plan_sweep_tokens
+                .map_or(batch * context, |t| t.clamp(1, batch * context))
                 * (4 * spec.hidden_size + 2 * spec.intermediate_size))
                 as u64
                 * elem
