@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod respond;
 pub mod state;
+pub mod work;
 pub mod worker;
 
 use std::sync::Arc;
