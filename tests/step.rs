@@ -468,8 +468,8 @@ fn bad_speculation_settings_are_refused_and_short_prompts_fall_back() {
     assert!(e.contains("vocabulary has 320 tokens"), "{e}");
 }
 
-/// Finished sequences free their rows for the queue; a cancelled one leaves at once and the
-/// others are unaffected.
+/// Finished sequences free their rows for the queue; a cancelled one leaves at once, and one
+/// whose sampling fails ends alone with its error: the others are unaffected.
 #[test]
 fn rows_are_reused_and_cancelling_one_sequence_leaves_the_others_intact() {
     let case = Case::load("qwen2_batch");
@@ -505,6 +505,23 @@ fn rows_are_reused_and_cancelling_one_sequence_leaves_the_others_intact() {
                 .unwrap(),
         );
     }
+    // Scores that overflow to +inf leave nothing to sample from: this sequence fails alone.
+    let doomed_sampling = SamplingParams {
+        temperature: 1e-30,
+        repetition_penalty: Some(1e-37),
+        ..Default::default()
+    };
+    let doomed = sched
+        .add(
+            engine,
+            SequenceRequest {
+                prompt: prompts[0].clone(),
+                max_new_tokens: 8,
+                sampling: doomed_sampling.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
     let too_long = SequenceRequest {
         prompt: vec![1; 60],
         max_new_tokens: 8,
@@ -524,6 +541,16 @@ fn rows_are_reused_and_cancelling_one_sequence_leaves_the_others_intact() {
             .unwrap()
             .finished
         {
+            if f.id == doomed {
+                let e = f.error.expect("the doomed sequence fails").to_string();
+                assert!(e.contains("temperature"), "{e}");
+                assert_eq!(
+                    f.output.finish_reason,
+                    rabbitllm::core::FinishReason::Failed
+                );
+                continue;
+            }
+            assert!(f.error.is_none());
             done.insert(f.id, f.output);
         }
         steps += 1;
@@ -537,6 +564,20 @@ fn rows_are_reused_and_cancelling_one_sequence_leaves_the_others_intact() {
     for (i, id) in ids.iter().enumerate().skip(1) {
         assert_eq!(done[id].output_ids, want[i].0, "sequence {i}");
     }
+    // A whole generation still fails with it.
+    let req = GenerateRequest {
+        sequences: vec![prompts[0].clone()],
+        max_new_tokens: 4,
+        sampling: doomed_sampling,
+        ..Default::default()
+    };
+    let e = engine
+        .generate(&req, &mut |_| Control::Continue)
+        .unwrap_err();
+    assert!(
+        matches!(e, rabbitllm::CoreError::DegenerateScores { .. }),
+        "{e}"
+    );
 }
 
 /// Speculation on a compressed model: the same tokens as plain decoding of that model.

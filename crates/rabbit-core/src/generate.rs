@@ -192,6 +192,10 @@ impl Engine {
                 on_token(ev)
             })?;
             for f in report.finished {
+                // A call generates all its sequences or fails: the first failure is its error.
+                if let Some(e) = f.error {
+                    return Err(e);
+                }
                 done[f.id] = Some(f.output);
             }
             if !prefilled {

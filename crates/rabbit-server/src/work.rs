@@ -281,10 +281,24 @@ impl<'c> Work<'c> {
         }
     }
 
-    pub(crate) fn finish(&mut self, id: SeqId, reason: FinishReason, ids: &[u32]) {
+    pub(crate) fn finish(
+        &mut self,
+        id: SeqId,
+        reason: FinishReason,
+        ids: &[u32],
+        error: Option<&rabbit_core::CoreError>,
+    ) {
         let Some(mut s) = self.seqs.remove(&id) else {
             return;
         };
+        if let Some(e) = error {
+            // The request fails as a whole; its other choices stop at their next token (their
+            // job is gone), and nobody else's are touched.
+            if let Some(job) = self.jobs.remove(&s.job) {
+                let _ = job.events.send(Event::Failed(e.to_string()));
+            }
+            return;
+        }
         let Some(job) = self.jobs.get_mut(&s.job) else {
             return;
         };
@@ -311,7 +325,7 @@ impl<'c> Work<'c> {
             _ if s.hold.stopped() => "stop",
             FinishReason::Length => "length",
             FinishReason::Eos | FinishReason::Stop => "stop",
-            FinishReason::Cancelled => "abort",
+            FinishReason::Cancelled | FinishReason::Failed => "abort",
         };
         let _ = job.events.send(Event::Done {
             choice: s.choice,

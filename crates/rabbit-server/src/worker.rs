@@ -266,7 +266,12 @@ fn serve(
         match result {
             Ok(mut report) => {
                 for f in std::mem::take(&mut report.finished) {
-                    w.finish(f.id, f.output.finish_reason, &f.output.output_ids);
+                    w.finish(
+                        f.id,
+                        f.output.finish_reason,
+                        &f.output.output_ids,
+                        f.error.as_ref(),
+                    );
                 }
                 metrics.record_step(
                     &report,

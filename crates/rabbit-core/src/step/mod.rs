@@ -71,6 +71,8 @@ struct Seq {
     finished: Option<FinishReason>,
     drafts: Vec<u32>,
     q: Vec<Vec<f64>>,
+    /// Why it failed ([`FinishReason::Failed`]).
+    error: Option<CoreError>,
 }
 
 impl Seq {
@@ -81,6 +83,7 @@ impl Seq {
     fn output(self) -> Finished {
         Finished {
             id: self.id,
+            error: self.error,
             output: SequenceOutput {
                 input_ids: self.req.prompt,
                 output_ids: self.out,
@@ -216,6 +219,7 @@ impl Scheduler {
             finished: (req.max_new_tokens == 0).then_some(FinishReason::Length),
             drafts: Vec::new(),
             q: Vec::new(),
+            error: None,
             req,
         };
         if seq.finished.is_some() {
@@ -389,49 +393,62 @@ impl Scheduler {
                 }
                 Ok(())
             };
-            non_finite(0)?;
             let n0 = s.tokens.len();
-            let (accepted, next) = if s.drafts.is_empty() {
-                s.cached += n;
-                let mut scores = rows[0].to_vec();
-                let t = s
-                    .sampler
-                    .choose(&mut scores, &s.tokens, &s.req.sampling)
-                    .map_err(|source| CoreError::DegenerateScores {
-                        step: s.out.len(),
-                        sequence: s.id,
-                        source,
-                    })?;
-                (0, t)
-            } else {
-                let q = (!s.q.is_empty()).then_some(s.q.as_slice());
-                let v = verify::verify(
-                    &rows,
-                    &s.drafts,
-                    q,
-                    &s.tokens,
-                    &s.req.sampling,
-                    &mut s.sampler,
-                )
-                .map_err(|(j, source)| {
-                    non_finite(j).err().unwrap_or(CoreError::DegenerateScores {
-                        step: out_len + j,
-                        sequence: id,
-                        source,
-                    })
-                })?;
-                non_finite(v.accepted)?;
-                self.stats.draft_tokens += s.drafts.len();
-                self.stats.accepted_tokens += v.accepted;
-                s.k = if v.accepted == s.drafts.len() {
-                    (s.k + 2).min(MAX_DRAFT_TOKENS)
+            let stats = &mut self.stats;
+            // A failure of this row's logits or sampling ends this sequence alone (its error in
+            // its Finished); the others in the sweep go on.
+            let chosen = (|| -> Result<(usize, u32)> {
+                non_finite(0)?;
+                Ok(if s.drafts.is_empty() {
+                    s.cached += n;
+                    let mut scores = rows[0].to_vec();
+                    let t = s
+                        .sampler
+                        .choose(&mut scores, &s.tokens, &s.req.sampling)
+                        .map_err(|source| CoreError::DegenerateScores {
+                            step: s.out.len(),
+                            sequence: s.id,
+                            source,
+                        })?;
+                    (0, t)
                 } else {
-                    s.k.saturating_sub(1).max(1)
-                };
-                // Rejected drafts' slots are simply beyond the row's length now.
-                s.cached = n0 + v.accepted;
-                s.draft_cached = s.draft_cached.min(n0 + v.accepted);
-                (v.accepted, v.next)
+                    let q = (!s.q.is_empty()).then_some(s.q.as_slice());
+                    let v = verify::verify(
+                        &rows,
+                        &s.drafts,
+                        q,
+                        &s.tokens,
+                        &s.req.sampling,
+                        &mut s.sampler,
+                    )
+                    .map_err(|(j, source)| {
+                        non_finite(j).err().unwrap_or(CoreError::DegenerateScores {
+                            step: out_len + j,
+                            sequence: id,
+                            source,
+                        })
+                    })?;
+                    non_finite(v.accepted)?;
+                    stats.draft_tokens += s.drafts.len();
+                    stats.accepted_tokens += v.accepted;
+                    s.k = if v.accepted == s.drafts.len() {
+                        (s.k + 2).min(MAX_DRAFT_TOKENS)
+                    } else {
+                        s.k.saturating_sub(1).max(1)
+                    };
+                    // Rejected drafts' slots are simply beyond the row's length now.
+                    s.cached = n0 + v.accepted;
+                    s.draft_cached = s.draft_cached.min(n0 + v.accepted);
+                    (v.accepted, v.next)
+                })
+            })();
+            let (accepted, next) = match chosen {
+                Ok(c) => c,
+                Err(e) => {
+                    s.finished = Some(FinishReason::Failed);
+                    s.error = Some(e);
+                    continue;
+                }
             };
             report.emitting_rows += 1;
             let emitted: Vec<u32> = s.drafts[..accepted]
@@ -532,6 +549,7 @@ fn placeholder() -> Seq {
         finished: None,
         drafts: Vec::new(),
         q: Vec::new(),
+        error: None,
     }
 }
 

@@ -142,12 +142,15 @@ impl TokenLogprobs {
 }
 
 /// A sequence that left the scheduler.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Finished {
     /// Its id.
     pub id: SeqId,
-    /// What it produced.
+    /// What it produced (up to the failure, when it failed).
     pub output: SequenceOutput,
+    /// Why it failed, with [`FinishReason::Failed`]: its logits were not finite or its sampling
+    /// settings left nothing to sample from. The other sequences of the sweep are unaffected.
+    pub error: Option<CoreError>,
 }
 
 /// Counters since the scheduler was made.
@@ -166,7 +169,7 @@ pub struct StepStats {
 }
 
 /// What one [`Scheduler::step`] did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct StepReport {
     /// Sequences that left.
     pub finished: Vec<Finished>,
@@ -196,6 +199,8 @@ pub enum FinishReason {
     Stop,
     /// The caller cancelled the whole generation.
     Cancelled,
+    /// Its logits or sampling failed ([`Finished::error`]).
+    Failed,
 }
 
 /// The caller's answer to each new token.
