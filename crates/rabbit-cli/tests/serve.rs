@@ -321,3 +321,58 @@ fn waiting_streams_are_kept_alive_and_hang_ups_cost_nothing() {
     );
     assert!(server.terminate().success());
 }
+
+/// Speculation in the server (a draft model, prompt lookup) keeps every greedy answer what
+/// `rabbit generate` gives alone, with several requests in the same sweeps.
+#[test]
+fn speculating_servers_keep_greedy_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    tiny_model(&model, 9);
+    let prompts: Vec<String> = (0..4)
+        .map(|i| format!("{i} one two three one two three one two"))
+        .collect();
+    let want: Vec<(String, usize)> = prompts
+        .iter()
+        .map(|p| generate_alone(&model, p, 10))
+        .collect();
+    let draft = model.to_str().unwrap().to_string();
+    for spec in [
+        vec!["--draft-model", draft.as_str(), "--draft-tokens", "3"],
+        vec!["--prompt-lookup", "2", "--draft-tokens", "4"],
+    ] {
+        let mut args = vec![
+            "--served-model-name",
+            "tiny",
+            "--dtype",
+            "f32",
+            "--max-batch",
+            "4",
+        ];
+        args.extend(spec.iter().copied());
+        let server = Server::start(&model, &args);
+        let handles: Vec<_> = prompts
+            .iter()
+            .cloned()
+            .map(|p| {
+                let addr = server.addr.clone();
+                std::thread::spawn(move || stream_chat(&addr, &chat_body(&p, 10, true)))
+            })
+            .collect();
+        for (i, h) in handles.into_iter().enumerate() {
+            let (text, _, usage) = h.join().unwrap();
+            assert_eq!(text, want[i].0, "{spec:?} prompt {i}");
+            assert_eq!(usage["completion_tokens"], want[i].1);
+        }
+        if spec[0] == "--draft-model" {
+            // The model as its own draft: every draft accepted, several tokens per sweep.
+            let m = server.get("/metrics").2;
+            let (sweeps, tokens) = (
+                metric(&m, "rabbit_sweeps_total"),
+                metric(&m, "rabbit_generation_tokens_total"),
+            );
+            assert!(sweeps * 2.0 < tokens, "{sweeps} sweeps for {tokens} tokens");
+        }
+        assert!(server.terminate().success());
+    }
+}
