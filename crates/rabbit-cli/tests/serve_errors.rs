@@ -211,5 +211,5 @@ fn bad_requests_get_openai_errors() {
         m.contains("rabbit_requests_total{endpoint=\"chat_completions\",status=\"401\"} 2"),
         "{m}"
     );
-    assert!(server.terminate().success());
+    server.terminate_ok();
 }

@@ -242,7 +242,14 @@ impl<'c> Work<'c> {
         let Some(s) = self.seqs.get_mut(&ev.sequence) else {
             return Control::StopSequence;
         };
-        let piece = s.stream.step(ev.token).ok().flatten().unwrap_or_default();
+        let piece = match s.stream.step(ev.token) {
+            Ok(p) => p.unwrap_or_default(),
+            Err(e) => {
+                // The final text is the full decode anyway (finish); the stream only lags.
+                tracing::warn!("decoding token {} for a stream: {e}", ev.token);
+                String::new()
+            }
+        };
         let text = s.hold.push(&piece).to_string();
         let logprobs = ev
             .logprobs
@@ -307,8 +314,11 @@ impl<'c> Work<'c> {
         let mut tail = String::new();
         if !s.hold.stopped() {
             if let Ok(full) = self.codec.decode(ids) {
-                if let Some(rest) = full.strip_prefix(s.hold.text()) {
-                    tail.push_str(s.hold.push(rest));
+                match full.strip_prefix(s.hold.text()) {
+                    Some(rest) => tail.push_str(s.hold.push(rest)),
+                    None => tracing::warn!(
+                        "the streamed text is not a prefix of the full decode; the stream keeps it"
+                    ),
                 }
             }
         }

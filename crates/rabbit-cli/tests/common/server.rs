@@ -41,12 +41,26 @@ impl Server {
                 sink.lock().unwrap().push_str(&(line + "\n"));
             }
         });
-        let addr = rx
+        // The guard first: whatever panics below, the process is killed.
+        let mut s = Server {
+            child,
+            addr: String::new(),
+            log,
+        };
+        s.addr = rx
             .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| panic!("no listening line; stderr: {}", log.lock().unwrap()));
-        let s = Server { child, addr, log };
+            .unwrap_or_else(|_| panic!("no listening line; stderr: {}", s.log()));
         let start = Instant::now();
-        while s.get("/health").0 != 200 {
+        loop {
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!(
+                    "the server exited ({status}) before it was ready: {}",
+                    s.log()
+                );
+            }
+            if TcpStream::connect(&s.addr).is_ok() && s.get("/health").0 == 200 {
+                break;
+            }
             assert!(
                 start.elapsed() < Duration::from_secs(120),
                 "not ready: {}",
@@ -69,13 +83,17 @@ impl Server {
         http(&self.addr, "POST", path, &[], &body.to_string())
     }
 
-    /// SIGTERM; the exit status, within a bounded time.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    /// SIGTERM; the process must exit 0 within a bounded time (its log, shutdown included,
+    /// in the failure message).
+    pub fn terminate_ok(mut self) {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+                // The log thread has the last lines once the pipe closes.
+                std::thread::sleep(Duration::from_millis(50));
+                assert!(s.success(), "exit {s}: {}", self.log());
+                return;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(60),
@@ -103,7 +121,7 @@ pub fn http(
     body: &str,
 ) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
         body.len()
@@ -117,8 +135,22 @@ pub fn http(
     req.push_str("\r\n");
     req.push_str(body);
     s.write_all(req.as_bytes()).unwrap();
+    // An overall deadline: keep-alive comments would renew a per-read timeout forever.
+    let deadline = Instant::now() + Duration::from_secs(300);
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).unwrap();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => panic!("{method} {path}: reading the response: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{method} {path}: no end of response in 300 s"
+        );
+    }
     let raw = String::from_utf8(raw).expect("the response is UTF-8");
     let (head, rest) = raw.split_once("\r\n\r\n").expect("a response");
     let status: u16 = head.split_whitespace().nth(1).unwrap().parse().unwrap();
