@@ -2,6 +2,8 @@
 //! with transformers) and comparing a model against it.
 #![allow(dead_code)]
 
+pub mod step;
+
 use std::path::{Path, PathBuf};
 
 use rabbitllm::{
