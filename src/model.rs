@@ -56,9 +56,9 @@ pub struct LoadOptions {
     /// Positions per sequence (prompt + new tokens) reserved for (default 4096, at most the
     /// model's context).
     pub plan_context: usize,
-    /// Most positions one sweep carries over all rows (`None`: every row's whole context);
-    /// chunked prefill bounds it.
-    pub plan_sweep_tokens: Option<usize>,
+    /// Prompt positions per row and sweep when prefill is chunked (`None`: a whole context per
+    /// row); activations are reserved for `plan_batch` rows of this many.
+    pub plan_prefill_chunk: Option<usize>,
 }
 
 impl Default for LoadOptions {
@@ -78,7 +78,7 @@ impl Default for LoadOptions {
             split: SplitPolicy::Auto,
             plan_batch: 1,
             plan_context: 4096,
-            plan_sweep_tokens: None,
+            plan_prefill_chunk: None,
         }
     }
 }
@@ -143,11 +143,10 @@ impl LoadOptions {
         self
     }
 
-    /// With [`LoadOptions::plan_for`]: sweeps carry at most `chunk` prompt positions per row
-    /// (`--prefill-chunk`), so activations are reserved for `batch x chunk` positions rather
-    /// than whole contexts.
+    /// Sweeps carry at most `chunk` prompt positions per row (`--prefill-chunk`), so activations
+    /// are reserved for that many per row rather than whole contexts.
     pub fn plan_prefill_chunk(mut self, chunk: Option<usize>) -> Self {
-        self.plan_sweep_tokens = chunk.map(|c| c.saturating_mul(self.plan_batch.max(1)));
+        self.plan_prefill_chunk = chunk;
         self
     }
 
@@ -274,7 +273,7 @@ impl AutoModel {
             budget: opts.budget,
             plan_batch: opts.plan_batch,
             plan_context: opts.plan_context,
-            plan_sweep_tokens: opts.plan_sweep_tokens,
+            plan_prefill_chunk: opts.plan_prefill_chunk,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

@@ -18,20 +18,20 @@ use crate::speculate::StepArgs;
 
 /// The model's chat format (its template, or its family's built-in one), or a clear error.
 pub fn format_of(dir: &Path) -> Result<ChatFormat> {
-    rabbitllm::chat::format_of(dir).map_err(|e| match e {
+    rabbitllm::chat::format_of(dir).map_err(no_chat_hint)
+}
+
+/// The format of a loaded model ([`Model::chat_format`]), or a clear error.
+pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> {
+    model.chat_format(max_new_tokens).map_err(no_chat_hint)
+}
+
+/// A model without a chat format can still run plain prompts: say so.
+fn no_chat_hint(e: rabbitllm::Error) -> anyhow::Error {
+    match e {
         rabbitllm::Error::InvalidInput(m) => anyhow::anyhow!("{m} (use --prompt without --chat)"),
         e => e.into(),
-    })
-}
-
-/// See [`Model::chat_format`].
-pub fn model_format(model: &Model, max_new_tokens: usize) -> Result<ChatFormat> {
-    Ok(model.chat_format(max_new_tokens)?)
-}
-
-/// See [`Model::chat_stop_ids`].
-pub fn stop_ids(model: &Model, format: &ChatFormat) -> Vec<u32> {
-    model.chat_stop_ids(format)
+    }
 }
 
 /// Arguments of `rabbit template`.
@@ -271,7 +271,7 @@ fn answer(
         sequences: vec![ids],
         max_new_tokens: a.max_new_tokens.min(room),
         sampling: sampling_of(a),
-        eos_token_ids: stop_ids(model, format),
+        eos_token_ids: model.chat_stop_ids(format),
         keep_logits: false,
         prefill_chunk: a.step.prefill_chunk(),
         speculation: a.step.speculation()?,

@@ -168,7 +168,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         sampling,
         eos_token_ids: match &chat_format {
-            Some(f) => crate::chat::stop_ids(&model, f),
+            Some(f) => model.chat_stop_ids(f),
             None => spec.eos_token_ids.clone(),
         },
         keep_logits: a.dump_logits.is_some(),

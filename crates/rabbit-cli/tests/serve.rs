@@ -81,48 +81,35 @@ fn concurrent_streams_equal_generate_alone() {
     }
     // The abandoned sequences leave: nothing runs or waits, and far fewer than their 3000
     // tokens each were generated.
-    let start = Instant::now();
-    loop {
-        let m = server.get("/metrics").2;
-        if metric(&m, "rabbit_running_sequences") == 0.0 && metric(&m, "rabbit_queue_depth") == 0.0
-        {
-            assert!(
-                metric(&m, "rabbit_generation_tokens_total") < (64 * 12 + 8 * 1000) as f64,
-                "{m}"
-            );
-            assert!(
-                m.contains("rabbit_requests_total{endpoint=\"chat_completions\",status=\"200\"}"),
-                "{m}"
-            );
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "abandoned streams keep running:\n{m}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let m = server.wait_metrics("abandoned streams keep running", |m| {
+        metric(m, "rabbit_running_sequences") == 0.0 && metric(m, "rabbit_queue_depth") == 0.0
+    });
+    assert!(
+        metric(&m, "rabbit_generation_tokens_total") < (64 * 12 + 8 * 1000) as f64,
+        "{m}"
+    );
+    assert!(
+        m.contains("rabbit_requests_total{endpoint=\"chat_completions\",status=\"200\"}"),
+        "{m}"
+    );
     server.terminate_ok();
 }
 
-/// A tiny model with room for long answers (16k positions): requests that outlast whatever the
-/// test does meanwhile, however fast the machine.
-fn long_model(dir: &Path, seed: u32) -> std::path::PathBuf {
+/// A server on a tiny model with room for long answers (16k positions), one row: requests that
+/// outlast whatever the test does meanwhile, however fast the machine.
+fn long_server(dir: &Path, seed: u32, extra: &[&str]) -> Server {
     let model = dir.join("long");
-    synth(
-        &model,
-        &[
-            "--arch",
-            "qwen2",
-            "--preset",
-            "tiny",
-            "--seed",
-            &seed.to_string(),
-            "--max-position",
-            "16384",
-        ],
-    );
-    model
+    tiny_model_with(&model, seed, &["--max-position", "16384"]);
+    let mut args = vec![
+        "--served-model-name",
+        "tiny",
+        "--context",
+        "16384",
+        "--max-batch",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Server::start(&model, &args)
 }
 
 /// A streamed greedy chat request of exactly `n` tokens (end-of-sequence ignored).
@@ -137,21 +124,10 @@ fn long_body(n: usize) -> Value {
 #[test]
 fn full_queue_is_429_and_shutdown_ends_streams() {
     let dir = tempfile::tempdir().unwrap();
-    let model = long_model(dir.path(), 3);
-    let server = Server::start(
-        &model,
-        &[
-            "--served-model-name",
-            "tiny",
-            "--context",
-            "16384",
-            "--max-batch",
-            "1",
-            "--max-queue",
-            "0",
-            "--shutdown-grace",
-            "0.5",
-        ],
+    let server = long_server(
+        dir.path(),
+        3,
+        &["--max-queue", "0", "--shutdown-grace", "0.5"],
     );
     let addr = server.addr.clone();
     // A stream long enough to outlive the test's requests and the shutdown grace.
@@ -159,11 +135,7 @@ fn full_queue_is_429_and_shutdown_ends_streams() {
         let body = long_body(16000).to_string();
         http(&addr, "POST", "/v1/chat/completions", &[], &body).2
     });
-    let start = Instant::now();
-    while metric(&server.get("/metrics").2, "rabbit_running_sequences") < 1.0 {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    server.wait_running();
     let (s, head, text) = server.post("/v1/chat/completions", &chat_body("me too", 4, false));
     assert_eq!(s, 429, "{text}");
     assert!(head.to_ascii_lowercase().contains("retry-after:"), "{head}");
@@ -273,32 +245,14 @@ fn openai_python_client() {
 #[test]
 fn waiting_streams_are_kept_alive_and_hang_ups_cost_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let model = long_model(dir.path(), 8);
-    let server = Server::start(
-        &model,
-        &[
-            "--served-model-name",
-            "tiny",
-            "--context",
-            "16384",
-            "--max-batch",
-            "1",
-            "--keepalive",
-            "0.05",
-        ],
-    );
-    let long = long_body;
+    let server = long_server(dir.path(), 8, &["--keepalive", "0.05"]);
     let addr = server.addr.clone();
-    let first = std::thread::spawn(move || stream_chat(&addr, &long(6000)));
-    let start = Instant::now();
-    while metric(&server.get("/metrics").2, "rabbit_running_sequences") < 1.0 {
-        assert!(start.elapsed() < Duration::from_secs(60));
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let first = std::thread::spawn(move || stream_chat(&addr, &long_body(6000)));
+    server.wait_running();
     // Queued behind the first: hangs up at once, never to be computed.
     let mut gone = TcpStream::connect(&server.addr).unwrap();
     let body = {
-        let mut b = long(6000);
+        let mut b = long_body(6000);
         b["stream"] = serde_json::json!(false);
         b["stream_options"] = Value::Null;
         b.to_string()
@@ -311,7 +265,7 @@ fn waiting_streams_are_kept_alive_and_hang_ups_cost_nothing() {
     .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     drop(gone);
-    let (status, _, text) = server.post("/v1/chat/completions", &long(2));
+    let (status, _, text) = server.post("/v1/chat/completions", &long_body(2));
     assert_eq!(status, 200, "{text}");
     // In order: a keep-alive comment comes before the first token's text.
     let mut alive = false;

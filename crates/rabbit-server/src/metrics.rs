@@ -77,18 +77,15 @@ impl Metrics {
         self.kv_capacity.store(p, Ordering::Relaxed);
     }
 
-    /// A sweep ran.
-    pub fn record_step(
-        &self,
-        r: &StepReport,
-        bytes: u64,
-        live: usize,
-        waiting: usize,
-        kv_used: u64,
-    ) {
+    /// The scheduler's occupancy now: running and waiting sequences, KV positions in use.
+    pub fn set_occupancy(&self, live: usize, waiting: usize, kv_used: u64) {
         self.live.store(live as u64, Ordering::Relaxed);
         self.waiting.store(waiting as u64, Ordering::Relaxed);
         self.kv_used.store(kv_used, Ordering::Relaxed);
+    }
+
+    /// A step ran and read `bytes` of weights.
+    pub fn record_step(&self, r: &StepReport, bytes: u64) {
         if r.rows == 0 {
             // Only retired finished or cancelled sequences: no sweep ran.
             return;

@@ -34,27 +34,61 @@ fn field_of(g: &Generation, i: usize) -> String {
     }
 }
 
+/// What every request of a loaded model shares.
+pub(crate) struct Serving<'c> {
+    /// Text in and out.
+    pub(crate) codec: &'c TextCodec,
+    /// The chat format, when the model has one.
+    pub(crate) format: Option<ChatFormat>,
+    /// Ids a chat answer stops at.
+    pub(crate) chat_stops: Vec<u32>,
+    /// Ids a completion stops at.
+    pub(crate) eos: Vec<u32>,
+    /// Positions per sequence.
+    pub(crate) context: usize,
+    /// The limits.
+    pub(crate) opts: &'c WorkerOptions,
+}
+
 /// The requests in the engine thread.
 pub(crate) struct Work<'c> {
-    pub(crate) codec: &'c TextCodec,
+    pub(crate) serving: Serving<'c>,
     pub(crate) seqs: HashMap<SeqId, SeqState<'c>>,
     pub(crate) jobs: HashMap<JobId, JobState>,
     pub(crate) next_job: JobId,
 }
 
 impl<'c> Work<'c> {
-    #[allow(clippy::too_many_arguments)]
+    /// No request yet.
+    pub(crate) fn new(serving: Serving<'c>) -> Work<'c> {
+        Work {
+            serving,
+            seqs: HashMap::new(),
+            jobs: HashMap::new(),
+            next_job: 0,
+        }
+    }
+
     pub(crate) fn submit(
         &mut self,
         model: &Model,
         sched: &mut Scheduler,
-        format: Option<&ChatFormat>,
-        eos: &[u32],
-        opts: &WorkerOptions,
-        context: usize,
         g: Generation,
         events: mpsc::UnboundedSender<Event>,
     ) -> Result<Accepted, ApiError> {
+        let Serving {
+            format,
+            chat_stops,
+            eos,
+            context,
+            opts,
+            ..
+        } = &self.serving;
+        let (format, context, opts) = (format.as_ref(), *context, *opts);
+        let eos = match g.prompts[0] {
+            Prompt::Chat(_) => chat_stops.clone(),
+            _ => eos.clone(),
+        };
         let vocab = model.engine.spec().vocab_size;
         let wanted = g.prompts.len() * g.n;
         if wanted > opts.max_batch + opts.max_queue {
@@ -67,7 +101,7 @@ impl<'c> Work<'c> {
                 ),
             ));
         }
-        let max_text = self.codec.max_text_bytes(context);
+        let max_text = self.serving.codec.max_text_bytes(context);
         let mut encoded = Vec::with_capacity(g.prompts.len());
         for (i, p) in g.prompts.iter().enumerate() {
             let field = field_of(&g, i);
@@ -173,7 +207,7 @@ impl<'c> Work<'c> {
             if g.echo {
                 echoes.push(match &g.prompts[p] {
                     Prompt::Text(t) => t.clone(),
-                    _ => self.codec.decode(&ids).unwrap_or_default(),
+                    _ => self.serving.codec.decode(&ids).unwrap_or_default(),
                 });
             }
             for c in 0..g.n {
@@ -184,7 +218,7 @@ impl<'c> Work<'c> {
                     prompt: ids.clone(),
                     max_new_tokens: max_tokens,
                     sampling,
-                    eos_token_ids: if g.ignore_eos { vec![] } else { eos.to_vec() },
+                    eos_token_ids: if g.ignore_eos { vec![] } else { eos.clone() },
                     keep_logits: false,
                     logprobs: g.logprobs,
                 };
@@ -209,7 +243,7 @@ impl<'c> Work<'c> {
                     SeqState {
                         job,
                         choice,
-                        stream: self.codec.stream(),
+                        stream: self.serving.codec.stream(),
                         hold: StopHold::new(g.stops.clone()),
                     },
                 );
@@ -254,7 +288,7 @@ impl<'c> Work<'c> {
         let logprobs = ev
             .logprobs
             .map(|lp| {
-                let tok = |id: u32| self.codec.token_text_and_bytes(id);
+                let tok = |id: u32| self.serving.codec.token_text_and_bytes(id);
                 let (token, bytes) = tok(ev.token);
                 vec![TokenLp {
                     token,
@@ -313,7 +347,7 @@ impl<'c> Work<'c> {
         // the answer is what decoding all its tokens gives (as `rabbit generate` reports it).
         let mut tail = String::new();
         if !s.hold.stopped() {
-            if let Ok(full) = self.codec.decode(ids) {
+            if let Ok(full) = self.serving.codec.decode(ids) {
                 match full.strip_prefix(s.hold.text()) {
                     Some(rest) => tail.push_str(s.hold.push(rest)),
                     None => tracing::warn!(

@@ -7,7 +7,6 @@
 //! Tokenizing and chat rendering happen here too, between sweeps (they take milliseconds
 //! against a sweep's hundreds); what each request goes through is in [`crate::work`].
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
@@ -15,11 +14,11 @@ use rabbit_core::{Scheduler, SchedulerOptions, Speculation};
 use rabbitllm::Model;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::api::{Generation, Prompt};
+use crate::api::Generation;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::state::{Ready, Shared};
-use crate::work::Work;
+use crate::work::{Serving, Work};
 
 /// A request's handle in the engine thread.
 pub type JobId = u64;
@@ -186,12 +185,14 @@ fn serve(
         opts.max_batch
     );
 
-    let mut w = Work {
+    let mut w = Work::new(Serving {
         codec: &codec,
-        seqs: HashMap::new(),
-        jobs: HashMap::new(),
-        next_job: 0,
-    };
+        format,
+        chat_stops,
+        eos: spec.eos_token_ids.clone(),
+        context,
+        opts,
+    });
     let mut deadline: Option<Instant> = None;
     let mut stopping = false;
     loop {
@@ -214,20 +215,7 @@ fn serve(
                     let answer = if stopping {
                         Err(ApiError::unavailable("the server is shutting down"))
                     } else {
-                        let prompt_stops = match &g.prompts[0] {
-                            Prompt::Chat(_) => chat_stops.as_slice(),
-                            _ => spec.eos_token_ids.as_slice(),
-                        };
-                        w.submit(
-                            model,
-                            &mut sched,
-                            format.as_ref(),
-                            prompt_stops,
-                            opts,
-                            context,
-                            *g,
-                            events,
-                        )
+                        w.submit(model, &mut sched, *g, events)
                     };
                     // A client that left while its request was being admitted.
                     if let Err(Ok(a)) = reply.send(answer) {
@@ -280,6 +268,8 @@ fn serve(
                         .profile
                         .bytes_streamed
                         .saturating_sub(bytes_before),
+                );
+                metrics.set_occupancy(
                     sched.live(),
                     sched.waiting(),
                     sched.cached_positions() as u64,
@@ -297,7 +287,7 @@ fn serve(
                 drop(sched);
                 sched = new_sched(&model.engine, draft.as_ref())?;
                 metrics.record_failure();
-                metrics.record_step(&Default::default(), 0, 0, 0, 0);
+                metrics.set_occupancy(0, 0, 0);
             }
         }
     }

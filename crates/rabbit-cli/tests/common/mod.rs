@@ -128,11 +128,15 @@ pub fn synth(out: &Path, args: &[&str]) {
 
 /// The tiny synthetic qwen2 checkpoint (with its tokenizer) of the given seed.
 pub fn tiny_model(dir: &Path, seed: u32) {
+    tiny_model_with(dir, seed, &[]);
+}
+
+/// [`tiny_model`] with more `rabbit synth` flags (e.g. `--max-position N`).
+pub fn tiny_model_with(dir: &Path, seed: u32, extra: &[&str]) {
     let seed = seed.to_string();
-    synth(
-        dir,
-        &["--arch", "qwen2", "--preset", "tiny", "--seed", &seed],
-    );
+    let mut args = vec!["--arch", "qwen2", "--preset", "tiny", "--seed", &seed];
+    args.extend_from_slice(extra);
+    synth(dir, &args);
 }
 
 /// Flips one byte near the end of a file (in its data, past any header).

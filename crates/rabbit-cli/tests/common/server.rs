@@ -79,6 +79,27 @@ impl Server {
         http(&self.addr, "GET", path, &[], "")
     }
 
+    /// Polls `/metrics` until `ready` holds (60 s at most, else panics with `what`); returns
+    /// the text that satisfied it.
+    pub fn wait_metrics(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        let start = Instant::now();
+        loop {
+            let m = self.get("/metrics").2;
+            if ready(&m) {
+                return m;
+            }
+            assert!(start.elapsed() < Duration::from_secs(60), "{what}:\n{m}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits until a sequence is running.
+    pub fn wait_running(&self) {
+        self.wait_metrics("nothing runs", |m| {
+            metric(m, "rabbit_running_sequences") >= 1.0
+        });
+    }
+
     pub fn post(&self, path: &str, body: &Value) -> (u16, String, String) {
         http(&self.addr, "POST", path, &[], &body.to_string())
     }

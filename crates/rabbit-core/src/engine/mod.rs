@@ -54,9 +54,9 @@ pub struct EngineOptions {
     /// Context length (prompt + new tokens) the KV/activation reservation is planned for
     /// (capped at max_position_embeddings).
     pub plan_context: usize,
-    /// Most positions one sweep carries, over all rows (chunked prefill bounds it); `None`:
-    /// every row's whole context at once. Activations are reserved for this many.
-    pub plan_sweep_tokens: Option<usize>,
+    /// Prompt positions per row and sweep when prefill is chunked (`None`: a whole context per
+    /// row at once). Activations are reserved for `plan_batch` rows of this many.
+    pub plan_prefill_chunk: Option<usize>,
 }
 
 impl EngineOptions {
@@ -72,7 +72,7 @@ impl EngineOptions {
             budget: MemoryBudget::default(),
             plan_batch: 1,
             plan_context: 4096,
-            plan_sweep_tokens: None,
+            plan_prefill_chunk: None,
         }
     }
 }

@@ -274,9 +274,10 @@ impl Engine {
                 spec.head_dim,
                 elem as usize,
             ),
-            activation_bytes: (opts
-                .plan_sweep_tokens
-                .map_or(batch * context, |t| t.clamp(1, batch * context))
+            activation_bytes: (batch
+                * opts
+                    .plan_prefill_chunk
+                    .map_or(context, |c| c.clamp(1, context))
                 * (4 * spec.hidden_size + 2 * spec.intermediate_size))
                 as u64
                 * elem
