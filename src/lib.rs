@@ -25,7 +25,7 @@ pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
 pub use rabbit_core as core;
 pub use rabbit_core::{
     Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, SamplingParams,
-    TokenEvent,
+    Threads, TokenEvent,
 };
 pub use rabbit_models as models;
 pub use rabbit_split as split;

@@ -11,6 +11,7 @@ use rabbit_core::device::{device_name, DType, DeviceSpec};
 use rabbit_core::engine::{Engine, EngineOptions};
 use rabbit_core::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
 use rabbit_core::plan::MemoryBudget;
+use rabbit_core::threads::Threads;
 
 use crate::error::{Error, Result};
 use crate::hub::{locate, HubOptions};
@@ -59,6 +60,9 @@ pub struct LoadOptions {
     /// Prompt positions per row and sweep when prefill is chunked (`None`: a whole context per
     /// row); activations are reserved for `plan_batch` rows of this many.
     pub plan_prefill_chunk: Option<usize>,
+    /// Intra-op threads of the CPU kernels (process-wide): [`Threads::Auto`] (the default) uses
+    /// libtorch's count on a quiet machine and fewer while other processes keep cores busy.
+    pub threads: Threads,
 }
 
 impl Default for LoadOptions {
@@ -79,6 +83,7 @@ impl Default for LoadOptions {
             plan_batch: 1,
             plan_context: 4096,
             plan_prefill_chunk: None,
+            threads: Threads::Auto,
         }
     }
 }
@@ -147,6 +152,12 @@ impl LoadOptions {
     /// are reserved for that many per row rather than whole contexts.
     pub fn plan_prefill_chunk(mut self, chunk: Option<usize>) -> Self {
         self.plan_prefill_chunk = chunk;
+        self
+    }
+
+    /// Intra-op threads of the CPU kernels (see [`LoadOptions::threads`]).
+    pub fn threads(mut self, t: Threads) -> Self {
+        self.threads = t;
         self
     }
 
@@ -274,6 +285,7 @@ impl AutoModel {
             plan_batch: opts.plan_batch,
             plan_context: opts.plan_context,
             plan_prefill_chunk: opts.plan_prefill_chunk,
+            threads: opts.threads,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

@@ -94,12 +94,15 @@ fn read_prompt_ids(path: &Path) -> Result<Vec<Vec<u32>>> {
 
 fn print_report(r: &BenchReport) -> Result<()> {
     outln!(
-        "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {} | load {:.2} s",
+        "decode: {:.4} s/token (median, batch {}) | prefill: {:.1} tok/s | peak RSS {} (own {}) | load {:.2} s | threads {}{}",
         r.decode_s_per_token,
         r.config.batch,
         r.prefill_tokens_per_s,
         human_bytes(r.peak_memory_bytes),
-        r.load_s.unwrap_or(0.0)
+        r.peak_anon_bytes.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+        r.load_s.unwrap_or(0.0),
+        r.threads,
+        r.mean_threads.map(|m| format!(" (mean {m:.1})")).unwrap_or_default()
     )?;
     let t = &r.timings;
     if t.draft_tokens > 0 {

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use rabbit_core::memory::{current_rss, peak_rss};
+use rabbit_core::memory::{current_rss, peak_anon, peak_rss};
 use rabbit_core::{Control, GenerateRequest, SamplingParams};
 use rabbit_models::chat::Message;
 use serde_json::json;
@@ -14,7 +14,7 @@ use crate::load::ModelArgs;
 use crate::out::{self, note, outln, StdoutError};
 use crate::report::human_bytes;
 use crate::speculate::StepArgs;
-use crate::util::{bar, show_progress};
+use crate::util::{bar, show_progress, threads_json};
 use rabbitllm::text::StopHold;
 
 /// Arguments of `rabbit generate`.
@@ -329,8 +329,9 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             );
         }
         note!(
-            "memory: peak RSS {} | KV cache {} | resident weights {} | staging {}",
+            "memory: peak RSS {} (own {}, the rest mapped file pages) | KV cache {} | resident weights {} | staging {}",
             peak.map(human_bytes).unwrap_or_else(|| "n/a".into()),
+            peak_anon().map(human_bytes).unwrap_or_else(|| "n/a".into()),
             human_bytes(out.kv_cache_bytes),
             human_bytes(model.engine.resident_bytes()),
             human_bytes(model.engine.staging_bytes())
@@ -371,11 +372,14 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             "memory": {
                 "peak_rss_bytes": peak,
                 "rss_bytes": current_rss(),
+                "peak_anon_bytes": peak_anon(),
+                "kept_mapped_bytes": model.engine.kept_mapped_bytes(),
                 "kv_cache_bytes": out.kv_cache_bytes,
                 "resident_weight_bytes": model.engine.resident_bytes(),
                 "staging_bytes": model.engine.staging_bytes(),
             },
             "profile": model.engine.profile,
+            "threads": threads_json(),
             "device": rabbit_core::device::device_name(model.engine.device()),
         });
         outln!("{obj}")?;

@@ -71,6 +71,10 @@ pub struct ModelArgs {
     /// --split-dir) even where streaming in place would do.
     #[arg(long, conflicts_with = "no_split")]
     pub split: bool,
+    /// Intra-op threads of the CPU kernels: a count, or auto (libtorch's default count, the
+    /// cores or OMP_NUM_THREADS, and fewer while other processes keep cores busy).
+    #[arg(long, default_value = "auto", value_name = "N|auto")]
+    pub threads: rabbitllm::Threads,
 }
 
 impl ModelArgs {
@@ -97,7 +101,8 @@ impl ModelArgs {
             .direct_io(self.direct_io)
             .verify_split(self.verify_split)
             .delete_original(self.delete_original)
-            .no_split(self.no_split);
+            .no_split(self.no_split)
+            .threads(self.threads);
         if self.split {
             opts = opts.split_policy(rabbitllm::SplitPolicy::Always);
         }

@@ -35,3 +35,16 @@ pub fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
     pb.set_message(what.to_string());
     pb
 }
+
+/// The intra-op thread policy, the count in use and the mean count sweeps ran with, for JSON
+/// reports (`null` before a model was loaded).
+pub fn threads_json() -> serde_json::Value {
+    match rabbit_core::threads::report() {
+        Some((policy, current, mean)) => serde_json::json!({
+            "policy": policy.to_string(),
+            "current": current,
+            "mean": mean,
+        }),
+        None => serde_json::Value::Null,
+    }
+}

@@ -8,7 +8,7 @@ use crate::engine::{Engine, Profile};
 use crate::error::{CoreError, Result};
 use crate::generate::{Control, GenerateRequest, Timings};
 use crate::kv::KvCache;
-use crate::memory::peak_rss;
+use crate::memory::{peak_anon, peak_rss};
 use crate::plan::host_available;
 use crate::reader::measure_regions;
 use crate::sampling::SamplingParams;
@@ -58,8 +58,17 @@ pub struct BenchReport {
     pub load_s: Option<f64>,
     /// The greedy tokens of the first repetition, one list per sequence.
     pub output_ids: Vec<Vec<u32>>,
-    /// Peak RSS of the process (bytes).
+    /// Peak RSS of the process (bytes): includes file pages mapped (resident weights viewed in
+    /// place, streamed layers whose mappings are kept).
     pub peak_memory_bytes: u64,
+    /// Peak of the process's own memory (RSS without file pages), sampled after every sweep.
+    pub peak_anon_bytes: Option<u64>,
+    /// Bytes of streamed layers kept mapped between sweeps at the end of the run.
+    pub kept_mapped_bytes: u64,
+    /// The intra-op thread policy (`auto` or a count).
+    pub threads: String,
+    /// Mean intra-op thread count the sweeps ran with (so far in this process).
+    pub mean_threads: Option<f64>,
     /// Bytes of layer files read per decode sweep.
     pub bytes_streamed_per_token: u64,
     /// Sequential read bandwidth of the same files through the same path, measured separately.
@@ -244,6 +253,7 @@ pub fn run_with_draft(
         let rate = median(&rates);
         (rate, bytes_per_token as f64 / rate)
     };
+    let threads = crate::threads::report();
     Ok(BenchReport {
         config: cfg.clone(),
         decode_s_per_token: median(&decode),
@@ -252,6 +262,10 @@ pub fn run_with_draft(
         load_s: None,
         output_ids,
         peak_memory_bytes: peak_rss().unwrap_or(0),
+        peak_anon_bytes: peak_anon(),
+        kept_mapped_bytes: engine.kept_mapped_bytes(),
+        threads: threads.map(|t| t.0.to_string()).unwrap_or_default(),
+        mean_threads: threads.and_then(|t| t.2),
         bytes_streamed_per_token: bytes_per_token,
         read_bytes_per_s,
         io_floor_s_per_token: io_floor,

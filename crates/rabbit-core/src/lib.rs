@@ -26,6 +26,7 @@ pub mod rope;
 pub mod sampling;
 pub mod stats;
 pub mod step;
+pub mod threads;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
@@ -39,6 +40,7 @@ pub use sampling::SamplingParams;
 pub use step::{
     DraftSource, Scheduler, SchedulerOptions, SeqId, SequenceRequest, Speculation, StepReport,
 };
+pub use threads::Threads;
 
 /// Re-exported so library users can build devices/tensors without a direct tch dependency.
 pub use tch;

@@ -115,6 +115,76 @@ fn a_file_truncated_under_the_reader_is_an_error_naming_it() {
     }
 }
 
+/// Mapped mode keeps each unit's mappings from one sweep to the next: the bytes stay right
+/// sweep after sweep (with page-cache eviction after use too: the reader reads them back), the
+/// kept bytes are reported, turning it off unmaps as units come round, and a kept unit whose
+/// file is cut short afterwards is still an error naming the file, not a stale view.
+#[test]
+fn kept_mappings_stay_right_and_are_checked_every_sweep() {
+    let tmp = tempfile::tempdir().unwrap();
+    let units = units(tmp.path(), 3);
+    let refs: Vec<&UnitEntry> = units.iter().map(|(u, _)| u).collect();
+    let mut reader = LayerReader::start(tmp.path(), &refs, 1, ReadMode::Map).unwrap();
+    let sweep = |reader: &mut LayerReader, units: &[(UnitEntry, Vec<u8>)], label: &str| {
+        for (slot, (_, want)) in units.iter().enumerate() {
+            let (unit, _) = reader.next(slot).unwrap();
+            assert!(
+                unit.bytes.as_contiguous() == Some(want.as_slice()),
+                "{label}: slot {slot}"
+            );
+            reader.recycle(slot, unit.bytes);
+        }
+    };
+    sweep(&mut reader, &units, "first");
+    sweep(&mut reader, &units, "second");
+    let data: u64 = units.iter().map(|(u, _)| u.data_len).sum();
+    let kept = reader.kept_mapped_bytes();
+    assert!(
+        kept >= data && kept <= data + 3 * 8192,
+        "kept {kept} of {data}"
+    );
+    reader.set_evict(true);
+    sweep(&mut reader, &units, "evicting");
+    sweep(&mut reader, &units, "evicting again");
+    reader.set_evict(false);
+    reader.set_keep_mappings(false);
+    // Up to depth + 1 units were read ahead while keeping; two sweeps drop every mapping.
+    sweep(&mut reader, &units, "not keeping");
+    sweep(&mut reader, &units, "not keeping again");
+    assert_eq!(reader.kept_mapped_bytes(), 0);
+    drop(reader);
+
+    // Depth 1: with unit 0 taken, the reader holds at most units 1 and 2, so unit 4 is
+    // checked again after the damage.
+    let tmp = tempfile::tempdir().unwrap();
+    let units = self::units(tmp.path(), 5);
+    let refs: Vec<&UnitEntry> = units.iter().map(|(u, _)| u).collect();
+    let mut reader = LayerReader::start(tmp.path(), &refs, 1, ReadMode::Map).unwrap();
+    sweep(&mut reader, &units, "before the damage");
+    let (u, _) = reader.next(0).unwrap();
+    reader.recycle(0, u.bytes);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(tmp.path().join(&units[4].0.file))
+        .unwrap();
+    f.set_len(4096 + 100).unwrap();
+    drop(f);
+    let err = (|| {
+        for slot in 1..5 {
+            let (u, _) = reader.next(slot)?;
+            reader.recycle(slot, u.bytes);
+        }
+        Ok::<_, rabbit_core::CoreError>(())
+    })()
+    .expect_err("a kept unit cut short must not read as complete");
+    let msg = err.to_string();
+    assert!(msg.contains("layer.004.safetensors"), "{msg}");
+    within_a_minute(
+        "dropping a reader with kept mappings after an error",
+        move || drop(reader),
+    );
+}
+
 #[test]
 fn dropping_the_reader_mid_cycle_returns_at_once() {
     let tmp = tempfile::tempdir().unwrap();

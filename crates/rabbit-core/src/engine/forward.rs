@@ -36,6 +36,7 @@ impl Engine {
     /// `input` asks for, in row order.
     pub fn forward(&mut self, input: &StepInput, kv: &mut KvCache) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
+        crate::threads::tick();
         let lay = Layout::new(input, kv.scratch_slot(), self.device)?;
         if lay.b > kv.rows() || lay.keys > kv.capacity() {
             return Err(CoreError::InvalidInput(format!(
@@ -218,6 +219,7 @@ impl Engine {
         let logits = logits.f_to_kind(Kind::Float)?.f_squeeze_dim(0)?;
         head_time += head_start.elapsed();
         self.profile.head_s += head_time.as_secs_f64();
+        crate::memory::sample_anon();
         Ok(logits)
     }
 }

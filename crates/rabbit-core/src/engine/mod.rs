@@ -30,6 +30,7 @@ use crate::plan::{MemoryBudget, Plan};
 use crate::reader::{LayerReader, ReadMode};
 use crate::rope::RopeTables;
 use crate::sampling::SamplingParams;
+use crate::threads::Threads;
 use crate::weights::{DequantBuffers, LayerWeights};
 use rabbit_models::RopeScaling;
 
@@ -57,6 +58,8 @@ pub struct EngineOptions {
     /// Prompt positions per row and sweep when prefill is chunked (`None`: a whole context per
     /// row at once). Activations are reserved for `plan_batch` rows of this many.
     pub plan_prefill_chunk: Option<usize>,
+    /// Intra-op threads of the CPU kernels (process-wide; see [`crate::threads`]).
+    pub threads: Threads,
 }
 
 impl EngineOptions {
@@ -73,6 +76,7 @@ impl EngineOptions {
             plan_batch: 1,
             plan_context: 4096,
             plan_prefill_chunk: None,
+            threads: Threads::Auto,
         }
     }
 }
@@ -257,6 +261,20 @@ impl Engine {
     /// region).
     pub fn layer_units(&self) -> &[UnitEntry] {
         &self.layers
+    }
+
+    /// Bytes of streamed layers the reader keeps mapped between sweeps (page-cache pages that
+    /// count in RSS; see [`crate::reader`]).
+    pub fn kept_mapped_bytes(&self) -> u64 {
+        self.reader.as_ref().map_or(0, |r| r.kept_mapped_bytes())
+    }
+
+    /// Keep streamed layers mapped between sweeps (mapped mode; on by default when the streamed
+    /// layers fit in three quarters of the available memory), or map them every sweep.
+    pub fn set_keep_mappings(&mut self, on: bool) {
+        if let Some(r) = self.reader.as_mut() {
+            r.set_keep_mappings(on && self.read_mode == ReadMode::Map);
+        }
     }
 
     /// Drop each streamed layer from the page cache after use, so every sweep reads from the

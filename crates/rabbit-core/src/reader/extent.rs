@@ -57,8 +57,9 @@ pub struct MappedExtent {
 pub enum UnitBytes {
     /// Read into a recycled buffer (extents at their region positions).
     Buf(AlignedBuf),
-    /// Mapped from the files, one mapping per extent.
-    Map(Vec<MappedExtent>),
+    /// Mapped from the files, one mapping per extent (shared with the reader when it keeps its
+    /// mappings from one sweep to the next).
+    Map(Arc<Vec<MappedExtent>>),
 }
 
 impl UnitBytes {
@@ -259,6 +260,77 @@ fn map_extent(f: &OpenFile, e: &SourceExtent) -> Result<MappedExtent> {
         region_offset: e.region_offset as u64,
         len: e.len as u64,
     })
+}
+
+/// Maps a unit and faults every page in: what bringing it to the compute threads costs through
+/// mappings (for measuring; the reader itself leaves cached pages to the first access).
+pub(super) fn map_populated(files: &[Arc<OpenFile>], src: &Source) -> Result<()> {
+    for m in map_source(files, src)? {
+        populate(&m.map);
+    }
+    Ok(())
+}
+
+/// Makes a mapping kept from an earlier sweep ready again: the files are checked as for a new
+/// mapping, and pages the kernel dropped from the page cache since (memory pressure, `--cold`)
+/// are read back now, on the reader thread, ahead of compute. Pages still cached are still
+/// mapped: nothing to do, no fault, no page-table work (which is what per-sweep mapping cost).
+pub(super) fn refresh_source(
+    files: &[Arc<OpenFile>],
+    src: &Source,
+    maps: &[MappedExtent],
+) -> Result<()> {
+    for (e, m) in src.extents.iter().zip(maps) {
+        let f = &files[e.file];
+        f.check(e.offset + e.len as u64)?;
+        if !all_cached(&m.map) {
+            populate(&m.map);
+        }
+    }
+    Ok(())
+}
+
+/// Faults every page of a mapping in (reading what is not cached): `MADV_POPULATE_READ`, or on
+/// kernels before 5.14 a read of one byte per page.
+fn populate(m: &memmap2::Mmap) {
+    // SAFETY: the range is the mapping's own; POPULATE_READ only faults pages in.
+    let rc = unsafe {
+        libc::madvise(
+            m.as_ptr() as *mut libc::c_void,
+            m.len(),
+            libc::MADV_POPULATE_READ,
+        )
+    };
+    if rc != 0 {
+        let page = rustix::param::page_size().max(4096);
+        let mut sum = 0u8;
+        for i in (0..m.len()).step_by(page) {
+            // SAFETY: i < m.len(): inside the mapping.
+            sum ^= unsafe { std::ptr::read_volatile(m.as_ptr().add(i)) };
+        }
+        std::hint::black_box(sum);
+    }
+}
+
+/// Drops a mapping's pages from this process's page tables (`MADV_DONTNEED`; the file's pages
+/// stay in the page cache until dropped with `posix_fadvise`, which cannot drop mapped pages).
+pub(super) fn unmap_pages(maps: &[MappedExtent]) {
+    for m in maps {
+        // SAFETY: the range is the mapping's own; for a shared read-only file mapping DONTNEED
+        // only zaps page-table entries (the next access faults the same bytes back in).
+        unsafe {
+            libc::madvise(
+                m.map.as_ptr() as *mut libc::c_void,
+                m.map.len(),
+                libc::MADV_DONTNEED,
+            );
+        }
+    }
+}
+
+/// Bytes mapped by a unit's mappings.
+pub(super) fn mapped_len(maps: &[MappedExtent]) -> u64 {
+    maps.iter().map(|m| m.map.len() as u64).sum()
 }
 
 /// Whether every page of a mapping is resident in the page cache (`mincore`).

@@ -10,11 +10,16 @@
 //!   [`AlignedBuf`] (buffers travel to the compute thread over a bounded crossbeam channel and
 //!   come back when the layer is done: steady-state decoding allocates nothing). Needed when the
 //!   bytes go on to a device.
-//! - [`ReadMode::Map`]: each extent is mmapped with `MAP_POPULATE`, so the reader thread faults the
-//!   pages in (reading from disk if they are not cached) and the CPU kernels read the page cache
-//!   directly: no memcpy at all, which on a 2-core machine is the difference between the reader
-//!   stealing a core and not. The mapping is dropped (munmap) after the layer, so mapped pages
-//!   never pile up in RSS.
+//! - [`ReadMode::Map`]: each extent is mmapped, pages not in the page cache faulted in by the
+//!   reader thread (`MAP_POPULATE`), and the CPU kernels read the page cache directly: no memcpy
+//!   at all, which on a 2-core machine is the difference between the reader stealing a core and
+//!   not. By default ([`LayerReader::set_keep_mappings`]) the mappings are kept from one sweep to
+//!   the next: mapping, unmapping and faulting a layer's pages every sweep was the whole cost of
+//!   streaming from the page cache (1.3–2× the resident decode step; kept, ≤ 1.1×). Kept
+//!   mappings count the cached file pages in RSS (they are page cache, clean, reclaimable, and
+//!   cached either way); each sweep the reader checks the files and reads back pages the kernel
+//!   dropped, ahead of compute. Without keeping, each mapping is dropped (munmap) after its
+//!   layer.
 //! - [`ReadMode::Direct`]: like `Copy`, with the files opened `O_DIRECT`: the bytes go from the
 //!   disk into the buffer without passing through (and evicting) the page cache, for models
 //!   larger than RAM. Where the file system refuses `O_DIRECT` (tmpfs, some overlays) the reader
@@ -25,7 +30,7 @@
 mod extent;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -36,7 +41,10 @@ use rabbit_split::UnitRegion;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{CoreError, Result};
-use extent::{map_source, open_sources, read_source, OpenFile, Source};
+use extent::{
+    map_populated, map_source, mapped_len, open_sources, read_source, refresh_source, unmap_pages,
+    OpenFile, Source,
+};
 pub use extent::{LoadedUnit, MappedExtent, UnitBytes};
 
 /// How the reader fetches units.
@@ -76,6 +84,10 @@ pub struct LayerReader {
     /// When set, each unit's pages are dropped from the page cache once it has been used, so
     /// every sweep reads from the disk (benchmarks of models larger than RAM).
     evicting: bool,
+    /// Whether the reader keeps its mappings between sweeps (mapped mode).
+    keep: Arc<AtomicBool>,
+    /// Bytes of the mappings it keeps.
+    kept_bytes: Arc<AtomicU64>,
 }
 
 impl LayerReader {
@@ -133,10 +145,16 @@ impl LayerReader {
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let stop_thread = stop.clone();
+        let keep = Arc::new(AtomicBool::new(mode == ReadMode::Map));
+        let kept_bytes = Arc::new(AtomicU64::new(0));
+        let shared = Shared {
+            stop: stop.clone(),
+            keep: keep.clone(),
+            kept_bytes: kept_bytes.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name("rabbit-reader".into())
-            .spawn(move || read_loop(files, sources, mode, tx, free_rx, stop_thread))
+            .spawn(move || read_loop(files, sources, mode, tx, free_rx, shared))
             .map_err(|e| CoreError::Reader(format!("cannot start thread: {e}")))?;
         Ok(LayerReader {
             rx,
@@ -146,7 +164,20 @@ impl LayerReader {
             cycle_len: regions.len(),
             regions: evict,
             evicting: false,
+            keep,
+            kept_bytes,
         })
+    }
+
+    /// Mapped mode: keep each unit's mappings from one sweep to the next (the default), or map
+    /// and unmap every unit every sweep. Takes effect as each unit comes round.
+    pub fn set_keep_mappings(&mut self, on: bool) {
+        self.keep.store(on, Ordering::SeqCst);
+    }
+
+    /// Bytes of the mappings the reader keeps between sweeps now (file pages, counted in RSS).
+    pub fn kept_mapped_bytes(&self) -> u64 {
+        self.kept_bytes.load(Ordering::SeqCst)
     }
     /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evicting` field).
     pub fn set_evict(&mut self, on: bool) {
@@ -178,12 +209,19 @@ impl LayerReader {
     /// Returns a unit's bytes once its tensors are gone: buffers go back to the reader, maps
     /// are unmapped.
     pub fn recycle(&self, slot: usize, bytes: UnitBytes) {
-        if let UnitBytes::Buf(buf) = bytes {
-            // The channel has room for every buffer ever created; failure means the thread is
-            // gone, and then the buffer is simply freed.
-            let _ = self.free_tx.try_send(buf);
-        } else {
-            drop(bytes);
+        match bytes {
+            UnitBytes::Buf(buf) => {
+                // The channel has room for every buffer ever created; failure means the thread
+                // is gone, and then the buffer is simply freed.
+                let _ = self.free_tx.try_send(buf);
+            }
+            UnitBytes::Map(maps) => {
+                // A mapping the reader keeps holds its pages in the page cache against
+                // fadvise: unmap them first (the reader reads them back next sweep).
+                if self.evicting {
+                    unmap_pages(&maps);
+                }
+            }
         }
         if self.evicting {
             for (f, offset, len) in self.regions.get(slot).into_iter().flatten() {
@@ -219,14 +257,27 @@ impl Drop for LayerReader {
     }
 }
 
+/// What the reader thread shares with its [`LayerReader`].
+struct Shared {
+    stop: Arc<AtomicBool>,
+    keep: Arc<AtomicBool>,
+    kept_bytes: Arc<AtomicU64>,
+}
+
 fn read_loop(
     files: Vec<Arc<OpenFile>>,
     sources: Vec<Source>,
     mode: ReadMode,
     tx: Sender<Result<LoadedUnit>>,
     free_rx: Receiver<AlignedBuf>,
-    stop: Arc<AtomicBool>,
+    shared: Shared,
 ) {
+    let Shared {
+        stop,
+        keep,
+        kept_bytes,
+    } = shared;
+    let mut kept: Vec<Option<Arc<Vec<MappedExtent>>>> = (0..sources.len()).map(|_| None).collect();
     let mut slot = 0usize;
     while !stop.load(Ordering::SeqCst) {
         let src = &sources[slot];
@@ -246,11 +297,25 @@ fn read_loop(
             }
             ReadMode::Map => {
                 let start = Instant::now();
-                map_source(&files, src).map(|m| LoadedUnit {
-                    slot,
-                    bytes: UnitBytes::Map(m),
-                    bytes_read: src.bytes_read,
-                    read_time: start.elapsed(),
+                let keeping = keep.load(Ordering::SeqCst);
+                let maps = match kept[slot].take() {
+                    Some(m) => {
+                        kept_bytes.fetch_sub(mapped_len(&m), Ordering::SeqCst);
+                        refresh_source(&files, src, &m).map(|()| m)
+                    }
+                    None => map_source(&files, src).map(Arc::new),
+                };
+                maps.map(|m| {
+                    if keeping {
+                        kept_bytes.fetch_add(mapped_len(&m), Ordering::SeqCst);
+                        kept[slot] = Some(m.clone());
+                    }
+                    LoadedUnit {
+                        slot,
+                        bytes: UnitBytes::Map(m),
+                        bytes_read: src.bytes_read,
+                        read_time: start.elapsed(),
+                    }
                 })
             }
         };
@@ -279,8 +344,9 @@ pub fn measure_read(
 }
 
 /// Reads every region once, sequentially, the way the reader would (`mode`), and returns
-/// `(bytes, seconds)`: the raw bandwidth of this machine's path for these files. With `cold`,
-/// each file's pages are dropped from the page cache first, so the figure is the disk's.
+/// `(bytes, seconds)`: the raw bandwidth of this machine's path for these files (mapped: every
+/// page mapped and faulted in, the cost of a sweep that maps afresh). With `cold`, each file's
+/// pages are dropped from the page cache first, so the figure is the disk's.
 pub fn measure_regions(regions: &[&UnitRegion], mode: ReadMode, cold: bool) -> Result<(u64, f64)> {
     let (files, sources) = open_sources(regions, mode, false)?;
     if cold {
@@ -300,7 +366,7 @@ pub fn measure_regions(regions: &[&UnitRegion], mode: ReadMode, cold: bool) -> R
     for s in &sources {
         match buf.as_mut() {
             Some(buf) => read_source(&files, s, buf)?,
-            None => drop(map_source(&files, s)?),
+            None => map_populated(&files, s)?,
         }
         bytes += s.bytes_read;
     }
