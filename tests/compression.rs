@@ -244,3 +244,52 @@ fn weight_level_error_is_what_the_formats_promise() {
     assert!(nf4 < 0.12, "nf4 {nf4}");
     assert!(nf4 > int8);
 }
+
+/// Sweeps of a few positions (decode steps, small batches, drafts) apply the compressed codes
+/// directly (`rabbit_core::qgemv`) instead of dequantizing: fed in chunks of 1, 2, 3 and 5
+/// tokens, every position's logits still equal the independent reference to f32 precision, as
+/// the whole-prompt sweep (dequantized weights) does above.
+#[test]
+fn few_position_sweeps_on_packed_weights_match_the_reference() {
+    use rabbitllm::core::engine::{Logits, RowInput, StepInput};
+    for case in ["qwen2_untied_f32", "qwen3_headdim", "llama3_rope"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let ids = prompt(case);
+        for (c, key) in [(Compression::Nf4, "nf4"), (Compression::Int8, "int8")] {
+            let want = compressed_reference(case, key);
+            let mut m = open(case, Some(c), &tmp.path().join(key));
+            let vocab = m.engine.spec().vocab_size;
+            let mut kv = m.engine.new_kv(1, ids.len()).unwrap();
+            let mut got = Vec::new();
+            let (mut at, mut widths) = (0, [1usize, 2, 3, 5].into_iter().cycle());
+            while at < ids.len() {
+                let w = widths.next().unwrap().min(ids.len() - at);
+                let input = StepInput::new(
+                    &[RowInput {
+                        tokens: &ids[at..at + w],
+                        past: at,
+                        prompt_len: ids.len(),
+                        logits: Logits::All,
+                    }],
+                    m.engine.device(),
+                )
+                .unwrap();
+                let l = m.engine.forward(&input, &mut kv).unwrap();
+                got.extend(Vec::<f32>::try_from(l.view(-1)).unwrap());
+                at += w;
+            }
+            assert_eq!(got.len(), want.len(), "{case} {key}");
+            assert_eq!(got.len(), ids.len() * vocab);
+            // Every linear weight of every layer in every sweep (7 per layer here).
+            let sweeps = m.engine.profile.layers_streamed;
+            assert_eq!(m.engine.profile.packed_weights, 7 * sweeps, "{case} {key}");
+            let diff = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            eprintln!("{case} {key} packed: max |rabbit - reference| = {diff:.2e}");
+            assert!(diff < 1e-4, "{case} {key}: logits differ by {diff}");
+        }
+    }
+}

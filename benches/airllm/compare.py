@@ -45,12 +45,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-ENGINES = ("rabbit", "airllm", "airllm-no-gc")
+ENGINES = ("rabbit", "rabbit-resident", "transformers", "airllm", "airllm-no-gc")
 ENGINE_LABELS = {
     "rabbit": "rabbit",
+    "rabbit-resident": "rabbit, every layer resident",
+    "transformers": "transformers (whole model in RAM)",
     "airllm": "AirLLM 4.0.0 (as shipped)",
     "airllm-no-gc": "airllm-no-gc (patched)",
 }
+# Engines run by run_airllm.py in the AirLLM venv (transformers: no AirLLM, no split).
+PYTHON_ENGINES = ("transformers", "airllm", "airllm-no-gc")
+
+
+def family(engine: str) -> str | None:
+    """Whose split an engine reads: ``rabbit``, ``airllm``, or None (transformers: none)."""
+    if engine.startswith("rabbit"):
+        return "rabbit"
+    return None if engine == "transformers" else "airllm"
+
+
+def resident_args(rabbit_args: str) -> list[str]:
+    """``--rabbit-args`` with its ``--resident-layers`` replaced by every layer resident."""
+    out, skip = [], False
+    for tok in shlex.split(rabbit_args):
+        if skip:
+            skip = False
+        elif tok == "--resident-layers":
+            skip = True
+        elif not tok.startswith("--resident-layers="):
+            out.append(tok)
+    return out + ["--resident-layers", "1000000"]
 COMPRESSIONS = ("none", "4bit", "8bit")
 
 
@@ -90,6 +114,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="--resident-layers 0",
         help="extra arguments of every rabbit run (default: stream every layer, as AirLLM does)",
     )
+    p.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="other processes spinning on a core each during every timed run (a busy machine)",
+    )
     p.add_argument("--no-floor", action="store_true", help="skip rabbit's floor run per cell")
     p.add_argument("--keep-splits", action="store_true", help="keep split dirs after each cell")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per engine process")
@@ -116,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     bad += [e for e in a.engines if e not in ENGINES]
     if bad:
         p.error(f"unknown compression/engine: {', '.join(bad)}")
+    if a.busy < 0:
+        p.error("--busy must be >= 0")
     if a.new_tokens < 2 or a.reps < 1 or a.split_reps < 0 or a.prompt_len < 1:
         p.error("needs --new-tokens >= 2, --reps >= 1, --split-reps >= 0, --prompt-len >= 1")
     if any(b < 1 for b in a.batches):
@@ -187,6 +219,36 @@ def run_process(cmd: list[str], log_path: Path, timeout: float, env: dict | None
         "tail": tail,
         "log": str(log_path),
     }
+
+
+class Busy:
+    """``n`` processes spinning on a core each while a timed run goes on (``--busy``)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.procs: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "Busy":
+        for _ in range(self.n):
+            self.procs.append(
+                subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+            )
+        if self.n:
+            time.sleep(0.5)  # running before the engine starts
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+def loadavg() -> float | None:
+    """The 1-minute load average (how busy the machine was around a run)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def failure_text(proc: dict) -> str:
@@ -298,6 +360,7 @@ class Bench:
                 "model_seed": a.model_seed,
                 "device": a.device,
                 "rabbit_args": a.rabbit_args,
+                "busy": a.busy,
                 "decoding": "greedy, no EOS stop, same prompt ids for both engines",
             },
             "machine": {
@@ -374,10 +437,12 @@ class Bench:
 
     # -- commands --
 
-    def rabbit_common(self, model: Path, compression: str) -> list[str]:
-        """Arguments shared by every rabbit command of a cell."""
+    def rabbit_common(self, model: Path, compression: str, resident: bool = False) -> list[str]:
+        """Arguments shared by every rabbit command of a cell (``resident``: every layer kept
+        resident instead of ``--rabbit-args``' ``--resident-layers``)."""
         cmd = ["--model", str(model), "--split-dir", str(self.rabbit_split_dir(model, compression))]
-        cmd += ["--device", self.args.device, *shlex.split(self.args.rabbit_args)]
+        extra = resident_args(self.args.rabbit_args) if resident else shlex.split(self.args.rabbit_args)
+        cmd += ["--device", self.args.device, *extra]
         if compression != "none":
             cmd += ["--compression", compression]
         return cmd
@@ -440,26 +505,32 @@ class Bench:
         """One timed run of ``engine`` in a fresh process."""
         a = self.args
         base = run_key(engine, preset, batch, compression, rep)
-        if engine == "rabbit":
+        if family(engine) == "rabbit":
             cmd = [str(a.rabbit), "bench", *self.rabbit_common(model, compression)]
+            if engine == "rabbit-resident":
+                cmd = [str(a.rabbit), "bench", *self.rabbit_common(model, compression, True)]
             cmd += ["--prompt-ids-file", str(prompts), "--new-tokens", str(a.new_tokens)]
             cmd += ["--repeat", "1", "--no-baseline", "--json"]
         else:
             cmd = self.airllm_cmd(model, compression, engine, "generate", prompts)
-        proc = run_process(
-            cmd,
-            self.log_path(f"{engine}-{preset}-b{batch}-{compression}-r{rep}"),
-            a.timeout,
-            self.env,
-        )
+        load_before = loadavg()
+        with Busy(a.busy):
+            proc = run_process(
+                cmd,
+                self.log_path(f"{engine}-{preset}-b{batch}-{compression}-r{rep}"),
+                a.timeout,
+                self.env,
+            )
         j = proc["json"] or {}
         rec = {
             **base,
             "wall_s": proc["wall_s"],
             "peak_rss_bytes": proc["maxrss_bytes"],
             "log": proc["log"],
+            "loadavg_before": load_before,
+            "busy": a.busy,
         }
-        if engine == "rabbit":
+        if family(engine) == "rabbit":
             ok = proc["rc"] == 0 and "decode_s_per_token" in j
             if ok:
                 rec.update(
@@ -471,6 +542,8 @@ class Bench:
                     bytes_streamed_per_token=j.get("bytes_streamed_per_token"),
                     read_bytes_per_s=j.get("read_bytes_per_s"),
                     io_floor_s_per_token=j.get("io_floor_s_per_token"),
+                    mean_threads=j.get("mean_threads"),
+                    peak_anon_bytes=j.get("peak_anon_bytes"),
                 )
         else:
             ok = proc["rc"] == 0 and bool(j.get("ok"))
@@ -513,9 +586,10 @@ class Bench:
         cmd = [str(a.rabbit), "bench", *self.rabbit_common(model, compression)]
         cmd += ["--prompt-ids-file", str(prompts), "--new-tokens", str(a.new_tokens)]
         cmd += ["--repeat", str(max(2, a.reps)), "--json"]
-        proc = run_process(
-            cmd, self.log_path(f"floor-{preset}-b{batch}-{compression}"), a.timeout, self.env
-        )
+        with Busy(a.busy):
+            proc = run_process(
+                cmd, self.log_path(f"floor-{preset}-b{batch}-{compression}"), a.timeout, self.env
+            )
         j = proc["json"] or {}
         ok = proc["rc"] == 0 and "io_floor_s_per_token" in j
         rec = {**base, "ok": ok, "wall_s": proc["wall_s"], "log": proc["log"]}
@@ -543,7 +617,7 @@ class Bench:
         """Runs the selected matrix."""
         a = self.args
         rabbit_on = "rabbit" in a.engines
-        airllm_variants = [e for e in a.engines if e != "rabbit"]
+        families_on = {family(e) for e in a.engines} - {None}
         for preset in a.presets:
             model = synth_model(a, preset)
             limit = prompt_id_limit(model)
@@ -555,27 +629,27 @@ class Bench:
             first_prompt = prompt_files[a.batches[0]][1][0]
             for compression in a.compressions:
                 log(f"== {preset} / {compression}")
-                families = (["rabbit"] if rabbit_on else []) + (
-                    ["airllm"] if airllm_variants else []
-                )
+                families = [f for f in ("rabbit", "airllm") if f in families_on]
                 split_failed: dict[str, str] = {}
                 for rep in range(a.split_reps):
-                    for family in families:
-                        rec = self.split_run(family, model, preset, compression, first_prompt, rep)
+                    for fam in families:
+                        rec = self.split_run(fam, model, preset, compression, first_prompt, rep)
                         if not rec["ok"]:
-                            split_failed[family] = rec["error"]
+                            split_failed[fam] = rec["error"]
                 for batch in a.batches:
                     prompts, _ = prompt_files[batch]
                     for rep in range(a.reps):
                         for engine in a.engines:
-                            family = "rabbit" if engine == "rabbit" else "airllm"
-                            if family in split_failed:
+                            fam = family(engine)
+                            if engine == "transformers" and compression != "none":
+                                continue  # transformers runs the uncompressed checkpoint only
+                            if fam in split_failed:
                                 base = run_key(engine, preset, batch, compression, rep)
                                 self.record(
                                     {
                                         **base,
                                         "ok": False,
-                                        "error": f"split failed: {split_failed[family]}",
+                                        "error": f"split failed: {split_failed[fam]}",
                                     }
                                 )
                                 continue
@@ -635,12 +709,12 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> list[dict]:
                     None,
                 )
                 for engine in args.engines:
-                    family = "rabbit" if engine == "rabbit" else "airllm"
+                    fam = family(engine)
                     mine = [r for r in timed if r["engine"] == engine]
                     if not mine:
                         continue
                     ok = [r for r in mine if r["ok"]]
-                    splits = [r for r in cell if r["kind"] == "split" and r["engine"] == family]
+                    splits = [r for r in cell if r["kind"] == "split" and r["engine"] == fam]
                     row = {
                         "preset": preset,
                         "batch": batch,
@@ -654,6 +728,8 @@ def summarize(runs: list[dict], args: argparse.Namespace) -> list[dict]:
                         "decode_s_per_token": median([r.get("decode_s_per_token") for r in ok]),
                         "peak_rss_bytes": median([r.get("peak_rss_bytes") for r in ok]),
                         "peak_device_bytes": median([r.get("peak_device_bytes") for r in ok]),
+                        "loadavg_before": median([r.get("loadavg_before") for r in mine]),
+                        "mean_threads": median([r.get("mean_threads") for r in ok]),
                         "errors": sorted(
                             {r["error"] for r in mine + splits if not r["ok"] and r.get("error")}
                         ),
@@ -707,11 +783,14 @@ def render_markdown(rows: list[dict], meta: dict, runs: list[dict]) -> str:
         f"medians of {w['reps']} runs per engine (each a fresh process, engines alternating); "
         f"split timed {w['split_reps']}× from scratch.",
         f"Command: `{meta['command']}`",
+        f"Machine load: {w.get('busy', 0)} other process(es) spinning on a core during every "
+        "timed run (`--busy`); load column: the 1-minute load average just before the runs "
+        "(median).",
         "",
         "| model | batch | compression | engine | split s | load s | prefill s | decode s/token | "
         "peak RSS | tokens agree | rabbit/this decode | I/O floor | compute (resident) | "
-        "decode/floor |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "decode/floor | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r["runs_ok"] == 0:
@@ -762,6 +841,7 @@ def render_markdown(rows: list[dict], meta: dict, runs: list[dict]) -> str:
                     fmt_s(r.get("io_floor_s_per_token")),
                     fmt_s(r.get("compute_s_per_token")),
                     "—" if r.get("decode_over_floor") is None else f"{r['decode_over_floor']:.2f}",
+                    "—" if r.get("loadavg_before") is None else f"{r['loadavg_before']:.2f}",
                 ]
             )
             + " |"
@@ -782,6 +862,10 @@ def render_markdown(rows: list[dict], meta: dict, runs: list[dict]) -> str:
         "bytes streamed per token ÷ read bandwidth of the same files; compute = decode step of a "
         "fully resident rabbit run of the same workload; decode/floor = decode ÷ "
         "max(I/O, compute).",
+        "- rabbit, every layer resident: the same rabbit bench with every decoder layer kept "
+        "resident (`--resident-layers` of `--rabbit-args` replaced). transformers: the "
+        "checkpoint loaded whole by `AutoModelForCausalLM.from_pretrained`, the same greedy "
+        "`generate()` (uncompressed cells only).",
         "- airllm-no-gc (patched): AirLLM with the `clean_memory()` (gc.collect + malloc_trim + "
         "empty_cache) it runs after every module replaced by a no-op at runtime; not shipped by "
         "AirLLM. CPU 4bit/8bit AirLLM rows: its compress/uncompress functions run with `.cuda()` "
@@ -806,7 +890,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.rabbit.exists():
         sys.exit(f"rabbit binary not found at {args.rabbit} (cargo build --release -p rabbit-cli)")
-    if any(e != "rabbit" for e in args.engines) and not args.python.exists():
+    if any(e in PYTHON_ENGINES for e in args.engines) and not args.python.exists():
         sys.exit(f"AirLLM venv python not found at {args.python} (benches/airllm/setup_venv.sh)")
     bench = Bench(args)
     log(f"results -> {args.out}")

@@ -13,6 +13,9 @@ Variants (``--variant``):
 * ``airllm-no-gc``: ``airllm.airllm_base.clean_memory`` (gc.collect + malloc_trim +
   torch.cuda.empty_cache, run after every streamed module) replaced by a no-op at runtime. Not
   something AirLLM ships: it shows how much of AirLLM's time that call takes.
+* ``transformers``: no AirLLM at all: ``transformers.AutoModelForCausalLM.from_pretrained``
+  with the whole model in RAM (dtype from config.json), the same greedy ``generate()``: the
+  compute floor a layer-streaming engine is measured against (``--compression none`` only).
 
 Compression on the CPU: AirLLM 4.0.0's ``compress_layer_state_dict`` and
 ``uncompress_layer_state_dict`` (airllm/utils.py) hard-code ``.cuda()`` and
@@ -58,7 +61,7 @@ import time
 import traceback
 from pathlib import Path
 
-VARIANTS = ("airllm", "airllm-no-gc")
+VARIANTS = ("airllm", "airllm-no-gc", "transformers")
 
 # How many occurrences of the CUDA-only calls each AirLLM 4.0.0 function has; a different count
 # means a different AirLLM, and the patch refuses rather than guess.
@@ -288,32 +291,52 @@ def run(args: argparse.Namespace, result: dict) -> None:
     result["stage"] = "import"
     import torch
 
-    import airllm
-    import airllm.airllm_base as airllm_base
-    import airllm.utils as airllm_utils
-
     result["versions"] = versions()
     result["torch_threads"] = torch.get_num_threads()
-    patches = []
     on_cuda = args.device.startswith("cuda")
-    if args.compression != "none" and not on_cuda:
-        patches += patch_compression_device(airllm_utils, "cpu")
-    if args.variant == "airllm-no-gc":
-        patches.append(patch_no_gc(airllm_base))
-    result["patches"] = patches
-
-    result["stage"] = "load"
-    sdir = split_dir(args.split_root, args.compression)
-    result["split_dir"] = str(sdir)
-    result["split_existed"] = sdir.is_dir() and any(sdir.glob("*.done"))
     device = "cuda:0" if args.device == "cuda" else args.device
-    kwargs = {"device": device, "layer_shards_saving_path": args.split_root}
-    if args.compression != "none":
-        kwargs["compression"] = args.compression
-    start = time.perf_counter()
-    model = airllm.AutoModel.from_pretrained(args.model, **kwargs)
-    result["load_s"] = time.perf_counter() - start
-    result["dtype"] = str(model.running_dtype).replace("torch.", "")
+    if args.variant == "transformers":
+        from transformers import AutoModelForCausalLM
+
+        if args.compression != "none":
+            raise ValueError("the transformers variant runs uncompressed checkpoints only")
+        result["patches"] = []
+        result["stage"] = "load"
+        start = time.perf_counter()
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype="auto").to(device).eval()
+        result["load_s"] = time.perf_counter() - start
+        result["dtype"] = str(hf.dtype).replace("torch.", "")
+
+        class Whole:
+            """AirLLM's ``.model`` / ``.generate`` shape over a plain transformers model."""
+
+            model = hf
+            generate = hf.generate
+
+        model = Whole()
+    else:
+        import airllm
+        import airllm.airllm_base as airllm_base
+        import airllm.utils as airllm_utils
+
+        patches = []
+        if args.compression != "none" and not on_cuda:
+            patches += patch_compression_device(airllm_utils, "cpu")
+        if args.variant == "airllm-no-gc":
+            patches.append(patch_no_gc(airllm_base))
+        result["patches"] = patches
+
+        result["stage"] = "load"
+        sdir = split_dir(args.split_root, args.compression)
+        result["split_dir"] = str(sdir)
+        result["split_existed"] = sdir.is_dir() and any(sdir.glob("*.done"))
+        kwargs = {"device": device, "layer_shards_saving_path": args.split_root}
+        if args.compression != "none":
+            kwargs["compression"] = args.compression
+        start = time.perf_counter()
+        model = airllm.AutoModel.from_pretrained(args.model, **kwargs)
+        result["load_s"] = time.perf_counter() - start
+        result["dtype"] = str(model.running_dtype).replace("torch.", "")
     if args.mode == "load":
         result["peak_rss_bytes"] = peak_rss_bytes()
         return

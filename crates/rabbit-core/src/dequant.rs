@@ -1,10 +1,9 @@
 //! Expanding block-wise compressed tensors (NF4, int8; one f32 absmax scale per block) into the
 //! compute dtype: with libtorch ops on a device, and on the CPU straight into reused output
-//! buffers, on all cores (the rayon pool), with SSE kernels for bf16 where the CPU has them.
+//! buffers, on the intra-op threads, with SSE kernels for bf16 where the CPU has them.
 
 use rabbit_split::manifest::QuantizedEntry;
 use rabbit_split::{Compression, NF4_CODEBOOK};
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{CoreError, Result};
@@ -168,6 +167,19 @@ impl DequantBuffers {
     }
 }
 
+/// The output of a parallel fill, written by several threads at disjoint ranges.
+struct SendPtr<T>(*mut T);
+// SAFETY: the threads write disjoint ranges (see `Quantized::fill_parallel`).
+unsafe impl<T> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// The element `i` positions in (a method, so closures capture the whole wrapper).
+    fn at(&self, i: usize) -> *mut T {
+        // SAFETY: callers stay within the buffer.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// An output element of CPU dequantization.
 trait OutElem: Copy + Default + Send + Sync {
     fn from_f32(v: f32) -> Self;
@@ -282,29 +294,35 @@ impl Quantized<'_> {
         codes_per_block(self.scheme, self.block)
     }
 
-    /// Fills `out` (the first `out.len()` values) in one chunk per rayon pool thread (at most 8:
-    /// the work is memory-bound), split on block boundaries. The pool persists, so a layer's
-    /// tensors do not each pay for spawning threads.
+    /// Fills `out` (the first `out.len()` values) in one chunk per intra-op thread (at most
+    /// 8: the work is memory-bound), split on block boundaries, on libtorch's own OpenMP team
+    /// ([`crate::omp`]: a second pool would share the cores with its spinning threads).
     fn fill_parallel<T: OutElem>(&self, out: &mut [T]) {
-        let threads = rayon::current_num_threads().min(8);
+        let threads = (tch::get_num_threads().max(1) as usize).min(8);
         let blocks = out.len().div_ceil(self.block);
         if threads == 1 || blocks < 2 * threads {
             return self.fill(out);
         }
-        let chunk_blocks = blocks.div_ceil(threads);
+        let (len, dst) = (out.len(), SendPtr(out.as_mut_ptr()));
         let cpb = self.codes_per_block();
-        out.par_chunks_mut(chunk_blocks * self.block)
-            .enumerate()
-            .for_each(|(t, part)| {
-                let first = t * chunk_blocks;
-                Quantized {
-                    scheme: self.scheme,
-                    block: self.block,
-                    codes: &self.codes[first * cpb..],
-                    scales: &self.scales[first..],
-                }
-                .fill(part);
-            });
+        crate::omp::parallel(threads, &|part, parts| {
+            let chunk_blocks = blocks.div_ceil(parts);
+            let first = part * chunk_blocks;
+            let start = (first * self.block).min(len);
+            let end = ((first + chunk_blocks) * self.block).min(len);
+            if start == end {
+                return;
+            }
+            // SAFETY: each part writes its own block range of `out`, which outlives the region.
+            let part_out = unsafe { std::slice::from_raw_parts_mut(dst.at(start), end - start) };
+            Quantized {
+                scheme: self.scheme,
+                block: self.block,
+                codes: &self.codes[first * cpb..],
+                scales: &self.scales[first..],
+            }
+            .fill(part_out);
+        });
     }
 
     /// Fills `out` from the first block on.

@@ -20,7 +20,11 @@ pub mod generate;
 pub mod head;
 pub mod kv;
 pub mod memory;
+pub mod omp;
 pub mod plan;
+pub mod qgemv;
+#[cfg(target_arch = "x86_64")]
+mod qgemv_x86;
 pub mod reader;
 pub mod rope;
 pub mod sampling;

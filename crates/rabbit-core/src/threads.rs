@@ -81,12 +81,16 @@ pub fn decide(current: usize, max: usize, free: f64) -> usize {
 pub fn cpu_ticks(stat: &str, cpus: &[usize]) -> Option<(u64, u64)> {
     let (mut busy, mut total, mut seen) = (0u64, 0u64, false);
     for line in stat.lines() {
-        let Some(rest) = line.strip_prefix("cpu") else {
+        // Per-CPU lines only ("cpu3 ..."), not the aggregate "cpu  ..." line.
+        let Some(rest) = line
+            .strip_prefix("cpu")
+            .filter(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+        else {
             continue;
         };
         let mut fields = rest.split_ascii_whitespace();
         let Some(Ok(id)) = fields.next().map(str::parse::<usize>) else {
-            continue; // the aggregate "cpu " line
+            continue;
         };
         if !cpus.is_empty() && !cpus.contains(&id) {
             continue;

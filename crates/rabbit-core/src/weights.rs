@@ -14,6 +14,7 @@ use crate::decoder::NormWeights;
 use crate::dequant::dequantize_cpu;
 pub use crate::dequant::{dequantize, DequantBuffers};
 use crate::error::{CoreError, Result};
+use crate::qgemv::PackedWeight;
 use crate::reader::UnitBytes;
 
 /// The libtorch kind of a stored dtype (the float types of weights, and the integer types of
@@ -37,6 +38,8 @@ fn is_float(k: Kind) -> bool {
 /// Named tensors of one unit on the compute device, in the compute dtype.
 pub struct UnitTensors {
     tensors: BTreeMap<String, Tensor>,
+    /// Compressed weights kept as stored (see [`UnitTensors::from_unit_bytes`]).
+    packed: BTreeMap<String, PackedWeight>,
     file: String,
     /// Time spent dequantizing (compressed splits).
     pub dequant_s: f64,
@@ -64,12 +67,14 @@ impl UnitTensors {
             data.get(offset as usize..end)
         };
         let raw = view_tensors(entry, &get, device, &[])?;
-        Self::assemble_into(entry, raw, kind, buffers)
+        Self::assemble_into(entry, raw, kind, buffers, false)
     }
 
     /// [`UnitTensors::from_region_into`] of a unit as the reader delivers it (one buffer, or one
     /// mapping per extent), regrouping the rows of the tensors `row_orders` names (streaming in
-    /// place: the split would have done it on disk).
+    /// place: the split would have done it on disk). With `packed`, compressed weights the CPU
+    /// can apply as stored are kept so ([`PackedWeight`]: for sweeps of a few positions, where
+    /// reading codes beats writing and reading a dequantized copy).
     pub fn from_unit_bytes(
         entry: &UnitEntry,
         bytes: &UnitBytes,
@@ -77,16 +82,17 @@ impl UnitTensors {
         kind: Kind,
         buffers: Option<&mut DequantBuffers>,
         row_orders: &[RowOrder],
+        packed: bool,
     ) -> Result<Self> {
         let get = |offset: u64, len: u64| bytes.get(offset, len);
         let raw = view_tensors(entry, &get, device, row_orders)?;
-        Self::assemble_into(entry, raw, kind, buffers)
+        Self::assemble_into(entry, raw, kind, buffers, packed)
     }
 
     /// Turns a unit's stored tensors (already on the compute device, stored dtypes) into compute
     /// tensors: floats converted to `kind`, quantized pairs dequantized under their original name.
     pub fn assemble(entry: &UnitEntry, raw: BTreeMap<String, Tensor>, kind: Kind) -> Result<Self> {
-        Self::assemble_into(entry, raw, kind, None)
+        Self::assemble_into(entry, raw, kind, None, false)
     }
 
     fn assemble_into(
@@ -94,6 +100,7 @@ impl UnitTensors {
         mut raw: BTreeMap<String, Tensor>,
         kind: Kind,
         mut buffers: Option<&mut DequantBuffers>,
+        pack: bool,
     ) -> Result<Self> {
         let missing = |name: &str| CoreError::BadTensor {
             file: entry.file.clone().into(),
@@ -102,9 +109,17 @@ impl UnitTensors {
         };
         let start = std::time::Instant::now();
         let mut tensors = BTreeMap::new();
+        let mut packed = BTreeMap::new();
         for q in &entry.quantized {
             let codes = raw.remove(&q.codes).ok_or_else(|| missing(&q.codes))?;
             let scales = raw.remove(&q.scales).ok_or_else(|| missing(&q.scales))?;
+            if let Some(p) = pack
+                .then(|| PackedWeight::new(q, &codes, &scales, kind))
+                .flatten()
+            {
+                packed.insert(q.name.clone(), p);
+                continue;
+            }
             let w = if codes.device() == Device::Cpu {
                 dequantize_cpu(q, &codes, &scales, kind, buffers.as_deref_mut())?
             } else {
@@ -130,6 +145,7 @@ impl UnitTensors {
         }
         Ok(UnitTensors {
             tensors,
+            packed,
             file: entry.file.clone(),
             dequant_s,
         })
@@ -144,6 +160,19 @@ impl UnitTensors {
                 tensor: name.to_string(),
                 reason: "missing from its unit (the split or the checkpoint)".into(),
             })
+    }
+
+    /// How many compressed weights are kept packed.
+    pub fn packed_len(&self) -> usize {
+        self.packed.len()
+    }
+
+    /// Takes a projection's weight by full name: kept packed, or a tensor.
+    pub fn take_weight(&mut self, name: &str) -> Result<LinearWeight> {
+        match self.packed.remove(name) {
+            Some(p) => Ok(LinearWeight::Packed(p)),
+            None => self.take(name).map(LinearWeight::Dense),
+        }
     }
 
     /// All remaining tensors (to hand dequantization buffers back).
@@ -245,10 +274,18 @@ pub(crate) fn reorder_rows(t: &Tensor, o: &RowOrder) -> Result<Tensor> {
         .f_reshape(&shape)?)
 }
 
+/// A projection's `[out, in]` weight.
+pub enum LinearWeight {
+    /// A tensor in the compute dtype.
+    Dense(Tensor),
+    /// Compressed codes applied as stored ([`PackedWeight`]).
+    Packed(PackedWeight),
+}
+
 /// A linear projection.
 pub struct Linear {
     /// `[out, in]`.
-    pub weight: Tensor,
+    pub weight: LinearWeight,
     /// `[out]`.
     pub bias: Option<Tensor>,
 }
@@ -256,7 +293,10 @@ pub struct Linear {
 impl Linear {
     /// `x @ W^T + b`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(x.f_linear(w, self.bias.as_ref())?),
+            LinearWeight::Packed(p) => p.linear(x, self.bias.as_ref()),
+        }
     }
 }
 
@@ -274,15 +314,17 @@ impl LayerWeights {
         let mut linears = BTreeMap::new();
         let mut norms = BTreeMap::new();
         for param in &spec.tensors.layer {
-            let weight = u.take(&format!("{p}{}.weight", param.name))?;
+            let name = format!("{p}{}.weight", param.name);
             let bias = if param.bias {
                 Some(u.take(&format!("{p}{}.bias", param.name))?)
             } else {
                 None
             };
             if param.role.is_norm() {
+                let weight = u.take(&name)?;
                 norms.insert(param.role, NormWeights::bind(spec.norm.kind, weight, bias)?);
             } else {
+                let weight = u.take_weight(&name)?;
                 linears.insert(param.role, Linear { weight, bias });
             }
         }
@@ -316,8 +358,15 @@ impl LayerWeights {
             // Mixed biases (no family has them): keep them separate.
             return Ok(());
         }
-        let weights: Vec<&Tensor> = parts.iter().map(|r| &self.linears[r].weight).collect();
-        let weight = Tensor::f_cat(&weights, 0)?;
+        let mut weights: Vec<&Tensor> = Vec::with_capacity(parts.len());
+        for r in parts {
+            match &self.linears[r].weight {
+                LinearWeight::Dense(w) => weights.push(w),
+                // Packed weights are applied one by one.
+                LinearWeight::Packed(_) => return Ok(()),
+            }
+        }
+        let weight = LinearWeight::Dense(Tensor::f_cat(&weights, 0)?);
         let bias = if with_bias > 0 {
             let biases: Vec<&Tensor> = parts
                 .iter()
@@ -367,7 +416,9 @@ impl LayerWeights {
     pub fn into_tensors(self) -> Vec<Tensor> {
         let mut out = Vec::new();
         for l in self.linears.into_values() {
-            out.push(l.weight);
+            if let LinearWeight::Dense(w) = l.weight {
+                out.push(w);
+            }
             out.extend(l.bias);
         }
         for n in self.norms.into_values() {

@@ -109,6 +109,8 @@ impl Engine {
             q_scale,
         };
         let multi = input.positions() > input.rows() as i64;
+        // A sweep of a few positions applies compressed weights as stored (crate::qgemv).
+        let packed = input.positions() <= crate::qgemv::MAX_DIRECT_ROWS as i64;
         let mut head_time = head_start.elapsed();
 
         for i in 0..self.layers.len() {
@@ -158,8 +160,10 @@ impl Engine {
                     self.kind,
                     Some(&mut self.dequant_buffers),
                     &self.row_orders,
+                    packed,
                 )?;
                 let dequant = tensors.dequant_s;
+                self.profile.packed_weights += tensors.packed_len() as u64;
                 let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
                 let staged = stage.elapsed().as_secs_f64() - dequant;
                 self.profile.dequant_s += dequant;

@@ -96,6 +96,9 @@ pub struct Profile {
     pub stage_s: f64,
     /// Time dequantizing compressed layers (part of staging, reported apart).
     pub dequant_s: f64,
+    /// Compressed weights of streamed layers applied as stored, without dequantizing (sweeps
+    /// of a few positions; see [`crate::qgemv`]), counted once per layer and sweep.
+    pub packed_weights: u64,
     /// Time in the decoder layers.
     pub compute_s: f64,
     /// Time in embedding, final norm and LM head.
