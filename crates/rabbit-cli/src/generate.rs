@@ -329,7 +329,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
             );
         }
         note!(
-            "memory: peak RSS {} (own {}, the rest mapped file pages) | KV cache {} | resident weights {} | staging {}",
+            "memory: peak RSS {} (own memory peak {}) | KV cache {} | resident weights {} | staging {}",
             peak.map(human_bytes).unwrap_or_else(|| "n/a".into()),
             peak_anon().map(human_bytes).unwrap_or_else(|| "n/a".into()),
             human_bytes(out.kv_cache_bytes),

@@ -49,11 +49,12 @@ pub fn dequantize(
         .f_to_kind(kind)?)
 }
 
-/// CPU dequantization written directly into the output tensor's memory, on all cores: libtorch
-/// ops would materialise int64 indices and f32 temporaries several times the layer's size, which
-/// is slower than reading the uncompressed layer. Per block, the 16 (NF4) scaled values are
-/// computed once in the output dtype, then every byte is two table lookups; int8 is one multiply
-/// and one rounding per value. The loops are written on typed slices so they vectorize.
+/// CPU dequantization written directly into the output tensor's memory, on the intra-op
+/// threads: libtorch ops would materialise int64 indices and f32 temporaries several times the
+/// layer's size, which is slower than reading the uncompressed layer. Per block, the 16 (NF4)
+/// scaled values are computed once in the output dtype, then every byte is two table lookups;
+/// int8 is one multiply and one rounding per value. The loops are written on typed slices so
+/// they vectorize.
 pub(crate) fn dequantize_cpu(
     q: &QuantizedEntry,
     codes: &Tensor,

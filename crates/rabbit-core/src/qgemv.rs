@@ -20,6 +20,20 @@ use tch::{Device, Kind, Tensor};
 use crate::dequant::dequantize_cpu;
 use crate::error::{CoreError, Result};
 
+/// Whether this CPU has the vectorized kernels (AVX-512F). Elsewhere weights are not kept
+/// packed: the portable loop (kept as the kernels' reference) would be slower than
+/// dequantizing once and calling the BLAS.
+pub fn direct_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Rows of `x` up to which a packed weight is applied directly; more rows (a prefill chunk) are
 /// a matrix product, where dequantizing once and calling the BLAS wins.
 pub const MAX_DIRECT_ROWS: usize = 8;
@@ -38,7 +52,8 @@ pub struct PackedWeight {
 impl PackedWeight {
     /// Keeps `codes`/`scales` of `q` packed when this module can apply them: a 2-D weight on the
     /// CPU whose rows hold whole blocks (of a multiple of 32 values), computed in f32 or bf16.
-    /// `None` otherwise (the caller dequantizes as before).
+    /// `None` otherwise (the caller dequantizes as before). Callers check
+    /// [`direct_available`] first.
     pub fn new(q: &QuantizedEntry, codes: &Tensor, scales: &Tensor, kind: Kind) -> Option<Self> {
         let [n, k] = q.shape[..] else { return None };
         let block = q.block_size;
@@ -191,8 +206,13 @@ impl Packed<'_> {
                 }
                 (even, odd)
             }
-            Compression::Int8 => (x.to_vec(), Vec::new()),
+            Compression::Int8 => (Vec::new(), Vec::new()),
         };
+        let (xa, xb): (&[f32], &[f32]) = match self.scheme {
+            Compression::Nf4 => (&xa, &xb),
+            Compression::Int8 => (x, &[]),
+        };
+        let fast = direct_available();
         // Outputs in [n, rows] order: each output's rows are one contiguous range.
         let mut out_t = vec![0f32; n * rows];
         let dst = SyncPtr(out_t.as_mut_ptr());
@@ -210,7 +230,7 @@ impl Packed<'_> {
             for j in lo..(lo + chunk).min(n) {
                 // SAFETY: output j's `rows` values, written by the one thread that took j.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.at(j * rows), rows) };
-                self.row(j, &xa, &xb, rows, o);
+                self.row(j, xa, xb, rows, o, fast);
             }
         });
         let mut out = vec![0f32; rows * n];
@@ -223,15 +243,16 @@ impl Packed<'_> {
         out
     }
 
-    /// Output `j` for every row: `out[r] = Σ_k x[r, k] · w[j, k]`.
-    fn row(&self, j: usize, xa: &[f32], xb: &[f32], rows: usize, out: &mut [f32]) {
+    /// Output `j` for every row: `out[r] = Σ_k x[r, k] · w[j, k]` (`fast`: with the AVX-512
+    /// kernels, [`direct_available`]).
+    fn row(&self, j: usize, xa: &[f32], xb: &[f32], rows: usize, out: &mut [f32], fast: bool) {
         let cpr = self.code_bytes_per_row();
         let bpr = self.k / self.block;
         let codes = &self.codes[j * cpr..(j + 1) * cpr];
         let scales = &self.scales[j * bpr..(j + 1) * bpr];
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the feature was detected; the slices hold one row's whole blocks and
+        if fast {
+            // SAFETY: the feature was detected (`fast`); the slices hold one row's whole blocks and
             // `rows` rows of the (split) input, as `apply` built them.
             unsafe {
                 match self.scheme {

@@ -52,7 +52,8 @@ pub(crate) unsafe fn nf4_row(
             5 => nf4_rows::<5>(codes, scales, block, bf16, xa, xb, half, out),
             6 => nf4_rows::<6>(codes, scales, block, bf16, xa, xb, half, out),
             7 => nf4_rows::<7>(codes, scales, block, bf16, xa, xb, half, out),
-            _ => nf4_rows::<8>(codes, scales, block, bf16, xa, xb, half, out),
+            8 => nf4_rows::<8>(codes, scales, block, bf16, xa, xb, half, out),
+            _ => unreachable!("1..=8 rows"),
         }
     }
 }
@@ -130,7 +131,8 @@ pub(crate) unsafe fn int8_row(
             5 => int8_rows::<5>(codes, scales, block, bf16, x, k, out),
             6 => int8_rows::<6>(codes, scales, block, bf16, x, k, out),
             7 => int8_rows::<7>(codes, scales, block, bf16, x, k, out),
-            _ => int8_rows::<8>(codes, scales, block, bf16, x, k, out),
+            8 => int8_rows::<8>(codes, scales, block, bf16, x, k, out),
+            _ => unreachable!("1..=8 rows"),
         }
     }
 }

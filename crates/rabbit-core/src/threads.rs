@@ -10,8 +10,11 @@
 //! [`WINDOW`] the governor reads how busy our CPUs were (`/proc/stat`, steal included) minus our
 //! own CPU time, and uses the cores that are left (with hysteresis, so noise does not flip it).
 //!
-//! The OpenMP thread count is a per-thread setting: [`tick`] applies it on the thread that calls
-//! it, the one that runs the compute.
+//! OpenMP's thread count is a per-thread setting (libtorch's `set_num_threads` also sets its
+//! global default, MKL's and its own pool's): [`tick`] applies it on the thread that calls it,
+//! the one that runs the compute. The ceiling is libtorch's default count, capped by what the
+//! process may use (its affinity mask and cgroup CPU quota, as `available_parallelism` reads
+//! them).
 
 use std::cell::Cell;
 use std::sync::Mutex;
@@ -45,7 +48,7 @@ impl std::str::FromStr for Threads {
         }
         match s.parse::<usize>() {
             Ok(0) => Err("0 threads: give at least 1, or auto".into()),
-            Ok(n) if n > 4096 => Err(format!("{n} threads is more than 4096")),
+            Ok(n) if n > MAX_THREADS => Err(format!("{n} threads is more than {MAX_THREADS}")),
             Ok(n) => Ok(Threads::Fixed(n)),
             Err(_) => Err(format!(
                 "`{s}` is not a thread count (a number ≥ 1, or auto)"
@@ -53,6 +56,9 @@ impl std::str::FromStr for Threads {
         }
     }
 }
+
+/// The most intra-op threads `--threads` accepts.
+pub const MAX_THREADS: usize = 1024;
 
 /// How long the load is measured before the thread count is reconsidered.
 pub const WINDOW: Duration = Duration::from_millis(300);
@@ -75,11 +81,12 @@ pub fn decide(current: usize, max: usize, free: f64) -> usize {
     n
 }
 
-/// Busy and total time of the given CPUs from `/proc/stat` text, in clock ticks: busy is
-/// everything but idle and iowait (steal counts as busy: the hypervisor took the core).
-/// `cpus` empty means every CPU line. `None` when no requested CPU line is present.
-pub fn cpu_ticks(stat: &str, cpus: &[usize]) -> Option<(u64, u64)> {
-    let (mut busy, mut total, mut seen) = (0u64, 0u64, false);
+/// Busy and total time of the given CPUs from `/proc/stat` text, in clock ticks, and how many
+/// CPU lines they came from: busy is everything but idle and iowait (steal counts as busy: the
+/// hypervisor took the core). `cpus` empty means every CPU line. `None` when no requested CPU
+/// line is present.
+pub fn cpu_ticks(stat: &str, cpus: &[usize]) -> Option<(u64, u64, usize)> {
+    let (mut busy, mut total, mut seen) = (0u64, 0u64, 0usize);
     for line in stat.lines() {
         // Per-CPU lines only ("cpu3 ..."), not the aggregate "cpu  ..." line.
         let Some(rest) = line
@@ -104,9 +111,9 @@ pub fn cpu_ticks(stat: &str, cpus: &[usize]) -> Option<(u64, u64)> {
         let all: u64 = v.iter().sum();
         busy += all - idle;
         total += all;
-        seen = true;
+        seen += 1;
     }
-    seen.then_some((busy, total))
+    (seen > 0).then_some((busy, total, seen))
 }
 
 #[derive(Clone, Copy)]
@@ -121,6 +128,8 @@ struct Governor {
     max: usize,
     current: usize,
     cpus: Vec<usize>,
+    /// CPU lines the last sample summed (the CPUs measured).
+    lines: usize,
     ticks_per_s: f64,
     last: Option<Sample>,
     /// Sum and count of the thread counts sweeps ran with (for reports).
@@ -160,9 +169,18 @@ fn own_cpu_s() -> f64 {
 }
 
 impl Governor {
-    fn sample(&self) -> Option<Sample> {
+    fn sample(&mut self) -> Option<Sample> {
         let stat = std::fs::read_to_string("/proc/stat").ok()?;
-        let (busy, _) = cpu_ticks(&stat, &self.cpus)?;
+        // CPU lines that do not match the affinity mask (an unreadable mask, or a container
+        // that renumbers /proc/stat): measure every CPU line instead.
+        let (busy, _, lines) = match cpu_ticks(&stat, &self.cpus) {
+            Some(t) => t,
+            None => {
+                self.cpus.clear();
+                cpu_ticks(&stat, &[])?
+            }
+        };
+        self.lines = lines;
         Some(Sample {
             at: Instant::now(),
             busy_ticks: busy,
@@ -186,7 +204,7 @@ impl Governor {
             let dt = (s.at - l.at).as_secs_f64();
             let busy = (s.busy_ticks.saturating_sub(l.busy_ticks)) as f64 / self.ticks_per_s;
             let others = (busy - (s.own_s - l.own_s)).max(0.0) / dt;
-            let free = self.cpus.len().max(1) as f64 - others;
+            let free = self.lines.max(1) as f64 - others;
             let next = decide(self.current, self.max, free);
             if next != self.current {
                 tracing::debug!(from = self.current, to = next, others, "intra-op threads");
@@ -202,22 +220,28 @@ impl Governor {
 /// ceiling of [`Threads::Auto`]) and applies it on the calling thread.
 pub fn configure(policy: Threads) {
     let mut g = GOVERNOR.lock().unwrap_or_else(|e| e.into_inner());
+    let cpus = allowed_cpus();
     let max = match g.as_ref() {
         Some(g) => g.max,
-        None => (tch::get_num_threads().max(1)) as usize,
+        None => {
+            // libtorch counts the host's cores; the process may be allowed fewer.
+            let allowed = std::thread::available_parallelism().map_or(usize::MAX, |n| n.get());
+            (tch::get_num_threads().max(1) as usize).min(allowed).max(1)
+        }
     };
-    let cpus = allowed_cpus();
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let current = match policy {
         Threads::Fixed(n) => n,
         Threads::Auto => max,
     };
+    let lines = cpus.len();
     let mut gov = Governor {
         policy,
         max,
         current,
         cpus,
+        lines,
         ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
         last: None,
         used: (0, 0),
@@ -269,7 +293,7 @@ mod tests {
         assert_eq!("auto".parse::<Threads>(), Ok(Threads::Auto));
         assert_eq!("AUTO".parse::<Threads>(), Ok(Threads::Auto));
         assert_eq!("3".parse::<Threads>(), Ok(Threads::Fixed(3)));
-        for bad in ["0", "-1", "two", "", "1.5", "5000"] {
+        for bad in ["0", "-1", "two", "", "1.5", "1025"] {
             let e = bad.parse::<Threads>().unwrap_err();
             assert!(!e.is_empty(), "{bad}");
         }
@@ -303,9 +327,10 @@ mod tests {
                     cpu1 6 0 7 50 3 0 0 0 0 0\n\
                     intr 12345\nctxt 99\n";
         // cpu0: busy = 4+1+3+1+1+2 = 12, total = 64.
-        assert_eq!(cpu_ticks(stat, &[0]), Some((12, 64)));
-        assert_eq!(cpu_ticks(stat, &[1]), Some((13, 66)));
-        assert_eq!(cpu_ticks(stat, &[]), Some((25, 130)));
+        assert_eq!(cpu_ticks(stat, &[0]), Some((12, 64, 1)));
+        assert_eq!(cpu_ticks(stat, &[1]), Some((13, 66, 1)));
+        assert_eq!(cpu_ticks(stat, &[]), Some((25, 130, 2)));
+        assert_eq!(cpu_ticks(stat, &[1, 5]), Some((13, 66, 1)));
         assert_eq!(cpu_ticks(stat, &[7]), None);
         assert_eq!(cpu_ticks("garbage", &[]), None);
     }
@@ -315,7 +340,8 @@ mod tests {
         let cpus = allowed_cpus();
         assert!(!cpus.is_empty());
         let stat = std::fs::read_to_string("/proc/stat").unwrap();
-        let (busy, total) = cpu_ticks(&stat, &cpus).unwrap();
+        let (busy, total, lines) = cpu_ticks(&stat, &cpus).unwrap();
+        assert_eq!(lines, cpus.len());
         assert!(busy <= total && total > 0);
     }
 }

@@ -110,7 +110,8 @@ impl Engine {
         };
         let multi = input.positions() > input.rows() as i64;
         // A sweep of a few positions applies compressed weights as stored (crate::qgemv).
-        let packed = input.positions() <= crate::qgemv::MAX_DIRECT_ROWS as i64;
+        let packed = input.positions() <= crate::qgemv::MAX_DIRECT_ROWS as i64
+            && crate::qgemv::direct_available();
         let mut head_time = head_start.elapsed();
 
         for i in 0..self.layers.len() {
@@ -183,6 +184,8 @@ impl Engine {
             if let Some(reader) = self.reader.as_ref() {
                 reader.recycle(slot, unit.bytes);
             }
+            // Own memory after every streamed layer: a copy made per layer would show here.
+            crate::memory::sample_anon();
             h = result?;
             if let (true, Some(hook)) = (multi, self.on_prefill_layer.as_mut()) {
                 hook(i + 1, self.layers.len());

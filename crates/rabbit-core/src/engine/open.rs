@@ -383,14 +383,19 @@ impl Engine {
         let reader = if refs.is_empty() {
             None
         } else {
-            let mut r = LayerReader::start_regions(&refs, depth, mode, units.original)?;
             // Kept mappings pay when the streamed layers stay in the page cache from one sweep
             // to the next; a model that cannot stay cached is read again every sweep anyway,
             // and unmapped pages are the cheaper ones for the kernel to reclaim.
             let streamed: u64 = refs.iter().map(|r| r.bytes_read()).sum();
             let room = crate::plan::host_available().unwrap_or(0) / 4 * 3;
-            r.set_keep_mappings(mode == ReadMode::Map && streamed <= room);
-            Some(r)
+            let keep = mode == ReadMode::Map && streamed <= room;
+            Some(LayerReader::start_regions(
+                &refs,
+                depth,
+                mode,
+                units.original,
+                keep,
+            )?)
         };
         resident_bytes += plan.resident_layer_bytes;
         let staging_bytes = plan.staging_bytes;

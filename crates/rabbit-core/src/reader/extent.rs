@@ -265,16 +265,17 @@ fn map_extent(f: &OpenFile, e: &SourceExtent) -> Result<MappedExtent> {
 /// Maps a unit and faults every page in: what bringing it to the compute threads costs through
 /// mappings (for measuring; the reader itself leaves cached pages to the first access).
 pub(super) fn map_populated(files: &[Arc<OpenFile>], src: &Source) -> Result<()> {
-    for m in map_source(files, src)? {
-        populate(&m.map);
+    for (e, m) in src.extents.iter().zip(map_source(files, src)?) {
+        populate(&files[e.file], &m.map, e.offset + e.len as u64)?;
     }
     Ok(())
 }
 
 /// Makes a mapping kept from an earlier sweep ready again: the files are checked as for a new
-/// mapping, and pages the kernel dropped from the page cache since (memory pressure, `--cold`)
-/// are read back now, on the reader thread, ahead of compute. Pages still cached are still
-/// mapped: nothing to do, no fault, no page-table work (which is what per-sweep mapping cost).
+/// mapping, and pages the kernel dropped from the page cache since (memory pressure) are read
+/// back now, on the reader thread, ahead of compute. Pages still cached are normally still
+/// mapped from the last sweep: nothing to do, no page-table work (which is what mapping every
+/// sweep cost); a page whose entry the kernel dropped is a minor fault on first use.
 pub(super) fn refresh_source(
     files: &[Arc<OpenFile>],
     src: &Source,
@@ -284,15 +285,17 @@ pub(super) fn refresh_source(
         let f = &files[e.file];
         f.check(e.offset + e.len as u64)?;
         if !all_cached(&m.map) {
-            populate(&m.map);
+            populate(f, &m.map, e.offset + e.len as u64)?;
         }
     }
     Ok(())
 }
 
-/// Faults every page of a mapping in (reading what is not cached): `MADV_POPULATE_READ`, or on
-/// kernels before 5.14 a read of one byte per page.
-fn populate(m: &memmap2::Mmap) {
+/// Faults every page of a mapping of `f` (ending at file offset `end`) in, reading what is not
+/// cached: `MADV_POPULATE_READ`, or on kernels before 5.14 (EINVAL) a read of one byte per page.
+/// A page past the end of the file (cut short since it was checked) is an error naming it, not
+/// a SIGBUS.
+fn populate(f: &OpenFile, m: &memmap2::Mmap, end: u64) -> Result<()> {
     // SAFETY: the range is the mapping's own; POPULATE_READ only faults pages in.
     let rc = unsafe {
         libc::madvise(
@@ -301,15 +304,25 @@ fn populate(m: &memmap2::Mmap) {
             libc::MADV_POPULATE_READ,
         )
     };
-    if rc != 0 {
-        let page = rustix::param::page_size().max(4096);
-        let mut sum = 0u8;
-        for i in (0..m.len()).step_by(page) {
-            // SAFETY: i < m.len(): inside the mapping.
-            sum ^= unsafe { std::ptr::read_volatile(m.as_ptr().add(i)) };
-        }
-        std::hint::black_box(sum);
+    if rc == 0 {
+        return Ok(());
     }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EINVAL) => {}
+        Some(libc::EFAULT) => return Err(f.truncated()),
+        _ => return Err(CoreError::io(&f.path, err)),
+    }
+    // Old kernels: touch each page, after checking again that the file still covers them.
+    f.check(end)?;
+    let page = rustix::param::page_size().max(4096);
+    let mut sum = 0u8;
+    for i in (0..m.len()).step_by(page) {
+        // SAFETY: i < m.len(): inside the mapping, within the file as just checked.
+        sum ^= unsafe { std::ptr::read_volatile(m.as_ptr().add(i)) };
+    }
+    std::hint::black_box(sum);
+    Ok(())
 }
 
 /// Drops a mapping's pages from this process's page tables (`MADV_DONTNEED`; the file's pages

@@ -84,7 +84,9 @@ pub struct LayerReader {
     /// When set, each unit's pages are dropped from the page cache once it has been used, so
     /// every sweep reads from the disk (benchmarks of models larger than RAM).
     evicting: bool,
-    /// Whether the reader keeps its mappings between sweeps (mapped mode).
+    /// Whether mappings should be kept between sweeps (mapped mode), evicting or not.
+    keep_wanted: bool,
+    /// Whether the reader keeps its mappings now (`keep_wanted` and not evicting).
     keep: Arc<AtomicBool>,
     /// Bytes of the mappings it keeps.
     kept_bytes: Arc<AtomicU64>,
@@ -104,16 +106,18 @@ impl LayerReader {
             .map(|u| UnitRegion::of_split_unit(dir, u))
             .collect();
         let refs: Vec<&UnitRegion> = regions.iter().collect();
-        Self::start_regions(&refs, depth, mode, false)
+        Self::start_regions(&refs, depth, mode, false, mode == ReadMode::Map)
     }
 
     /// Starts the reader over units described by their regions (split units, or ranges of the
-    /// original shards when `original`, which only changes the messages).
+    /// original shards when `original`, which only changes the messages); in mapped mode it keeps
+    /// the mappings between sweeps when `keep_mappings` ([`LayerReader::set_keep_mappings`]).
     pub fn start_regions(
         regions: &[&UnitRegion],
         depth: usize,
         mode: ReadMode,
         original: bool,
+        keep_mappings: bool,
     ) -> Result<LayerReader> {
         if regions.is_empty() {
             return Err(CoreError::InvalidInput(
@@ -145,7 +149,8 @@ impl LayerReader {
             }
         }
         let stop = Arc::new(AtomicBool::new(false));
-        let keep = Arc::new(AtomicBool::new(mode == ReadMode::Map));
+        let keep_mappings = keep_mappings && mode == ReadMode::Map;
+        let keep = Arc::new(AtomicBool::new(keep_mappings));
         let kept_bytes = Arc::new(AtomicU64::new(0));
         let shared = Shared {
             stop: stop.clone(),
@@ -164,15 +169,18 @@ impl LayerReader {
             cycle_len: regions.len(),
             regions: evict,
             evicting: false,
+            keep_wanted: keep_mappings,
             keep,
             kept_bytes,
         })
     }
 
-    /// Mapped mode: keep each unit's mappings from one sweep to the next (the default), or map
-    /// and unmap every unit every sweep. Takes effect as each unit comes round.
+    /// Mapped mode: keep each unit's mappings from one sweep to the next, or map and unmap
+    /// every unit every sweep. Takes effect as each unit comes round; while evicting
+    /// ([`LayerReader::set_evict`]) nothing is kept.
     pub fn set_keep_mappings(&mut self, on: bool) {
-        self.keep.store(on, Ordering::SeqCst);
+        self.keep_wanted = on;
+        self.keep.store(on && !self.evicting, Ordering::SeqCst);
     }
 
     /// Bytes of the mappings the reader keeps between sweeps now (file pages, counted in RSS).
@@ -180,8 +188,11 @@ impl LayerReader {
         self.kept_bytes.load(Ordering::SeqCst)
     }
     /// Turns page-cache eviction after use on or off (see [`LayerReader`]'s `evicting` field).
+    /// Evicting, no mapping is kept: the model is read as one larger than RAM is, mapped and
+    /// populated by the reader every sweep.
     pub fn set_evict(&mut self, on: bool) {
         self.evicting = on;
+        self.keep.store(self.keep_wanted && !on, Ordering::SeqCst);
     }
 
     /// Number of units in the cycle.
@@ -206,8 +217,8 @@ impl LayerReader {
         }
     }
 
-    /// Returns a unit's bytes once its tensors are gone: buffers go back to the reader, maps
-    /// are unmapped.
+    /// Returns a unit's bytes once its tensors are gone: buffers go back to the reader; a
+    /// mapping is unmapped unless the reader keeps it for the next sweep.
     pub fn recycle(&self, slot: usize, bytes: UnitBytes) {
         match bytes {
             UnitBytes::Buf(buf) => {
@@ -321,10 +332,13 @@ fn read_loop(
         };
         let failed = result.is_err();
         if tx.send(result).is_err() || failed {
+            // The kept mappings go with this thread.
+            kept_bytes.store(0, Ordering::SeqCst);
             return;
         }
         slot = (slot + 1) % sources.len();
     }
+    kept_bytes.store(0, Ordering::SeqCst);
 }
 
 /// Reads every unit of a split once, sequentially, the way the reader would (`mode`); see
