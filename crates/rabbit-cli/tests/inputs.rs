@@ -107,6 +107,28 @@ fn bad_flag_values_name_the_flag() {
             "'-1' for '--max-new-tokens",
         ),
         (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--threads",
+                "0",
+            ],
+            "'0' for '--threads",
+        ),
+        (
+            &[
+                "--input-ids",
+                "1",
+                "--max-new-tokens",
+                "2",
+                "--threads",
+                "many",
+            ],
+            "'many' for '--threads",
+        ),
+        (
             &["--input-ids", "1", "--max-new-tokens", "2", "--top-k", "-1"],
             "'-1' for '--top-k",
         ),
@@ -312,6 +334,39 @@ fn prefetch_is_capped_at_the_layer_count() {
     assert_eq!(
         capped["sequences"][0]["output_ids"],
         at_layers["sequences"][0]["output_ids"]
+    );
+}
+
+/// `--threads`: a fixed count is used as given (the same tokens as the adaptive default, which
+/// reports its policy and the mean count the layers ran with).
+#[test]
+fn threads_fixed_or_auto_are_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    tiny_model(&model, 3);
+    let run = |threads: Option<&str>| -> Value {
+        let mut cmd = generate(
+            &model,
+            &["--input-ids", "1,2,3", "--max-new-tokens", "3", "--json"],
+        );
+        if let Some(t) = threads {
+            cmd.args(["--threads", t]);
+        }
+        let o = cmd.output().unwrap();
+        assert_ok(&o);
+        last_json_line(&o)
+    };
+    let auto = run(None);
+    let one = run(Some("1"));
+    assert_eq!(auto["threads"]["policy"], "auto");
+    let mean = auto["threads"]["mean"].as_f64().unwrap();
+    assert!(mean >= 1.0, "{mean}");
+    assert_eq!(one["threads"]["policy"], "1");
+    assert_eq!(one["threads"]["current"], 1);
+    assert_eq!(one["threads"]["mean"].as_f64(), Some(1.0));
+    assert_eq!(
+        auto["sequences"][0]["output_ids"],
+        one["sequences"][0]["output_ids"]
     );
 }
 

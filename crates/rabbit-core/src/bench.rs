@@ -67,7 +67,7 @@ pub struct BenchReport {
     pub kept_mapped_bytes: u64,
     /// The intra-op thread policy (`auto` or a count).
     pub threads: String,
-    /// Mean intra-op thread count the sweeps ran with (so far in this process).
+    /// Mean intra-op thread count the layers ran with (so far in this process).
     pub mean_threads: Option<f64>,
     /// Bytes of layer files read per decode sweep.
     pub bytes_streamed_per_token: u64,

@@ -63,6 +63,10 @@ pub const MAX_THREADS: usize = 1024;
 /// How long the load is measured before the thread count is reconsidered.
 pub const WINDOW: Duration = Duration::from_millis(300);
 
+/// The first window, from [`configure`] (loading the model) on: short, so that the first sweep
+/// (a prefill of a quickly opened streamed model) already runs with the right count.
+const FIRST_WINDOW: Duration = Duration::from_millis(100);
+
 /// Free cores must exceed the current count by this much before a thread is added, and fall
 /// below it by this much before one is removed.
 const HYSTERESIS: f64 = 0.6;
@@ -132,8 +136,10 @@ struct Governor {
     lines: usize,
     ticks_per_s: f64,
     last: Option<Sample>,
-    /// Sum and count of the thread counts sweeps ran with (for reports).
+    /// Sum and count of the thread counts layers ran with (for reports).
     used: (u64, u64),
+    /// Whether a first decision was taken (after [`FIRST_WINDOW`]).
+    decided: bool,
 }
 
 static GOVERNOR: Mutex<Option<Governor>> = Mutex::new(None);
@@ -194,7 +200,8 @@ impl Governor {
             return n;
         }
         let now = Instant::now();
-        if matches!(self.last, Some(l) if now - l.at < WINDOW) {
+        let window = if self.decided { WINDOW } else { FIRST_WINDOW };
+        if matches!(self.last, Some(l) if now - l.at < window) {
             return self.current;
         }
         let Some(s) = self.sample() else {
@@ -206,6 +213,7 @@ impl Governor {
             let others = (busy - (s.own_s - l.own_s)).max(0.0) / dt;
             let free = self.lines.max(1) as f64 - others;
             let next = decide(self.current, self.max, free);
+            self.decided = true;
             if next != self.current {
                 tracing::debug!(from = self.current, to = next, others, "intra-op threads");
                 self.current = next;
@@ -245,6 +253,7 @@ pub fn configure(policy: Threads) {
         ticks_per_s: if hz > 0 { hz as f64 } else { 100.0 },
         last: None,
         used: (0, 0),
+        decided: false,
     };
     // The first window starts now (loading the model), so the first sweeps already adapt.
     gov.last = gov.sample();
@@ -262,8 +271,9 @@ fn apply(n: usize) {
     });
 }
 
-/// Called before each sweep on the compute thread: re-measures the load when a window has passed
-/// and applies the thread count. Does nothing until [`configure`] was called.
+/// Called before each layer of a sweep on the compute thread (cheap: a lock and a clock read
+/// unless a window has passed): re-measures the load when a window has passed and applies the
+/// thread count. Does nothing until [`configure`] was called.
 pub fn tick() {
     let mut g = GOVERNOR.lock().unwrap_or_else(|e| e.into_inner());
     let Some(gov) = g.as_mut() else { return };
@@ -274,7 +284,7 @@ pub fn tick() {
     apply(n);
 }
 
-/// The policy, the count in use, and the mean count sweeps ran with since [`configure`]
+/// The policy, the count in use, and the mean count layers ran with since [`configure`]
 /// (`None` before it, or before the first sweep for the mean).
 pub fn report() -> Option<(Threads, usize, Option<f64>)> {
     let g = GOVERNOR.lock().unwrap_or_else(|e| e.into_inner());

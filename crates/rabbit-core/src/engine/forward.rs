@@ -36,7 +36,6 @@ impl Engine {
     /// `input` asks for, in row order.
     pub fn forward(&mut self, input: &StepInput, kv: &mut KvCache) -> Result<Tensor> {
         let _no_grad = tch::no_grad_guard();
-        crate::threads::tick();
         let lay = Layout::new(input, kv.scratch_slot(), self.device)?;
         if lay.b > kv.rows() || lay.keys > kv.capacity() {
             return Err(CoreError::InvalidInput(format!(
@@ -115,6 +114,8 @@ impl Engine {
         let mut head_time = head_start.elapsed();
 
         for i in 0..self.layers.len() {
+            // Per layer, so that a long sweep (a prefill) adapts within itself.
+            crate::threads::tick();
             let windowed = self.spec.sliding_windows[i].is_some();
             if self.profile.layers.len() != self.layers.len() {
                 self.profile.layers = self
