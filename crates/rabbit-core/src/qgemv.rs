@@ -20,18 +20,61 @@ use tch::{Device, Kind, Tensor};
 use crate::dequant::dequantize_cpu;
 use crate::error::{CoreError, Result};
 
-/// Whether this CPU has the vectorized kernels (AVX-512F). Elsewhere weights are not kept
-/// packed: the portable loop (kept as the kernels' reference) would be slower than
-/// dequantizing once and calling the BLAS.
+/// The kernel that applies packed weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    /// 16 lanes (x86-64 with AVX-512F).
+    Avx512,
+    /// 8 lanes (x86-64 with AVX2 and FMA).
+    Avx2,
+    /// Plain loops: the kernels' reference, slower than dequantizing and calling the BLAS.
+    Portable,
+}
+
+impl Kernel {
+    /// The fastest kernel this CPU runs, or the one `RABBIT_PACKED_KERNEL` names (`avx512`,
+    /// `avx2`, `off`: dequantize as before) when this CPU runs it: for benchmarks comparing them.
+    pub fn best() -> Kernel {
+        static BEST: std::sync::OnceLock<Kernel> = std::sync::OnceLock::new();
+        *BEST.get_or_init(|| {
+            let all = Kernel::available();
+            let asked = match std::env::var("RABBIT_PACKED_KERNEL").as_deref() {
+                Ok("avx512") => Some(Kernel::Avx512),
+                Ok("avx2") => Some(Kernel::Avx2),
+                Ok("off") => Some(Kernel::Portable),
+                _ => None,
+            };
+            match asked {
+                Some(k) if all.contains(&k) => k,
+                _ => all[0],
+            }
+        })
+    }
+
+    /// Every kernel this CPU runs, fastest first (the portable one last).
+    pub fn available() -> Vec<Kernel> {
+        let mut k = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if std::arch::is_x86_feature_detected!("avx512f") {
+                k.push(Kernel::Avx512);
+            }
+            if std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+            {
+                k.push(Kernel::Avx2);
+            }
+        }
+        k.push(Kernel::Portable);
+        k
+    }
+}
+
+/// Whether this CPU has a vectorized kernel (AVX-512F, or AVX2 with FMA). Elsewhere weights are
+/// not kept packed: the portable loop would be slower than dequantizing once and calling the
+/// BLAS.
 pub fn direct_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    Kernel::best() != Kernel::Portable
 }
 
 /// Rows of `x` up to which a packed weight is applied directly; more rows (a prefill chunk) are
@@ -147,7 +190,7 @@ impl PackedWeight {
             scales,
             bf16: self.kind == Kind::BFloat16,
         };
-        let out = w.apply(xs, rows, self.n, bs);
+        let out = w.apply(xs, rows, self.n, bs, Kernel::best());
         shape.pop();
         shape.push(self.n as i64);
         Ok(Tensor::f_from_slice(&out)?
@@ -189,8 +232,16 @@ impl Packed<'_> {
         }
     }
 
-    /// `rows × n` f32 outputs (row-major) for `rows` rows of `x` (`rows × k`, row-major).
-    fn apply(&self, x: &[f32], rows: usize, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    /// `rows × n` f32 outputs (row-major) for `rows` rows of `x` (`rows × k`, row-major), with
+    /// `kernel` (one of [`Kernel::available`]).
+    fn apply(
+        &self,
+        x: &[f32],
+        rows: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        kernel: Kernel,
+    ) -> Vec<f32> {
         // NF4 bytes hold values 2j (low nibble) and 2j + 1 (high): with x split into its even
         // and odd positions, each nibble meets its input without shuffling the weights.
         let (xa, xb) = match self.scheme {
@@ -212,7 +263,6 @@ impl Packed<'_> {
             Compression::Nf4 => (&xa, &xb),
             Compression::Int8 => (x, &[]),
         };
-        let fast = direct_available();
         // Outputs in [n, rows] order: each output's rows are one contiguous range.
         let mut out_t = vec![0f32; n * rows];
         let dst = SyncPtr(out_t.as_mut_ptr());
@@ -230,7 +280,7 @@ impl Packed<'_> {
             for j in lo..(lo + chunk).min(n) {
                 // SAFETY: output j's `rows` values, written by the one thread that took j.
                 let o = unsafe { std::slice::from_raw_parts_mut(dst.at(j * rows), rows) };
-                self.row(j, xa, xb, rows, o, fast);
+                self.row(j, xa, xb, rows, o, kernel);
             }
         });
         let mut out = vec![0f32; rows * n];
@@ -243,36 +293,38 @@ impl Packed<'_> {
         out
     }
 
-    /// Output `j` for every row: `out[r] = Σ_k x[r, k] · w[j, k]` (`fast`: with the AVX-512
-    /// kernels, [`direct_available`]).
-    fn row(&self, j: usize, xa: &[f32], xb: &[f32], rows: usize, out: &mut [f32], fast: bool) {
+    /// Output `j` for every row: `out[r] = Σ_k x[r, k] · w[j, k]`.
+    fn row(&self, j: usize, xa: &[f32], xb: &[f32], rows: usize, out: &mut [f32], kernel: Kernel) {
         let cpr = self.code_bytes_per_row();
         let bpr = self.k / self.block;
         let codes = &self.codes[j * cpr..(j + 1) * cpr];
         let scales = &self.scales[j * bpr..(j + 1) * bpr];
         #[cfg(target_arch = "x86_64")]
-        if fast {
-            // SAFETY: the feature was detected (`fast`); the slices hold one row's whole blocks and
-            // `rows` rows of the (split) input, as `apply` built them.
+        {
+            use crate::qgemv_x86 as x86;
+            let (block, bf16, half, k) = (self.block, self.bf16, self.k / 2, self.k);
+            // SAFETY: `kernel` is one of Kernel::available (its features were detected); the
+            // slices hold one row's whole blocks and `rows` (1..=8) rows of the (split) input,
+            // as `apply` built them.
             unsafe {
-                match self.scheme {
-                    Compression::Nf4 => crate::qgemv_x86::nf4_row(
-                        codes,
-                        scales,
-                        self.block,
-                        self.bf16,
-                        xa,
-                        xb,
-                        self.k / 2,
-                        rows,
-                        out,
-                    ),
-                    Compression::Int8 => crate::qgemv_x86::int8_row(
-                        codes, scales, self.block, self.bf16, xa, self.k, rows, out,
-                    ),
+                match (kernel, self.scheme) {
+                    (Kernel::Avx512, Compression::Nf4) => {
+                        return x86::nf4_row(codes, scales, block, bf16, xa, xb, half, rows, out)
+                    }
+                    (Kernel::Avx512, Compression::Int8) => {
+                        return x86::int8_row(codes, scales, block, bf16, xa, k, rows, out)
+                    }
+                    (Kernel::Avx2, Compression::Nf4) => {
+                        return x86::nf4_row_avx2(
+                            codes, scales, block, bf16, xa, xb, half, rows, out,
+                        )
+                    }
+                    (Kernel::Avx2, Compression::Int8) => {
+                        return x86::int8_row_avx2(codes, scales, block, bf16, xa, k, rows, out)
+                    }
+                    (Kernel::Portable, _) => {}
                 }
             }
-            return;
         }
         self.row_portable(codes, scales, xa, xb, rows, out);
     }
@@ -371,8 +423,8 @@ mod tests {
 
     /// Direct application equals the dequantized weight through libtorch's linear: to f32
     /// rounding in f32, and to one bf16 step in bf16 (the output rounding of sums that differ
-    /// only in their order), for 1..=8 rows, with and without bias, on the vectorized and the
-    /// portable kernel.
+    /// only in their order), for 1..=8 rows, with and without bias, on every kernel this CPU
+    /// runs (against the portable loop).
     #[test]
     fn direct_equals_dequantize_then_linear() {
         for scheme in [Compression::Nf4, Compression::Int8] {
@@ -404,7 +456,6 @@ mod tests {
                             b.is_some()
                         );
                     }
-                    // The portable kernel computes the same sums.
                     let xf = x.to_kind(Kind::Float).contiguous();
                     let xs: Vec<f32> = Vec::<f32>::try_from(xf.view([-1])).unwrap();
                     let codes: Vec<u8> = Vec::<u8>::try_from(p.codes.to_kind(Kind::Uint8)).unwrap();
@@ -417,8 +468,8 @@ mod tests {
                         scales: &scales,
                         bf16: kind == Kind::BFloat16,
                     };
-                    let fast = w.apply(&xs, rows, n, None);
-                    let (xa, xb) = match scheme {
+                    // Every kernel this CPU has computes the portable loop's sums.
+                    let (xa, xb): (Vec<f32>, Vec<f32>) = match scheme {
                         Compression::Nf4 => (
                             (0..rows * k / 2)
                                 .map(|i| xs[(i / (k / 2)) * k + 2 * (i % (k / 2))])
@@ -429,24 +480,32 @@ mod tests {
                         ),
                         Compression::Int8 => (xs.clone(), Vec::new()),
                     };
-                    for j in 0..n {
-                        let cpr = w.code_bytes_per_row();
-                        let mut o = vec![0f32; rows];
-                        w.row_portable(
-                            &codes[j * cpr..(j + 1) * cpr],
-                            &scales[j * (k / 64)..(j + 1) * (k / 64)],
-                            &xa,
-                            &xb,
-                            rows,
-                            &mut o,
-                        );
-                        for r in 0..rows {
-                            let f = fast[r * n + j];
-                            assert!(
-                                (o[r] - f).abs() <= 1e-4 * f.abs().max(1.0),
-                                "{scheme:?} {kind:?} row {r} out {j}: {} vs {f}",
-                                o[r]
+                    let cpr = w.code_bytes_per_row();
+                    let reference: Vec<Vec<f32>> = (0..n)
+                        .map(|j| {
+                            let mut o = vec![0f32; rows];
+                            w.row_portable(
+                                &codes[j * cpr..(j + 1) * cpr],
+                                &scales[j * (k / 64)..(j + 1) * (k / 64)],
+                                &xa,
+                                &xb,
+                                rows,
+                                &mut o,
                             );
+                            o
+                        })
+                        .collect();
+                    for kernel in Kernel::available() {
+                        let fast = w.apply(&xs, rows, n, None, kernel);
+                        for (j, want) in reference.iter().enumerate() {
+                            for r in 0..rows {
+                                let f = fast[r * n + j];
+                                assert!(
+                                    (want[r] - f).abs() <= 1e-4 * f.abs().max(1.0),
+                                    "{kernel:?} {scheme:?} {kind:?} row {r} out {j}: {} vs {f}",
+                                    want[r]
+                                );
+                            }
                         }
                     }
                 }

@@ -1,8 +1,8 @@
-//! AVX-512 kernels of [`crate::qgemv`]: one output of a packed weight for up to
+//! AVX-512 (and AVX2 + FMA) kernels of [`crate::qgemv`]: one output of a packed weight for up to
 //! [`MAX_DIRECT_ROWS`](crate::qgemv::MAX_DIRECT_ROWS) input rows, each block's weights made in
 //! registers (NF4: the block's 16 scaled codebook values in one register, looked up with
 //! `vpermps`; int8: sign-extend, convert, scale) and rounded to bf16 exactly as
-//! [`crate::dequant`] rounds them. Selected at run time when the CPU has AVX-512F.
+//! [`crate::dequant`] rounds them. Selected at run time: AVX-512F, else AVX2 + FMA.
 
 use std::arch::x86_64::*;
 
@@ -176,6 +176,183 @@ unsafe fn int8_rows<const R: usize>(
         }
         for (o, a) in out.iter_mut().zip(acc) {
             *o = _mm512_reduce_add_ps(_mm512_add_ps(a[0], a[1]));
+        }
+    }
+}
+
+/// Rounds 8 f32 lanes to bf16 (nearest, ties to even), kept as f32: `dequant`'s rounding.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn round_bf16_avx2(v: __m256) -> __m256 {
+    let i = _mm256_castps_si256(v);
+    let lsb = _mm256_and_si256(_mm256_srli_epi32(i, 16), _mm256_set1_epi32(1));
+    let r = _mm256_add_epi32(_mm256_add_epi32(i, _mm256_set1_epi32(0x7fff)), lsb);
+    _mm256_castsi256_ps(_mm256_and_si256(
+        r,
+        _mm256_set1_epi32(0xffff_0000_u32 as i32),
+    ))
+}
+
+/// The sum of 8 lanes.
+#[inline]
+#[target_feature(enable = "avx2")]
+fn hsum_avx2(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_hadd_ps(s, s);
+    _mm_cvtss_f32(_mm_hadd_ps(s, s))
+}
+
+/// [`nf4_row`] with AVX2 and FMA (8 lanes): the 16-entry table is two registers, each index
+/// looked up in both with `vpermps` and the half chosen by its bit 3.
+///
+/// # Safety
+/// AVX2 and FMA must be available; otherwise as [`nf4_row`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn nf4_row_avx2(
+    codes: &[u8],
+    scales: &[f32],
+    block: usize,
+    bf16: bool,
+    xa: &[f32],
+    xb: &[f32],
+    half: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    // SAFETY (for the calls below): forwarded from this function's contract.
+    unsafe {
+        match rows {
+            1 => nf4_rows_avx2::<1>(codes, scales, block, bf16, xa, xb, half, out),
+            2 => nf4_rows_avx2::<2>(codes, scales, block, bf16, xa, xb, half, out),
+            3 => nf4_rows_avx2::<3>(codes, scales, block, bf16, xa, xb, half, out),
+            4 => nf4_rows_avx2::<4>(codes, scales, block, bf16, xa, xb, half, out),
+            5 => nf4_rows_avx2::<5>(codes, scales, block, bf16, xa, xb, half, out),
+            6 => nf4_rows_avx2::<6>(codes, scales, block, bf16, xa, xb, half, out),
+            7 => nf4_rows_avx2::<7>(codes, scales, block, bf16, xa, xb, half, out),
+            8 => nf4_rows_avx2::<8>(codes, scales, block, bf16, xa, xb, half, out),
+            _ => unreachable!("1..=8 rows"),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn nf4_rows_avx2<const R: usize>(
+    codes: &[u8],
+    scales: &[f32],
+    block: usize,
+    bf16: bool,
+    xa: &[f32],
+    xb: &[f32],
+    half: usize,
+    out: &mut [f32],
+) {
+    let cpb = block / 2;
+    // SAFETY: the codebook has 16 values; every other load stays within the slices the
+    // contract sizes (block b covers code bytes and input positions b·cpb .. (b + 1)·cpb).
+    unsafe {
+        let book_lo = _mm256_loadu_ps(NF4_CODEBOOK.as_ptr());
+        let book_hi = _mm256_loadu_ps(NF4_CODEBOOK.as_ptr().add(8));
+        let (nibble, seven) = (_mm256_set1_epi32(0x0f), _mm256_set1_epi32(7));
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, &s) in scales.iter().enumerate() {
+            let scale = _mm256_set1_ps(s);
+            let (mut lo, mut hi) = (_mm256_mul_ps(book_lo, scale), _mm256_mul_ps(book_hi, scale));
+            if bf16 {
+                lo = round_bf16_avx2(lo);
+                hi = round_bf16_avx2(hi);
+            }
+            let look = |idx: __m256i| {
+                let upper = _mm256_castsi256_ps(_mm256_cmpgt_epi32(idx, seven));
+                _mm256_blendv_ps(
+                    _mm256_permutevar8x32_ps(lo, idx),
+                    _mm256_permutevar8x32_ps(hi, idx),
+                    upper,
+                )
+            };
+            for g in (0..cpb).step_by(8) {
+                let at = b * cpb + g;
+                let c =
+                    _mm256_cvtepu8_epi32(_mm_loadl_epi64(codes.as_ptr().add(at) as *const __m128i));
+                let wl = look(_mm256_and_si256(c, nibble));
+                let wh = look(_mm256_srli_epi32(c, 4));
+                for (r, a) in acc.iter_mut().enumerate() {
+                    let xe = _mm256_loadu_ps(xa.as_ptr().add(r * half + at));
+                    let xo = _mm256_loadu_ps(xb.as_ptr().add(r * half + at));
+                    *a = _mm256_fmadd_ps(wh, xo, _mm256_fmadd_ps(wl, xe, *a));
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum_avx2(a);
+        }
+    }
+}
+
+/// [`int8_row`] with AVX2 and FMA (8 lanes).
+///
+/// # Safety
+/// AVX2 and FMA must be available; otherwise as [`int8_row`].
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx2,fma")]
+pub(crate) unsafe fn int8_row_avx2(
+    codes: &[u8],
+    scales: &[f32],
+    block: usize,
+    bf16: bool,
+    x: &[f32],
+    k: usize,
+    rows: usize,
+    out: &mut [f32],
+) {
+    // SAFETY (for the calls below): forwarded from this function's contract.
+    unsafe {
+        match rows {
+            1 => int8_rows_avx2::<1>(codes, scales, block, bf16, x, k, out),
+            2 => int8_rows_avx2::<2>(codes, scales, block, bf16, x, k, out),
+            3 => int8_rows_avx2::<3>(codes, scales, block, bf16, x, k, out),
+            4 => int8_rows_avx2::<4>(codes, scales, block, bf16, x, k, out),
+            5 => int8_rows_avx2::<5>(codes, scales, block, bf16, x, k, out),
+            6 => int8_rows_avx2::<6>(codes, scales, block, bf16, x, k, out),
+            7 => int8_rows_avx2::<7>(codes, scales, block, bf16, x, k, out),
+            8 => int8_rows_avx2::<8>(codes, scales, block, bf16, x, k, out),
+            _ => unreachable!("1..=8 rows"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn int8_rows_avx2<const R: usize>(
+    codes: &[u8],
+    scales: &[f32],
+    block: usize,
+    bf16: bool,
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
+    // SAFETY: every load stays within the slices the contract sizes (block b covers code
+    // bytes and input positions b·block .. (b + 1)·block).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for (b, &s) in scales.iter().enumerate() {
+            let scale = _mm256_set1_ps(s);
+            for g in (0..block).step_by(8) {
+                let at = b * block + g;
+                let c =
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(codes.as_ptr().add(at) as *const __m128i));
+                let mut w = _mm256_mul_ps(_mm256_cvtepi32_ps(c), scale);
+                if bf16 {
+                    w = round_bf16_avx2(w);
+                }
+                for (r, a) in acc.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(x.as_ptr().add(r * k + at)), *a);
+                }
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum_avx2(a);
         }
     }
 }
