@@ -168,19 +168,6 @@ impl DequantBuffers {
     }
 }
 
-/// The output of a parallel fill, written by several threads at disjoint ranges.
-struct SendPtr<T>(*mut T);
-// SAFETY: the threads write disjoint ranges (see `Quantized::fill_parallel`).
-unsafe impl<T> Sync for SendPtr<T> {}
-
-impl<T> SendPtr<T> {
-    /// The element `i` positions in (a method, so closures capture the whole wrapper).
-    fn at(&self, i: usize) -> *mut T {
-        // SAFETY: callers stay within the buffer.
-        unsafe { self.0.add(i) }
-    }
-}
-
 /// An output element of CPU dequantization.
 trait OutElem: Copy + Default + Send + Sync {
     fn from_f32(v: f32) -> Self;
@@ -213,8 +200,7 @@ struct Bf16Bits(u16);
 impl OutElem for Bf16Bits {
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        let b = v.to_bits();
-        Bf16Bits((b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16) as u16)
+        Bf16Bits((crate::qgemv::bf16_round(v).to_bits() >> 16) as u16)
     }
 
     fn nf4_fast(codes: &[u8], scales: &[f32], block: usize, out: &mut [Self]) -> usize {
@@ -304,7 +290,8 @@ impl Quantized<'_> {
         if threads == 1 || blocks < 2 * threads {
             return self.fill(out);
         }
-        let (len, dst) = (out.len(), SendPtr(out.as_mut_ptr()));
+        let len = out.len();
+        let dst = crate::omp::SharedMut::new(out);
         let cpb = self.codes_per_block();
         crate::omp::parallel(threads, &|part, parts| {
             let chunk_blocks = blocks.div_ceil(parts);
@@ -315,7 +302,7 @@ impl Quantized<'_> {
                 return;
             }
             // SAFETY: each part writes its own block range of `out`, which outlives the region.
-            let part_out = unsafe { std::slice::from_raw_parts_mut(dst.at(start), end - start) };
+            let part_out = unsafe { dst.slice(start, end - start) };
             Quantized {
                 scheme: self.scheme,
                 block: self.block,

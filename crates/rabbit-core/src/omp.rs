@@ -49,6 +49,28 @@ fn runtime() -> Option<&'static Runtime> {
     .as_ref()
 }
 
+/// A buffer several threads of one [`parallel`] region write at disjoint positions.
+pub(crate) struct SharedMut<T>(*mut T);
+// SAFETY: callers write disjoint ranges only, and the region ends before the buffer is read.
+unsafe impl<T> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// Shares `buf`'s elements for the region.
+    pub(crate) fn new(buf: &mut [T]) -> Self {
+        SharedMut(buf.as_mut_ptr())
+    }
+
+    /// The `len` elements from `at` on.
+    ///
+    /// # Safety
+    /// `at + len` is within the buffer, and no other thread touches these elements meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    pub(crate) unsafe fn slice(&self, at: usize, len: usize) -> &mut [T] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(at), len) }
+    }
+}
+
 struct Job<'a> {
     f: &'a (dyn Fn(usize, usize) + Sync),
     rt: &'static Runtime,

@@ -199,19 +199,6 @@ impl PackedWeight {
     }
 }
 
-/// The output buffer, written by several threads at disjoint positions.
-struct SyncPtr(*mut f32);
-// SAFETY: the threads write disjoint ranges (see `Packed::apply`).
-unsafe impl Sync for SyncPtr {}
-
-impl SyncPtr {
-    /// The element `i` positions in (a method, so closures capture the whole `Sync` wrapper).
-    fn at(&self, i: usize) -> *mut f32 {
-        // SAFETY: callers stay within the buffer.
-        unsafe { self.0.add(i) }
-    }
-}
-
 /// A packed weight borrowed as slices.
 #[derive(Clone, Copy)]
 pub(crate) struct Packed<'a> {
@@ -265,7 +252,7 @@ impl Packed<'_> {
         };
         // Outputs in [n, rows] order: each output's rows are one contiguous range.
         let mut out_t = vec![0f32; n * rows];
-        let dst = SyncPtr(out_t.as_mut_ptr());
+        let dst = crate::omp::SharedMut::new(&mut out_t);
         // On libtorch's own threads, as many as the thread governor uses; outputs are taken in
         // chunks from a shared counter, so a thread that was preempted does not hold up the
         // others.
@@ -279,7 +266,7 @@ impl Packed<'_> {
             }
             for j in lo..(lo + chunk).min(n) {
                 // SAFETY: output j's `rows` values, written by the one thread that took j.
-                let o = unsafe { std::slice::from_raw_parts_mut(dst.at(j * rows), rows) };
+                let o = unsafe { dst.slice(j * rows, rows) };
                 self.row(j, xa, xb, rows, o, kernel);
             }
         });

@@ -8,6 +8,24 @@ use std::arch::x86_64::*;
 
 use rabbit_split::NF4_CODEBOOK;
 
+/// Calls `$f::<R>($args…)` for `R` = `$rows` (1..=8): the row count as a constant, so each
+/// row's accumulators stay in registers.
+macro_rules! by_rows {
+    ($rows:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $rows {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            _ => unreachable!("1..=8 rows"),
+        }
+    };
+}
+
 /// Rounds 16 f32 lanes to bf16 (nearest, ties to even), kept as f32: `dequant`'s rounding.
 #[inline]
 #[target_feature(enable = "avx512f")]
@@ -44,17 +62,10 @@ pub(crate) unsafe fn nf4_row(
 ) {
     // SAFETY (for the calls below): forwarded from this function's contract.
     unsafe {
-        match rows {
-            1 => nf4_rows::<1>(codes, scales, block, bf16, xa, xb, half, out),
-            2 => nf4_rows::<2>(codes, scales, block, bf16, xa, xb, half, out),
-            3 => nf4_rows::<3>(codes, scales, block, bf16, xa, xb, half, out),
-            4 => nf4_rows::<4>(codes, scales, block, bf16, xa, xb, half, out),
-            5 => nf4_rows::<5>(codes, scales, block, bf16, xa, xb, half, out),
-            6 => nf4_rows::<6>(codes, scales, block, bf16, xa, xb, half, out),
-            7 => nf4_rows::<7>(codes, scales, block, bf16, xa, xb, half, out),
-            8 => nf4_rows::<8>(codes, scales, block, bf16, xa, xb, half, out),
-            _ => unreachable!("1..=8 rows"),
-        }
+        by_rows!(
+            rows,
+            nf4_rows(codes, scales, block, bf16, xa, xb, half, out)
+        )
     }
 }
 
@@ -122,19 +133,7 @@ pub(crate) unsafe fn int8_row(
     out: &mut [f32],
 ) {
     // SAFETY (for the calls below): forwarded from this function's contract.
-    unsafe {
-        match rows {
-            1 => int8_rows::<1>(codes, scales, block, bf16, x, k, out),
-            2 => int8_rows::<2>(codes, scales, block, bf16, x, k, out),
-            3 => int8_rows::<3>(codes, scales, block, bf16, x, k, out),
-            4 => int8_rows::<4>(codes, scales, block, bf16, x, k, out),
-            5 => int8_rows::<5>(codes, scales, block, bf16, x, k, out),
-            6 => int8_rows::<6>(codes, scales, block, bf16, x, k, out),
-            7 => int8_rows::<7>(codes, scales, block, bf16, x, k, out),
-            8 => int8_rows::<8>(codes, scales, block, bf16, x, k, out),
-            _ => unreachable!("1..=8 rows"),
-        }
-    }
+    unsafe { by_rows!(rows, int8_rows(codes, scales, block, bf16, x, k, out)) }
 }
 
 #[target_feature(enable = "avx512f")]
@@ -222,17 +221,10 @@ pub(crate) unsafe fn nf4_row_avx2(
 ) {
     // SAFETY (for the calls below): forwarded from this function's contract.
     unsafe {
-        match rows {
-            1 => nf4_rows_avx2::<1>(codes, scales, block, bf16, xa, xb, half, out),
-            2 => nf4_rows_avx2::<2>(codes, scales, block, bf16, xa, xb, half, out),
-            3 => nf4_rows_avx2::<3>(codes, scales, block, bf16, xa, xb, half, out),
-            4 => nf4_rows_avx2::<4>(codes, scales, block, bf16, xa, xb, half, out),
-            5 => nf4_rows_avx2::<5>(codes, scales, block, bf16, xa, xb, half, out),
-            6 => nf4_rows_avx2::<6>(codes, scales, block, bf16, xa, xb, half, out),
-            7 => nf4_rows_avx2::<7>(codes, scales, block, bf16, xa, xb, half, out),
-            8 => nf4_rows_avx2::<8>(codes, scales, block, bf16, xa, xb, half, out),
-            _ => unreachable!("1..=8 rows"),
-        }
+        by_rows!(
+            rows,
+            nf4_rows_avx2(codes, scales, block, bf16, xa, xb, half, out)
+        )
     }
 }
 
@@ -307,19 +299,7 @@ pub(crate) unsafe fn int8_row_avx2(
     out: &mut [f32],
 ) {
     // SAFETY (for the calls below): forwarded from this function's contract.
-    unsafe {
-        match rows {
-            1 => int8_rows_avx2::<1>(codes, scales, block, bf16, x, k, out),
-            2 => int8_rows_avx2::<2>(codes, scales, block, bf16, x, k, out),
-            3 => int8_rows_avx2::<3>(codes, scales, block, bf16, x, k, out),
-            4 => int8_rows_avx2::<4>(codes, scales, block, bf16, x, k, out),
-            5 => int8_rows_avx2::<5>(codes, scales, block, bf16, x, k, out),
-            6 => int8_rows_avx2::<6>(codes, scales, block, bf16, x, k, out),
-            7 => int8_rows_avx2::<7>(codes, scales, block, bf16, x, k, out),
-            8 => int8_rows_avx2::<8>(codes, scales, block, bf16, x, k, out),
-            _ => unreachable!("1..=8 rows"),
-        }
-    }
+    unsafe { by_rows!(rows, int8_rows_avx2(codes, scales, block, bf16, x, k, out)) }
 }
 
 #[target_feature(enable = "avx2,fma")]

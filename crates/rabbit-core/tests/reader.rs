@@ -52,6 +52,31 @@ fn within_a_minute<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send +
     }
 }
 
+/// With unit 0 of five just taken (and `reader` at depth 1, so it holds at most units 1 and
+/// 2), cuts unit 4's file short and reads on: returns the error that must come.
+fn cut_unit_4_and_read_on(
+    reader: &mut LayerReader,
+    dir: &Path,
+    units: &[(UnitEntry, Vec<u8>)],
+) -> rabbit_core::CoreError {
+    let (u, _) = reader.next(0).unwrap();
+    reader.recycle(0, u.bytes);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(&units[4].0.file))
+        .unwrap();
+    f.set_len(4096 + 100).unwrap();
+    drop(f);
+    (|| {
+        for slot in 1..5 {
+            let (u, _) = reader.next(slot)?;
+            reader.recycle(slot, u.bytes);
+        }
+        Ok::<_, rabbit_core::CoreError>(())
+    })()
+    .expect_err("a unit cut short must not read as complete")
+}
+
 #[test]
 fn every_mode_reads_exactly_the_data_regions_cycle_after_cycle() {
     let tmp = tempfile::tempdir().unwrap();
@@ -85,27 +110,8 @@ fn a_file_truncated_under_the_reader_is_an_error_naming_it() {
         let tmp = tempfile::tempdir().unwrap();
         let units = units(tmp.path(), 5);
         let refs: Vec<&UnitEntry> = units.iter().map(|(u, _)| u).collect();
-        // Depth 1: with unit 0 taken, the reader holds at most units 1 and 2, so unit 4 is read
-        // after the damage.
         let mut reader = LayerReader::start(tmp.path(), &refs, 1, mode).unwrap();
-        let (u, _) = reader.next(0).unwrap();
-        reader.recycle(0, u.bytes);
-        let victim = tmp.path().join(&units[4].0.file);
-        let f = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&victim)
-            .unwrap();
-        f.set_len(4096 + 100).unwrap();
-        drop(f);
-        let err = (|| {
-            for slot in 1..5 {
-                let (u, _) = reader.next(slot)?;
-                reader.recycle(slot, u.bytes);
-            }
-            Ok::<_, rabbit_core::CoreError>(())
-        })()
-        .expect_err("a truncated unit must not read as complete");
-        let msg = err.to_string();
+        let msg = cut_unit_4_and_read_on(&mut reader, tmp.path(), &units).to_string();
         assert!(msg.contains("layer.004.safetensors"), "{mode:?}: {msg}");
         assert!(msg.contains("shorter than the manifest"), "{mode:?}: {msg}");
         within_a_minute(
@@ -154,30 +160,13 @@ fn kept_mappings_stay_right_and_are_checked_every_sweep() {
     assert_eq!(reader.kept_mapped_bytes(), 0);
     drop(reader);
 
-    // Depth 1: with unit 0 taken, the reader holds at most units 1 and 2, so unit 4 is
-    // checked again after the damage.
+    // Unit 4 is checked again after the damage (see `cut_unit_4_and_read_on`).
     let tmp = tempfile::tempdir().unwrap();
     let units = self::units(tmp.path(), 5);
     let refs: Vec<&UnitEntry> = units.iter().map(|(u, _)| u).collect();
     let mut reader = LayerReader::start(tmp.path(), &refs, 1, ReadMode::Map).unwrap();
     sweep(&mut reader, &units, "before the damage");
-    let (u, _) = reader.next(0).unwrap();
-    reader.recycle(0, u.bytes);
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(tmp.path().join(&units[4].0.file))
-        .unwrap();
-    f.set_len(4096 + 100).unwrap();
-    drop(f);
-    let err = (|| {
-        for slot in 1..5 {
-            let (u, _) = reader.next(slot)?;
-            reader.recycle(slot, u.bytes);
-        }
-        Ok::<_, rabbit_core::CoreError>(())
-    })()
-    .expect_err("a kept unit cut short must not read as complete");
-    let msg = err.to_string();
+    let msg = cut_unit_4_and_read_on(&mut reader, tmp.path(), &units).to_string();
     assert!(msg.contains("layer.004.safetensors"), "{msg}");
     within_a_minute(
         "dropping a reader with kept mappings after an error",
