@@ -10,6 +10,7 @@ use rabbit_split::layout::RowOrder;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use tch::{Device, Kind, Tensor};
 
+use crate::decoder::moe::ExpertWeights;
 use crate::decoder::NormWeights;
 use crate::dequant::dequantize_cpu;
 pub use crate::dequant::{dequantize, DequantBuffers};
@@ -184,6 +185,29 @@ impl UnitTensors {
     pub fn take_opt(&mut self, name: &str) -> Option<Tensor> {
         self.tensors.remove(name)
     }
+
+    /// Takes routed expert `e` of layer `i` (its gate, up and down projections).
+    pub fn take_expert(&mut self, spec: &ModelSpec, i: usize, e: usize) -> Result<ExpertWeights> {
+        let p = spec.tensors.prefix(i);
+        let mut get = |role: Role| -> Result<Linear> {
+            let param = spec
+                .layer_params(i)
+                .iter()
+                .find(|q| q.role == role && q.expert == Some(e))
+                .ok_or_else(|| CoreError::BadTensor {
+                    file: self.file.clone().into(),
+                    tensor: format!("expert {e} {role:?}"),
+                    reason: "the family's inventory has no such tensor".into(),
+                })?;
+            let weight = self.take_weight(&format!("{p}{}.weight", param.name))?;
+            Ok(Linear { weight, bias: None })
+        };
+        Ok(ExpertWeights {
+            gate: get(Role::ExpertGate)?,
+            up: get(Role::ExpertUp)?,
+            down: get(Role::ExpertDown)?,
+        })
+    }
 }
 
 /// Views (or, when the bytes are not aligned for their dtype, copies) each tensor of a unit out
@@ -291,6 +315,15 @@ pub struct Linear {
 }
 
 impl Linear {
+    /// Its dense tensors (to hand dequantization buffers back).
+    pub fn into_tensors(self) -> impl Iterator<Item = Tensor> {
+        let w = match self.weight {
+            LinearWeight::Dense(w) => Some(w),
+            LinearWeight::Packed(_) => None,
+        };
+        w.into_iter().chain(self.bias)
+    }
+
     /// `x @ W^T + b`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         match &self.weight {
@@ -304,16 +337,34 @@ impl Linear {
 pub struct LayerWeights {
     linears: BTreeMap<Role, Linear>,
     norms: BTreeMap<Role, NormWeights>,
+    /// The routed experts held with the layer (all of them, or none when they are streamed
+    /// after routing).
+    experts: BTreeMap<usize, ExpertWeights>,
     file: String,
 }
 
 impl LayerWeights {
     /// Picks layer `i`'s tensors out of its unit, as the spec's tensor inventory names them.
-    pub fn from_unit(spec: &ModelSpec, i: usize, mut u: UnitTensors) -> Result<LayerWeights> {
+    pub fn from_unit(spec: &ModelSpec, i: usize, u: UnitTensors) -> Result<LayerWeights> {
+        Self::from_unit_parts(spec, i, u, true)
+    }
+
+    /// [`LayerWeights::from_unit`], with the routed experts' tensors taken too when
+    /// `with_experts` (else they are read after routing and the unit has none of them).
+    pub fn from_unit_parts(
+        spec: &ModelSpec,
+        i: usize,
+        mut u: UnitTensors,
+        with_experts: bool,
+    ) -> Result<LayerWeights> {
         let p = spec.tensors.prefix(i);
         let mut linears = BTreeMap::new();
         let mut norms = BTreeMap::new();
-        for param in &spec.tensors.layer {
+        let mut experts = BTreeMap::new();
+        for param in spec.layer_params(i) {
+            if param.role.is_expert() {
+                continue;
+            }
             let name = format!("{p}{}.weight", param.name);
             let bias = if param.bias {
                 Some(u.take(&format!("{p}{}.bias", param.name))?)
@@ -328,11 +379,29 @@ impl LayerWeights {
                 linears.insert(param.role, Linear { weight, bias });
             }
         }
+        if with_experts {
+            if let Some(moe) = spec.moe.as_ref().filter(|_| spec.is_sparse(i)) {
+                for e in 0..moe.num_experts {
+                    experts.insert(e, u.take_expert(spec, i, e)?);
+                }
+            }
+        }
         Ok(LayerWeights {
             linears,
             norms,
+            experts,
             file: u.file.clone(),
         })
+    }
+
+    /// The routed experts the layer holds.
+    pub fn experts(&self) -> &BTreeMap<usize, ExpertWeights> {
+        &self.experts
+    }
+
+    /// The unit file the weights came from (for messages).
+    pub fn file(&self) -> &str {
+        &self.file
     }
 
     /// Fuses separate q/k/v into one `qkv` projection: one GEMM instead of three. For resident
@@ -416,13 +485,13 @@ impl LayerWeights {
     pub fn into_tensors(self) -> Vec<Tensor> {
         let mut out = Vec::new();
         for l in self.linears.into_values() {
-            if let LinearWeight::Dense(w) = l.weight {
-                out.push(w);
-            }
-            out.extend(l.bias);
+            out.extend(l.into_tensors());
         }
         for n in self.norms.into_values() {
             out.extend(n.into_tensors());
+        }
+        for e in self.experts.into_values() {
+            out.extend(e.into_tensors());
         }
         out
     }

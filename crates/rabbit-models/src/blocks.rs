@@ -111,9 +111,33 @@ pub enum Role {
     GateUp,
     /// MLP down projection.
     Down,
+    /// Mixture of experts: the router, `[experts, hidden]` logits of each token over the
+    /// experts.
+    Router,
+    /// A routed expert's gate projection ([`Param::expert`] says which expert).
+    ExpertGate,
+    /// A routed expert's up projection.
+    ExpertUp,
+    /// A routed expert's down projection.
+    ExpertDown,
+    /// The shared expert's gate projection (Qwen2-MoE: run for every token beside the routed
+    /// ones).
+    SharedGate,
+    /// The shared expert's up projection.
+    SharedUp,
+    /// The shared expert's down projection.
+    SharedDown,
+    /// `[1, hidden]`: the sigmoid gate scaling the shared expert's output (Qwen2-MoE's
+    /// `shared_expert_gate`).
+    SharedExpertGate,
 }
 
 impl Role {
+    /// Whether the role belongs to one routed expert (read only when a token routes to it).
+    pub fn is_expert(self) -> bool {
+        matches!(self, Role::ExpertGate | Role::ExpertUp | Role::ExpertDown)
+    }
+
     /// Whether the role is a norm.
     pub fn is_norm(self) -> bool {
         matches!(
@@ -144,6 +168,9 @@ pub struct Param {
     /// checkpoint's block `order[i]` (InternLM2's `wqkv`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub row_order: Option<Vec<usize>>,
+    /// The routed expert this parameter belongs to (expert roles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expert: Option<usize>,
 }
 
 impl Param {
@@ -155,6 +182,15 @@ impl Param {
             shape: vec![rows, cols],
             bias,
             row_order: None,
+            expert: None,
+        }
+    }
+
+    /// A `[rows, cols]` projection of routed expert `expert`.
+    pub fn expert(role: Role, name: &str, expert: usize, rows: usize, cols: usize) -> Param {
+        Param {
+            expert: Some(expert),
+            ..Param::linear(role, name, rows, cols, false)
         }
     }
 
@@ -166,6 +202,7 @@ impl Param {
             shape: vec![width],
             bias,
             row_order: None,
+            expert: None,
         }
     }
 }
@@ -185,8 +222,14 @@ pub struct TensorLayout {
     pub lm_head_bias: bool,
     /// Prefix of decoder layer `i` is `{layer_prefix}{i}.`.
     pub layer_prefix: String,
-    /// The parameters of every decoder layer, in checkpoint order.
+    /// The parameters of every decoder layer, in checkpoint order (of a mixture of experts:
+    /// of its sparse layers; shared parts first, then each expert's, expert by expert, so a
+    /// split stores each expert's bytes together).
     pub layer: Vec<Param>,
+    /// A mixture of experts whose some layers have a dense MLP instead (Qwen-MoE's
+    /// `mlp_only_layers`, DeepSeek's first layers): those layers' parameters.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dense_layer: Vec<Param>,
     /// Checkpoint name prefixes read as another prefix (`(from, to)`): checkpoints that wrap the
     /// language model (Gemma 3 multimodal) use the same split and executor.
     pub aliases: Vec<(String, String)>,
@@ -206,6 +249,7 @@ impl TensorLayout {
             lm_head_bias: false,
             layer_prefix: "model.layers.".into(),
             layer,
+            dense_layer: vec![],
             aliases: vec![],
             ignored_prefixes: vec![],
         }
@@ -214,6 +258,16 @@ impl TensorLayout {
     /// `{layer_prefix}{i}.`
     pub fn prefix(&self, i: usize) -> String {
         format!("{}{i}.", self.layer_prefix)
+    }
+
+    /// The parameters of a layer: a sparse one's (or every layer's), or a dense one's when
+    /// `sparse` is false and the model has both kinds.
+    pub fn params(&self, sparse: bool) -> &[Param] {
+        if sparse || self.dense_layer.is_empty() {
+            &self.layer
+        } else {
+            &self.dense_layer
+        }
     }
 
     /// The parameter of a role, if the layer has one.

@@ -228,6 +228,7 @@ impl Architecture for ChatGlm {
                 Param::linear(Role::GateUp, "mlp.dense_h_to_4h", 2 * m, h, linear_bias),
                 Param::linear(Role::Down, "mlp.dense_4h_to_h", h, m, linear_bias),
             ],
+            dense_layer: vec![],
             aliases: vec![],
             // A persistent buffer of the original (its values are recomputed, never read).
             ignored_prefixes: vec!["transformer.rotary_pos_emb.".into()],

@@ -202,6 +202,7 @@ impl Architecture for InternLm2 {
                 Param::linear(Role::Up, "feed_forward.w3", m, h, false),
                 Param::linear(Role::Down, "feed_forward.w2", h, m, false),
             ],
+            dense_layer: vec![],
             aliases: vec![],
             ignored_prefixes: vec![],
         };

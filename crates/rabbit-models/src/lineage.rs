@@ -53,6 +53,17 @@ pub struct LlamaLineage {
     pub synth: fn(&SynthShape) -> Value,
 }
 
+/// The separate q/k/v/o projections of the Llama lineage (also its mixtures of experts').
+pub fn attention_projections(spec: &ModelSpec, qkv_bias: bool, o_bias: bool) -> Vec<Param> {
+    let (h, q, kv) = (spec.hidden_size, spec.q_dim(), spec.kv_dim());
+    vec![
+        Param::linear(Role::Q, "self_attn.q_proj", q, h, qkv_bias),
+        Param::linear(Role::K, "self_attn.k_proj", kv, h, qkv_bias),
+        Param::linear(Role::V, "self_attn.v_proj", kv, h, qkv_bias),
+        Param::linear(Role::O, "self_attn.o_proj", h, q, o_bias),
+    ]
+}
+
 /// The separate-projection layer of the Llama lineage (also Gemma's, with other norms).
 pub fn separate_projections(
     spec: &ModelSpec,
@@ -60,21 +71,14 @@ pub fn separate_projections(
     o_bias: bool,
     mlp_bias: bool,
 ) -> Vec<Param> {
-    let (h, q, kv, m) = (
-        spec.hidden_size,
-        spec.q_dim(),
-        spec.kv_dim(),
-        spec.intermediate_size,
-    );
-    vec![
-        Param::linear(Role::Q, "self_attn.q_proj", q, h, qkv_bias),
-        Param::linear(Role::K, "self_attn.k_proj", kv, h, qkv_bias),
-        Param::linear(Role::V, "self_attn.v_proj", kv, h, qkv_bias),
-        Param::linear(Role::O, "self_attn.o_proj", h, q, o_bias),
+    let (h, m) = (spec.hidden_size, spec.intermediate_size);
+    let mut out = attention_projections(spec, qkv_bias, o_bias);
+    out.extend([
         Param::linear(Role::Gate, "mlp.gate_proj", m, h, mlp_bias),
         Param::linear(Role::Up, "mlp.up_proj", m, h, mlp_bias),
         Param::linear(Role::Down, "mlp.down_proj", h, m, mlp_bias),
-    ]
+    ]);
+    out
 }
 
 impl Architecture for LlamaLineage {

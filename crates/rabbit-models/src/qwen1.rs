@@ -182,6 +182,7 @@ impl Architecture for Qwen1 {
                 Param::linear(Role::Gate, "mlp.w2", m, h, b),
                 Param::linear(Role::Down, "mlp.c_proj", h, m, b),
             ],
+            dense_layer: vec![],
             aliases: vec![],
             ignored_prefixes: vec![],
         };

@@ -10,8 +10,10 @@ use crate::error::{ModelError, Result};
 use crate::gemma::{Gemma2, Gemma3, Gemma3Multimodal};
 use crate::glm::{Glm, Glm4};
 use crate::internlm::{InternLm, InternLm2};
+use crate::mixtral::Mixtral;
 use crate::phi::{Phi, Phi3};
 use crate::qwen1::Qwen1;
+use crate::qwen_moe::{QWEN2_MOE, QWEN3_MOE};
 use crate::spec::ModelSpec;
 use crate::{llama::LLAMA, mistral::MISTRAL, qwen2::QWEN2, qwen3::QWEN3};
 
@@ -33,17 +35,18 @@ static SUPPORTED: &[&dyn Architecture] = &[
     &InternLm,
     &Baichuan,
     &Qwen1,
+    &Mixtral,
+    &QWEN2_MOE,
+    &QWEN3_MOE,
 ];
 
 /// Families named by the anchors' documentation that are recognised but not implemented yet:
 /// they get a clear "not yet supported" error rather than being routed to a look-alike.
 pub static NOT_YET_SUPPORTED: &[&str] = &[
-    "MixtralForCausalLM",
     "DeepseekV2ForCausalLM",
     "DeepseekV3ForCausalLM",
     "BaiChuanForCausalLM",
-    "Qwen2MoeForCausalLM",
-    "Qwen3MoeForCausalLM",
+    "GptOssForCausalLM",
 ];
 
 /// Names of the implemented architectures.

@@ -389,6 +389,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         lm_head_norm: false,
         unbounded_positions: false,
         tensors: TensorLayout::llama_names(vec![]),
+        moe: None,
         notes: vec![],
         bos_token_id: gen
             .and_then(|g| first(g.bos_token_id.as_ref()))

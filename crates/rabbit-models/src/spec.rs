@@ -4,7 +4,8 @@
 use rabbit_split::layout::{Layout, RowOrder, UnitKind, UnitSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, Role, TensorLayout};
+use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, Param, Role, TensorLayout};
+use crate::moe::MoeSpec;
 use crate::rope::{RopeScaling, RopeSpec};
 
 /// Sampling defaults from generation_config.json (used when the caller does not override).
@@ -78,6 +79,9 @@ pub struct ModelSpec {
     pub unbounded_positions: bool,
     /// Every tensor name and shape of the checkpoint.
     pub tensors: TensorLayout,
+    /// A mixture of experts: the sparse layers' feed-forward block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeSpec>,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -118,6 +122,26 @@ impl ModelSpec {
     /// Whether every layer has a parameter of this role (all layers share one inventory).
     pub fn has(&self, role: Role) -> bool {
         self.tensors.has(role)
+    }
+
+    /// Whether layer `i`'s feed-forward block is a mixture of experts.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        self.moe.as_ref().is_some_and(|m| m.is_sparse(i))
+    }
+
+    /// The parameters of decoder layer `i` (a mixture's sparse and dense layers differ).
+    pub fn layer_params(&self, i: usize) -> &[Param] {
+        self.tensors.params(self.is_sparse(i))
+    }
+
+    /// The full names of routed expert `e`'s tensors in layer `i` (none for a dense layer).
+    pub fn expert_tensors(&self, i: usize, e: usize) -> Vec<String> {
+        let p = self.tensors.prefix(i);
+        self.layer_params(i)
+            .iter()
+            .filter(|q| q.expert == Some(e))
+            .map(|q| format!("{p}{}.weight", q.name))
+            .collect()
     }
 
     /// Every tensor a checkpoint of this model holds, with its shape, in execution order
@@ -164,7 +188,7 @@ impl ModelSpec {
     pub fn layer_tensor_shapes(&self, i: usize) -> Vec<(String, Vec<usize>)> {
         let p = self.tensors.prefix(i);
         let mut out = vec![];
-        for param in &self.tensors.layer {
+        for param in self.layer_params(i) {
             out.push((format!("{p}{}.weight", param.name), param.shape.clone()));
             if param.bias {
                 out.push((format!("{p}{}.bias", param.name), vec![param.shape[0]]));
@@ -225,7 +249,7 @@ impl ModelSpec {
         let mut out = vec![];
         for i in 0..self.num_layers {
             let p = self.tensors.prefix(i);
-            for param in &self.tensors.layer {
+            for param in self.layer_params(i) {
                 let Some(order) = &param.row_order else {
                     continue;
                 };

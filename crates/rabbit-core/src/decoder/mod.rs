@@ -3,6 +3,7 @@
 //! norms are wired; the weights arrive per call, because they are streamed.
 
 pub mod blocks;
+pub mod moe;
 
 use rabbit_models::{LayerProgram, ModelSpec, Role};
 use tch::Tensor;
@@ -126,6 +127,27 @@ fn self_attention(
     w.req_linear(Role::O)?.forward(&attn)
 }
 
+/// The feed-forward block of layer: the mixture of experts of a sparse layer (its experts from
+/// `experts`, or those the weights hold), else the MLP.
+fn ffn(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    experts: Option<&mut dyn moe::ExpertSource>,
+) -> Result<Tensor> {
+    let Some(m) = spec
+        .moe
+        .as_ref()
+        .filter(|_| w.linear(Role::Router).is_some())
+    else {
+        return mlp(spec, w, x);
+    };
+    match experts {
+        Some(src) => moe::moe_forward(spec, m, w, x, src),
+        None => moe::moe_forward(spec, m, w, x, &mut moe::HeldExperts(w.experts(), w.file())),
+    }
+}
+
 /// The MLP block: gated (`down(act(gate) * up)`, gate and up fused or not) or plain
 /// (`down(act(up))`).
 fn mlp(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
@@ -143,7 +165,8 @@ fn mlp(spec: &ModelSpec, w: &LayerWeights, x: &Tensor) -> Result<Tensor> {
 }
 
 /// One decoder layer as the family's program wires it. Writes this forward's K/V into `kv` where
-/// the sweep's layout says.
+/// the sweep's layout says. A sparse layer whose experts are not in `w` reads them from
+/// `experts` once routed.
 pub fn layer_forward(
     spec: &ModelSpec,
     w: &LayerWeights,
@@ -151,25 +174,26 @@ pub fn layer_forward(
     kv: &mut LayerKv,
     ctx: &AttnContext,
     windowed: bool,
+    experts: Option<&mut dyn moe::ExpertSource>,
 ) -> Result<Tensor> {
     let n = |t: &Tensor, role: Role| -> Result<Tensor> { norm(t, w.req_norm(role)?, &spec.norm) };
     match spec.program {
         LayerProgram::PreNorm => {
             let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
             let h = x.f_add(&a)?;
-            let m = mlp(spec, w, &n(&h, Role::MlpNorm)?)?;
+            let m = ffn(spec, w, &n(&h, Role::MlpNorm)?, experts)?;
             Ok(h.f_add(&m)?)
         }
         LayerProgram::Sandwich => {
             let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
             let h = x.f_add(&n(&a, Role::AttnPostNorm)?)?;
-            let m = mlp(spec, w, &n(&h, Role::MlpNorm)?)?;
+            let m = ffn(spec, w, &n(&h, Role::MlpNorm)?, experts)?;
             Ok(h.f_add(&n(&m, Role::MlpPostNorm)?)?)
         }
         LayerProgram::Parallel => {
             let normed = n(x, Role::AttnNorm)?;
             let a = self_attention(spec, w, &normed, kv, ctx, windowed)?;
-            let m = mlp(spec, w, &normed)?;
+            let m = ffn(spec, w, &normed, experts)?;
             // transformers' Phi: (attn + mlp) + residual.
             Ok(a.f_add(&m)?.f_add(x)?)
         }

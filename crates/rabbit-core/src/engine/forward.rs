@@ -129,7 +129,7 @@ impl Engine {
             }
             if let Some(w) = &self.resident[i] {
                 let compute = Instant::now();
-                h = layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed)?;
+                h = layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed, None)?;
                 let dt = compute.elapsed().as_secs_f64();
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
@@ -173,7 +173,8 @@ impl Engine {
                 self.profile.stage_s += staged;
                 self.profile.layers[i].stage_s += staged;
                 let compute = Instant::now();
-                let out = layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed);
+                let out =
+                    layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed, None);
                 let dt = compute.elapsed().as_secs_f64();
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;

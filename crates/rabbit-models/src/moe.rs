@@ -1,0 +1,236 @@
+//! Mixtures of experts: what a sparse layer's feed-forward block is ([`MoeSpec`]: the router's
+//! rule, the experts' width, a shared expert) and the inventory helpers the MoE families share
+//! ([`MoeNames`]). The executor runs one implementation (`rabbit-core`'s `decoder/moe.rs`) and
+//! reads only the experts a sweep routes to.
+
+use serde::{Deserialize, Serialize};
+
+use crate::arch::{unsupported, Variant};
+use crate::blocks::{Param, Role};
+use crate::error::Result;
+use crate::resolve::Resolver;
+
+/// How a router's logits become each token's experts and weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Routing {
+    /// softmax over every expert (in f32), then the `top_k` largest (Mixtral, Qwen-MoE).
+    SoftmaxTopK,
+}
+
+/// The feed-forward block of a sparse layer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MoeSpec {
+    /// Routed experts per sparse layer.
+    pub num_experts: usize,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    pub top_k: usize,
+    /// Each expert's MLP width (`moe_intermediate_size`; Mixtral's `intermediate_size`).
+    pub expert_intermediate: usize,
+    /// The router's rule.
+    pub routing: Routing,
+    /// The top-k weights are divided by their sum (Mixtral always; Qwen-MoE's
+    /// `norm_topk_prob`).
+    pub renormalize: bool,
+    /// The weights are rounded to the compute dtype before scaling the experts' outputs
+    /// (Qwen-MoE); otherwise an expert's output is scaled in f32 and then rounded (Mixtral).
+    pub weights_in_compute_dtype: bool,
+    /// A shared expert run for every token (Qwen2-MoE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<SharedExpert>,
+    /// Per layer: whether its feed-forward block is the mixture (else a dense MLP of
+    /// `intermediate_size`).
+    pub sparse_layers: Vec<bool>,
+}
+
+/// A shared expert: a gated MLP every token goes through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SharedExpert {
+    /// Its MLP width.
+    pub intermediate: usize,
+    /// Its output is scaled by `sigmoid(x · shared_expert_gate)` (Qwen2-MoE).
+    pub gated: bool,
+}
+
+impl MoeSpec {
+    /// Whether layer `i` is sparse.
+    pub fn is_sparse(&self, i: usize) -> bool {
+        self.sparse_layers.get(i).copied().unwrap_or(false)
+    }
+
+    /// Checks the sizes a config gave, naming the field that is wrong.
+    pub fn check(&self, v: &Variant, experts_key: &str) -> Result<()> {
+        if self.num_experts == 0 {
+            return Err(unsupported(v, format!("`{experts_key}` must be positive")));
+        }
+        if self.top_k == 0 || self.top_k > self.num_experts {
+            return Err(unsupported(
+                v,
+                format!(
+                    "`num_experts_per_tok` ({}) must be between 1 and `{experts_key}` ({})",
+                    self.top_k, self.num_experts
+                ),
+            ));
+        }
+        if self.expert_intermediate == 0 {
+            return Err(unsupported(
+                v,
+                "the experts' intermediate size must be positive",
+            ));
+        }
+        if self.shared.is_some_and(|s| s.intermediate == 0) {
+            return Err(unsupported(
+                v,
+                "`shared_expert_intermediate_size` must be positive",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Refuses sizes whose expert tensors could not be counted in 64 bits (every later size
+    /// computation then stays in range).
+    pub fn check_total(&self, v: &Variant, hidden: usize) -> Result<()> {
+        let total = (|| {
+            let per = (self.expert_intermediate as u128)
+                .checked_mul(hidden as u128)?
+                .checked_mul(3)?;
+            per.checked_mul(self.num_experts as u128)?
+                .checked_mul(self.sparse_layers.len() as u128)?
+                .checked_mul(8)
+        })();
+        if total.is_none_or(|t| t > u64::MAX as u128) {
+            return Err(unsupported(
+                v,
+                "sizes too large: the experts' tensors hold more than 2^64 bytes",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The number of routed experts, which config.json spells `num_experts` or `num_local_experts`
+/// (transformers maps one onto the other: Qwen3-MoE checkpoints on the hub write the first,
+/// transformers 5 saves the second); both given and different is refused.
+pub fn take_num_experts(r: &mut Resolver<'_>, default: usize) -> Result<usize> {
+    let a: Option<usize> = r.take("num_experts")?;
+    let b: Option<usize> = r.take("num_local_experts")?;
+    match (a, b) {
+        (Some(a), Some(b)) if a != b => Err(unsupported(
+            r.variant(),
+            format!("`num_experts` ({a}) and `num_local_experts` ({b}) disagree"),
+        )),
+        (a, b) => Ok(a.or(b).unwrap_or(default)),
+    }
+}
+
+/// Which layers are sparse as Qwen-MoE says: layer `i` unless `i` is in `mlp_only_layers`,
+/// and only every `decoder_sparse_step`-th layer (1-based).
+pub fn qwen_sparse_layers(
+    v: &Variant,
+    layers: usize,
+    step: usize,
+    mlp_only: &[usize],
+) -> Result<Vec<bool>> {
+    if step == 0 {
+        return Err(unsupported(v, "`decoder_sparse_step` must be positive"));
+    }
+    if let Some(bad) = mlp_only.iter().find(|&&i| i >= layers) {
+        return Err(unsupported(
+            v,
+            format!("`mlp_only_layers` names layer {bad} but the model has {layers}"),
+        ));
+    }
+    Ok((0..layers)
+        .map(|i| !mlp_only.contains(&i) && (i + 1) % step == 0)
+        .collect())
+}
+
+/// The checkpoint names of a family's mixture block.
+pub struct MoeNames {
+    /// The router, e.g. `mlp.gate`.
+    pub router: &'static str,
+    /// Expert `e`'s prefix is `{experts}{e}.`, e.g. `mlp.experts.`.
+    pub experts: &'static str,
+    /// The gate, up and down projections' names inside an expert (`gate_proj`, `up_proj`,
+    /// `down_proj`; Mixtral: `w1`, `w3`, `w2`).
+    pub projections: [&'static str; 3],
+    /// The shared expert's prefix and its gate's name (Qwen2-MoE: `mlp.shared_expert`,
+    /// `mlp.shared_expert_gate`).
+    pub shared: Option<(&'static str, &'static str)>,
+}
+
+impl MoeNames {
+    /// The feed-forward parameters of a sparse layer: router, shared expert, then the routed
+    /// experts one after the other (each expert's projections adjacent: the split writes them
+    /// in this order, so one read fetches one expert).
+    pub fn params(&self, moe: &MoeSpec, hidden: usize) -> Vec<Param> {
+        let mut out = vec![Param::linear(
+            Role::Router,
+            self.router,
+            moe.num_experts,
+            hidden,
+            false,
+        )];
+        if let (Some((prefix, gate)), Some(s)) = (self.shared, moe.shared) {
+            let m = s.intermediate;
+            let [g, u, d] = self.projections;
+            out.push(Param::linear(
+                Role::SharedGate,
+                &format!("{prefix}.{g}"),
+                m,
+                hidden,
+                false,
+            ));
+            out.push(Param::linear(
+                Role::SharedUp,
+                &format!("{prefix}.{u}"),
+                m,
+                hidden,
+                false,
+            ));
+            out.push(Param::linear(
+                Role::SharedDown,
+                &format!("{prefix}.{d}"),
+                hidden,
+                m,
+                false,
+            ));
+            if s.gated {
+                out.push(Param::linear(
+                    Role::SharedExpertGate,
+                    gate,
+                    1,
+                    hidden,
+                    false,
+                ));
+            }
+        }
+        let m = moe.expert_intermediate;
+        let [g, u, d] = self.projections;
+        for e in 0..moe.num_experts {
+            let p = format!("{}{e}.", self.experts);
+            out.push(Param::expert(
+                Role::ExpertGate,
+                &format!("{p}{g}"),
+                e,
+                m,
+                hidden,
+            ));
+            out.push(Param::expert(
+                Role::ExpertUp,
+                &format!("{p}{u}"),
+                e,
+                m,
+                hidden,
+            ));
+            out.push(Param::expert(
+                Role::ExpertDown,
+                &format!("{p}{d}"),
+                e,
+                hidden,
+                m,
+            ));
+        }
+        out
+    }
+}
