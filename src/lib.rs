@@ -24,8 +24,8 @@ pub use error::{Error, Result};
 pub use model::{AutoModel, LoadEvent, LoadOptions, Model};
 pub use rabbit_core as core;
 pub use rabbit_core::{
-    Control, CoreError, DType, DeviceSpec, GenerateOutput, GenerateRequest, SamplingParams,
-    Threads, TokenEvent,
+    Control, CoreError, DType, DeviceSpec, ExpertCacheSize, GenerateOutput, GenerateRequest,
+    SamplingParams, Threads, TokenEvent,
 };
 pub use rabbit_models as models;
 pub use rabbit_split as split;

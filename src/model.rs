@@ -12,6 +12,7 @@ use rabbit_core::engine::{Engine, EngineOptions};
 use rabbit_core::generate::{Control, GenerateOutput, GenerateRequest, TokenEvent};
 use rabbit_core::plan::MemoryBudget;
 use rabbit_core::threads::Threads;
+use rabbit_core::ExpertCacheSize;
 
 use crate::error::{Error, Result};
 use crate::hub::{locate, HubOptions};
@@ -63,6 +64,12 @@ pub struct LoadOptions {
     /// Intra-op threads of the CPU kernels (process-wide): [`Threads::Auto`] (the default) uses
     /// libtorch's count on a quiet machine and fewer while other processes keep cores busy.
     pub threads: Threads,
+    /// Bytes of routed experts kept between sweeps when sparse layers stream
+    /// ([`ExpertCacheSize::Auto`]: what the memory budget leaves).
+    pub expert_cache: ExpertCacheSize,
+    /// Streamed sparse layers read only the experts each sweep routes to (default); `false`
+    /// reads them whole, like dense layers (for comparisons).
+    pub expert_streaming: bool,
 }
 
 impl Default for LoadOptions {
@@ -84,6 +91,8 @@ impl Default for LoadOptions {
             plan_context: 4096,
             plan_prefill_chunk: None,
             threads: Threads::Auto,
+            expert_cache: ExpertCacheSize::Auto,
+            expert_streaming: true,
         }
     }
 }
@@ -158,6 +167,19 @@ impl LoadOptions {
     /// Intra-op threads of the CPU kernels (see [`LoadOptions::threads`]).
     pub fn threads(mut self, t: Threads) -> Self {
         self.threads = t;
+        self
+    }
+
+    /// The expert cache's size (see [`LoadOptions::expert_cache`]).
+    pub fn expert_cache(mut self, size: ExpertCacheSize) -> Self {
+        self.expert_cache = size;
+        self
+    }
+
+    /// Read streamed sparse layers by routed expert (default) or whole (see
+    /// [`LoadOptions::expert_streaming`]).
+    pub fn expert_streaming(mut self, on: bool) -> Self {
+        self.expert_streaming = on;
         self
     }
 
@@ -286,6 +308,8 @@ impl AutoModel {
             plan_context: opts.plan_context,
             plan_prefill_chunk: opts.plan_prefill_chunk,
             threads: opts.threads,
+            expert_cache: opts.expert_cache,
+            expert_streaming: opts.expert_streaming,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

@@ -8,14 +8,16 @@
 mod common;
 
 use common::*;
-use rabbitllm::{DType, DeviceSpec, LoadOptions, SamplingParams};
+use rabbitllm::{DType, DeviceSpec, ExpertCacheSize, LoadOptions, SamplingParams};
 
-/// Greedy tokens and logits with every layer resident equal the streamed run's exactly.
+/// Greedy tokens and logits with every layer resident equal those of every streamed setting
+/// exactly: experts read after routing with the cache off or holding all of them, and whole
+/// layers read as dense ones are. Also checks what the profile says was read.
 fn check_resident_equals_streamed(name: &str) {
     let case = Case::load(name);
     let seqs = case.sequences();
     let input: Vec<Vec<u32>> = seqs.iter().map(|s| s.0.clone()).collect();
-    let run = |resident: usize| {
+    let run = |resident: usize, cache: ExpertCacheSize, by_expert: bool| {
         let split = tempfile::tempdir().unwrap();
         let mut model = rabbitllm::AutoModel::from_pretrained(
             case.dir.to_str().unwrap(),
@@ -23,16 +25,73 @@ fn check_resident_equals_streamed(name: &str) {
                 .device(DeviceSpec::Cpu)
                 .dtype(DType::F32)
                 .split_dir(split.path())
-                .resident_layers(resident),
+                .resident_layers(resident)
+                .expert_cache(cache)
+                .expert_streaming(by_expert),
         )
         .unwrap();
-        greedy(&mut model, input.clone(), 8, SamplingParams::default())
+        let out = greedy(&mut model, input.clone(), 8, SamplingParams::default());
+        (
+            out,
+            model.engine.profile.clone(),
+            model.engine.expert_cache(),
+        )
     };
-    let streamed = run(0);
-    let resident = run(usize::MAX);
-    for (a, b) in streamed.sequences.iter().zip(&resident.sequences) {
-        assert_eq!(a.output_ids, b.output_ids, "{name}: tokens");
-        assert_eq!(a.logits, b.logits, "{name}: logits must be bit-identical");
+    let (resident, p, c) = run(usize::MAX, ExpertCacheSize::Auto, true);
+    assert_eq!(
+        p.expert_loads, 0,
+        "{name}: resident layers hold their experts"
+    );
+    assert!(c.is_none());
+    let spec = rabbitllm::models::load_spec(&case.dir).unwrap();
+    let sparse = (0..spec.num_layers).filter(|&i| spec.is_sparse(i)).count();
+    let experts = spec.moe.as_ref().unwrap().num_experts;
+    for (cache, by_expert) in [
+        (ExpertCacheSize::Bytes(0), true),
+        (ExpertCacheSize::Auto, true),
+        (ExpertCacheSize::Bytes(0), false),
+    ] {
+        let (streamed, p, c) = run(0, cache, by_expert);
+        for (a, b) in streamed.sequences.iter().zip(&resident.sequences) {
+            assert_eq!(
+                a.output_ids, b.output_ids,
+                "{name} {cache:?} {by_expert}: tokens"
+            );
+            assert_eq!(
+                a.logits, b.logits,
+                "{name} {cache:?} {by_expert}: logits must be bit-identical"
+            );
+        }
+        if !by_expert {
+            assert_eq!(p.expert_loads, 0);
+            assert!(c.is_none());
+            continue;
+        }
+        let (budget, used, total) = c.expect("sparse layers stream by expert");
+        assert!(p.expert_loads > 0 && sparse > 0);
+        assert!(p.expert_bytes <= p.bytes_streamed);
+        match cache {
+            ExpertCacheSize::Bytes(0) => {
+                assert_eq!(
+                    (budget, used, p.expert_hits),
+                    (0, 0, 0),
+                    "{name}: cache off"
+                );
+            }
+            _ => {
+                // Tiny models fit: every expert is read once, then always found.
+                assert_eq!(budget, total);
+                assert!(
+                    p.expert_hits > 0 && p.expert_bytes <= total,
+                    "{name}: {p:?}"
+                );
+                let misses = (p.expert_loads - p.expert_hits) as usize;
+                assert!(
+                    misses <= sparse * experts,
+                    "{name}: each expert read once at most"
+                );
+            }
+        }
     }
 }
 

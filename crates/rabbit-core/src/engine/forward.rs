@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tch::{Kind, Tensor};
 
+use super::experts::StreamedExperts;
 use super::{Engine, HeadMatrix, LayerProfile, Layout, StepInput};
 use crate::decoder::{layer_forward, norm, AttnContext};
 use crate::error::{CoreError, Result};
@@ -166,16 +167,46 @@ impl Engine {
                 )?;
                 let dequant = tensors.dequant_s;
                 self.profile.packed_weights += tensors.packed_len() as u64;
-                let w = LayerWeights::from_unit(&self.spec, i, tensors)?;
+                let by_expert = self.experts.as_ref().is_some_and(|x| x.layers[i].is_some());
+                let w = LayerWeights::from_unit_parts(&self.spec, i, tensors, !by_expert)?;
                 let staged = stage.elapsed().as_secs_f64() - dequant;
                 self.profile.dequant_s += dequant;
                 self.profile.layers[i].dequant_s += dequant;
                 self.profile.stage_s += staged;
                 self.profile.layers[i].stage_s += staged;
                 let compute = Instant::now();
-                let out =
-                    layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed, None);
-                let dt = compute.elapsed().as_secs_f64();
+                let mut expert_io = 0.0;
+                let out = match self.experts.as_mut().filter(|_| by_expert) {
+                    Some(streams) => {
+                        self.profile.active_bytes += n;
+                        let mut src = StreamedExperts::new(
+                            streams,
+                            i,
+                            &self.spec,
+                            self.device,
+                            self.kind,
+                            packed,
+                            &self.row_orders,
+                            &mut self.dequant_buffers,
+                            &mut self.profile,
+                        );
+                        let out = layer_forward(
+                            &self.spec,
+                            &w,
+                            &h,
+                            &mut kv.layers[i],
+                            &ctx,
+                            windowed,
+                            Some(&mut src),
+                        );
+                        expert_io = src.finish();
+                        out
+                    }
+                    None => {
+                        layer_forward(&self.spec, &w, &h, &mut kv.layers[i], &ctx, windowed, None)
+                    }
+                };
+                let dt = compute.elapsed().as_secs_f64() - expert_io;
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
                 // The layer is computed: nothing references its weights any more.

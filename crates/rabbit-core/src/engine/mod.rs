@@ -4,9 +4,13 @@
 //! This file holds the engine's state and accessors; `open` validates a split and loads what
 //! stays resident, `forward` runs one sweep (masks, layers, head).
 
+mod experts;
 mod forward;
 mod input;
 mod open;
+pub mod parts;
+
+pub use experts::ExpertCacheSize;
 
 pub(crate) use input::Layout;
 pub use input::{Logits, RowInput, StepInput};
@@ -60,6 +64,11 @@ pub struct EngineOptions {
     pub plan_prefill_chunk: Option<usize>,
     /// Intra-op threads of the CPU kernels (process-wide; see [`crate::threads`]).
     pub threads: Threads,
+    /// Bytes of routed experts kept between sweeps (streamed sparse layers).
+    pub expert_cache: ExpertCacheSize,
+    /// Streamed sparse layers read only their routed experts (after routing); `false` reads
+    /// them whole, as dense layers are (for comparisons).
+    pub expert_streaming: bool,
 }
 
 impl EngineOptions {
@@ -77,6 +86,8 @@ impl EngineOptions {
             plan_context: 4096,
             plan_prefill_chunk: None,
             threads: Threads::Auto,
+            expert_cache: ExpertCacheSize::Auto,
+            expert_streaming: true,
         }
     }
 }
@@ -103,6 +114,16 @@ pub struct Profile {
     pub compute_s: f64,
     /// Time in embedding, final norm and LM head.
     pub head_s: f64,
+    /// Routed experts of streamed layers used (each layer's distinct experts per sweep), cache
+    /// hits included.
+    pub expert_loads: u64,
+    /// Of those, found in the expert cache.
+    pub expert_hits: u64,
+    /// Bytes read for routed experts (part of `bytes_streamed`).
+    pub expert_bytes: u64,
+    /// Bytes the sweeps' routing implies for the streamed layers: their dense parts and every
+    /// routed expert, cached or not.
+    pub active_bytes: u64,
     /// The same figures per decoder layer.
     pub layers: Vec<LayerProfile>,
 }
@@ -124,6 +145,10 @@ pub struct LayerProfile {
     pub dequant_s: f64,
     /// Layer compute.
     pub compute_s: f64,
+    /// Routed experts used (streamed sparse layers).
+    pub expert_loads: u64,
+    /// Of those, expert-cache hits.
+    pub expert_hits: u64,
 }
 
 impl Profile {
@@ -184,6 +209,8 @@ pub struct Engine {
     /// Per layer: its slot in the reader's cycle when streamed.
     stream_slot: Vec<Option<usize>>,
     reader: Option<LayerReader>,
+    /// The routed experts of streamed sparse layers, read after routing.
+    experts: Option<experts::ExpertStreams>,
     read_mode: ReadMode,
     /// Where streamed compressed layers are dequantized on the CPU (reused every layer).
     dequant_buffers: DequantBuffers,
@@ -286,6 +313,17 @@ impl Engine {
         if let Some(r) = self.reader.as_mut() {
             r.set_evict(on);
         }
+        if let Some(x) = self.experts.as_mut() {
+            x.evicting = on;
+        }
+    }
+
+    /// The expert cache's budget and the bytes it holds now, and the bytes of every streamed
+    /// expert (`None` when no layer streams by expert).
+    pub fn expert_cache(&self) -> Option<(u64, u64, u64)> {
+        self.experts
+            .as_ref()
+            .map(|x| (x.cache.budget(), x.cache.used(), x.total_bytes()))
     }
 
     /// Clears the stage timings.

@@ -13,13 +13,15 @@ use rabbit_split::manifest::{Manifest, UnitEntry};
 use rabbit_split::{integrity, FileStamp, InPlace, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
+use super::experts::{ExpertCache, ExpertCacheSize, ExpertStreams, LayerParts};
+use super::parts::part_of;
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
 use crate::decoder::NormWeights;
 use crate::error::{CoreError, Result};
 use crate::head::MappedMatrix;
 use crate::kv::KvCache;
 use crate::plan::{make_plan, PlanInputs};
-use crate::reader::{LayerReader, ReadMode};
+use crate::reader::{LayerReader, PartReader, ReadMode};
 use crate::rope::RopeTables;
 use crate::weights::{
     kind_of, reorder_rows, validate_split, DequantBuffers, LayerWeights, UnitTensors,
@@ -372,10 +374,40 @@ impl Engine {
         for (slot, &i) in plan.streamed_layers.iter().enumerate() {
             stream_slot[i] = Some(slot);
         }
+        // Streamed sparse layers: the reader reads their dense parts, the routed experts are
+        // read after routing.
+        let mut layers = layers;
+        let mut read_regions = layer_regions.clone();
+        let mut expert_layers: Vec<Option<LayerParts>> = (0..layers.len()).map(|_| None).collect();
+        let mut expert_regions: Vec<UnitRegion> = vec![];
+        if opts.expert_streaming {
+            for &i in &plan.streamed_layers {
+                let Some(moe) = spec.moe.as_ref().filter(|_| spec.is_sparse(i)) else {
+                    continue;
+                };
+                let names: Vec<Vec<String>> = (0..moe.num_experts)
+                    .map(|e| spec.expert_tensors(i, e))
+                    .collect();
+                let all: std::collections::HashSet<&str> =
+                    names.iter().flatten().map(String::as_str).collect();
+                let (entry, region) = (&layers[i], &layer_regions[i]);
+                let dense = part_of(entry, region, &|n| !all.contains(n))?;
+                let first = expert_regions.len();
+                let mut entries = Vec::with_capacity(names.len());
+                for e in &names {
+                    let p = part_of(entry, region, &|n| e.iter().any(|x| x == n))?;
+                    entries.push(p.entry);
+                    expert_regions.push(p.region);
+                }
+                layers[i] = dense.entry;
+                read_regions[i] = dense.region;
+                expert_layers[i] = Some(LayerParts { first, entries });
+            }
+        }
         let refs: Vec<&UnitRegion> = plan
             .streamed_layers
             .iter()
-            .map(|&i| &layer_regions[i])
+            .map(|&i| &read_regions[i])
             .collect();
         let depth = opts.prefetch_depth.max(1);
         // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
@@ -396,6 +428,37 @@ impl Engine {
                 units.original,
                 keep,
             )?)
+        };
+        let experts = if expert_regions.is_empty() {
+            None
+        } else {
+            let refs: Vec<&UnitRegion> = expert_regions.iter().collect();
+            let reader = PartReader::open(&refs, mode, units.original)?;
+            let total: u64 = (0..reader.len()).map(|i| reader.part_bytes(i)).sum();
+            let budget = match opts.expert_cache {
+                ExpertCacheSize::Bytes(b) => b,
+                // What the plan leaves of the budget (everything that fits stays); a plan
+                // with its resident layers forced has no budget of its own: half the free
+                // host memory, as a derived budget is.
+                ExpertCacheSize::Auto => (if plan.device_budget > 0 {
+                    plan.device_budget
+                } else {
+                    crate::plan::host_available().unwrap_or(0) / 2
+                })
+                .saturating_sub(
+                    plan.head_bytes
+                        + plan.kv_bytes
+                        + plan.activation_bytes
+                        + plan.staging_bytes
+                        + plan.resident_layer_bytes,
+                ),
+            };
+            Some(ExpertStreams {
+                reader,
+                layers: expert_layers,
+                cache: ExpertCache::new(budget.min(total)),
+                evicting: false,
+            })
         };
         resident_bytes += plan.resident_layer_bytes;
         let staging_bytes = plan.staging_bytes;
@@ -443,6 +506,7 @@ impl Engine {
             resident,
             stream_slot,
             reader,
+            experts,
             read_mode: mode,
             dequant_buffers: DequantBuffers::default(),
             plan,

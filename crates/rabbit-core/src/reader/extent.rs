@@ -129,7 +129,7 @@ pub(super) struct OpenFile {
 impl OpenFile {
     /// Fails when the file is now shorter than `need` bytes, or was modified since it was
     /// opened.
-    fn check(&self, need: u64) -> Result<u64> {
+    pub(super) fn check(&self, need: u64) -> Result<u64> {
         let md = self
             .file
             .metadata()

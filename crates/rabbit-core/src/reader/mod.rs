@@ -27,6 +27,7 @@
 //!
 //! The reader cycles through its units forever (token after token) until it is dropped.
 
+mod experts;
 mod extent;
 
 use std::path::Path;
@@ -41,6 +42,7 @@ use rabbit_split::UnitRegion;
 
 use crate::buffer::AlignedBuf;
 use crate::error::{CoreError, Result};
+pub use experts::{PartReader, ReadPart};
 use extent::{
     map_populated, map_source, mapped_len, open_sources, read_source, refresh_source, unmap_pages,
     OpenFile, Source,

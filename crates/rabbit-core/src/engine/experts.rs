@@ -1,0 +1,287 @@
+//! Routed experts of streamed sparse layers, read only when a sweep's router picks them
+//! ([`crate::reader::PartReader`]), and the expert cache that keeps the most recently used ones
+//! within `--expert-cache` bytes. A batch reads the union of its rows' experts once per sweep.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rabbit_models::ModelSpec;
+use rabbit_split::layout::RowOrder;
+use rabbit_split::manifest::UnitEntry;
+use tch::{Device, Kind};
+
+use super::Profile;
+use crate::decoder::moe::{ExpertSource, ExpertWeights};
+use crate::error::{CoreError, Result};
+use crate::reader::{PartReader, UnitBytes};
+use crate::weights::{DequantBuffers, UnitTensors};
+
+/// How many bytes of routed experts stay cached between sweeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExpertCacheSize {
+    /// What the memory budget leaves once the plan is placed (everything that fits stays).
+    #[default]
+    Auto,
+    /// At most this many bytes (`0`: off, every routed expert is read every time).
+    Bytes(u64),
+}
+
+/// Least-recently-used experts, by part, within a byte budget. (LRU rather than counts: decode
+/// routing drifts with the text, and a least-recently-used set follows it without tuning.)
+pub(crate) struct ExpertCache {
+    budget: u64,
+    used: u64,
+    tick: u64,
+    entries: HashMap<usize, (Arc<UnitBytes>, u64, u64)>,
+    order: BTreeMap<u64, usize>,
+}
+
+impl ExpertCache {
+    pub(crate) fn new(budget: u64) -> ExpertCache {
+        ExpertCache {
+            budget,
+            used: 0,
+            tick: 0,
+            entries: HashMap::new(),
+            order: BTreeMap::new(),
+        }
+    }
+
+    /// The cached bytes of a part, marked as used now.
+    fn get(&mut self, part: usize) -> Option<Arc<UnitBytes>> {
+        self.tick += 1;
+        let (bytes, _, last) = self.entries.get_mut(&part)?;
+        self.order.remove(last);
+        *last = self.tick;
+        self.order.insert(self.tick, part);
+        Some(bytes.clone())
+    }
+
+    /// Caches a part of `size` bytes, dropping the least recently used ones to make room;
+    /// returns the parts dropped. A part larger than the whole budget is not cached.
+    fn insert(&mut self, part: usize, bytes: Arc<UnitBytes>, size: u64) -> Vec<usize> {
+        let mut dropped = vec![];
+        if size > self.budget {
+            return dropped;
+        }
+        while self.used + size > self.budget {
+            let Some((_, old)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((_, s, _)) = self.entries.remove(&old) {
+                self.used -= s;
+            }
+            dropped.push(old);
+        }
+        self.tick += 1;
+        self.order.insert(self.tick, part);
+        self.entries.insert(part, (bytes, size, self.tick));
+        self.used += size;
+        dropped
+    }
+
+    fn contains(&self, part: usize) -> bool {
+        self.entries.contains_key(&part)
+    }
+
+    /// Bytes cached now.
+    pub(crate) fn used(&self) -> u64 {
+        self.used
+    }
+
+    /// The budget.
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget
+    }
+}
+
+/// The experts of one streamed sparse layer: their entries (offsets in each expert's part) and
+/// the index of expert 0's part in the reader.
+pub(crate) struct LayerParts {
+    pub(crate) first: usize,
+    pub(crate) entries: Vec<UnitEntry>,
+}
+
+/// Every streamed sparse layer's experts, their reader and cache.
+pub(crate) struct ExpertStreams {
+    pub(crate) reader: PartReader,
+    /// Per decoder layer, when its experts stream.
+    pub(crate) layers: Vec<Option<LayerParts>>,
+    pub(crate) cache: ExpertCache,
+    /// Drop uncached experts from the page cache after use (cold benchmarks).
+    pub(crate) evicting: bool,
+}
+
+impl ExpertStreams {
+    /// Bytes of every streamed expert.
+    pub(crate) fn total_bytes(&self) -> u64 {
+        (0..self.reader.len())
+            .map(|i| self.reader.part_bytes(i))
+            .sum()
+    }
+}
+
+/// An [`ExpertSource`] over one streamed layer's experts for one sweep. Drop it with
+/// [`StreamedExperts::finish`] once the layer is computed.
+pub(crate) struct StreamedExperts<'a> {
+    pub(crate) streams: &'a mut ExpertStreams,
+    pub(crate) layer: usize,
+    pub(crate) spec: &'a ModelSpec,
+    pub(crate) device: Device,
+    pub(crate) kind: Kind,
+    pub(crate) packed: bool,
+    pub(crate) row_orders: &'a [RowOrder],
+    pub(crate) buffers: &'a mut DequantBuffers,
+    pub(crate) profile: &'a mut Profile,
+    /// The experts loaded, with the bytes their tensors may alias.
+    held: BTreeMap<usize, (ExpertWeights, Arc<UnitBytes>)>,
+    /// Parts read this sweep that the cache did not take.
+    uncached: Vec<usize>,
+    /// Seconds spent reading and staging experts (not compute).
+    spent_s: f64,
+}
+
+impl<'a> StreamedExperts<'a> {
+    /// The experts of `layer` for this sweep.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        streams: &'a mut ExpertStreams,
+        layer: usize,
+        spec: &'a ModelSpec,
+        device: Device,
+        kind: Kind,
+        packed: bool,
+        row_orders: &'a [RowOrder],
+        buffers: &'a mut DequantBuffers,
+        profile: &'a mut Profile,
+    ) -> Self {
+        StreamedExperts {
+            streams,
+            layer,
+            spec,
+            device,
+            kind,
+            packed,
+            row_orders,
+            buffers,
+            profile,
+            held: BTreeMap::new(),
+            uncached: vec![],
+            spent_s: 0.0,
+        }
+    }
+
+    /// Hands the experts' tensors back (dequantization buffers), releases their bytes, and
+    /// drops uncached parts from the page cache when evicting. Returns the seconds spent
+    /// reading and staging experts (inside the layer's compute time).
+    pub(crate) fn finish(mut self) -> f64 {
+        for (_, (w, bytes)) in std::mem::take(&mut self.held) {
+            self.buffers.reclaim(w.into_tensors().collect::<Vec<_>>());
+            drop(bytes);
+        }
+        if self.streams.evicting {
+            for p in std::mem::take(&mut self.uncached) {
+                self.streams.reader.evict(p);
+            }
+        }
+        self.spent_s
+    }
+
+    fn parts(&self) -> Result<&LayerParts> {
+        self.streams.layers[self.layer]
+            .as_ref()
+            .ok_or_else(|| CoreError::Reader(format!("layer {} streams no experts", self.layer)))
+    }
+}
+
+impl ExpertSource for StreamedExperts<'_> {
+    fn load(&mut self, ids: &[usize]) -> Result<()> {
+        let first = self.parts()?.first;
+        let n = self.parts()?.entries.len();
+        if let Some(&bad) = ids.iter().find(|&&e| e >= n) {
+            return Err(CoreError::InvalidInput(format!(
+                "the router chose expert {bad} of layer {}, which has {n}",
+                self.layer
+            )));
+        }
+        let misses: Vec<usize> = ids
+            .iter()
+            .map(|&e| first + e)
+            .filter(|&p| !self.streams.cache.contains(p))
+            .collect();
+        self.streams.reader.advise(&misses);
+        let l = self.layer;
+        for &e in ids {
+            let part = first + e;
+            let size = self.streams.reader.part_bytes(part);
+            self.profile.expert_loads += 1;
+            self.profile.active_bytes += size;
+            self.profile.layers[l].expert_loads += 1;
+            let bytes = match self.streams.cache.get(part) {
+                Some(b) => {
+                    self.streams.reader.refresh(part, &b)?;
+                    self.profile.expert_hits += 1;
+                    self.profile.layers[l].expert_hits += 1;
+                    b
+                }
+                None => {
+                    let read = self.streams.reader.read(part)?;
+                    let dt = read.read_time.as_secs_f64();
+                    self.spent_s += dt;
+                    self.profile.read_wait_s += dt;
+                    self.profile.read_s += dt;
+                    self.profile.bytes_streamed += read.bytes_read;
+                    self.profile.expert_bytes += read.bytes_read;
+                    let lp = &mut self.profile.layers[l];
+                    lp.read_wait_s += dt;
+                    lp.read_s += dt;
+                    lp.bytes += read.bytes_read;
+                    let b = Arc::new(read.bytes);
+                    let dropped = self.streams.cache.insert(part, b.clone(), size);
+                    if !self.streams.cache.contains(part) {
+                        self.uncached.push(part);
+                    }
+                    if self.streams.evicting {
+                        // Their mappings go with the cache's references (or with a sweep still
+                        // holding them, when this one is of the same layer: then they stay
+                        // cached a little longer, harmlessly).
+                        for d in dropped {
+                            self.streams.reader.evict(d);
+                        }
+                    }
+                    b
+                }
+            };
+            let stage = Instant::now();
+            let entry = &self.streams.layers[self.layer]
+                .as_ref()
+                .expect("checked above")
+                .entries[e];
+            let mut tensors = UnitTensors::from_unit_bytes(
+                entry,
+                &bytes,
+                self.device,
+                self.kind,
+                Some(self.buffers),
+                self.row_orders,
+                self.packed,
+            )?;
+            self.profile.packed_weights += tensors.packed_len() as u64;
+            self.profile.dequant_s += tensors.dequant_s;
+            let w = tensors.take_expert(self.spec, self.layer, e)?;
+            let staged = stage.elapsed().as_secs_f64();
+            self.spent_s += staged;
+            self.profile.stage_s += staged - tensors.dequant_s;
+            self.held.insert(e, (w, bytes));
+        }
+        Ok(())
+    }
+
+    fn expert(&self, e: usize) -> Result<&ExpertWeights> {
+        self.held
+            .get(&e)
+            .map(|(w, _)| w)
+            .ok_or_else(|| CoreError::Reader(format!("expert {e} was not loaded")))
+    }
+}
