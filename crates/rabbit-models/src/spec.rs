@@ -241,7 +241,38 @@ impl ModelSpec {
             aliases: t.aliases.clone(),
             row_orders: self.row_orders(),
             shapes: self.tensor_shapes().into_iter().collect(),
+            groups: self.expert_groups(),
+            uncompressed: self.routers(),
         }
+    }
+
+    /// Routed expert `e`'s tensors form group `e + 1` of their layer's file (the rest, group 0,
+    /// comes first).
+    fn expert_groups(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut out = std::collections::BTreeMap::new();
+        for i in 0..self.num_layers {
+            let p = self.tensors.prefix(i);
+            for q in self.layer_params(i) {
+                if let Some(e) = q.expert {
+                    out.insert(format!("{p}{}.weight", q.name), e as u32 + 1);
+                }
+            }
+        }
+        out
+    }
+
+    /// The routers' weights (and the shared expert's sigmoid gate): never compressed.
+    fn routers(&self) -> Vec<String> {
+        let mut out = vec![];
+        for i in 0..self.num_layers {
+            let p = self.tensors.prefix(i);
+            for q in self.layer_params(i) {
+                if matches!(q.role, Role::Router | Role::SharedExpertGate) {
+                    out.push(format!("{p}{}.weight", q.name));
+                }
+            }
+        }
+        out
     }
 
     /// The regrouped tensors of every layer (weights and their biases).

@@ -63,6 +63,15 @@ pub struct Layout {
     /// restates what the units' names and the config already fix.
     #[serde(skip)]
     pub shapes: std::collections::BTreeMap<String, Vec<usize>>,
+    /// Tensors a unit file stores together, as groups numbered in file order (absent: group
+    /// 0): each routed expert of a mixture of experts is a group, so one read fetches one
+    /// expert, codes and scales included.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub groups: std::collections::BTreeMap<String, u32>,
+    /// Tensors stored as they are even under compression (a router, whose choice a small
+    /// error would flip).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub uncompressed: Vec<String>,
 }
 
 /// A tensor whose rows the split stores in another order than the checkpoint: the leading

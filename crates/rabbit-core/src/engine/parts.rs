@@ -40,11 +40,14 @@ pub fn part_of(
         .filter(|q| keep(&q.name))
         .cloned()
         .collect();
-    let stored = |name: &str| {
-        keep(name) && !entry.quantized.iter().any(|q| q.name == name)
-            || quantized
-                .iter()
-                .any(|q| q.codes == name || q.scales == name)
+    // A compressed tensor's codes and scales go with its original name.
+    let stored = |name: &str| match entry
+        .quantized
+        .iter()
+        .find(|q| q.codes == name || q.scales == name)
+    {
+        Some(q) => keep(&q.name),
+        None => keep(name),
     };
     let mut tensors: Vec<_> = entry
         .tensors

@@ -161,9 +161,18 @@ pub(super) fn plan_units<'a>(
     for (spec, locs) in resolved {
         let mut pieces = Vec::with_capacity(locs.len());
         let mut quantized = Vec::new();
+        // Each stored tensor's group (codes and scales in their tensor's).
+        let mut groups: BTreeMap<String, u32> = BTreeMap::new();
         for (name, loc) in locs {
             let order = RowOrder::of(&layout.row_orders, name);
-            let Some(scheme) = opts.compression_for(spec.kind, loc) else {
+            let g = layout.groups.get(name).copied().unwrap_or(0);
+            groups.insert(name.to_string(), g);
+            groups.insert(format!("{name}.q"), g);
+            groups.insert(format!("{name}.scale"), g);
+            let scheme = opts
+                .compression_for(spec.kind, loc)
+                .filter(|_| !layout.uncompressed.iter().any(|u| u == name));
+            let Some(scheme) = scheme else {
                 pieces.push(Piece {
                     loc,
                     source: Source::Copy,
@@ -208,9 +217,11 @@ pub(super) fn plan_units<'a>(
             });
             quantized.push(q);
         }
-        // Widest elements first: every size is a multiple of the element size, so each tensor
-        // starts naturally aligned. Stable sort keeps the layout's order among equals.
-        pieces.sort_by_key(|p| std::cmp::Reverse(p.out.dtype.size_bytes()));
+        // Group by group (an expert's tensors together), widest elements first within one:
+        // every size is a multiple of the element size, so each tensor starts naturally aligned
+        // (a group ending off alignment only makes the next group's tensors copied, not viewed,
+        // when read). Stable sort keeps the layout's order among equals.
+        pieces.sort_by_key(|p| (groups[&p.out.name], std::cmp::Reverse(p.out.dtype.size_bytes())));
         let file = format!("{}.safetensors", spec.name);
         let path = out.join(&file);
         let tensors: Vec<TensorHeader> = pieces.iter().map(|p| p.out.clone()).collect();

@@ -258,6 +258,8 @@ pub fn layout(spec: &Spec) -> Layout {
         aliases: vec![],
         row_orders: vec![],
         shapes: Default::default(),
+        groups: Default::default(),
+        uncompressed: vec![],
     }
 }
 
