@@ -147,7 +147,10 @@ fn expert_streaming_in_place_and_compressed_equals_whole_layers() {
         let (experts, p) = run(true);
         assert!(p.expert_loads > 0);
         if compression.is_some() {
-            assert!(p.packed_weights > 0, "compressed experts are applied as stored");
+            assert!(
+                p.packed_weights > 0,
+                "compressed experts are applied as stored"
+            );
         }
         for (a, b) in experts.sequences.iter().zip(&whole.sequences) {
             assert_eq!(a.output_ids, b.output_ids, "{compression:?}");

@@ -126,6 +126,18 @@ fn print_report(r: &BenchReport) -> Result<()> {
         if r.config.cold { " (cold)" } else { "" },
         r.io_floor_s_per_token
     )?;
+    if let Some(rate) = r.expert_hit_rate {
+        let cache = r.expert_cache.as_ref();
+        outln!(
+            "experts: routing implies {} per token, {} read | expert cache hit rate {:.1}% ({} of {} held, budget {})",
+            human_bytes(r.active_bytes_per_token.unwrap_or(0)),
+            human_bytes(r.bytes_streamed_per_token),
+            rate * 100.0,
+            human_bytes(cache.map_or(0, |c| c.used_bytes)),
+            human_bytes(cache.map_or(0, |c| c.expert_bytes)),
+            human_bytes(cache.map_or(0, |c| c.budget_bytes)),
+        )?;
+    }
     if let (Some(c), Some(f), Some(ratio)) =
         (r.compute_s_per_token, r.floor_s_per_token, r.ratio_to_floor)
     {
@@ -280,6 +292,36 @@ fn families(json_out: bool) -> Result<()> {
     Ok(())
 }
 
+/// What a mixture of experts reads per token: its experts, its sparse layers, and the share of
+/// a sparse layer's bytes one token's routing needs.
+fn moe_line(spec: &rabbit_models::ModelSpec) -> Option<String> {
+    let moe = spec.moe.as_ref()?;
+    let sparse: Vec<usize> = (0..spec.num_layers)
+        .filter(|&i| spec.is_sparse(i))
+        .collect();
+    let &first = sparse.first()?;
+    let (dense, expert) = spec.layer_elements(first);
+    let whole = dense + expert * moe.num_experts as u64;
+    let active = dense + expert * moe.top_k as u64;
+    let elem = match spec.storage_dtype.as_deref() {
+        Some("float32") => 4,
+        _ => 2,
+    };
+    Some(format!(
+        "mixture of experts: {} experts, top {}{}, {} of {} layers sparse | a token reads {} of a sparse layer's {} ({:.1}%)",
+        moe.num_experts,
+        moe.top_k,
+        moe.shared
+            .map(|s| format!(", a shared expert of {}", s.intermediate))
+            .unwrap_or_default(),
+        sparse.len(),
+        spec.num_layers,
+        human_bytes(active * elem),
+        human_bytes(whole * elem),
+        100.0 * active as f64 / whole.max(1) as f64
+    ))
+}
+
 /// Runs `rabbit info`.
 pub fn info(a: InfoArgs) -> Result<()> {
     if a.model.model.is_empty() {
@@ -321,6 +363,8 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 "parameters": spec.num_parameters(),
                 "layers": spec.num_layers,
                 "bytes_per_layer": per_layer,
+                "kv_values_per_token_per_layer": spec.kv_values_per_token(),
+                "moe": spec.moe,
                 "plan": plan,
                 "read_bytes_per_s": bw,
                 "source": source,
@@ -356,6 +400,13 @@ pub fn info(a: InfoArgs) -> Result<()> {
             ""
         }
     )?;
+    outln!(
+        "KV cache: {} values per token per layer",
+        spec.kv_values_per_token()
+    )?;
+    if let Some(line) = moe_line(spec) {
+        outln!("{line}")?;
+    }
     outln!(
         "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
         rabbit_core::device::device_name(e.device()),

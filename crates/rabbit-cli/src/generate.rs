@@ -261,16 +261,33 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     write_output_files(&a, &out, &model.engine.profile, spec.vocab_size)?;
     let prof = &model.engine.profile;
     if a.profile {
-        note!("layer  where     MiB    wait_s    read_s   stage_s compute_s");
+        let moe = prof.expert_loads > 0;
+        note!(
+            "layer  where     MiB    wait_s    read_s   stage_s compute_s{}",
+            if moe { "  experts (cached)" } else { "" }
+        );
         for (i, l) in prof.layers.iter().enumerate() {
+            let experts = if moe && l.expert_loads > 0 {
+                format!("  {:>7} ({})", l.expert_loads, l.expert_hits)
+            } else {
+                String::new()
+            };
             note!(
-                "{i:>5}  {:<8} {:>5.1} {:>9.4} {:>9.4} {:>9.4} {:>9.4}",
+                "{i:>5}  {:<8} {:>5.1} {:>9.4} {:>9.4} {:>9.4} {:>9.4}{experts}",
                 if l.resident { "resident" } else { "streamed" },
                 l.bytes as f64 / (1 << 20) as f64,
                 l.read_wait_s,
                 l.read_s,
                 l.stage_s,
                 l.compute_s
+            );
+        }
+        if moe {
+            note!(
+                "experts: {} routed reads, {} found in the expert cache, {} read",
+                prof.expert_loads,
+                prof.expert_hits,
+                human_bytes(prof.expert_bytes)
             );
         }
         note!(

@@ -75,6 +75,14 @@ pub struct ModelArgs {
     /// cores or OMP_NUM_THREADS, and fewer while other processes keep cores busy).
     #[arg(long, default_value = "auto", value_name = "N|auto")]
     pub threads: rabbitllm::Threads,
+    /// Routed experts of streamed sparse layers kept in memory between tokens, least recently
+    /// used dropped first: a size (0 turns it off), or auto (what the memory budget leaves).
+    #[arg(long, default_value = "auto", value_name = "SIZE|auto")]
+    pub expert_cache: rabbitllm::ExpertCacheSize,
+    /// Read streamed sparse layers whole, as dense layers are, instead of only the experts each
+    /// token routes to (for comparisons).
+    #[arg(long)]
+    pub whole_layers: bool,
 }
 
 impl ModelArgs {
@@ -102,7 +110,9 @@ impl ModelArgs {
             .verify_split(self.verify_split)
             .delete_original(self.delete_original)
             .no_split(self.no_split)
-            .threads(self.threads);
+            .threads(self.threads)
+            .expert_cache(self.expert_cache)
+            .expert_streaming(!self.whole_layers);
         if self.split {
             opts = opts.split_policy(rabbitllm::SplitPolicy::Always);
         }

@@ -15,14 +15,15 @@ use crate::report::human_bytes;
 #[derive(Args)]
 pub struct SynthArgs {
     /// Architecture family: qwen2, qwen3, llama, mistral, gemma2, gemma3, phi3, phi, glm4, glm,
-    /// chatglm, internlm2, internlm, baichuan or qwen1 (`rabbit info` lists them).
+    /// chatglm, internlm2, internlm, baichuan, qwen1, mixtral, qwen2_moe or qwen3_moe
+    /// (`rabbit info` lists them).
     #[arg(long, required_unless_present = "like")]
     arch: Option<String>,
     /// Derive from this checkpoint instead (e.g. a draft for speculative-decoding benchmarks):
     /// its first --layers layers, every weight plus --noise × its standard deviation.
     #[arg(long, value_name = "DIR", conflicts_with_all = ["arch", "preset", "shards", "dtype", "hidden",
           "intermediate", "heads", "kv_heads", "head_dim", "vocab", "max_position",
-          "tie_word_embeddings", "rope_theta"])]
+          "tie_word_embeddings", "rope_theta", "experts", "experts_per_token", "moe_intermediate"])]
     like: Option<PathBuf>,
     /// With --like: Gaussian noise, in units of each tensor's standard deviation (0: a copy).
     #[arg(long, requires = "like", allow_hyphen_values = true)]
@@ -72,6 +73,15 @@ pub struct SynthArgs {
     /// Override: RoPE base.
     #[arg(long)]
     rope_theta: Option<f64>,
+    /// Override (mixtures of experts): routed experts per sparse layer.
+    #[arg(long)]
+    experts: Option<usize>,
+    /// Override (mixtures of experts): experts each token is routed to.
+    #[arg(long)]
+    experts_per_token: Option<usize>,
+    /// Override (Qwen-MoE): each expert's MLP width (Mixtral's is --intermediate).
+    #[arg(long)]
+    moe_intermediate: Option<usize>,
 }
 
 /// Runs `rabbit synth`.
@@ -126,6 +136,9 @@ pub fn run(a: SynthArgs) -> Result<()> {
             max_position: a.max_position,
             tie_word_embeddings: a.tie_word_embeddings,
             rope_theta: a.rope_theta,
+            experts: a.experts,
+            experts_per_token: a.experts_per_token,
+            moe_intermediate: a.moe_intermediate,
         },
     };
     let start = std::time::Instant::now();

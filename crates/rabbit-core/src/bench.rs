@@ -42,6 +42,17 @@ pub struct BenchConfig {
     pub speculation: Speculation,
 }
 
+/// The expert cache at the end of a bench run.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExpertCacheReport {
+    /// Its budget.
+    pub budget_bytes: u64,
+    /// Bytes it held.
+    pub used_bytes: u64,
+    /// Bytes of every streamed expert (what a budget holding them all would need).
+    pub expert_bytes: u64,
+}
+
 /// What one bench run measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
@@ -71,6 +82,15 @@ pub struct BenchReport {
     pub mean_threads: Option<f64>,
     /// Bytes of layer files read per decode sweep.
     pub bytes_streamed_per_token: u64,
+    /// Bytes per decode sweep that the routing implies for the streamed layers (dense parts
+    /// and routed experts, cached or not); the same as the bytes streamed for a dense model.
+    pub active_bytes_per_token: Option<u64>,
+    /// Share of routed experts found in the expert cache during decode (mixtures of experts
+    /// streamed by expert).
+    pub expert_hit_rate: Option<f64>,
+    /// The expert cache's budget and what it held at the end (bytes), and the bytes of every
+    /// streamed expert.
+    pub expert_cache: Option<ExpertCacheReport>,
     /// Sequential read bandwidth of the same files through the same path, measured separately.
     pub read_bytes_per_s: f64,
     /// `bytes_streamed_per_token / read_bytes_per_s`: the I/O floor of one decode sweep.
@@ -216,6 +236,7 @@ pub fn run_with_draft(
     let mut prefill_s = Vec::new();
     let mut output_ids = Vec::new();
     let mut bytes_per_token = 0;
+    let mut active_per_token = None;
     let mut timings = Timings::default();
     for rep in 0..cfg.repeat {
         engine.reset_profile();
@@ -230,7 +251,13 @@ pub fn run_with_draft(
         if rep == 0 {
             output_ids = out.sequences.iter().map(|s| s.output_ids.clone()).collect();
         }
-        bytes_per_token = engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1);
+        let d = engine.profile.decode;
+        bytes_per_token = if d.sweeps > 0 {
+            d.bytes_streamed / d.sweeps
+        } else {
+            engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1)
+        };
+        active_per_token = (d.sweeps > 0).then(|| d.active_bytes / d.sweeps);
         timings = out.timings;
     }
     engine.set_evict_after_use(false);
@@ -267,6 +294,17 @@ pub fn run_with_draft(
         threads: threads.map(|t| t.0.to_string()).unwrap_or_default(),
         mean_threads: threads.and_then(|t| t.2),
         bytes_streamed_per_token: bytes_per_token,
+        active_bytes_per_token: active_per_token,
+        expert_hit_rate: engine.profile.expert_hit_rate(),
+        expert_cache: engine
+            .expert_cache()
+            .map(
+                |(budget_bytes, used_bytes, expert_bytes)| ExpertCacheReport {
+                    budget_bytes,
+                    used_bytes,
+                    expert_bytes,
+                },
+            ),
         read_bytes_per_s,
         io_floor_s_per_token: io_floor,
         compute_s_per_token: None,

@@ -34,7 +34,7 @@ pub mod threads;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};
-pub use engine::{Engine, EngineOptions, ExpertCacheSize, LayerProfile, Profile};
+pub use engine::{DecodeCounts, Engine, EngineOptions, ExpertCacheSize, LayerProfile, Profile};
 pub use error::{CoreError, Result};
 pub use generate::{
     Control, FinishReason, GenerateOutput, GenerateRequest, SequenceOutput, Timings, TokenEvent,

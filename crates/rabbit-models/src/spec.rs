@@ -134,6 +134,27 @@ impl ModelSpec {
         self.tensors.params(self.is_sparse(i))
     }
 
+    /// Elements of layer `i`'s tensors outside its routed experts, and of one routed expert
+    /// (0 for a dense layer).
+    pub fn layer_elements(&self, i: usize) -> (u64, u64) {
+        let (mut dense, mut expert) = (0u64, 0u64);
+        for q in self.layer_params(i) {
+            let n = q.shape.iter().product::<usize>() as u64
+                + if q.bias { q.shape[0] as u64 } else { 0 };
+            match q.expert {
+                Some(0) => expert += n,
+                Some(_) => {}
+                None => dense += n,
+            }
+        }
+        (dense, expert)
+    }
+
+    /// Values the KV cache holds per token and layer (keys and values of every KV head).
+    pub fn kv_values_per_token(&self) -> usize {
+        2 * self.num_kv_heads * self.head_dim
+    }
+
     /// The full names of routed expert `e`'s tensors in layer `i` (none for a dense layer).
     pub fn expert_tensors(&self, i: usize, e: usize) -> Vec<String> {
         let p = self.tensors.prefix(i);

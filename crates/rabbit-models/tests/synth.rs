@@ -125,6 +125,7 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
         tie_word_embeddings: Some(false),
         rope_theta: Some(12345.0),
         head_dim: None,
+        ..SynthOverrides::default()
     };
     let p = plan(&o).unwrap();
     let s = &p.spec;

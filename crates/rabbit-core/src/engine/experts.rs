@@ -27,6 +27,20 @@ pub enum ExpertCacheSize {
     Bytes(u64),
 }
 
+impl std::str::FromStr for ExpertCacheSize {
+    type Err = String;
+
+    /// `auto`, or a size (`2GiB`, `0` for off).
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        if s.trim().eq_ignore_ascii_case("auto") {
+            return Ok(ExpertCacheSize::Auto);
+        }
+        s.parse::<crate::plan::ByteSize>()
+            .map(|b| ExpertCacheSize::Bytes(b.0))
+            .map_err(|e| format!("`{s}` is neither `auto` nor a size such as 2GiB or 0: {e}"))
+    }
+}
+
 /// Least-recently-used experts, by part, within a byte budget. (LRU rather than counts: decode
 /// routing drifts with the text, and a least-recently-used set follows it without tuning.)
 pub(crate) struct ExpertCache {

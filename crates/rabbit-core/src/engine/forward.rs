@@ -48,6 +48,8 @@ impl Engine {
             )));
         }
         let (b, t) = (lay.b, lay.t);
+        let counts = self.profile.counts();
+        let decode = input.positions() == input.rows() as i64;
         let head_start = Instant::now();
         let mut h = match &self.embed {
             HeadMatrix::Resident(w) => Tensor::f_embedding(w, &input.ids, -1, false, false)?,
@@ -225,6 +227,9 @@ impl Engine {
             }
         }
 
+        if decode {
+            self.profile.add_decode(counts);
+        }
         let head_start = Instant::now();
         if input.logits_at.is_empty() {
             // A prefill chunk that does not end its prompt: no head at all (a mapped head would

@@ -124,8 +124,56 @@ pub struct Profile {
     /// Bytes the sweeps' routing implies for the streamed layers: their dense parts and every
     /// routed expert, cached or not.
     pub active_bytes: u64,
+    /// Decode sweeps (one position per row): their count, and the figures above summed over
+    /// them alone (a prefill routes its whole prompt, which says nothing of a decode step).
+    pub decode: DecodeCounts,
     /// The same figures per decoder layer.
     pub layers: Vec<LayerProfile>,
+}
+
+/// Byte and expert counts of decode sweeps alone.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct DecodeCounts {
+    /// Decode sweeps.
+    pub sweeps: u64,
+    /// Bytes read.
+    pub bytes_streamed: u64,
+    /// Bytes the routing implied.
+    pub active_bytes: u64,
+    /// Routed experts used.
+    pub expert_loads: u64,
+    /// Of those, expert-cache hits.
+    pub expert_hits: u64,
+}
+
+impl Profile {
+    /// The counts [`DecodeCounts`] sums, now.
+    pub(crate) fn counts(&self) -> DecodeCounts {
+        DecodeCounts {
+            sweeps: 0,
+            bytes_streamed: self.bytes_streamed,
+            active_bytes: self.active_bytes,
+            expert_loads: self.expert_loads,
+            expert_hits: self.expert_hits,
+        }
+    }
+
+    /// Adds what a decode sweep counted since `before`.
+    pub(crate) fn add_decode(&mut self, before: DecodeCounts) {
+        let now = self.counts();
+        let d = &mut self.decode;
+        d.sweeps += 1;
+        d.bytes_streamed += now.bytes_streamed - before.bytes_streamed;
+        d.active_bytes += now.active_bytes - before.active_bytes;
+        d.expert_loads += now.expert_loads - before.expert_loads;
+        d.expert_hits += now.expert_hits - before.expert_hits;
+    }
+
+    /// Share of routed experts found in the expert cache during decode sweeps.
+    pub fn expert_hit_rate(&self) -> Option<f64> {
+        let d = &self.decode;
+        (d.expert_loads > 0).then(|| d.expert_hits as f64 / d.expert_loads as f64)
+    }
 }
 
 /// Stage times of one decoder layer, summed over sweeps.

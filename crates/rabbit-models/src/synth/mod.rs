@@ -142,6 +142,16 @@ pub struct SynthOverrides {
     pub tie_word_embeddings: Option<bool>,
     /// `rope_theta`.
     pub rope_theta: Option<f64>,
+    /// Routed experts per sparse layer (`num_experts` / `num_local_experts`; mixtures of
+    /// experts only).
+    #[serde(default)]
+    pub experts: Option<usize>,
+    /// Experts each token is routed to (`num_experts_per_tok`).
+    #[serde(default)]
+    pub experts_per_token: Option<usize>,
+    /// Each expert's MLP width (`moe_intermediate_size`; Mixtral: `intermediate_size`).
+    #[serde(default)]
+    pub moe_intermediate: Option<usize>,
 }
 
 /// What to synthesize and where.

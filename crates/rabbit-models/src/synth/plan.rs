@@ -64,7 +64,54 @@ fn overrides_cli(o: &SynthOverrides) -> String {
         o.tie_word_embeddings.map(|v| v.to_string()),
     );
     add("rope-theta", o.rope_theta.map(|v| v.to_string()));
+    add("experts", o.experts.map(|v| v.to_string()));
+    add(
+        "experts-per-token",
+        o.experts_per_token.map(|v| v.to_string()),
+    );
+    add(
+        "moe-intermediate",
+        o.moe_intermediate.map(|v| v.to_string()),
+    );
     s
+}
+
+/// Applies the mixture-of-experts overrides to a config that has the family's keys, naming the
+/// flag a dense family cannot take.
+fn apply_moe_overrides(
+    cfg: &mut serde_json::Map<String, Value>,
+    o: &SynthOverrides,
+    family: &str,
+) -> Result<(), SynthError> {
+    let mut set = |option: &'static str, keys: &[&str], v: Option<usize>| {
+        let Some(v) = v else { return Ok(()) };
+        match keys.iter().find(|k| cfg.contains_key(**k)) {
+            Some(k) => {
+                cfg.insert(k.to_string(), json!(v));
+                Ok(())
+            }
+            None => Err(SynthError::InvalidOption {
+                option,
+                reason: format!("{family} is not a mixture of experts"),
+            }),
+        }
+    };
+    set(
+        "--experts",
+        &["num_experts", "num_local_experts"],
+        o.experts,
+    )?;
+    set(
+        "--experts-per-token",
+        &["num_experts_per_tok"],
+        o.experts_per_token,
+    )?;
+    // Mixtral's experts are `intermediate_size` wide: --intermediate says it there.
+    set(
+        "--moe-intermediate",
+        &["moe_intermediate_size"],
+        o.moe_intermediate,
+    )
 }
 
 /// Validates the options and computes everything that will be written (nothing touches disk).
@@ -167,6 +214,7 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
             cfg.insert(k, v);
         }
     }
+    apply_moe_overrides(&mut cfg, o, family.key())?;
     // Asked for, else the preset's, else the family's synthetic default, else transformers'.
     let tied = o
         .tie_word_embeddings

@@ -221,7 +221,12 @@ pub(super) fn plan_units<'a>(
         // every size is a multiple of the element size, so each tensor starts naturally aligned
         // (a group ending off alignment only makes the next group's tensors copied, not viewed,
         // when read). Stable sort keeps the layout's order among equals.
-        pieces.sort_by_key(|p| (groups[&p.out.name], std::cmp::Reverse(p.out.dtype.size_bytes())));
+        pieces.sort_by_key(|p| {
+            (
+                groups[&p.out.name],
+                std::cmp::Reverse(p.out.dtype.size_bytes()),
+            )
+        });
         let file = format!("{}.safetensors", spec.name);
         let path = out.join(&file);
         let tensors: Vec<TensorHeader> = pieces.iter().map(|p| p.out.clone()).collect();
