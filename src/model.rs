@@ -70,6 +70,8 @@ pub struct LoadOptions {
     /// Streamed sparse layers read only the experts each sweep routes to (default); `false`
     /// reads them whole, like dense layers (for comparisons).
     pub expert_streaming: bool,
+    /// Guess each streamed sparse layer's experts one layer early and start reading them then.
+    pub expert_guess: bool,
 }
 
 impl Default for LoadOptions {
@@ -93,6 +95,7 @@ impl Default for LoadOptions {
             threads: Threads::Auto,
             expert_cache: ExpertCacheSize::Auto,
             expert_streaming: true,
+            expert_guess: false,
         }
     }
 }
@@ -173,6 +176,12 @@ impl LoadOptions {
     /// The expert cache's size (see [`LoadOptions::expert_cache`]).
     pub fn expert_cache(mut self, size: ExpertCacheSize) -> Self {
         self.expert_cache = size;
+        self
+    }
+
+    /// Guess experts a layer early (see [`LoadOptions::expert_guess`]).
+    pub fn expert_guess(mut self, on: bool) -> Self {
+        self.expert_guess = on;
         self
     }
 
@@ -310,6 +319,7 @@ impl AutoModel {
             threads: opts.threads,
             expert_cache: opts.expert_cache,
             expert_streaming: opts.expert_streaming,
+            expert_guess: opts.expert_guess,
             ..EngineOptions::new(device, dtype)
         };
         let layout = spec.layout();

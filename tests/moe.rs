@@ -158,3 +158,93 @@ fn expert_streaming_in_place_and_compressed_equals_whole_layers() {
         }
     }
 }
+
+/// The qwen2_moe fixture rewritten: `edit` changes its tensors (name → (shape, f32 values)).
+fn edited(
+    edit: &dyn Fn(&mut std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>),
+) -> tempfile::TempDir {
+    use safetensors::tensor::{Dtype, TensorView};
+    let case = Case::load("qwen2_moe");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(case.dir.join(f), dir.path().join(f)).unwrap();
+    }
+    let bytes = std::fs::read(case.dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors = std::collections::BTreeMap::new();
+    for (name, t) in st.tensors() {
+        let v: Vec<f32> = t
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        tensors.insert(name, (t.shape().to_vec(), v));
+    }
+    edit(&mut tensors);
+    let raw: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(n, (s, v))| (n, s, v.iter().flat_map(|x| x.to_le_bytes()).collect()))
+        .collect();
+    let views: Vec<(String, TensorView)> = raw
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                TensorView::new(Dtype::F32, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+fn load_err(dir: &std::path::Path, split: bool) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut opts = LoadOptions::default()
+        .device(DeviceSpec::Cpu)
+        .dtype(DType::F32)
+        .resident_layers(0);
+    if split {
+        opts = opts.split_dir(tmp.path());
+    }
+    match rabbitllm::AutoModel::from_pretrained(dir.to_str().unwrap(), opts) {
+        Ok(_) => panic!("{} loaded", dir.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Bad checkpoints are refused at load, by tensor name, in place and when splitting: an
+/// expert missing, a router of the wrong width, an expert config.json does not know.
+#[test]
+fn bad_mixture_checkpoints_are_refused_by_name() {
+    let missing = "model.layers.2.mlp.experts.5.up_proj.weight";
+    let dir = edited(&|t| {
+        t.remove(missing);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(e.contains(missing), "split {split}: {e}");
+    }
+    let router = "model.layers.0.mlp.gate.weight";
+    let dir = edited(&|t| {
+        let (s, v) = t.get_mut(router).unwrap();
+        s[0] = 7;
+        v.truncate(7 * 32);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(
+            e.contains(router) && e.contains("[7, 32]"),
+            "split {split}: {e}"
+        );
+    }
+    let extra = "model.layers.0.mlp.experts.8.up_proj.weight";
+    let dir = edited(&|t| {
+        let up = t["model.layers.0.mlp.experts.0.up_proj.weight"].clone();
+        t.insert(extra.into(), up);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(e.contains(extra), "split {split}: {e}");
+    }
+}

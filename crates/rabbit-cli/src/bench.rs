@@ -40,9 +40,13 @@ pub struct BenchArgs {
     /// Skip the fully resident compute-only baseline run.
     #[arg(long)]
     no_baseline: bool,
-    /// Seed of the prompt ids.
+    /// Seed of the prompt ids (and of the sampling, with --temperature).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Sample at this temperature instead of decoding greedily (a random model's greedy output
+    /// soon repeats itself; sampled text routes its tokens to varied experts).
+    #[arg(long, value_parser = positive_temperature)]
+    temperature: Option<f64>,
     /// Take the prompt ids from this file instead: one sequence per line, ids separated by commas
     /// or spaces (or a JSON list of lists); the file sets the batch and the prompt length.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["batch", "prompt_len", "seed"])]
@@ -138,6 +142,15 @@ fn print_report(r: &BenchReport) -> Result<()> {
             human_bytes(cache.map_or(0, |c| c.budget_bytes)),
         )?;
     }
+    if r.profile.expert_guesses > 0 {
+        let p = &r.profile;
+        outln!(
+            "expert guesses: {} of {} right | {} asked of the disk ahead",
+            p.expert_guess_hits,
+            p.expert_guesses,
+            human_bytes(p.expert_guess_bytes)
+        )?;
+    }
     if let (Some(c), Some(f), Some(ratio)) =
         (r.compute_s_per_token, r.floor_s_per_token, r.ratio_to_floor)
     {
@@ -154,6 +167,14 @@ fn print_report(r: &BenchReport) -> Result<()> {
         p.bottleneck()
     )?;
     Ok(())
+}
+
+/// A finite temperature above 0.
+fn positive_temperature(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 => Ok(t),
+        _ => Err(format!("`{s}` is not a temperature above 0")),
+    }
 }
 
 /// Runs `rabbit bench`.
@@ -175,6 +196,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         prompt_ids,
         prefill_chunk: a.step.prefill_chunk(),
         speculation: a.step.speculation()?,
+        temperature: a.temperature,
     };
     let (mut model, load_s) = a.model.load(a.json)?;
     a.step.load_draft(&a.model, &mut model, a.json)?;

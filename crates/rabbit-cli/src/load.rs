@@ -81,8 +81,12 @@ pub struct ModelArgs {
     pub expert_cache: rabbitllm::ExpertCacheSize,
     /// Read streamed sparse layers whole, as dense layers are, instead of only the experts each
     /// token routes to (for comparisons).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "expert_guess")]
     pub whole_layers: bool,
+    /// Guess each streamed sparse layer's experts from the layer before's input (the routers
+    /// kept resident) and start reading them then, so the disk works while layers compute.
+    #[arg(long)]
+    pub expert_guess: bool,
 }
 
 impl ModelArgs {
@@ -112,7 +116,8 @@ impl ModelArgs {
             .no_split(self.no_split)
             .threads(self.threads)
             .expert_cache(self.expert_cache)
-            .expert_streaming(!self.whole_layers);
+            .expert_streaming(!self.whole_layers)
+            .expert_guess(self.expert_guess);
         if self.split {
             opts = opts.split_policy(rabbitllm::SplitPolicy::Always);
         }

@@ -40,6 +40,10 @@ pub struct BenchConfig {
     pub prefill_chunk: Option<usize>,
     /// Speculative decoding (a draft model goes to [`run_with_draft`]).
     pub speculation: Speculation,
+    /// Sample at this temperature (seeded with `seed`) instead of greedy decoding: a random
+    /// model's greedy output soon repeats itself, which makes every token route alike.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
 }
 
 /// The expert cache at the end of a bench run.
@@ -223,7 +227,14 @@ pub fn run_with_draft(
     let req = GenerateRequest {
         sequences,
         max_new_tokens: cfg.new_tokens,
-        sampling: SamplingParams::default(),
+        sampling: match cfg.temperature {
+            Some(t) => SamplingParams {
+                temperature: t,
+                seed: cfg.seed,
+                ..SamplingParams::default()
+            },
+            None => SamplingParams::default(),
+        },
         eos_token_ids: vec![],
         keep_logits: false,
         prefill_chunk: cfg.prefill_chunk,

@@ -117,6 +117,13 @@ pub(crate) struct LayerParts {
     pub(crate) entries: Vec<UnitEntry>,
 }
 
+/// A layer's router and the norm before it, kept resident to guess the layer's experts from an
+/// earlier layer's hidden state and start reading them early.
+pub(crate) struct Guide {
+    pub(crate) norm: crate::decoder::NormWeights,
+    pub(crate) router: crate::weights::Linear,
+}
+
 /// Every streamed sparse layer's experts, their reader and cache.
 pub(crate) struct ExpertStreams {
     pub(crate) reader: PartReader,
@@ -125,9 +132,46 @@ pub(crate) struct ExpertStreams {
     pub(crate) cache: ExpertCache,
     /// Drop uncached experts from the page cache after use (cold benchmarks).
     pub(crate) evicting: bool,
+    /// Per layer, when guessing ahead: its router and norm.
+    pub(crate) guides: Vec<Option<Guide>>,
+    /// Per layer: the experts guessed for it this sweep (read ahead), to score the guess.
+    pub(crate) guessed: Vec<Vec<usize>>,
 }
 
 impl ExpertStreams {
+    /// Guesses layer `j`'s experts from `h` (an earlier layer's input) and starts reading those
+    /// not cached (advisory reads: the disk works while the layers before `j` compute).
+    pub(crate) fn guess_ahead(
+        &mut self,
+        spec: &ModelSpec,
+        j: usize,
+        h: &tch::Tensor,
+        profile: &mut Profile,
+    ) -> Result<()> {
+        let (Some(g), Some(parts), Some(moe)) = (
+            self.guides.get(j).and_then(Option::as_ref),
+            self.layers.get(j).and_then(Option::as_ref),
+            spec.moe.as_ref(),
+        ) else {
+            return Ok(());
+        };
+        let width = *h.size().last().unwrap_or(&0);
+        let x = crate::decoder::norm(&h.f_reshape([-1, width])?, &g.norm, &spec.norm)?;
+        let (_, routes) = crate::decoder::moe::route(moe, &g.router, &x)?;
+        let guess = routes.experts();
+        let first = parts.first;
+        let todo: Vec<usize> = guess
+            .iter()
+            .map(|&e| first + e)
+            .filter(|&p| !self.cache.contains(p))
+            .collect();
+        self.reader.advise(&todo);
+        profile.expert_guesses += guess.len() as u64;
+        profile.expert_guess_bytes += todo.iter().map(|&p| self.reader.part_bytes(p)).sum::<u64>();
+        self.guessed[j] = guess;
+        Ok(())
+    }
+
     /// Bytes of every streamed expert.
     pub(crate) fn total_bytes(&self) -> u64 {
         (0..self.reader.len())
@@ -218,6 +262,16 @@ impl ExpertSource for StreamedExperts<'_> {
                 "the router chose expert {bad} of layer {}, which has {n}",
                 self.layer
             )));
+        }
+        let guessed = std::mem::take(&mut self.streams.guessed[self.layer]);
+        self.profile.expert_guess_hits += guessed.iter().filter(|e| ids.contains(e)).count() as u64;
+        if self.streams.evicting {
+            // A wrong guess read from the disk for nothing: its pages go, as a read's would.
+            for e in guessed.iter().filter(|e| !ids.contains(e)) {
+                if !self.streams.cache.contains(first + e) {
+                    self.uncached.push(first + e);
+                }
+            }
         }
         let misses: Vec<usize> = ids
             .iter()

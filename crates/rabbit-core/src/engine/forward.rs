@@ -119,6 +119,10 @@ impl Engine {
         for i in 0..self.layers.len() {
             // Per layer, so that a long sweep (a prefill) adapts within itself.
             crate::threads::tick();
+            if let Some(x) = self.experts.as_mut() {
+                // Start reading the next layer's likely experts while this one computes.
+                x.guess_ahead(&self.spec, i + 1, &h, &mut self.profile)?;
+            }
             let windowed = self.spec.sliding_windows[i].is_some();
             if self.profile.layers.len() != self.layers.len() {
                 self.profile.layers = self

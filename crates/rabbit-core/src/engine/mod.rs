@@ -69,6 +69,9 @@ pub struct EngineOptions {
     /// Streamed sparse layers read only their routed experts (after routing); `false` reads
     /// them whole, as dense layers are (for comparisons).
     pub expert_streaming: bool,
+    /// Guess each streamed sparse layer's experts from the layer before's input (its router
+    /// kept resident) and start reading them then.
+    pub expert_guess: bool,
 }
 
 impl EngineOptions {
@@ -88,6 +91,7 @@ impl EngineOptions {
             threads: Threads::Auto,
             expert_cache: ExpertCacheSize::Auto,
             expert_streaming: true,
+            expert_guess: false,
         }
     }
 }
@@ -121,6 +125,14 @@ pub struct Profile {
     pub expert_hits: u64,
     /// Bytes read for routed experts (part of `bytes_streamed`).
     pub expert_bytes: u64,
+    /// Experts guessed ahead of their layer (read early; `--expert-guess`), and of those, the
+    /// ones the layer's router then chose.
+    pub expert_guesses: u64,
+    /// See `expert_guesses`.
+    pub expert_guess_hits: u64,
+    /// Bytes of guessed experts asked of the disk ahead (not cached then; read whether the
+    /// guess was right or not, not counted in `bytes_streamed`).
+    pub expert_guess_bytes: u64,
     /// Bytes the sweeps' routing implies for the streamed layers: their dense parts and every
     /// routed expert, cached or not.
     pub active_bytes: u64,

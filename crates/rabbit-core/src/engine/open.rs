@@ -13,7 +13,7 @@ use rabbit_split::manifest::{Manifest, UnitEntry};
 use rabbit_split::{integrity, FileStamp, InPlace, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
-use super::experts::{ExpertCache, ExpertCacheSize, ExpertStreams, LayerParts};
+use super::experts::{ExpertCache, ExpertCacheSize, ExpertStreams, Guide, LayerParts};
 use super::parts::part_of;
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
 use crate::decoder::NormWeights;
@@ -126,6 +126,40 @@ impl Units<'_> {
         }
         MappedMatrix::open_in(self.region(entry), entry, name, self.original)
     }
+}
+
+/// Layer `i`'s router and the norm before it, read resident (see [`Guide`]).
+fn read_guide(
+    units: &Units<'_>,
+    spec: &ModelSpec,
+    i: usize,
+    entry: &UnitEntry,
+    device: Device,
+    kind: Kind,
+) -> Result<Guide> {
+    let p = spec.tensors.prefix(i);
+    let name = |role: rabbit_models::Role| {
+        spec.layer_params(i)
+            .iter()
+            .find(|q| q.role == role)
+            .map(|q| format!("{p}{}.weight", q.name))
+            .ok_or_else(|| CoreError::InvalidInput(format!("layer {i} has no {role:?}")))
+    };
+    let (router, norm) = (
+        name(rabbit_models::Role::Router)?,
+        name(rabbit_models::Role::MlpNorm)?,
+    );
+    // A router stored compressed comes with its codes and scales.
+    let mut u = units.read_resident_only(entry, device, kind, |n| {
+        n == norm || n.starts_with(router.as_str())
+    })?;
+    Ok(Guide {
+        norm: NormWeights::bind(spec.norm.kind, u.take(&norm)?, None)?,
+        router: crate::weights::Linear {
+            weight: crate::weights::LinearWeight::Dense(u.take(&router)?),
+            bias: None,
+        },
+    })
 }
 
 impl Engine {
@@ -453,11 +487,22 @@ impl Engine {
                         + plan.resident_layer_bytes,
                 ),
             };
+            let mut guides: Vec<Option<Guide>> = (0..layer_entries.len()).map(|_| None).collect();
+            if opts.expert_guess {
+                for (i, g) in guides.iter_mut().enumerate() {
+                    if expert_layers[i].is_none() {
+                        continue;
+                    }
+                    *g = Some(read_guide(units, &spec, i, layer_entries[i], device, kind)?);
+                }
+            }
             Some(ExpertStreams {
                 reader,
                 layers: expert_layers,
                 cache: ExpertCache::new(budget.min(total)),
                 evicting: false,
+                guides,
+                guessed: vec![vec![]; layer_entries.len()],
             })
         };
         resident_bytes += plan.resident_layer_bytes;
