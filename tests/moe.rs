@@ -159,10 +159,11 @@ fn expert_streaming_in_place_and_compressed_equals_whole_layers() {
     }
 }
 
-/// The qwen2_moe fixture rewritten: `edit` changes its tensors (name → (shape, f32 values)).
-fn edited(
-    edit: &dyn Fn(&mut std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>),
-) -> tempfile::TempDir {
+/// A checkpoint's f32 tensors by name: shape and values.
+type Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+/// The qwen2_moe fixture rewritten: `edit` changes its tensors.
+fn edited(edit: &dyn Fn(&mut Tensors)) -> tempfile::TempDir {
     use safetensors::tensor::{Dtype, TensorView};
     let case = Case::load("qwen2_moe");
     let dir = tempfile::tempdir().unwrap();

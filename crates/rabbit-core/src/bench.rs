@@ -263,11 +263,10 @@ pub fn run_with_draft(
             output_ids = out.sequences.iter().map(|s| s.output_ids.clone()).collect();
         }
         let d = engine.profile.decode;
-        bytes_per_token = if d.sweeps > 0 {
-            d.bytes_streamed / d.sweeps
-        } else {
-            engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1)
-        };
+        bytes_per_token = d
+            .bytes_streamed
+            .checked_div(d.sweeps)
+            .unwrap_or(engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1));
         active_per_token = (d.sweeps > 0).then(|| d.active_bytes / d.sweeps);
         timings = out.timings;
     }

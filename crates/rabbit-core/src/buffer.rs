@@ -17,6 +17,9 @@ pub struct AlignedBuf {
 // SAFETY: the buffer owns its allocation exclusively; it is moved between the reader thread and
 // the compute thread, never shared.
 unsafe impl Send for AlignedBuf {}
+// SAFETY: through a shared reference the buffer is only read (`as_slice`, `as_ptr`); writing
+// needs `&mut` (`spare_mut`, `set_len`).
+unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// Allocates `cap` bytes (rounded up to the alignment). Zeroed so that the pages are real

@@ -160,7 +160,7 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
 
     let all = synth::all_presets();
     assert_eq!(all[0].name, "tiny");
-    assert_eq!(all.len(), 21);
+    assert_eq!(all.len(), 24);
     assert_eq!(
         presets("Qwen3ForCausalLM").unwrap(),
         vec!["tiny", "qwen3-0.6b", "qwen3-1.7b"]
