@@ -10,7 +10,7 @@ use crate::generate::{Control, GenerateRequest, Timings};
 use crate::kv::KvCache;
 use crate::memory::{peak_anon, peak_rss};
 use crate::plan::host_available;
-use crate::reader::measure_regions;
+use crate::reader::{measure_regions, ReadMode};
 use crate::sampling::SamplingParams;
 use crate::stats::median;
 use crate::step::Speculation;
@@ -87,7 +87,7 @@ pub struct BenchReport {
     /// Bytes of layer files read per decode sweep.
     pub bytes_streamed_per_token: u64,
     /// Bytes per decode sweep that the routing implies for the streamed layers (dense parts
-    /// and routed experts, cached or not); the same as the bytes streamed for a dense model.
+    /// and routed experts, cached or not), when sparse layers stream by expert.
     pub active_bytes_per_token: Option<u64>,
     /// Share of routed experts found in the expert cache during decode (mixtures of experts
     /// streamed by expert).
@@ -267,7 +267,7 @@ pub fn run_with_draft(
             .bytes_streamed
             .checked_div(d.sweeps)
             .unwrap_or(engine.profile.bytes_streamed / (out.timings.sweeps as u64).max(1));
-        active_per_token = (d.sweeps > 0).then(|| d.active_bytes / d.sweeps);
+        active_per_token = (d.sweeps > 0 && d.expert_loads > 0).then(|| d.active_bytes / d.sweeps);
         timings = out.timings;
     }
     engine.set_evict_after_use(false);
@@ -277,7 +277,13 @@ pub fn run_with_draft(
         .iter()
         .map(|&i| &engine.layer_regions()[i])
         .collect();
-    let mode = engine.read_mode();
+    // Cold: the disk's own rate, with O_DIRECT (pages the reader still has mapped, its
+    // read-ahead, cannot be dropped from the page cache and would be measured as cached).
+    let mode = if cfg.cold {
+        ReadMode::Direct
+    } else {
+        engine.read_mode()
+    };
     let (read_bytes_per_s, io_floor) = if units.is_empty() {
         (0.0, 0.0)
     } else {
