@@ -15,10 +15,11 @@ pub struct AlignedBuf {
 }
 
 // SAFETY: the buffer owns its allocation exclusively; it is moved between the reader thread and
-// the compute thread, never shared.
+// the compute thread (or shared read-only, below).
 unsafe impl Send for AlignedBuf {}
 // SAFETY: through a shared reference the buffer is only read (`as_slice`, `as_ptr`); writing
-// needs `&mut` (`spare_mut`, `set_len`).
+// needs `&mut` (`spare_mut`, `set_len`). Tensors viewing a shared buffer (the expert cache's)
+// are weights, never written in place.
 unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {

@@ -67,7 +67,7 @@ impl Architecture for Mixtral {
             shared: None,
             sparse_layers: vec![true; spec.num_layers],
         };
-        moe.check(&VARIANT, "num_local_experts")?;
+        moe.check(&VARIANT, "num_local_experts", "intermediate_size")?;
         moe.check_total(&VARIANT, spec.hidden_size)?;
         let h = spec.hidden_size;
         let mut layer = vec![Param::norm(Role::AttnNorm, "input_layernorm", h, false)];

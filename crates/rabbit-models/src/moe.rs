@@ -58,8 +58,9 @@ impl MoeSpec {
         self.sparse_layers.get(i).copied().unwrap_or(false)
     }
 
-    /// Checks the sizes a config gave, naming the field that is wrong.
-    pub fn check(&self, v: &Variant, experts_key: &str) -> Result<()> {
+    /// Checks the sizes a config gave, naming the field that is wrong (`experts_key` and
+    /// `width_key` say how the family spells the expert count and width).
+    pub fn check(&self, v: &Variant, experts_key: &str, width_key: &str) -> Result<()> {
         if self.num_experts == 0 {
             return Err(unsupported(v, format!("`{experts_key}` must be positive")));
         }
@@ -73,10 +74,7 @@ impl MoeSpec {
             ));
         }
         if self.expert_intermediate == 0 {
-            return Err(unsupported(
-                v,
-                "the experts' intermediate size must be positive",
-            ));
+            return Err(unsupported(v, format!("`{width_key}` must be positive")));
         }
         if self.shared.is_some_and(|s| s.intermediate == 0) {
             return Err(unsupported(

@@ -136,7 +136,7 @@ impl Architecture for QwenMoe {
             shared,
             sparse_layers,
         };
-        moe.check(v, "num_experts")?;
+        moe.check(v, "num_experts", "moe_intermediate_size")?;
         moe.check_total(v, spec.hidden_size)?;
         let h = spec.hidden_size;
         // Qwen3-MoE's o_proj carries `attention_bias` too; Qwen2-MoE's never has one.

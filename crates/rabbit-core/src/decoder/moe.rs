@@ -74,12 +74,13 @@ impl Routes {
 
 /// Routes `[N, hidden]` tokens: returns the top-k weights `[N, k]` (f32, or the compute dtype
 /// where the family rounds them) and which tokens go to which expert.
-pub fn route(moe: &MoeSpec, router: &Linear, x: &Tensor) -> Result<(Tensor, Routes)> {
+/// `what` names the layer in errors.
+pub fn route(moe: &MoeSpec, router: &Linear, x: &Tensor, what: &str) -> Result<(Tensor, Routes)> {
     let logits = router.forward(x)?;
     let experts = logits.size().last().copied().unwrap_or(0);
     if experts != moe.num_experts as i64 {
         return Err(CoreError::InvalidInput(format!(
-            "the router gives {experts} scores per token but config.json says {} experts",
+            "{what}: the router gives {experts} scores per token but config.json says {} experts",
             moe.num_experts
         )));
     }
@@ -126,7 +127,7 @@ pub fn moe_forward(
     let shape = x.size();
     let hidden = *shape.last().unwrap_or(&0);
     let flat = x.f_reshape([-1, hidden])?;
-    let (weights, routes) = route(moe, w.req_linear(Role::Router)?, &flat)?;
+    let (weights, routes) = route(moe, w.req_linear(Role::Router)?, &flat, w.file())?;
     source.load(&routes.experts())?;
     let act = |t: &Tensor| blocks::activate(t, spec.activation);
     let mut out = flat.f_zeros_like()?;

@@ -75,6 +75,10 @@ impl ExpertCache {
     /// Caches a part of `size` bytes, dropping the least recently used ones to make room;
     /// returns the parts dropped. A part larger than the whole budget is not cached.
     fn insert(&mut self, part: usize, bytes: Arc<UnitBytes>, size: u64) -> Vec<usize> {
+        debug_assert!(
+            !self.entries.contains_key(&part),
+            "part {part} cached twice"
+        );
         let mut dropped = vec![];
         if size > self.budget {
             return dropped;
@@ -157,7 +161,7 @@ impl ExpertStreams {
         };
         let width = *h.size().last().unwrap_or(&0);
         let x = crate::decoder::norm(&h.f_reshape([-1, width])?, &g.norm, &spec.norm)?;
-        let (_, routes) = crate::decoder::moe::route(moe, &g.router, &x)?;
+        let (_, routes) = crate::decoder::moe::route(moe, &g.router, &x, &format!("layer {j}"))?;
         let guess = routes.experts();
         let first = parts.first;
         let todo: Vec<usize> = guess
@@ -311,11 +315,14 @@ impl ExpertSource for StreamedExperts<'_> {
                         self.uncached.push(part);
                     }
                     if self.streams.evicting {
-                        // Their mappings go with the cache's references (or with a sweep still
-                        // holding them, when this one is of the same layer: then they stay
-                        // cached a little longer, harmlessly).
+                        // A dropped part this sweep still holds is still mapped (the page
+                        // cache cannot drop it now): it goes when the layer is done.
                         for d in dropped {
-                            self.streams.reader.evict(d);
+                            if d >= first && self.held.contains_key(&(d - first)) {
+                                self.uncached.push(d);
+                            } else {
+                                self.streams.reader.evict(d);
+                            }
                         }
                     }
                     b
@@ -347,9 +354,8 @@ impl ExpertSource for StreamedExperts<'_> {
     }
 
     fn expert(&self, e: usize) -> Result<&ExpertWeights> {
-        self.held
-            .get(&e)
-            .map(|(w, _)| w)
-            .ok_or_else(|| CoreError::Reader(format!("expert {e} was not loaded")))
+        self.held.get(&e).map(|(w, _)| w).ok_or_else(|| {
+            CoreError::Reader(format!("expert {e} of layer {} was not loaded", self.layer))
+        })
     }
 }

@@ -155,6 +155,7 @@ impl Engine {
             self.profile.read_wait_s += wait.as_secs_f64();
             self.profile.read_s += unit.read_time.as_secs_f64();
             self.profile.bytes_streamed += n;
+            self.profile.active_bytes += n;
             self.profile.layers_streamed += 1;
             let lp = &mut self.profile.layers[i];
             lp.read_wait_s += wait.as_secs_f64();
@@ -184,7 +185,6 @@ impl Engine {
                 let mut expert_io = 0.0;
                 let out = match self.experts.as_mut().filter(|_| by_expert) {
                     Some(streams) => {
-                        self.profile.active_bytes += n;
                         let mut src = StreamedExperts::new(
                             streams,
                             i,

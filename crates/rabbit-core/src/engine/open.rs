@@ -65,6 +65,19 @@ impl Units<'_> {
         want: impl Fn(&str) -> bool,
     ) -> Result<UnitTensors> {
         let region = self.region(entry);
+        // A compressed tensor is wanted by its original name, or by both its codes and scales.
+        let quantized: Vec<_> = entry
+            .quantized
+            .iter()
+            .filter(|q| want(&q.name) || (want(&q.codes) && want(&q.scales)))
+            .cloned()
+            .collect();
+        let want = |n: &str| {
+            want(n)
+                || quantized
+                    .iter()
+                    .any(|q| want(&q.name) && (q.codes == n || q.scales == n))
+        };
         let mut files: HashMap<&Path, std::fs::File> = HashMap::new();
         let mut tensors = std::collections::BTreeMap::new();
         for t in entry.tensors.iter().filter(|t| want(&t.name)) {
@@ -115,7 +128,11 @@ impl Units<'_> {
             };
             tensors.insert(t.name.clone(), host.f_to_device(device)?);
         }
-        UnitTensors::assemble(entry, tensors, kind)
+        let entry = UnitEntry {
+            quantized,
+            ..entry.clone()
+        };
+        UnitTensors::assemble(&entry, tensors, kind)
     }
 
     fn mapped(&self, entry: &UnitEntry, name: &str) -> Result<Arc<MappedMatrix>> {
@@ -149,10 +166,9 @@ fn read_guide(
         name(rabbit_models::Role::Router)?,
         name(rabbit_models::Role::MlpNorm)?,
     );
-    // A router stored compressed comes with its codes and scales.
-    let mut u = units.read_resident_only(entry, device, kind, |n| {
-        n == norm || n.starts_with(router.as_str())
-    })?;
+    // A router stored compressed (splits made before routers were kept exact) is read with
+    // its codes and scales, and dequantized.
+    let mut u = units.read_resident_only(entry, device, kind, |n| n == norm || n == router)?;
     Ok(Guide {
         norm: NormWeights::bind(spec.norm.kind, u.take(&norm)?, None)?,
         router: crate::weights::Linear {
@@ -471,10 +487,11 @@ impl Engine {
             let total: u64 = (0..reader.len()).map(|i| reader.part_bytes(i)).sum();
             let budget = match opts.expert_cache {
                 ExpertCacheSize::Bytes(b) => b,
-                // What the plan leaves of the budget (everything that fits stays); a plan
-                // with its resident layers forced has no budget of its own: half the free
-                // host memory, as a derived budget is.
-                ExpertCacheSize::Auto => (if plan.device_budget > 0 {
+                // CPU: what the plan leaves of the budget (everything that fits stays); a
+                // plan with its resident layers forced has no budget of its own: half the free
+                // host memory, as a derived budget is. A device: the cache holds host buffers,
+                // so half the free host memory less the host staging buffers.
+                ExpertCacheSize::Auto if device == Device::Cpu => (if plan.device_budget > 0 {
                     plan.device_budget
                 } else {
                     crate::plan::host_available().unwrap_or(0) / 2
@@ -486,6 +503,8 @@ impl Engine {
                         + plan.staging_bytes
                         + plan.resident_layer_bytes,
                 ),
+                ExpertCacheSize::Auto => (crate::plan::host_available().unwrap_or(0) / 2)
+                    .saturating_sub(plan.staging_bytes),
             };
             let mut guides: Vec<Option<Guide>> = (0..layer_entries.len()).map(|_| None).collect();
             if opts.expert_guess {

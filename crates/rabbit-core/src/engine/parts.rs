@@ -12,8 +12,9 @@ use rabbit_split::UnitRegion;
 use crate::error::{CoreError, Result};
 
 /// Alignment of a range's start in its file and in the part's region: `O_DIRECT` reads stay
-/// aligned, and each range's last block never overwrites the next range.
-const ALIGN: u64 = 4096;
+/// aligned, and each range's last block never overwrites the next range (the alignment of
+/// in-place regions, which the reader's direct reads rely on).
+const ALIGN: u64 = rabbit_split::in_place::REGION_ALIGN;
 
 /// Tensors at most this far apart in a file are read as one range.
 const MERGE_GAP: u64 = 4096;
@@ -41,14 +42,17 @@ pub fn part_of(
         .cloned()
         .collect();
     // A compressed tensor's codes and scales go with its original name.
-    let stored = |name: &str| match entry
+    let original: std::collections::HashMap<&str, &str> = entry
         .quantized
         .iter()
-        .find(|q| q.codes == name || q.scales == name)
-    {
-        Some(q) => keep(&q.name),
-        None => keep(name),
-    };
+        .flat_map(|q| {
+            [
+                (q.codes.as_str(), q.name.as_str()),
+                (q.scales.as_str(), q.name.as_str()),
+            ]
+        })
+        .collect();
+    let stored = |name: &str| keep(original.get(name).copied().unwrap_or(name));
     let mut tensors: Vec<_> = entry
         .tensors
         .iter()
@@ -87,7 +91,14 @@ pub fn part_of(
         Ok(())
     };
     for i in 0..tensors.len() {
-        let (a, b) = (tensors[i].offset, tensors[i].offset + tensors[i].len);
+        let a = tensors[i].offset;
+        let b = a
+            .checked_add(tensors[i].len)
+            .ok_or_else(|| CoreError::BadTensor {
+                file: entry.file.clone().into(),
+                tensor: tensors[i].name.clone(),
+                reason: "its offset and length overflow".into(),
+            })?;
         current = match current {
             // Adjacent in the region and in one extent of it: one read.
             Some((s, e, first))
