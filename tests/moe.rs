@@ -283,3 +283,52 @@ fn expert_guess_changes_nothing_and_runs_on_compressed_splits() {
         }
     }
 }
+
+/// Under a budget too small for the layers, the planner keeps the sparse layers' dense parts
+/// resident first; those layers then read only their routed experts, with the same numbers.
+#[test]
+fn dense_parts_stay_resident_under_a_budget() {
+    let case = Case::load("qwen3_moe");
+    let input: Vec<Vec<u32>> = case.sequences().into_iter().map(|s| s.0).collect();
+    let open = |budget: Option<u64>| {
+        let split = tempfile::tempdir().unwrap();
+        let mut opts = LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .dtype(DType::F32)
+            .split_dir(split.path())
+            .plan_for(1, 64);
+        opts = match budget {
+            Some(b) => opts.device_memory_budget(b),
+            None => opts.resident_layers(usize::MAX),
+        };
+        rabbitllm::AutoModel::from_pretrained(case.dir.to_str().unwrap(), opts).ok()
+    };
+    let mut found = None;
+    for kib in (100..800).step_by(4) {
+        if let Some(m) = open(Some(kib << 10)) {
+            let p = m.engine.plan();
+            if !p.dense_resident_layers.is_empty() {
+                found = Some(m);
+                break;
+            }
+        }
+    }
+    let mut model = found.expect("a budget where only the dense parts fit");
+    let plan = model.engine.plan().clone();
+    assert_eq!(plan.dense_resident_layers, vec![1, 3], "the sparse layers");
+    let got = greedy(&mut model, input.clone(), 6, SamplingParams::default());
+    let p = &model.engine.profile;
+    assert!(p.expert_loads > 0);
+    for &i in &plan.dense_resident_layers {
+        assert!(
+            p.layers[i].resident && p.layers[i].expert_loads > 0,
+            "layer {i}"
+        );
+    }
+    let mut resident = open(None).unwrap();
+    let want = greedy(&mut resident, input, 6, SamplingParams::default());
+    for (a, b) in got.sequences.iter().zip(&want.sequences) {
+        assert_eq!(a.output_ids, b.output_ids);
+        assert_eq!(a.logits, b.logits);
+    }
+}

@@ -28,8 +28,17 @@ pub fn head_note(plan: &Plan) -> String {
 
 /// The one-line summary of a plan printed when a model opens.
 pub fn plan_line(p: &Plan) -> String {
+    let dense = if p.dense_resident_layers.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " (of which {} keep their dense parts resident, {}: only their routed experts are read)",
+            p.dense_resident_layers.len(),
+            human_bytes(p.dense_resident_bytes)
+        )
+    };
     format!(
-        "plan: {} layers resident ({}), {} streamed ({} per sweep){}; {}",
+        "plan: {} layers resident ({}), {} streamed ({} per sweep){dense}{}; {}",
         p.resident_layers.len(),
         human_bytes(p.resident_layer_bytes),
         p.streamed_layers.len(),

@@ -60,6 +60,14 @@ pub struct Plan {
     pub resident_layer_bytes: u64,
     /// Bytes read per sweep (the streamed layers).
     pub streamed_bytes_per_sweep: u64,
+    /// Streamed sparse layers whose dense part (norms, attention, router, shared expert) is
+    /// kept resident, only their routed experts read (set when the engine opens, where the
+    /// budget leaves room for them).
+    #[serde(default)]
+    pub dense_resident_layers: Vec<usize>,
+    /// Bytes of those dense parts.
+    #[serde(default)]
+    pub dense_resident_bytes: u64,
 }
 
 /// Free memory on the host (MemAvailable), if readable.
@@ -91,6 +99,10 @@ pub struct PlanInputs {
     pub prefetch_depth: usize,
     /// Context length (tokens per sequence) the KV cache and activations are sized for.
     pub context: usize,
+    /// Per layer: the bytes of its dense part when it is a sparse layer whose routed experts
+    /// can stream on their own (0 otherwise; empty: none). A layer that streams then needs
+    /// staging for its dense part only, and the dense parts can stay resident by themselves.
+    pub dense_bytes: Vec<u64>,
 }
 
 /// Where the embedding and LM head go for a budget.
@@ -158,8 +170,16 @@ fn place_head(inputs: &PlanInputs, budget: u64) -> HeadPlacement {
 /// the budget is half the host's free memory (the rest is left to the page cache, which is what
 /// makes re-streaming from "disk" fast).
 pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
-    let max_layer = inputs.layer_bytes.iter().copied().max().unwrap_or(0);
-    let staging = (inputs.prefetch_depth.max(1) as u64 + 1) * max_layer;
+    let dense = |i: usize| inputs.dense_bytes.get(i).copied().unwrap_or(0);
+    // What the layer reader brings of a streamed layer: a sparse layer's dense part, or all.
+    let max_read = (0..inputs.layer_bytes.len())
+        .map(|i| match dense(i) {
+            0 => inputs.layer_bytes[i],
+            d => d,
+        })
+        .max()
+        .unwrap_or(0);
+    let staging = (inputs.prefetch_depth.max(1) as u64 + 1) * max_read;
     if let Some(n) = budget.resident_layers {
         let n = n.min(inputs.layer_bytes.len());
         let resident_layer_bytes: u64 = inputs.layer_bytes[..n].iter().sum();
@@ -177,6 +197,8 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
             streamed_bytes_per_sweep: inputs.layer_bytes[n..].iter().sum(),
             streamed_layers: streamed,
             resident_layer_bytes,
+            dense_resident_layers: vec![],
+            dense_resident_bytes: 0,
         });
     }
     let (device_budget, derived) = match budget.device {
@@ -214,18 +236,35 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
     if !all_fit {
         room = room.saturating_sub(staging);
     }
+    // The dense parts of sparse layers first (small, used by every token: a layer that then
+    // streams reads only its routed experts), when they all fit; then whole layers in order.
+    let dense_total: u64 = inputs.dense_bytes.iter().sum();
+    let keep_dense = !all_fit && dense_total > 0 && dense_total <= room;
+    if keep_dense {
+        room -= dense_total;
+    }
     let mut resident = Vec::new();
     let mut streamed = Vec::new();
     let mut resident_bytes = 0u64;
+    let mut used = 0u64;
     for (i, &b) in inputs.layer_bytes.iter().enumerate() {
-        if all_fit || (streamed.is_empty() && resident_bytes + b <= room) {
+        // A layer made resident whole no longer needs its dense part held apart.
+        let cost = if keep_dense { b - dense(i).min(b) } else { b };
+        if all_fit || (streamed.is_empty() && used + cost <= room) {
             resident.push(i);
             resident_bytes += b;
+            used += cost;
         } else {
             streamed.push(i);
         }
     }
     let streamed_bytes = streamed.iter().map(|&i| inputs.layer_bytes[i]).sum();
+    let dense_resident: Vec<usize> = if keep_dense {
+        streamed.iter().copied().filter(|&i| dense(i) > 0).collect()
+    } else {
+        vec![]
+    };
+    let dense_resident_bytes = dense_resident.iter().map(|&i| dense(i)).sum();
     Ok(Plan {
         device_budget,
         budget_derived: derived,
@@ -239,6 +278,8 @@ pub fn make_plan(inputs: &PlanInputs, budget: MemoryBudget) -> Result<Plan> {
         streamed_layers: streamed,
         resident_layer_bytes: resident_bytes,
         streamed_bytes_per_sweep: streamed_bytes,
+        dense_resident_layers: dense_resident,
+        dense_resident_bytes,
     })
 }
 
@@ -268,6 +309,7 @@ mod tests {
             activation_bytes: 40,
             prefetch_depth: 2,
             context: 10,
+            dense_bytes: vec![],
         }
     }
 
@@ -377,6 +419,7 @@ mod tests {
             activation_bytes: 5 << 20,
             prefetch_depth: 1,
             context: 10,
+            dense_bytes: vec![],
         }
     }
 

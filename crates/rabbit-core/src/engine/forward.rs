@@ -136,8 +136,38 @@ impl Engine {
             }
             if let Some(w) = &self.resident[i] {
                 let compute = Instant::now();
-                h = layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed, None)?;
-                let dt = compute.elapsed().as_secs_f64();
+                let mut expert_io = 0.0;
+                // A resident dense part whose routed experts stream.
+                h = match self.experts.as_mut().filter(|x| x.layers[i].is_some()) {
+                    Some(streams) => {
+                        let mut src = StreamedExperts::new(
+                            streams,
+                            i,
+                            &self.spec,
+                            self.device,
+                            self.kind,
+                            packed,
+                            &self.row_orders,
+                            &mut self.dequant_buffers,
+                            &mut self.profile,
+                        );
+                        let out = layer_forward(
+                            &self.spec,
+                            w,
+                            &h,
+                            &mut kv.layers[i],
+                            &ctx,
+                            windowed,
+                            Some(&mut src),
+                        );
+                        expert_io = src.finish();
+                        out?
+                    }
+                    None => {
+                        layer_forward(&self.spec, w, &h, &mut kv.layers[i], &ctx, windowed, None)?
+                    }
+                };
+                let dt = compute.elapsed().as_secs_f64() - expert_io;
                 self.profile.compute_s += dt;
                 self.profile.layers[i].compute_s += dt;
                 if let (true, Some(hook)) = (multi, self.on_prefill_layer.as_mut()) {

@@ -14,7 +14,7 @@ use rabbit_split::{integrity, FileStamp, InPlace, UnitRegion};
 use tch::{Device, Kind, Tensor};
 
 use super::experts::{ExpertCache, ExpertCacheSize, ExpertStreams, Guide, LayerParts};
-use super::parts::part_of;
+use super::parts::{part_of, Part};
 use super::{Engine, EngineOptions, HeadMatrix, Profile};
 use crate::decoder::NormWeights;
 use crate::error::{CoreError, Result};
@@ -310,6 +310,28 @@ impl Engine {
                 0
             }
         };
+        // Sparse layers, when their experts may stream on their own: each cut into its dense
+        // part and one part per routed expert (used for the layers the plan streams).
+        let mut parts: Vec<Option<(Part, Vec<Part>)>> = (0..layers.len()).map(|_| None).collect();
+        if opts.expert_streaming {
+            for (i, slot) in parts.iter_mut().enumerate() {
+                let Some(moe) = spec.moe.as_ref().filter(|_| spec.is_sparse(i)) else {
+                    continue;
+                };
+                let names: Vec<Vec<String>> = (0..moe.num_experts)
+                    .map(|e| spec.expert_tensors(i, e))
+                    .collect();
+                let all: std::collections::HashSet<&str> =
+                    names.iter().flatten().map(String::as_str).collect();
+                let (entry, region) = (&layers[i], &layer_regions[i]);
+                let dense = part_of(entry, region, &|n| !all.contains(n))?;
+                let mut experts = Vec::with_capacity(names.len());
+                for e in &names {
+                    experts.push(part_of(entry, region, &|n| e.iter().any(|x| x == n))?);
+                }
+                *slot = Some((dense, experts));
+            }
+        }
         let inputs = PlanInputs {
             layer_bytes: layers.iter().map(compute_bytes).collect(),
             head_bytes: [UnitKind::Embedding, UnitKind::FinalNorm, UnitKind::LmHead]
@@ -338,6 +360,10 @@ impl Engine {
                 + (batch * spec.vocab_size * 4) as u64,
             prefetch_depth: opts.prefetch_depth,
             context,
+            dense_bytes: parts
+                .iter()
+                .map(|p| p.as_ref().map_or(0, |(d, _)| compute_bytes(&d.entry)))
+                .collect(),
         };
         let plan = make_plan(&inputs, opts.budget)?;
 
@@ -420,45 +446,46 @@ impl Engine {
                 libc::malloc_trim(0);
             }
         }
-        let mut stream_slot = vec![None; layers.len()];
-        for (slot, &i) in plan.streamed_layers.iter().enumerate() {
-            stream_slot[i] = Some(slot);
-        }
-        // Streamed sparse layers: the reader reads their dense parts, the routed experts are
-        // read after routing.
+        // Streamed sparse layers: the reader reads their dense parts (or they stay resident,
+        // where the plan keeps them), the routed experts are read after routing.
         let mut layers = layers;
         let mut read_regions = layer_regions.clone();
         let mut expert_layers: Vec<Option<LayerParts>> = (0..layers.len()).map(|_| None).collect();
         let mut expert_regions: Vec<UnitRegion> = vec![];
-        if opts.expert_streaming {
-            for &i in &plan.streamed_layers {
-                let Some(moe) = spec.moe.as_ref().filter(|_| spec.is_sparse(i)) else {
-                    continue;
-                };
-                let names: Vec<Vec<String>> = (0..moe.num_experts)
-                    .map(|e| spec.expert_tensors(i, e))
-                    .collect();
-                let all: std::collections::HashSet<&str> =
-                    names.iter().flatten().map(String::as_str).collect();
-                let (entry, region) = (&layers[i], &layer_regions[i]);
-                let dense = part_of(entry, region, &|n| !all.contains(n))?;
-                let first = expert_regions.len();
-                let mut entries = Vec::with_capacity(names.len());
-                for e in &names {
-                    let p = part_of(entry, region, &|n| e.iter().any(|x| x == n))?;
-                    entries.push(p.entry);
-                    expert_regions.push(p.region);
-                }
-                layers[i] = dense.entry;
-                read_regions[i] = dense.region;
-                expert_layers[i] = Some(LayerParts { first, entries });
+        for &i in &plan.streamed_layers {
+            let Some((dense, experts)) = parts[i].take() else {
+                continue;
+            };
+            let first = expert_regions.len();
+            let mut entries = Vec::with_capacity(experts.len());
+            for p in experts {
+                entries.push(p.entry);
+                expert_regions.push(p.region);
             }
+            layers[i] = dense.entry;
+            read_regions[i] = dense.region;
+            expert_layers[i] = Some(LayerParts { first, entries });
         }
-        let refs: Vec<&UnitRegion> = plan
+        for &i in &plan.dense_resident_layers {
+            let names: std::collections::HashSet<&str> =
+                layers[i].tensors.iter().map(|t| t.name.as_str()).collect();
+            let u =
+                units.read_resident_only(layer_entries[i], device, kind, |n| names.contains(n))?;
+            let mut w = LayerWeights::from_unit_parts(&spec, i, u, false)?;
+            w.fuse()?;
+            resident[i] = Some(w);
+        }
+        let read_layers: Vec<usize> = plan
             .streamed_layers
             .iter()
-            .map(|&i| &read_regions[i])
+            .copied()
+            .filter(|i| !plan.dense_resident_layers.contains(i))
             .collect();
+        let mut stream_slot = vec![None; layers.len()];
+        for (slot, &i) in read_layers.iter().enumerate() {
+            stream_slot[i] = Some(slot);
+        }
+        let refs: Vec<&UnitRegion> = read_layers.iter().map(|&i| &read_regions[i]).collect();
         let depth = opts.prefetch_depth.max(1);
         // On CPU the kernels can read the page cache in place; a device needs host bytes to copy.
         let mode = ReadMode::for_device(device, opts.direct_io);
@@ -501,7 +528,8 @@ impl Engine {
                         + plan.kv_bytes
                         + plan.activation_bytes
                         + plan.staging_bytes
-                        + plan.resident_layer_bytes,
+                        + plan.resident_layer_bytes
+                        + plan.dense_resident_bytes,
                 ),
                 ExpertCacheSize::Auto => (crate::plan::host_available().unwrap_or(0) / 2)
                     .saturating_sub(plan.staging_bytes),
@@ -524,7 +552,7 @@ impl Engine {
                 guessed: vec![vec![]; layer_entries.len()],
             })
         };
-        resident_bytes += plan.resident_layer_bytes;
+        resident_bytes += plan.resident_layer_bytes + plan.dense_resident_bytes;
         let staging_bytes = plan.staging_bytes;
         let windows: Vec<usize> = spec.sliding_windows.iter().flatten().copied().collect();
         let window = windows.first().copied();
