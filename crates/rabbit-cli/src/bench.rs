@@ -430,7 +430,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
         outln!("{line}")?;
     }
     outln!(
-        "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token); KV {} + activations {} reserved",
+        "plan on {} (budget {}{}): embedding/norm/LM head {} resident{}; {} layers resident ({}); {} streamed ({} per token){}; KV {} + activations {} reserved",
         rabbit_core::device::device_name(e.device()),
         human_bytes(plan.device_budget),
         if plan.budget_derived { ", half of free memory" } else { "" },
@@ -440,6 +440,15 @@ pub fn info(a: InfoArgs) -> Result<()> {
         human_bytes(plan.resident_layer_bytes),
         plan.streamed_layers.len(),
         human_bytes(plan.streamed_bytes_per_sweep),
+        if plan.dense_resident_layers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", {} of them with their dense parts resident ({}), reading only routed experts",
+                plan.dense_resident_layers.len(),
+                human_bytes(plan.dense_resident_bytes)
+            )
+        },
         human_bytes(plan.kv_bytes),
         human_bytes(plan.activation_bytes)
     )?;

@@ -84,8 +84,9 @@ pub struct ModelArgs {
     #[arg(long, conflicts_with = "expert_guess")]
     pub whole_layers: bool,
     /// Guess each streamed sparse layer's experts from the layer before's input (the routers
-    /// kept resident) and start reading them then, so the disk works while layers compute.
-    #[arg(long)]
+    /// kept resident) and start reading them then, so the disk works while layers compute
+    /// (through the page cache: not with --direct-io).
+    #[arg(long, conflicts_with = "direct_io")]
     pub expert_guess: bool,
 }
 

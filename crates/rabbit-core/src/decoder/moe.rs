@@ -35,10 +35,10 @@ impl ExpertWeights {
 
 /// Where a sparse layer's experts come from during its sweep.
 pub trait ExpertSource {
-    /// Makes experts `ids` (ascending, distinct) available for [`ExpertSource::expert`].
+    /// Announces the experts `ids` (ascending, distinct) the block will ask for.
     fn load(&mut self, ids: &[usize]) -> Result<()>;
-    /// An expert [`ExpertSource::load`] made available.
-    fn expert(&self, e: usize) -> Result<&ExpertWeights>;
+    /// One of those experts (read on first use).
+    fn expert(&mut self, e: usize) -> Result<&ExpertWeights>;
 }
 
 /// The experts a layer's weights hold (resident layers, and streamed layers read whole).
@@ -49,7 +49,7 @@ impl ExpertSource for HeldExperts<'_> {
         Ok(())
     }
 
-    fn expert(&self, e: usize) -> Result<&ExpertWeights> {
+    fn expert(&mut self, e: usize) -> Result<&ExpertWeights> {
         self.0.get(&e).ok_or_else(|| CoreError::BadTensor {
             file: self.1.into(),
             tensor: format!("expert {e}"),

@@ -283,8 +283,30 @@ impl ExpertSource for StreamedExperts<'_> {
             .filter(|&p| !self.streams.cache.contains(p))
             .collect();
         self.streams.reader.advise(&misses);
+        Ok(())
+    }
+
+    fn expert(&mut self, e: usize) -> Result<&ExpertWeights> {
+        if !self.held.contains_key(&e) {
+            self.fetch(e)?;
+        }
+        Ok(&self.held[&e].0)
+    }
+}
+
+impl StreamedExperts<'_> {
+    /// Reads (or finds cached) expert `e` and makes its weights: called as the block reaches
+    /// the expert, so it computes on one expert while the disk still reads the next ones
+    /// (announced together by `load`).
+    fn fetch(&mut self, e: usize) -> Result<()> {
+        let first = self.parts()?.first;
         let l = self.layer;
-        for &e in ids {
+        if e >= self.parts()?.entries.len() {
+            return Err(CoreError::InvalidInput(format!(
+                "expert {e} of layer {l} does not exist"
+            )));
+        }
+        {
             let part = first + e;
             let size = self.streams.reader.part_bytes(part);
             self.profile.expert_loads += 1;
@@ -348,14 +370,11 @@ impl ExpertSource for StreamedExperts<'_> {
             let staged = stage.elapsed().as_secs_f64();
             self.spent_s += staged;
             self.profile.stage_s += staged - tensors.dequant_s;
+            let lp = &mut self.profile.layers[l];
+            lp.stage_s += staged - tensors.dequant_s;
+            lp.dequant_s += tensors.dequant_s;
             self.held.insert(e, (w, bytes));
         }
         Ok(())
-    }
-
-    fn expert(&self, e: usize) -> Result<&ExpertWeights> {
-        self.held.get(&e).map(|(w, _)| w).ok_or_else(|| {
-            CoreError::Reader(format!("expert {e} of layer {} was not loaded", self.layer))
-        })
     }
 }
