@@ -110,8 +110,17 @@ impl MoeSpec {
 /// (transformers maps one onto the other: Qwen3-MoE checkpoints on the hub write the first,
 /// transformers 5 saves the second); both given and different is refused.
 pub fn take_num_experts(r: &mut Resolver<'_>, default: usize) -> Result<usize> {
-    let a: Option<usize> = r.take("num_experts")?;
-    let b: Option<usize> = r.take("num_local_experts")?;
+    // Absent keys read as this; an explicit `null` (which transformers cannot run) as `None`.
+    const ABSENT: usize = usize::MAX;
+    let mut take = |key: &str| -> Result<Option<usize>> {
+        match r.take_or(key, Some(ABSENT))? {
+            None => Err(unsupported(r.variant(), format!("`{key}` is null"))),
+            Some(ABSENT) => Ok(None),
+            Some(n) => Ok(Some(n)),
+        }
+    };
+    let a = take("num_experts")?;
+    let b = take("num_local_experts")?;
     match (a, b) {
         (Some(a), Some(b)) if a != b => Err(unsupported(
             r.variant(),

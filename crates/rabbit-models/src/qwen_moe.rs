@@ -107,7 +107,8 @@ impl Architecture for QwenMoe {
             .take_or("moe_intermediate_size", Some(default_inter))?
             .unwrap_or(0);
         let norm_topk: bool = r.take_or("norm_topk_prob", Some(false))?.unwrap_or(false);
-        let step: usize = r.take_or("decoder_sparse_step", Some(1))?.unwrap_or(1);
+        // `null` is refused as 0 is (transformers cannot take it either).
+        let step: usize = r.take_or("decoder_sparse_step", Some(1))?.unwrap_or(0);
         let mlp_only: Vec<usize> = r.take("mlp_only_layers")?.unwrap_or_default();
         let (shared, qkv_bias) = if self.qwen2 {
             let s: usize = r

@@ -328,3 +328,47 @@ fn consistent_window_settings_resolve_like_transformers() {
     let spec = resolve(&with("MistralForCausalLM", json!({"sliding_window": null}))).unwrap();
     assert_eq!(spec.sliding_windows, vec![None, None]);
 }
+
+/// Mixture-of-experts keys: each bad value is refused naming its field; the two spellings of
+/// the expert count are read and must agree.
+#[test]
+fn moe_fields_are_checked_by_name() {
+    let moe = |patch: Value| {
+        let mut cfg = base("LlamaForCausalLM");
+        cfg["architectures"] = json!(["Qwen3MoeForCausalLM"]);
+        cfg["model_type"] = json!("qwen3_moe");
+        for (k, v) in [
+            ("num_experts", json!(8)),
+            ("num_experts_per_tok", json!(2)),
+            ("moe_intermediate_size", json!(32)),
+        ] {
+            cfg[k] = v;
+        }
+        for (k, v) in patch.as_object().unwrap() {
+            cfg[k.as_str()] = v.clone();
+        }
+        cfg
+    };
+    let spec = resolve(&moe(json!({"decoder_sparse_step": 2}))).unwrap();
+    assert_eq!(spec.moe.as_ref().unwrap().sparse_layers, vec![false, true]);
+    let spec = resolve(&moe(json!({"num_experts": null, "num_local_experts": 6}))).unwrap_err();
+    assert!(spec.contains("`num_experts` is null"), "{spec}");
+    let mut cfg = moe(json!({}));
+    cfg.as_object_mut().unwrap().remove("num_experts");
+    cfg["num_local_experts"] = json!(6);
+    assert_eq!(resolve(&cfg).unwrap().moe.unwrap().num_experts, 6);
+    for (patch, needle) in [
+        (json!({"num_local_experts": 6}), "disagree"),
+        (json!({"num_experts_per_tok": 9}), "num_experts_per_tok"),
+        (json!({"num_experts_per_tok": 0}), "num_experts_per_tok"),
+        (json!({"moe_intermediate_size": 0}), "moe_intermediate_size"),
+        (json!({"decoder_sparse_step": 0}), "decoder_sparse_step"),
+        (json!({"decoder_sparse_step": null}), "decoder_sparse_step"),
+        (json!({"mlp_only_layers": [5]}), "mlp_only_layers"),
+        (json!({"use_sliding_window": true}), "use_sliding_window"),
+        (json!({"num_experts": "eight"}), "num_experts"),
+    ] {
+        let e = resolve(&moe(patch.clone())).unwrap_err();
+        assert!(e.contains(needle), "{patch}: {e}");
+    }
+}
