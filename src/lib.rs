@@ -17,6 +17,7 @@ pub mod chat;
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod options;
 pub mod storage;
 pub mod text;
 

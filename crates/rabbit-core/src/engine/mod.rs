@@ -9,6 +9,7 @@ mod forward;
 mod input;
 mod open;
 pub mod parts;
+mod units;
 
 pub use experts::ExpertCacheSize;
 
