@@ -1,6 +1,8 @@
 //! Mixtures of experts against transformers (`tests/fixtures/make_moe_fixtures.py`): Mixtral,
-//! Qwen2-MoE (shared expert with its sigmoid gate, a dense `mlp_only_layers` layer) and
-//! Qwen3-MoE (q/k norms, `decoder_sparse_step` 2, renormalised top-k). f32 logits within 1e-4
+//! Qwen2-MoE (shared expert with its sigmoid gate, a dense `mlp_only_layers` layer),
+//! Qwen3-MoE (q/k norms, `decoder_sparse_step` 2, renormalised top-k), DeepSeek-V2 (latent
+//! attention without a query latent, yarn mscale, group-limited softmax routing) and
+//! DeepSeek-V3 (query latent, `rope_interleave`, `noaux_tc` with its correction bias). f32 logits within 1e-4
 //! at every prompt position and along 32 greedy steps, identical tokens, and a left-padded
 //! batch equal to each prompt alone; every layer streamed (only the routed experts read) and,
 //! separately, every layer resident, bit for bit the same.
@@ -116,6 +118,30 @@ fn qwen3_moe_matches_transformers() {
     check_moe("qwen3_moe");
 }
 
+#[test]
+fn deepseek_v2_matches_transformers() {
+    check_moe("deepseek_v2");
+}
+
+#[test]
+fn deepseek_v3_matches_transformers() {
+    check_moe("deepseek_v3");
+}
+
+/// The latent cache holds `kv_lora_rank + qk_rope_head_dim` values per token and layer, not
+/// every head's keys and values.
+#[test]
+fn latent_attention_caches_the_latent() {
+    for (name, values, expanded) in [
+        ("deepseek_v2", 16 + 4, 2 * 4 * 12),
+        ("deepseek_v3", 16 + 8, 2 * 4 * 16),
+    ] {
+        let spec = rabbitllm::models::load_spec(&Case::load(name).dir).unwrap();
+        assert_eq!(spec.kv_values_per_token(), values, "{name}");
+        assert!(values < expanded);
+    }
+}
+
 /// Streamed in place (no split: the experts are ranges of the original shard) and from
 /// compressed splits (NF4, int8: each expert's codes and scales read together), reading by
 /// expert gives exactly what reading whole layers gives.
@@ -164,8 +190,13 @@ type Tensors = std::collections::BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
 /// The qwen2_moe fixture rewritten: `edit` changes its tensors.
 fn edited(edit: &dyn Fn(&mut Tensors)) -> tempfile::TempDir {
+    edited_case("qwen2_moe", edit)
+}
+
+/// A fixture rewritten: `edit` changes its tensors.
+fn edited_case(name: &str, edit: &dyn Fn(&mut Tensors)) -> tempfile::TempDir {
     use safetensors::tensor::{Dtype, TensorView};
-    let case = Case::load("qwen2_moe");
+    let case = Case::load(name);
     let dir = tempfile::tempdir().unwrap();
     for f in ["config.json", "generation_config.json"] {
         std::fs::copy(case.dir.join(f), dir.path().join(f)).unwrap();
@@ -247,6 +278,48 @@ fn bad_mixture_checkpoints_are_refused_by_name() {
     for split in [false, true] {
         let e = load_err(dir.path(), split);
         assert!(e.contains(extra), "split {split}: {e}");
+    }
+}
+
+/// DeepSeek-V3 checkpoints: a missing correction bias is refused by name; the
+/// multi-token-prediction layer the hub's checkpoints carry past the last layer is left out,
+/// and said so.
+#[test]
+fn deepseek_v3_checkpoints_are_checked_by_name() {
+    let bias = "model.layers.2.mlp.gate.e_score_correction_bias";
+    let dir = edited_case("deepseek_v3", &|t| {
+        t.remove(bias);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(e.contains(bias), "split {split}: {e}");
+    }
+    let dir = edited_case("deepseek_v3", &|t| {
+        let w = t["model.layers.0.mlp.gate_proj.weight"].clone();
+        t.insert("model.layers.3.eh_proj.weight".into(), w.clone());
+        t.insert("model.layers.3.mlp.experts.0.gate_proj.weight".into(), w);
+    });
+    let spec = rabbitllm::models::load_spec(dir.path()).unwrap();
+    assert!(
+        spec.notes.iter().any(|n| n.contains("model.layers.3")),
+        "{:?}",
+        spec.notes
+    );
+    let case = Case::load("deepseek_v3");
+    let input: Vec<Vec<u32>> = case.sequences().into_iter().map(|s| s.0).collect();
+    let run = |dir: &std::path::Path| {
+        let split = tempfile::tempdir().unwrap();
+        let opts = LoadOptions::default()
+            .device(DeviceSpec::Cpu)
+            .dtype(DType::F32)
+            .split_dir(split.path())
+            .resident_layers(0);
+        let mut m = rabbitllm::AutoModel::from_pretrained(dir.to_str().unwrap(), opts).unwrap();
+        greedy(&mut m, input.clone(), 4, SamplingParams::default())
+    };
+    let (with_mtp, plain) = (run(dir.path()), run(&case.dir));
+    for (a, b) in with_mtp.sequences.iter().zip(&plain.sequences) {
+        assert_eq!(a.logits, b.logits);
     }
 }
 

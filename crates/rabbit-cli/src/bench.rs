@@ -387,6 +387,7 @@ pub fn info(a: InfoArgs) -> Result<()> {
                 "bytes_per_layer": per_layer,
                 "kv_values_per_token_per_layer": spec.kv_values_per_token(),
                 "moe": spec.moe,
+                "mla": spec.mla,
                 "plan": plan,
                 "read_bytes_per_s": bw,
                 "source": source,
@@ -422,10 +423,20 @@ pub fn info(a: InfoArgs) -> Result<()> {
             ""
         }
     )?;
-    outln!(
-        "KV cache: {} values per token per layer",
-        spec.kv_values_per_token()
-    )?;
+    match &spec.mla {
+        Some(m) => outln!(
+            "KV cache: {} values per token per layer (latent attention: the {}-wide latent and the {}-wide rope key, not {} heads' keys and values of {})",
+            spec.kv_values_per_token(),
+            m.kv_lora_rank,
+            m.qk_rope_head_dim,
+            spec.num_heads,
+            spec.num_heads * (m.qk_head_dim() + m.v_head_dim)
+        )?,
+        None => outln!(
+            "KV cache: {} values per token per layer",
+            spec.kv_values_per_token()
+        )?,
+    }
     if let Some(line) = moe_line(spec) {
         outln!("{line}")?;
     }

@@ -154,14 +154,7 @@ fn check_size(engine: &Engine, cfg: &BenchConfig) -> Result<()> {
         });
     }
     let elem = engine.kind().elt_size_in_bytes();
-    let kv = KvCache::bytes(
-        spec.num_layers,
-        cfg.batch,
-        spec.num_kv_heads,
-        context,
-        spec.head_dim,
-        elem,
-    );
+    let kv = KvCache::bytes(spec.num_layers, cfg.batch, &spec.kv_shape(), context, elem);
     // Prompt ids, positions and their i64 copies are built on the host on every device.
     let host_ids = (cfg.batch as u64)
         .saturating_mul(context as u64)

@@ -2,6 +2,7 @@
 //! live sequence, written in place at each row's own slots (no concatenation per step, no copy
 //! to roll back: a row's length is simply set back).
 
+use rabbit_models::KvShape;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
@@ -23,8 +24,10 @@ pub enum KvSlots {
     },
 }
 
-/// K and V of one layer: `[rows, kv_heads, capacity + 1, head_dim]` each (the last slot is the
-/// scratch slot padding positions write to).
+/// K and V of one layer: `[rows, heads, capacity + 1, key_dim]` and `[.., value_dim]` (the
+/// last slot is the scratch slot padding positions write to). The latent cache of multi-head
+/// latent attention is one head of latent + rope key, with values of width 0 (they are read
+/// from the latent).
 pub struct LayerKv {
     k: Tensor,
     v: Tensor,
@@ -85,40 +88,37 @@ impl KvCache {
     pub fn bytes(
         layers: usize,
         batch: usize,
-        kv_heads: usize,
+        shape: &KvShape,
         capacity: usize,
-        head_dim: usize,
         elem: usize,
     ) -> u64 {
         // Saturating: a request absurd enough to overflow is refused by size, not wrapped.
         [
             layers,
             batch,
-            kv_heads,
+            shape.values(),
             capacity.saturating_add(1),
-            head_dim,
             elem,
         ]
         .iter()
-        .fold(2u64, |acc, &x| acc.saturating_mul(x as u64))
+        .fold(1u64, |acc, &x| acc.saturating_mul(x as u64))
     }
 
     /// Allocates the cache (fails cleanly, e.g. out of device memory).
     pub fn new(
         layers: usize,
         rows: i64,
-        kv_heads: i64,
+        shape: &KvShape,
         capacity: i64,
-        head_dim: i64,
         kind: Kind,
         device: Device,
     ) -> Result<KvCache> {
-        let shape = [rows, kv_heads, capacity + 1, head_dim];
+        let dims = |width: usize| [rows, shape.heads as i64, capacity + 1, width as i64];
         let mut out = Vec::with_capacity(layers);
         for _ in 0..layers {
             out.push(LayerKv {
-                k: Tensor::f_zeros(shape, (kind, device))?,
-                v: Tensor::f_zeros(shape, (kind, device))?,
+                k: Tensor::f_zeros(dims(shape.key_dim), (kind, device))?,
+                v: Tensor::f_zeros(dims(shape.value_dim), (kind, device))?,
             });
         }
         Ok(KvCache {

@@ -137,7 +137,7 @@ impl UnitTensors {
                     reason: format!("{:?} tensor that no quantized entry claims", t.kind()),
                 });
             }
-            let t = if t.kind() == kind {
+            let t = if t.kind() == kind || keep_f32(&name, &t) {
                 t
             } else {
                 t.f_to_kind(kind)?
@@ -199,7 +199,7 @@ impl UnitTensors {
                     tensor: format!("expert {e} {role:?}"),
                     reason: "the family's inventory has no such tensor".into(),
                 })?;
-            let weight = self.take_weight(&format!("{p}{}.weight", param.name))?;
+            let weight = self.take_weight(&param.weight_name(&p))?;
             Ok(Linear { weight, bias: None })
         };
         Ok(ExpertWeights {
@@ -298,6 +298,15 @@ pub(crate) fn reorder_rows(t: &Tensor, o: &RowOrder) -> Result<Tensor> {
         .f_reshape(&shape)?)
 }
 
+/// Buffers transformers keeps in f32 whatever the model's dtype
+/// (`_keep_in_fp32_modules_strict`): DeepSeek-V3's expert-choice bias, where a bf16 rounding
+/// could change which experts are picked.
+const KEEP_F32: &[&str] = &[".e_score_correction_bias"];
+
+fn keep_f32(name: &str, t: &Tensor) -> bool {
+    t.kind() == Kind::Float && KEEP_F32.iter().any(|s| name.ends_with(s))
+}
+
 /// A projection's `[out, in]` weight.
 pub enum LinearWeight {
     /// A tensor in the compute dtype.
@@ -337,6 +346,8 @@ impl Linear {
 pub struct LayerWeights {
     linears: BTreeMap<Role, Linear>,
     norms: BTreeMap<Role, NormWeights>,
+    /// Plain vectors ([`Role::is_vector`]).
+    vectors: BTreeMap<Role, Tensor>,
     /// The routed experts held with the layer (all of them, or none when they are streamed
     /// after routing).
     experts: BTreeMap<usize, ExpertWeights>,
@@ -360,18 +371,21 @@ impl LayerWeights {
         let p = spec.tensors.prefix(i);
         let mut linears = BTreeMap::new();
         let mut norms = BTreeMap::new();
+        let mut vectors = BTreeMap::new();
         let mut experts = BTreeMap::new();
         for param in spec.layer_params(i) {
             if param.role.is_expert() {
                 continue;
             }
-            let name = format!("{p}{}.weight", param.name);
+            let name = param.weight_name(&p);
             let bias = if param.bias {
                 Some(u.take(&format!("{p}{}.bias", param.name))?)
             } else {
                 None
             };
-            if param.role.is_norm() {
+            if param.role.is_vector() {
+                vectors.insert(param.role, u.take(&name)?);
+            } else if param.role.is_norm() {
                 let weight = u.take(&name)?;
                 norms.insert(param.role, NormWeights::bind(spec.norm.kind, weight, bias)?);
             } else {
@@ -389,6 +403,7 @@ impl LayerWeights {
         Ok(LayerWeights {
             linears,
             norms,
+            vectors,
             experts,
             file: u.file.clone(),
         })
@@ -457,6 +472,11 @@ impl LayerWeights {
         self.linears.get(&role)
     }
 
+    /// The vector of a role, if the layer has one.
+    pub fn vector(&self, role: Role) -> Option<&Tensor> {
+        self.vectors.get(&role)
+    }
+
     /// The norm of a role, if the layer has one.
     pub fn norm(&self, role: Role) -> Option<&NormWeights> {
         self.norms.get(&role)
@@ -490,6 +510,7 @@ impl LayerWeights {
         for n in self.norms.into_values() {
             out.extend(n.into_tensors());
         }
+        out.extend(self.vectors.into_values());
         for e in self.experts.into_values() {
             out.extend(e.into_tensors());
         }

@@ -130,6 +130,23 @@ pub enum Role {
     /// `[1, hidden]`: the sigmoid gate scaling the shared expert's output (Qwen2-MoE's
     /// `shared_expert_gate`).
     SharedExpertGate,
+    /// `[experts]`: added to the router's scores to choose the experts, never to weigh them
+    /// (DeepSeek-V3's `e_score_correction_bias`; kept in f32).
+    RouterBias,
+    /// Multi-head latent attention (DeepSeek): the query's down-projection to `q_lora_rank`.
+    QA,
+    /// The RMSNorm of the query latent.
+    QANorm,
+    /// The query latent's up-projection to every head's nope and rope parts.
+    QB,
+    /// `[kv_lora_rank + rope, hidden]`: the compressed key/value latent and the shared rope key
+    /// (`kv_a_proj_with_mqa`).
+    KvA,
+    /// The RMSNorm of the key/value latent.
+    KvANorm,
+    /// `[heads * (nope + v_head_dim), kv_lora_rank]`: the latent's up-projection to every head's
+    /// key (nope part) and value.
+    KvB,
 }
 
 impl Role {
@@ -148,7 +165,14 @@ impl Role {
                 | Role::MlpPostNorm
                 | Role::QNorm
                 | Role::KNorm
+                | Role::QANorm
+                | Role::KvANorm
         )
+    }
+
+    /// Whether the role is a plain vector used as it is (neither a norm nor a projection).
+    pub fn is_vector(self) -> bool {
+        matches!(self, Role::RouterBias)
     }
 }
 
@@ -171,6 +195,10 @@ pub struct Param {
     /// The routed expert this parameter belongs to (expert roles only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expert: Option<usize>,
+    /// The tensor is `{prefix}{name}` itself, not `{prefix}{name}.weight` (a buffer such as
+    /// `mlp.gate.e_score_correction_bias`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub raw: bool,
 }
 
 impl Param {
@@ -183,6 +211,25 @@ impl Param {
             bias,
             row_order: None,
             expert: None,
+            raw: false,
+        }
+    }
+
+    /// A vector of `len` elements named `{prefix}{name}` (no `.weight`).
+    pub fn vector(role: Role, name: &str, len: usize) -> Param {
+        Param {
+            raw: true,
+            ..Param::norm(role, name, len, false)
+        }
+    }
+
+    /// The full name of its weight in layer `prefix` (`{prefix}{name}.weight`, or
+    /// `{prefix}{name}` for a raw tensor).
+    pub fn weight_name(&self, prefix: &str) -> String {
+        if self.raw {
+            format!("{prefix}{}", self.name)
+        } else {
+            format!("{prefix}{}.weight", self.name)
         }
     }
 
@@ -203,6 +250,7 @@ impl Param {
             bias,
             row_order: None,
             expert: None,
+            raw: false,
         }
     }
 }

@@ -5,7 +5,8 @@
 //! One file per family says what its model is: the Llama lineage (`lineage.rs` with `qwen2.rs`,
 //! `qwen3.rs`, `llama.rs`, `mistral.rs`), `gemma.rs`, `phi.rs`, `glm.rs`, and the families whose
 //! checkpoints ship their own modeling code (`chatglm.rs`, `internlm.rs`, `baichuan.rs`,
-//! `qwen1.rs`), in the vocabulary of `blocks.rs`.
+//! `qwen1.rs`), the mixtures of experts (`mixtral.rs`, `qwen_moe.rs`, `deepseek.rs` with its latent
+//! attention in `mla.rs`), in the vocabulary of `blocks.rs`.
 
 pub mod arch;
 pub mod baichuan;
@@ -14,6 +15,7 @@ pub mod blocks;
 pub mod chat;
 pub mod chatglm;
 pub mod config;
+pub mod deepseek;
 pub mod error;
 pub mod gemma;
 pub mod glm;
@@ -22,6 +24,7 @@ pub mod lineage;
 pub mod llama;
 pub mod mistral;
 pub mod mixtral;
+pub mod mla;
 pub mod moe;
 pub mod phi;
 pub mod qwen1;
@@ -48,6 +51,7 @@ pub use blocks::{
 pub use chat::{load_messages, ChatError, ChatTemplate, Message};
 pub use config::{GenerationConfig, HfConfig, TokenIds};
 pub use error::{ModelError, Result};
+pub use mla::{KvShape, MlaSpec};
 pub use moe::{MoeSpec, Routing, SharedExpert};
 pub use registry::{families, load_spec, lookup, spec_from_config, supported_architectures};
 pub use rope::{RopeScaling, RopeSpec};

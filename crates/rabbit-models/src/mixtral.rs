@@ -38,6 +38,7 @@ const NAMES: MoeNames = MoeNames {
     experts: "block_sparse_moe.experts.",
     projections: ["w1", "w3", "w2"],
     shared: None,
+    router_bias: None,
 };
 
 /// `MixtralForCausalLM`.
@@ -63,6 +64,8 @@ impl Architecture for Mixtral {
             expert_intermediate: spec.intermediate_size,
             routing: Routing::SoftmaxTopK,
             renormalize: true,
+            router_f32: false,
+            scaling: 1.0,
             weights_in_compute_dtype: false,
             shared: None,
             sparse_layers: vec![true; spec.num_layers],

@@ -14,8 +14,31 @@ use crate::resolve::Resolver;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
-    /// softmax over every expert (in f32), then the `top_k` largest (Mixtral, Qwen-MoE).
+    /// softmax over every expert (in f32), then the `top_k` largest (Mixtral, Qwen-MoE,
+    /// DeepSeek-V2's `greedy`).
     SoftmaxTopK,
+    /// DeepSeek-V2's `group_limited_greedy`: the softmax scores, the experts cut into `groups`
+    /// equal groups ranked by their best score; only the best `topk_groups` groups' experts
+    /// can be picked (the others' scores read as 0).
+    SoftmaxGroupLimited {
+        /// `n_group`.
+        groups: usize,
+        /// `topk_group`.
+        topk_groups: usize,
+    },
+    /// DeepSeek-V3's `noaux_tc`: sigmoid scores; the choice adds the layer's
+    /// `e_score_correction_bias` and ranks groups by the sum of their two best; the weights
+    /// are the plain sigmoid scores of the chosen experts.
+    SigmoidGroupLimited {
+        /// `n_group`.
+        groups: usize,
+        /// `topk_group`.
+        topk_groups: usize,
+    },
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// The feed-forward block of a sparse layer.
@@ -32,6 +55,14 @@ pub struct MoeSpec {
     /// The top-k weights are divided by their sum (Mixtral always; Qwen-MoE's
     /// `norm_topk_prob`).
     pub renormalize: bool,
+    /// The router's logits are computed in f32 from f32 copies of the input and weight
+    /// (DeepSeek), not in the compute dtype.
+    #[serde(default)]
+    pub router_f32: bool,
+    /// The routed weights are multiplied by this after any renormalisation (DeepSeek's
+    /// `routed_scaling_factor`).
+    #[serde(default = "one")]
+    pub scaling: f64,
     /// The weights are rounded to the compute dtype before scaling the experts' outputs
     /// (Qwen-MoE); otherwise an expert's output is scaled in f32 and then rounded (Mixtral).
     pub weights_in_compute_dtype: bool,
@@ -81,6 +112,61 @@ impl MoeSpec {
                 v,
                 "`shared_expert_intermediate_size` must be positive",
             ));
+        }
+        if !(self.scaling.is_finite() && self.scaling > 0.0) {
+            return Err(unsupported(
+                v,
+                format!(
+                    "`routed_scaling_factor` must be a positive number, got {}",
+                    self.scaling
+                ),
+            ));
+        }
+        if let Routing::SoftmaxGroupLimited {
+            groups,
+            topk_groups,
+        }
+        | Routing::SigmoidGroupLimited {
+            groups,
+            topk_groups,
+        } = self.routing
+        {
+            if groups == 0 || !self.num_experts.is_multiple_of(groups) {
+                return Err(unsupported(
+                    v,
+                    format!(
+                        "`n_group` ({groups}) must divide `{experts_key}` ({}) into equal groups",
+                        self.num_experts
+                    ),
+                ));
+            }
+            if topk_groups == 0 || topk_groups > groups {
+                return Err(unsupported(
+                    v,
+                    format!(
+                        "`topk_group` ({topk_groups}) must be between 1 and `n_group` ({groups})"
+                    ),
+                ));
+            }
+            let reachable = topk_groups * (self.num_experts / groups);
+            if self.top_k > reachable {
+                return Err(unsupported(
+                    v,
+                    format!(
+                        "`num_experts_per_tok` ({}) is more than the {reachable} experts of the \
+                         best `topk_group` ({topk_groups}) groups",
+                        self.top_k
+                    ),
+                ));
+            }
+            if matches!(self.routing, Routing::SigmoidGroupLimited { .. })
+                && self.num_experts / groups < 2
+            {
+                return Err(unsupported(
+                    v,
+                    format!("`n_group` ({groups}) leaves fewer than 2 experts per group, which `noaux_tc` ranks by their best two"),
+                ));
+            }
         }
         Ok(())
     }
@@ -162,8 +248,10 @@ pub struct MoeNames {
     /// `down_proj`; Mixtral: `w1`, `w3`, `w2`).
     pub projections: [&'static str; 3],
     /// The shared expert's prefix and its gate's name (Qwen2-MoE: `mlp.shared_expert`,
-    /// `mlp.shared_expert_gate`).
+    /// `mlp.shared_expert_gate`; the gate's name is unused when the shared expert has none).
     pub shared: Option<(&'static str, &'static str)>,
+    /// The router's selection bias, e.g. `mlp.gate.e_score_correction_bias` (DeepSeek-V3).
+    pub router_bias: Option<&'static str>,
 }
 
 impl MoeNames {
@@ -178,6 +266,9 @@ impl MoeNames {
             hidden,
             false,
         )];
+        if let Some(name) = self.router_bias {
+            out.push(Param::vector(Role::RouterBias, name, moe.num_experts));
+        }
         if let (Some((prefix, gate)), Some(s)) = (self.shared, moe.shared) {
             let m = s.intermediate;
             let [g, u, d] = self.projections;

@@ -133,6 +133,8 @@ impl Architecture for QwenMoe {
             expert_intermediate: inter,
             routing: Routing::SoftmaxTopK,
             renormalize: norm_topk,
+            router_f32: false,
+            scaling: 1.0,
             weights_in_compute_dtype: true,
             shared,
             sparse_layers,
@@ -162,6 +164,7 @@ impl Architecture for QwenMoe {
             shared: self
                 .qwen2
                 .then_some(("mlp.shared_expert", "mlp.shared_expert_gate")),
+            router_bias: None,
         };
         let mut sparse = common.clone();
         sparse.extend(names.params(&moe, h));

@@ -6,6 +6,7 @@ use crate::arch::Architecture;
 use crate::baichuan::Baichuan;
 use crate::chatglm::ChatGlm;
 use crate::config::{GenerationConfig, HfConfig};
+use crate::deepseek::{DEEPSEEK_V2, DEEPSEEK_V3};
 use crate::error::{ModelError, Result};
 use crate::gemma::{Gemma2, Gemma3, Gemma3Multimodal};
 use crate::glm::{Glm, Glm4};
@@ -38,16 +39,13 @@ static SUPPORTED: &[&dyn Architecture] = &[
     &Mixtral,
     &QWEN2_MOE,
     &QWEN3_MOE,
+    &DEEPSEEK_V2,
+    &DEEPSEEK_V3,
 ];
 
 /// Families named by the anchors' documentation that are recognised but not implemented yet:
 /// they get a clear "not yet supported" error rather than being routed to a look-alike.
-pub static NOT_YET_SUPPORTED: &[&str] = &[
-    "DeepseekV2ForCausalLM",
-    "DeepseekV3ForCausalLM",
-    "BaiChuanForCausalLM",
-    "GptOssForCausalLM",
-];
+pub static NOT_YET_SUPPORTED: &[&str] = &["BaiChuanForCausalLM", "GptOssForCausalLM"];
 
 /// Names of the implemented architectures.
 pub fn supported_architectures() -> Vec<&'static str> {

@@ -90,6 +90,7 @@ pub struct Resolver<'a> {
     period: Option<usize>,
     rope_params: Option<Value>,
     kv_heads: Option<usize>,
+    head_dim: Option<usize>,
     max_positions: Option<usize>,
 }
 
@@ -104,6 +105,7 @@ impl<'a> Resolver<'a> {
             period: None,
             rope_params: None,
             kv_heads: None,
+            head_dim: None,
             max_positions: None,
         }
     }
@@ -157,6 +159,12 @@ impl<'a> Resolver<'a> {
     /// `multi_query_group_num` counts only with `multi_query_attention`).
     pub fn set_kv_heads(&mut self, n: usize) {
         self.kv_heads = Some(n);
+    }
+
+    /// The per-head width the rope rotates, from the family's own keys (DeepSeek's
+    /// `qk_rope_head_dim`); config.json's `head_dim` is then the family's to check.
+    pub fn set_head_dim(&mut self, d: usize) {
+        self.head_dim = Some(d);
     }
 
     /// The context length when config.json has no `max_position_embeddings` (the family's own
@@ -252,7 +260,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
             format!("`num_attention_heads` ({heads}) is not a multiple of `num_key_value_heads` ({kv_heads})"),
         ));
     }
-    let head_dim = match (cfg.head_dim, v.default_head_dim) {
+    let head_dim = match (r.head_dim.or(cfg.head_dim), v.default_head_dim) {
         (Some(d), _) => positive("head_dim", d)?,
         (None, Some(d)) => d,
         (None, None) => {
@@ -390,6 +398,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         unbounded_positions: false,
         tensors: TensorLayout::llama_names(vec![]),
         moe: None,
+        mla: None,
         notes: vec![],
         bos_token_id: gen
             .and_then(|g| first(g.bos_token_id.as_ref()))

@@ -5,6 +5,7 @@ use rabbit_split::layout::{Layout, RowOrder, UnitKind, UnitSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::blocks::{Activation, AttentionSpec, LayerProgram, Norm, Param, Role, TensorLayout};
+use crate::mla::{KvShape, MlaSpec};
 use crate::moe::MoeSpec;
 use crate::rope::{RopeScaling, RopeSpec};
 
@@ -82,6 +83,10 @@ pub struct ModelSpec {
     /// A mixture of experts: the sparse layers' feed-forward block.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeSpec>,
+    /// Multi-head latent attention (DeepSeek) instead of the q/k/v heads: the KV cache holds
+    /// the latent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<MlaSpec>,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -150,9 +155,22 @@ impl ModelSpec {
         (dense, expert)
     }
 
-    /// Values the KV cache holds per token and layer (keys and values of every KV head).
+    /// What the KV cache holds per token and layer: keys and values of every KV head, or the
+    /// latent attention's compressed latent and rope key.
+    pub fn kv_shape(&self) -> KvShape {
+        match &self.mla {
+            Some(m) => m.kv_shape(),
+            None => KvShape {
+                heads: self.num_kv_heads,
+                key_dim: self.head_dim,
+                value_dim: self.head_dim,
+            },
+        }
+    }
+
+    /// Values the KV cache holds per token and layer.
     pub fn kv_values_per_token(&self) -> usize {
-        2 * self.num_kv_heads * self.head_dim
+        self.kv_shape().values()
     }
 
     /// The full names of routed expert `e`'s tensors in layer `i` (none for a dense layer).
@@ -161,7 +179,7 @@ impl ModelSpec {
         self.layer_params(i)
             .iter()
             .filter(|q| q.expert == Some(e))
-            .map(|q| format!("{p}{}.weight", q.name))
+            .map(|q| q.weight_name(&p))
             .collect()
     }
 
@@ -210,7 +228,7 @@ impl ModelSpec {
         let p = self.tensors.prefix(i);
         let mut out = vec![];
         for param in self.layer_params(i) {
-            out.push((format!("{p}{}.weight", param.name), param.shape.clone()));
+            out.push((param.weight_name(&p), param.shape.clone()));
             if param.bias {
                 out.push((format!("{p}{}.bias", param.name), vec![param.shape[0]]));
             }
@@ -275,7 +293,7 @@ impl ModelSpec {
             let p = self.tensors.prefix(i);
             for q in self.layer_params(i) {
                 if let Some(e) = q.expert {
-                    out.insert(format!("{p}{}.weight", q.name), e as u32 + 1);
+                    out.insert(q.weight_name(&p), e as u32 + 1);
                 }
             }
         }
@@ -289,7 +307,7 @@ impl ModelSpec {
             let p = self.tensors.prefix(i);
             for q in self.layer_params(i) {
                 if matches!(q.role, Role::Router | Role::SharedExpertGate) {
-                    out.push(format!("{p}{}.weight", q.name));
+                    out.push(q.weight_name(&p));
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! norms are wired; the weights arrive per call, because they are streamed.
 
 pub mod blocks;
+mod mla;
 pub mod moe;
 
 use rabbit_models::{LayerProgram, ModelSpec, Role};
@@ -44,6 +45,21 @@ pub struct AttnContext {
     pub alibi: Option<Tensor>,
     /// Per-query multiplier `[B, 1, T, 1]` applied after rotary (QWen's log-n).
     pub q_scale: Option<Tensor>,
+}
+
+/// The attention block of a layer: latent attention (DeepSeek) or [`self_attention`].
+fn attention(
+    spec: &ModelSpec,
+    w: &LayerWeights,
+    x: &Tensor,
+    kv: &mut LayerKv,
+    ctx: &AttnContext,
+    windowed: bool,
+) -> Result<Tensor> {
+    match &spec.mla {
+        Some(m) => mla::latent_attention(spec, m, w, x, kv, ctx),
+        None => self_attention(spec, w, x, kv, ctx, windowed),
+    }
 }
 
 /// The attention block: projections (fused or not), q/k norms, rotary, the KV cache write, and
@@ -179,20 +195,20 @@ pub fn layer_forward(
     let n = |t: &Tensor, role: Role| -> Result<Tensor> { norm(t, w.req_norm(role)?, &spec.norm) };
     match spec.program {
         LayerProgram::PreNorm => {
-            let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
+            let a = attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
             let h = x.f_add(&a)?;
             let m = ffn(spec, w, &n(&h, Role::MlpNorm)?, experts)?;
             Ok(h.f_add(&m)?)
         }
         LayerProgram::Sandwich => {
-            let a = self_attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
+            let a = attention(spec, w, &n(x, Role::AttnNorm)?, kv, ctx, windowed)?;
             let h = x.f_add(&n(&a, Role::AttnPostNorm)?)?;
             let m = ffn(spec, w, &n(&h, Role::MlpNorm)?, experts)?;
             Ok(h.f_add(&n(&m, Role::MlpPostNorm)?)?)
         }
         LayerProgram::Parallel => {
             let normed = n(x, Role::AttnNorm)?;
-            let a = self_attention(spec, w, &normed, kv, ctx, windowed)?;
+            let a = attention(spec, w, &normed, kv, ctx, windowed)?;
             let m = ffn(spec, w, &normed, experts)?;
             // transformers' Phi: (attn + mlp) + residual.
             Ok(a.f_add(&m)?.f_add(x)?)

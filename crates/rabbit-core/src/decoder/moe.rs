@@ -11,7 +11,7 @@ use tch::{Kind, Tensor};
 
 use super::blocks;
 use crate::error::{CoreError, Result};
-use crate::weights::{LayerWeights, Linear};
+use crate::weights::{LayerWeights, Linear, LinearWeight};
 
 /// One routed expert's gated MLP.
 pub struct ExpertWeights {
@@ -72,11 +72,69 @@ impl Routes {
     }
 }
 
+/// A layer's router: its `[experts, hidden]` projection and, for DeepSeek-V3, the bias added
+/// to the scores for the choice only.
+pub struct Router<'a> {
+    /// The projection.
+    pub linear: &'a Linear,
+    /// `e_score_correction_bias` (`[experts]`).
+    pub bias: Option<&'a Tensor>,
+}
+
+impl<'a> Router<'a> {
+    /// The router of a layer's weights.
+    pub fn of(w: &'a LayerWeights) -> Result<Router<'a>> {
+        Ok(Router {
+            linear: w.req_linear(Role::Router)?,
+            bias: w.vector(Role::RouterBias),
+        })
+    }
+
+    /// The logits `[N, experts]`: in the compute dtype, or in f32 from f32 copies of the
+    /// input and weight (`router_f32`).
+    fn logits(&self, x: &Tensor, f32: bool) -> Result<Tensor> {
+        match (&self.linear.weight, f32) {
+            (LinearWeight::Dense(w), true) => Ok(x
+                .f_to_kind(Kind::Float)?
+                .f_linear(&w.f_to_kind(Kind::Float)?, None::<&Tensor>)?),
+            // Routers are never compressed by the split; a packed one is widened after.
+            (_, true) => Ok(self.linear.forward(x)?.f_to_kind(Kind::Float)?),
+            (_, false) => self.linear.forward(x),
+        }
+    }
+}
+
+/// The `groups` groups of `choice` (`[N, experts]`) that rank best by `score` of each group
+/// (`[N, groups]`) keep their experts; the others' entries become `fill`.
+fn keep_best_groups(
+    choice: &Tensor,
+    group_score: &Tensor,
+    topk_groups: usize,
+    fill: f64,
+) -> Result<Tensor> {
+    let (n, groups) = (group_score.size()[0], group_score.size()[1]);
+    let experts = choice.size()[1];
+    let best = group_score.f_topk(topk_groups as i64, -1, true, false)?.1;
+    let mask = group_score
+        .f_zeros_like()?
+        .f_scatter_value(1, &best, 1.0)?
+        .f_unsqueeze(-1)?
+        .f_expand([n, groups, experts / groups], false)?
+        .f_reshape([n, experts])?
+        .f_to_kind(Kind::Bool)?;
+    Ok(choice.f_masked_fill(&mask.f_logical_not()?, fill)?)
+}
+
 /// Routes `[N, hidden]` tokens: returns the top-k weights `[N, k]` (f32, or the compute dtype
 /// where the family rounds them) and which tokens go to which expert.
 /// `what` names the layer in errors.
-pub fn route(moe: &MoeSpec, router: &Linear, x: &Tensor, what: &str) -> Result<(Tensor, Routes)> {
-    let logits = router.forward(x)?;
+pub fn route(
+    moe: &MoeSpec,
+    router: Router<'_>,
+    x: &Tensor,
+    what: &str,
+) -> Result<(Tensor, Routes)> {
+    let logits = router.logits(x, moe.router_f32)?;
     let experts = logits.size().last().copied().unwrap_or(0);
     if experts != moe.num_experts as i64 {
         return Err(CoreError::InvalidInput(format!(
@@ -84,14 +142,51 @@ pub fn route(moe: &MoeSpec, router: &Linear, x: &Tensor, what: &str) -> Result<(
             moe.num_experts
         )));
     }
+    let k = moe.top_k as i64;
+    let n = logits.size()[0];
+    let grouped = |scores: &Tensor, groups: usize| -> Result<Tensor> {
+        Ok(scores.f_view([n, groups as i64, experts / groups as i64])?)
+    };
     let (mut weights, index) = match moe.routing {
-        Routing::SoftmaxTopK => {
-            let probs = logits.f_softmax(-1, Kind::Float)?;
-            probs.f_topk(moe.top_k as i64, -1, true, true)?
+        Routing::SoftmaxTopK => logits
+            .f_softmax(-1, Kind::Float)?
+            .f_topk(k, -1, true, true)?,
+        Routing::SoftmaxGroupLimited {
+            groups,
+            topk_groups,
+        } => {
+            let scores = logits.f_softmax(-1, Kind::Float)?;
+            let best = grouped(&scores, groups)?.f_amax(-1, false)?;
+            keep_best_groups(&scores, &best, topk_groups, 0.0)?.f_topk(k, -1, true, true)?
+        }
+        Routing::SigmoidGroupLimited {
+            groups,
+            topk_groups,
+        } => {
+            let scores = logits.f_to_kind(Kind::Float)?.f_sigmoid()?;
+            let choice = match router.bias {
+                Some(b) => scores.f_add(&b.f_to_kind(Kind::Float)?)?,
+                None => scores.shallow_clone(),
+            };
+            let best_two = grouped(&choice, groups)?
+                .f_topk(2, -1, true, true)?
+                .0
+                .f_sum_dim_intlist(-1, false, Kind::Float)?;
+            let choice = keep_best_groups(&choice, &best_two, topk_groups, f64::NEG_INFINITY)?;
+            let index = choice.f_topk(k, -1, true, true)?.1;
+            (scores.f_gather(1, &index, false)?, index)
         }
     };
     if moe.renormalize {
-        weights = weights.f_div(&weights.f_sum_dim_intlist(-1, true, Kind::Float)?)?;
+        let mut sum = weights.f_sum_dim_intlist(-1, true, Kind::Float)?;
+        if matches!(moe.routing, Routing::SigmoidGroupLimited { .. }) {
+            // DeepSeek-V3 guards the division.
+            sum = sum.f_add_scalar(1e-20)?;
+        }
+        weights = weights.f_div(&sum)?;
+    }
+    if moe.scaling != 1.0 {
+        weights = weights.f_mul_scalar(moe.scaling)?;
     }
     if moe.weights_in_compute_dtype {
         weights = weights.f_to_kind(x.kind())?;
@@ -127,7 +222,7 @@ pub fn moe_forward(
     let shape = x.size();
     let hidden = *shape.last().unwrap_or(&0);
     let flat = x.f_reshape([-1, hidden])?;
-    let (weights, routes) = route(moe, w.req_linear(Role::Router)?, &flat, w.file())?;
+    let (weights, routes) = route(moe, Router::of(w)?, &flat, w.file())?;
     source.load(&routes.experts())?;
     let act = |t: &Tensor| blocks::activate(t, spec.activation);
     let mut out = flat.f_zeros_like()?;

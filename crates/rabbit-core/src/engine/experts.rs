@@ -9,7 +9,7 @@ use std::time::Instant;
 use rabbit_models::ModelSpec;
 use rabbit_split::layout::RowOrder;
 use rabbit_split::manifest::UnitEntry;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use super::Profile;
 use crate::decoder::moe::{ExpertSource, ExpertWeights};
@@ -126,6 +126,8 @@ pub(crate) struct LayerParts {
 pub(crate) struct Guide {
     pub(crate) norm: crate::decoder::NormWeights,
     pub(crate) router: crate::weights::Linear,
+    /// The router's selection bias (DeepSeek-V3).
+    pub(crate) bias: Option<Tensor>,
 }
 
 /// Every streamed sparse layer's experts, their reader and cache.
@@ -161,7 +163,15 @@ impl ExpertStreams {
         };
         let width = *h.size().last().unwrap_or(&0);
         let x = crate::decoder::norm(&h.f_reshape([-1, width])?, &g.norm, &spec.norm)?;
-        let (_, routes) = crate::decoder::moe::route(moe, &g.router, &x, &format!("layer {j}"))?;
+        let (_, routes) = crate::decoder::moe::route(
+            moe,
+            crate::decoder::moe::Router {
+                linear: &g.router,
+                bias: g.bias.as_ref(),
+            },
+            &x,
+            &format!("layer {j}"),
+        )?;
         let guess = routes.experts();
         let first = parts.first;
         let todo: Vec<usize> = guess

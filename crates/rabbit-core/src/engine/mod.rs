@@ -404,9 +404,8 @@ impl Engine {
         KvCache::new(
             self.spec.num_layers,
             batch as i64,
-            self.spec.num_kv_heads as i64,
+            &self.spec.kv_shape(),
             capacity as i64,
-            self.spec.head_dim as i64,
             self.kind,
             self.device,
         )

@@ -189,9 +189,8 @@ impl Engine {
             kv_bytes: KvCache::bytes(
                 spec.num_layers,
                 batch,
-                spec.num_kv_heads,
+                &spec.kv_shape(),
                 context,
-                spec.head_dim,
                 elem as usize,
             ),
             activation_bytes: (batch

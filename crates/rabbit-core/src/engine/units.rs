@@ -152,25 +152,31 @@ pub(super) fn read_guide(
     kind: Kind,
 ) -> Result<Guide> {
     let p = spec.tensors.prefix(i);
-    let name = |role: rabbit_models::Role| {
+    let find = |role: rabbit_models::Role| {
         spec.layer_params(i)
             .iter()
             .find(|q| q.role == role)
-            .map(|q| format!("{p}{}.weight", q.name))
-            .ok_or_else(|| CoreError::InvalidInput(format!("layer {i} has no {role:?}")))
+            .map(|q| q.weight_name(&p))
+    };
+    let name = |role: rabbit_models::Role| {
+        find(role).ok_or_else(|| CoreError::InvalidInput(format!("layer {i} has no {role:?}")))
     };
     let (router, norm) = (
         name(rabbit_models::Role::Router)?,
         name(rabbit_models::Role::MlpNorm)?,
     );
+    let bias = find(rabbit_models::Role::RouterBias);
     // A router stored compressed (splits made before routers were kept exact) is read with
     // its codes and scales, and dequantized.
-    let mut u = units.read_resident_only(entry, device, kind, |n| n == norm || n == router)?;
+    let mut u = units.read_resident_only(entry, device, kind, |n| {
+        n == norm || n == router || bias.as_deref() == Some(n)
+    })?;
     Ok(Guide {
         norm: NormWeights::bind(spec.norm.kind, u.take(&norm)?, None)?,
         router: crate::weights::Linear {
             weight: crate::weights::LinearWeight::Dense(u.take(&router)?),
             bias: None,
         },
+        bias: bias.map(|b| u.take(&b)).transpose()?,
     })
 }

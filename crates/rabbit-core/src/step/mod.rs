@@ -174,9 +174,8 @@ impl Scheduler {
             KvCache::bytes(
                 s.num_layers,
                 self.opts.max_batch,
-                s.num_kv_heads,
+                &s.kv_shape(),
                 self.opts.capacity,
-                s.head_dim,
                 e.kind().elt_size_in_bytes(),
             )
         };

@@ -98,7 +98,7 @@ fn apply_moe_overrides(
     };
     set(
         "--experts",
-        &["num_experts", "num_local_experts"],
+        &["num_experts", "num_local_experts", "n_routed_experts"],
         o.experts,
     )?;
     set(
