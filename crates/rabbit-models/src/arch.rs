@@ -122,6 +122,7 @@ pub trait Architecture: Send + Sync + 'static {
         let shape = SynthShape {
             layers: 1,
             hidden: 64,
+            heads: 4,
             head_dim: 16,
         };
         self.synth_config(&shape).is_some()
@@ -144,6 +145,8 @@ pub struct SynthShape {
     pub layers: usize,
     /// Model width.
     pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
     /// Per-head width.
     pub head_dim: usize,
 }

@@ -269,12 +269,14 @@ impl Deepseek {
                         topk_groups,
                     }
                 }
-                other => return Err(unsupported(
-                    v,
-                    format!(
+                other => {
+                    return Err(unsupported(
+                        v,
+                        format!(
                         "`topk_method` `{other}` is not supported (greedy, group_limited_greedy)"
                     ),
-                )),
+                    ))
+                }
             };
             (routing, false)
         };
@@ -358,22 +360,23 @@ impl Architecture for Deepseek {
             ));
         }
         let moe = self.moe(&mut r, cfg.num_hidden_layers)?;
-        let mtp: usize =
-            if self.v3 {
-                let a: Option<usize> = r.take("num_nextn_predict_layers")?;
-                let b: Option<usize> = r.take("num_mtp_layers")?;
-                match (a, b) {
-                    (Some(a), Some(b)) if a != b => return Err(unsupported(
+        let mtp: usize = if self.v3 {
+            let a: Option<usize> = r.take("num_nextn_predict_layers")?;
+            let b: Option<usize> = r.take("num_mtp_layers")?;
+            match (a, b) {
+                (Some(a), Some(b)) if a != b => {
+                    return Err(unsupported(
                         v,
                         format!(
                             "`num_nextn_predict_layers` ({a}) and `num_mtp_layers` ({b}) disagree"
                         ),
-                    )),
-                    (a, b) => a.or(b).unwrap_or(0),
+                    ))
                 }
-            } else {
-                0
-            };
+                (a, b) => a.or(b).unwrap_or(0),
+            }
+        } else {
+            0
+        };
         let mut spec = r.base()?;
         if spec.num_kv_heads != spec.num_heads {
             // The latent expands into every head; transformers cannot run fewer KV heads.
@@ -459,6 +462,8 @@ impl Architecture for Deepseek {
             "moe_intermediate_size": (s.hidden / 2).max(1), "first_k_dense_replace": 1,
             "moe_layer_freq": 1, "aux_loss_alpha": 0.001, "seq_aux": true, "ep_size": 1,
             "pretraining_tp": 1, "tie_word_embeddings": false, "attention_bias": false,
+            // The latent expands into every query head.
+            "num_key_value_heads": s.heads,
         });
         let m = cfg.as_object_mut()?;
         if self.v3 {
@@ -477,7 +482,6 @@ impl Architecture for Deepseek {
             }
         } else {
             for (k, v) in [
-                ("q_lora_rank", Value::Null),
                 ("topk_method", json!("greedy")),
                 ("scoring_func", json!("softmax")),
                 ("norm_topk_prob", json!(false)),
@@ -494,5 +498,10 @@ impl Architecture for Deepseek {
     fn synth_finish(&self, cfg: &mut Map<String, Value>) {
         // The hub's configs have no `head_dim` (transformers derives it from the rope width).
         cfg.remove("head_dim");
+        if !self.v3 {
+            // V2-Lite's single q_proj unless the shape gives a query latent (a `null` in the
+            // family's keys would read as "remove").
+            cfg.entry("q_lora_rank").or_insert(Value::Null);
+        }
     }
 }

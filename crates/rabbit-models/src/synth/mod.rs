@@ -24,6 +24,7 @@ pub mod like;
 pub mod tokenizer;
 pub mod weights;
 
+mod moe_presets;
 mod plan;
 mod presets;
 mod stamp;

@@ -159,12 +159,27 @@ pub fn plan(opts: &SynthOptions) -> Result<SynthPlan, SynthError> {
     let shape = SynthShape {
         layers,
         hidden,
+        heads,
         head_dim,
     };
     let family_keys = family
         .0
         .synth_config(&shape)
         .expect("Family::parse only yields synthesisable families");
+    let fixed_kv = family_keys
+        .get("num_key_value_heads")
+        .and_then(Value::as_u64);
+    if let (Some(want), Some(fixed)) = (o.kv_heads, fixed_kv) {
+        if want as u64 != fixed {
+            return Err(SynthError::InvalidOption {
+                option: "--kv-heads",
+                reason: format!(
+                    "{} has latent attention: its key/value heads are its {heads} query heads",
+                    family.key()
+                ),
+            });
+        }
+    }
     if explicit_head_dim.is_none() && !divisible && family_keys.contains_key("head_dim") {
         return Err(SynthError::InvalidOption {
             option: "--head-dim",

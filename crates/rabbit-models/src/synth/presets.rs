@@ -3,6 +3,7 @@
 use crate::registry::families;
 use crate::Architecture;
 
+use super::moe_presets::MOE_PRESETS;
 use super::SynthError;
 
 /// A family synth can write: a registered architecture with a synthetic config.
@@ -448,59 +449,6 @@ const REAL_PRESETS: &[Preset] = &[
         max_position: 32_768,
         rms_norm_eps: 1e-6,
     },
-    Preset {
-        name: "mixtral-8x7b",
-        family: Some("mixtral"),
-        description: "Mixtral-8x7B shape (8 experts, top 2, in every layer)",
-        hidden: 4096,
-        layers: 32,
-        heads: 32,
-        kv_heads: 8,
-        head_dim: None,
-        intermediate: 14_336,
-        vocab: Some(32_000),
-        tied: Some(false),
-        rope_theta: 1_000_000.0,
-        extra: r#"{"num_local_experts": 8, "num_experts_per_tok": 2}"#,
-        max_position: 32_768,
-        rms_norm_eps: 1e-5,
-    },
-    Preset {
-        name: "qwen1.5-moe-a2.7b",
-        family: Some("qwen2_moe"),
-        description: "Qwen1.5-MoE-A2.7B shape (60 experts, top 4, a shared expert)",
-        hidden: 2048,
-        layers: 24,
-        heads: 16,
-        kv_heads: 16,
-        head_dim: None,
-        intermediate: 5632,
-        vocab: Some(151_936),
-        tied: Some(false),
-        rope_theta: 1_000_000.0,
-        extra: r#"{"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
-                   "shared_expert_intermediate_size": 5632, "norm_topk_prob": false}"#,
-        max_position: 8192,
-        rms_norm_eps: 1e-6,
-    },
-    Preset {
-        name: "qwen3-30b-a3b",
-        family: Some("qwen3_moe"),
-        description: "Qwen3-30B-A3B shape (128 experts, top 8)",
-        hidden: 2048,
-        layers: 48,
-        heads: 32,
-        kv_heads: 4,
-        head_dim: Some(128),
-        intermediate: 6144,
-        vocab: Some(151_936),
-        tied: Some(false),
-        rope_theta: 1_000_000.0,
-        extra: r#"{"num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768,
-                   "norm_topk_prob": true}"#,
-        max_position: 40_960,
-        rms_norm_eps: 1e-6,
-    },
 ];
 
 /// A preset as listed to users.
@@ -518,6 +466,7 @@ pub struct PresetInfo {
 pub fn all_presets() -> Vec<PresetInfo> {
     std::iter::once(&TINY)
         .chain(REAL_PRESETS)
+        .chain(MOE_PRESETS)
         .map(|p| PresetInfo {
             name: p.name,
             arch: p.family.unwrap_or("any"),
@@ -531,6 +480,7 @@ fn family_presets(f: Family) -> Vec<&'static str> {
         .chain(
             REAL_PRESETS
                 .iter()
+                .chain(MOE_PRESETS)
                 .filter(|p| p.family == Some(f.key()))
                 .map(|p| p.name),
         )
@@ -548,7 +498,7 @@ pub(super) fn find_preset(f: Family, name: &str) -> Result<&'static Preset, Synt
     if l == TINY.name {
         return Ok(&TINY);
     }
-    match REAL_PRESETS.iter().find(|p| p.name == l) {
+    match REAL_PRESETS.iter().chain(MOE_PRESETS).find(|p| p.name == l) {
         Some(p) if p.family == Some(f.key()) => Ok(p),
         Some(p) => Err(SynthError::PresetOfOtherArch {
             preset: name.to_string(),
