@@ -128,6 +128,54 @@ fn deepseek_v3_matches_transformers() {
     check_moe("deepseek_v3");
 }
 
+/// DeepSeek-V3 as released: FP8 weights with their block scales, read as stored (in place, and
+/// split: every setting reads the same bytes) and dequantized after reading, against
+/// transformers' dequantisation of the same bytes.
+#[test]
+fn deepseek_v3_fp8_matches_transformers() {
+    check_moe("deepseek_v3_fp8");
+    let spec = rabbitllm::models::load_spec(&Case::load("deepseek_v3_fp8").dir).unwrap();
+    assert_eq!(spec.fp8_block, Some([8, 8]));
+}
+
+/// An FP8 weight without its scale, and a scale whose weight is not FP8, are refused by name.
+#[test]
+fn fp8_tensors_need_their_scales() {
+    use safetensors::tensor::{Dtype, TensorView};
+    let case = Case::load("deepseek_v3_fp8");
+    let bytes = std::fs::read(case.dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let rewrite = |drop: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["config.json", "generation_config.json"] {
+            std::fs::copy(case.dir.join(f), dir.path().join(f)).unwrap();
+        }
+        let kept: Vec<(String, TensorView)> = st
+            .tensors()
+            .into_iter()
+            .filter(|(n, _)| n != drop)
+            .map(|(n, t)| {
+                (
+                    n,
+                    TensorView::new(t.dtype(), t.shape().to_vec(), t.data()).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+        dir
+    };
+    let weight = "model.layers.1.mlp.experts.3.up_proj.weight";
+    assert_eq!(st.tensor(weight).unwrap().dtype(), Dtype::F8_E4M3);
+    let dir = rewrite(&format!("{weight}_scale_inv"));
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(
+            e.contains(weight) && e.contains("scale"),
+            "split {split}: {e}"
+        );
+    }
+}
+
 /// The latent cache holds `kv_lora_rank + qk_rope_head_dim` values per token and layer, not
 /// every head's keys and values.
 #[test]

@@ -16,6 +16,7 @@ mod dequant_x86;
 pub mod device;
 pub mod engine;
 pub mod error;
+pub mod fp8;
 pub mod generate;
 pub mod head;
 pub mod kv;

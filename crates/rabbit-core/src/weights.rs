@@ -28,6 +28,7 @@ pub fn kind_of(d: Dtype) -> Option<Kind> {
         Dtype::F64 => Some(Kind::Double),
         Dtype::U8 => Some(Kind::Uint8),
         Dtype::I8 => Some(Kind::Int8),
+        Dtype::F8_E4M3 => Some(Kind::Float8e4m3fn),
         _ => None,
     }
 }
@@ -68,38 +69,48 @@ impl UnitTensors {
             data.get(offset as usize..end)
         };
         let raw = view_tensors(entry, &get, device, &[])?;
-        Self::assemble_into(entry, raw, kind, buffers, false)
+        Self::assemble_into(entry, raw, kind, None, buffers, false)
     }
 
     /// [`UnitTensors::from_region_into`] of a unit as the reader delivers it (one buffer, or one
     /// mapping per extent), regrouping the rows of the tensors `row_orders` names (streaming in
     /// place: the split would have done it on disk). With `packed`, compressed weights the CPU
     /// can apply as stored are kept so ([`PackedWeight`]: for sweeps of a few positions, where
-    /// reading codes beats writing and reading a dequantized copy).
+    /// reading codes beats writing and reading a dequantized copy). `fp8` is the block size of
+    /// FP8 weights' scales ([`rabbit_models::ModelSpec::fp8_block`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn from_unit_bytes(
         entry: &UnitEntry,
         bytes: &UnitBytes,
         device: Device,
         kind: Kind,
+        fp8: Option<[usize; 2]>,
         buffers: Option<&mut DequantBuffers>,
         row_orders: &[RowOrder],
         packed: bool,
     ) -> Result<Self> {
         let get = |offset: u64, len: u64| bytes.get(offset, len);
         let raw = view_tensors(entry, &get, device, row_orders)?;
-        Self::assemble_into(entry, raw, kind, buffers, packed)
+        Self::assemble_into(entry, raw, kind, fp8, buffers, packed)
     }
 
     /// Turns a unit's stored tensors (already on the compute device, stored dtypes) into compute
-    /// tensors: floats converted to `kind`, quantized pairs dequantized under their original name.
-    pub fn assemble(entry: &UnitEntry, raw: BTreeMap<String, Tensor>, kind: Kind) -> Result<Self> {
-        Self::assemble_into(entry, raw, kind, None, false)
+    /// tensors: floats converted to `kind`, quantized pairs dequantized under their original name,
+    /// FP8 weights with their block scales (blocks of `fp8`) too.
+    pub fn assemble(
+        entry: &UnitEntry,
+        raw: BTreeMap<String, Tensor>,
+        kind: Kind,
+        fp8: Option<[usize; 2]>,
+    ) -> Result<Self> {
+        Self::assemble_into(entry, raw, kind, fp8, None, false)
     }
 
     fn assemble_into(
         entry: &UnitEntry,
         mut raw: BTreeMap<String, Tensor>,
         kind: Kind,
+        fp8: Option<[usize; 2]>,
         mut buffers: Option<&mut DequantBuffers>,
         pack: bool,
     ) -> Result<Self> {
@@ -128,6 +139,7 @@ impl UnitTensors {
             };
             tensors.insert(q.name.clone(), w);
         }
+        crate::fp8::dequantize_fp8_pairs(&entry.file, &mut raw, &mut tensors, kind, fp8)?;
         let dequant_s = start.elapsed().as_secs_f64();
         for (name, t) in raw {
             if !is_float(t.kind()) {
@@ -564,7 +576,15 @@ pub fn validate_split(spec: &ModelSpec, manifest: &Manifest, dir: &Path) -> Resu
                 reason: format!("shape {found_shape:?} but config.json implies {shape:?}"),
             });
         }
-        if !kind_of(dtype).is_some_and(is_float) {
+        let scaled = u.tensor(&format!("{name}_scale_inv")).is_some();
+        if dtype == Dtype::F8_E4M3 && !scaled {
+            return Err(CoreError::BadTensor {
+                file: dir.join(&u.file),
+                reason: format!("an FP8 tensor without its scale `{name}_scale_inv`"),
+                tensor: name,
+            });
+        }
+        if !(kind_of(dtype).is_some_and(is_float) || dtype == Dtype::F8_E4M3) {
             return Err(CoreError::BadTensor {
                 file: dir.join(&u.file),
                 tensor: name,

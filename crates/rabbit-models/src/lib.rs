@@ -27,6 +27,7 @@ pub mod mixtral;
 pub mod mla;
 pub mod moe;
 pub mod phi;
+pub mod quant;
 pub mod qwen1;
 pub mod qwen2;
 pub mod qwen3;

@@ -207,15 +207,16 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
     } else {
         r.take(act_key)?
     };
+    let fp8_block = match r.extra.remove("quantization_config") {
+        None | Some(Value::Null) => None,
+        Some(q) => Some(crate::quant::fp8_block(v, &q)?),
+    };
     // Refuse fields that would change the numerics in a way we do not implement.
     for key in r.extra.keys() {
         if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str()) {
             continue;
         }
-        let hint = match key.as_str() {
-            "quantization_config" => " (pre-quantized checkpoints are not supported; use an unquantized one and `--compression`)",
-            _ => " (rabbitllm does not know what it changes and refuses to guess)",
-        };
+        let hint = " (rabbitllm does not know what it changes and refuses to guess)";
         return Err(unsupported(
             v,
             format!("field `{key}` is not supported{hint}"),
@@ -399,7 +400,15 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         tensors: TensorLayout::llama_names(vec![]),
         moe: None,
         mla: None,
-        notes: vec![],
+        fp8_block,
+        notes: fp8_block
+            .map(|[a, b]| {
+                format!(
+                    "FP8 (E4M3) weights with {a}x{b} block scales are read as stored and dequantized to the compute dtype after each read"
+                )
+            })
+            .into_iter()
+            .collect(),
         bos_token_id: gen
             .and_then(|g| first(g.bos_token_id.as_ref()))
             .or(first(cfg.bos_token_id.as_ref())),

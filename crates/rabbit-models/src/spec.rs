@@ -87,6 +87,12 @@ pub struct ModelSpec {
     /// the latent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<MlaSpec>,
+    /// FP8 (E4M3) weights with block scales, as DeepSeek-V3 and the Qwen3 FP8 releases ship
+    /// them (`quantization_config.weight_block_size`, `[rows, cols]` per scale): a layer
+    /// weight `W` may be stored in FP8 beside its `W_scale_inv` (f32 or bf16, one value per
+    /// block) and is dequantized after it is read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fp8_block: Option<[usize; 2]>,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
     #[serde(default)]
     pub notes: Vec<String>,
@@ -173,14 +179,19 @@ impl ModelSpec {
         self.kv_shape().values()
     }
 
-    /// The full names of routed expert `e`'s tensors in layer `i` (none for a dense layer).
+    /// The full names of routed expert `e`'s tensors in layer `i` (none for a dense layer), and
+    /// of the FP8 block scales its checkpoint may store beside them.
     pub fn expert_tensors(&self, i: usize, e: usize) -> Vec<String> {
         let p = self.tensors.prefix(i);
-        self.layer_params(i)
-            .iter()
-            .filter(|q| q.expert == Some(e))
-            .map(|q| q.weight_name(&p))
-            .collect()
+        let mut out = vec![];
+        for q in self.layer_params(i).iter().filter(|q| q.expert == Some(e)) {
+            let name = q.weight_name(&p);
+            if self.fp8_block.is_some() {
+                out.push(format!("{name}_scale_inv"));
+            }
+            out.push(name);
+        }
+        out
     }
 
     /// Every tensor a checkpoint of this model holds, with its shape, in execution order
@@ -251,7 +262,7 @@ impl ModelSpec {
                 name: format!("layer.{i:03}"),
                 kind: UnitKind::Layer(i),
                 required: names_of(self.layer_tensor_shapes(i)),
-                optional: vec![],
+                optional: names_of(self.layer_scale_shapes(i)),
             });
         }
         units.push(UnitSpec {
@@ -279,21 +290,46 @@ impl ModelSpec {
             ignored_prefixes: t.ignored_prefixes.clone(),
             aliases: t.aliases.clone(),
             row_orders: self.row_orders(),
-            shapes: self.tensor_shapes().into_iter().collect(),
+            shapes: self
+                .tensor_shapes()
+                .into_iter()
+                .chain((0..self.num_layers).flat_map(|i| self.layer_scale_shapes(i)))
+                .collect(),
             groups: self.expert_groups(),
             uncompressed: self.routers(),
         }
     }
 
-    /// Routed expert `e`'s tensors form group `e + 1` of their layer's file (the rest, group 0,
-    /// comes first).
+    /// The block scales an FP8 checkpoint may store beside layer `i`'s projection weights
+    /// (`{weight}_scale_inv`, one value per `fp8_block` block, partial blocks rounded up).
+    pub fn layer_scale_shapes(&self, i: usize) -> Vec<(String, Vec<usize>)> {
+        let Some([bm, bn]) = self.fp8_block else {
+            return vec![];
+        };
+        let p = self.tensors.prefix(i);
+        self.layer_params(i)
+            .iter()
+            .filter(|q| q.shape.len() == 2 && !q.raw)
+            .map(|q| {
+                let scale = vec![q.shape[0].div_ceil(bm), q.shape[1].div_ceil(bn)];
+                (format!("{}_scale_inv", q.weight_name(&p)), scale)
+            })
+            .collect()
+    }
+
+    /// Routed expert `e`'s tensors (and their FP8 scales) form group `e + 1` of their layer's
+    /// file (the rest, group 0, comes first).
     fn expert_groups(&self) -> std::collections::BTreeMap<String, u32> {
         let mut out = std::collections::BTreeMap::new();
         for i in 0..self.num_layers {
             let p = self.tensors.prefix(i);
             for q in self.layer_params(i) {
                 if let Some(e) = q.expert {
-                    out.insert(q.weight_name(&p), e as u32 + 1);
+                    let name = q.weight_name(&p);
+                    if self.fp8_block.is_some() {
+                        out.insert(format!("{name}_scale_inv"), e as u32 + 1);
+                    }
+                    out.insert(name, e as u32 + 1);
                 }
             }
         }

@@ -131,6 +131,56 @@ fn deepseek_v2_lite_resolves_as_transformers_reads_it() {
 }
 
 #[test]
+fn fp8_quantization_configs_are_read_and_others_refused() {
+    let fp8 = json!({"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8",
+                     "weight_block_size": [128, 128]});
+    let spec = resolve(&patched(v3(), json!({ "quantization_config": fp8 }))).unwrap();
+    assert_eq!(spec.fp8_block, Some([128, 128]));
+    assert!(spec.notes.iter().any(|n| n.contains("FP8")));
+    // A 576-row kv_a_proj_with_mqa has 5 block rows (the last one partial).
+    let scales: std::collections::BTreeMap<String, Vec<usize>> =
+        spec.layer_scale_shapes(0).into_iter().collect();
+    assert_eq!(
+        scales["model.layers.0.self_attn.kv_a_proj_with_mqa.weight_scale_inv"],
+        vec![5, 56]
+    );
+    assert!(spec
+        .layout()
+        .units
+        .iter()
+        .any(|u| u.optional.iter().any(|n| n.ends_with("_scale_inv"))));
+    for (q, needle) in [
+        (json!({"quant_method": "gptq", "bits": 4}), "quant_method"),
+        (
+            json!({"quant_method": "fp8", "fmt": "e5m2", "weight_block_size": [128, 128]}),
+            "fmt",
+        ),
+        (
+            json!({"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": [128, 128]}),
+            "activation_scheme",
+        ),
+        (
+            json!({"quant_method": "fp8", "weight_block_size": [128]}),
+            "weight_block_size",
+        ),
+        (
+            json!({"quant_method": "fp8", "weight_block_size": [0, 128]}),
+            "weight_block_size",
+        ),
+        (
+            json!({"quant_method": "fp8", "weight_block_size": [128, 128], "kv_cache_scheme": "fp8"}),
+            "kv_cache_scheme",
+        ),
+    ] {
+        let e = resolve(&patched(v3(), json!({ "quantization_config": q }))).unwrap_err();
+        assert!(
+            e.contains("quantization_config") && e.contains(needle),
+            "{e}"
+        );
+    }
+}
+
+#[test]
 fn deepseek_fields_are_refused_by_name() {
     for (base, patch, needle) in [
         (v3(), json!({"moe_layer_freq": 2}), "moe_layer_freq"),

@@ -370,6 +370,7 @@ impl StreamedExperts<'_> {
                 &bytes,
                 self.device,
                 self.kind,
+                self.spec.fp8_block,
                 Some(self.buffers),
                 self.row_orders,
                 self.packed,

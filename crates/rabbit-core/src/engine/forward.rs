@@ -198,6 +198,7 @@ impl Engine {
                     &unit.bytes,
                     self.device,
                     self.kind,
+                    self.spec.fp8_block,
                     Some(&mut self.dequant_buffers),
                     &self.row_orders,
                     packed,

@@ -57,6 +57,7 @@ impl Engine {
             manifest: &manifest,
             regions: &regions,
             row_orders: &[],
+            fp8_block: spec.fp8_block,
             original: false,
             stamps: &[],
         };
@@ -87,6 +88,7 @@ impl Engine {
             manifest: &plan.manifest,
             regions: &plan.regions,
             row_orders: &plan.row_orders,
+            fp8_block: spec.fp8_block,
             original: true,
             stamps: &plan.stamps,
         };

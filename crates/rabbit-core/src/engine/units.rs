@@ -24,6 +24,8 @@ pub(super) struct Units<'a> {
     pub(super) manifest: &'a Manifest,
     pub(super) regions: &'a [UnitRegion],
     pub(super) row_orders: &'a [RowOrder],
+    /// Block size of FP8 weights' scales.
+    pub(super) fp8_block: Option<[usize; 2]>,
     /// Original shards streamed in place (changes how damage is reported).
     pub(super) original: bool,
     /// In place: the files' identities when their headers were read.
@@ -129,7 +131,7 @@ impl Units<'_> {
             quantized,
             ..entry.clone()
         };
-        UnitTensors::assemble(&entry, tensors, kind)
+        UnitTensors::assemble(&entry, tensors, kind, self.fp8_block)
     }
 
     pub(super) fn mapped(&self, entry: &UnitEntry, name: &str) -> Result<Arc<MappedMatrix>> {
