@@ -176,6 +176,14 @@ fn fp8_tensors_need_their_scales() {
     }
 }
 
+/// gpt-oss: sinks, alternating windows shorter than the prompts (a padded batch too), the
+/// stacked experts read one row each.
+#[test]
+fn gpt_oss_matches_transformers() {
+    check_moe("gpt_oss");
+    check_window("gpt_oss");
+}
+
 /// The latent cache holds `kv_lora_rank + qk_rope_head_dim` values per token and layer, not
 /// every head's keys and values.
 #[test]

@@ -276,7 +276,7 @@ fn bad_inputs_fail_clearly() {
     // Unknown and not-yet-supported architectures.
     for (arch, needle) in [
         ("FancyNetForCausalLM", "unknown architecture"),
-        ("GptOssForCausalLM", "not yet supported"),
+        ("BaiChuanForCausalLM", "not yet supported"),
     ] {
         let dir = tmp.path().join(arch);
         copy_dir(&fixture("qwen2_tied_f32"), &dir);

@@ -198,24 +198,48 @@ impl UnitTensors {
         self.tensors.remove(name)
     }
 
-    /// Takes routed expert `e` of layer `i` (its gate, up and down projections).
+    /// Takes routed expert `e` of layer `i` (its gate, up and down projections, or gpt-oss's
+    /// stacked gate/up and down with their biases).
     pub fn take_expert(&mut self, spec: &ModelSpec, i: usize, e: usize) -> Result<ExpertWeights> {
         let p = spec.tensors.prefix(i);
-        let mut get = |role: Role| -> Result<Linear> {
-            let param = spec
-                .layer_params(i)
+        let params = spec.layer_params(i);
+        let name = |role: Role| {
+            params
                 .iter()
                 .find(|q| q.role == role && q.expert == Some(e))
-                .ok_or_else(|| CoreError::BadTensor {
-                    file: self.file.clone().into(),
-                    tensor: format!("expert {e} {role:?}"),
-                    reason: "the family's inventory has no such tensor".into(),
-                })?;
-            let weight = self.take_weight(&param.weight_name(&p))?;
+                .map(|q| q.weight_name(&p))
+        };
+        let file = self.file.clone();
+        let need = |role: Role| {
+            name(role).ok_or_else(|| CoreError::BadTensor {
+                file: file.clone().into(),
+                tensor: format!("expert {e} {role:?}"),
+                reason: "the family's inventory has no such tensor".into(),
+            })
+        };
+        if let Some(gate_up) = name(Role::ExpertGateUpT) {
+            // Stored `[in, out]`, applied as `x · W`: a transposed view serves `linear`.
+            let mut stacked = |w: String, b: Role| -> Result<Linear> {
+                let weight = LinearWeight::Dense(self.take(&w)?.f_transpose(0, 1)?);
+                Ok(Linear {
+                    weight,
+                    bias: Some(self.take(&need(b)?)?),
+                })
+            };
+            let up = stacked(gate_up, Role::ExpertGateUpBias)?;
+            let down = stacked(need(Role::ExpertDownT)?, Role::ExpertDownBias)?;
+            return Ok(ExpertWeights {
+                gate: None,
+                up,
+                down,
+            });
+        }
+        let mut get = |role: Role| -> Result<Linear> {
+            let weight = self.take_weight(&need(role)?)?;
             Ok(Linear { weight, bias: None })
         };
         Ok(ExpertWeights {
-            gate: get(Role::ExpertGate)?,
+            gate: Some(get(Role::ExpertGate)?),
             up: get(Role::ExpertUp)?,
             down: get(Role::ExpertDown)?,
         })

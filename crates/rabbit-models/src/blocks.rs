@@ -147,12 +147,33 @@ pub enum Role {
     /// `[heads * (nope + v_head_dim), kv_lora_rank]`: the latent's up-projection to every head's
     /// key (nope part) and value.
     KvB,
+    /// `[heads]`: each head's attention sink, a logit every query also attends to and whose
+    /// share of the softmax is dropped (gpt-oss).
+    Sinks,
+    /// A routed expert's gate and up projections as gpt-oss stacks them: `[hidden, 2 * width]`,
+    /// applied as `x · W`, gate and up interleaved column by column.
+    ExpertGateUpT,
+    /// Its bias, `[2 * width]`.
+    ExpertGateUpBias,
+    /// A routed expert's down projection applied as `x · W` (`[width, hidden]`).
+    ExpertDownT,
+    /// Its bias, `[hidden]`.
+    ExpertDownBias,
 }
 
 impl Role {
     /// Whether the role belongs to one routed expert (read only when a token routes to it).
     pub fn is_expert(self) -> bool {
-        matches!(self, Role::ExpertGate | Role::ExpertUp | Role::ExpertDown)
+        matches!(
+            self,
+            Role::ExpertGate
+                | Role::ExpertUp
+                | Role::ExpertDown
+                | Role::ExpertGateUpT
+                | Role::ExpertGateUpBias
+                | Role::ExpertDownT
+                | Role::ExpertDownBias
+        )
     }
 
     /// Whether the role is a norm.
@@ -172,7 +193,7 @@ impl Role {
 
     /// Whether the role is a plain vector used as it is (neither a norm nor a projection).
     pub fn is_vector(self) -> bool {
-        matches!(self, Role::RouterBias)
+        matches!(self, Role::RouterBias | Role::Sinks)
     }
 }
 
@@ -199,6 +220,10 @@ pub struct Param {
     /// `mlp.gate.e_score_correction_bias`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub raw: bool,
+    /// A raw part `{base}[e]`: row `e` of the checkpoint tensor `{prefix}{base}`, which stacks
+    /// one per routed expert.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stacked: bool,
 }
 
 impl Param {
@@ -212,7 +237,29 @@ impl Param {
             row_order: None,
             expert: None,
             raw: false,
+            stacked: false,
         }
+    }
+
+    /// Part `e` of `{prefix}{base}`, a checkpoint tensor stacking every routed expert's
+    /// `shape` tensor.
+    pub fn stacked_part(role: Role, base: &str, e: usize, shape: Vec<usize>) -> Param {
+        Param {
+            role,
+            name: format!("{base}[{e}]"),
+            shape,
+            bias: false,
+            row_order: None,
+            expert: Some(e),
+            raw: true,
+            stacked: true,
+        }
+    }
+
+    /// The checkpoint tensor a stacked part is a row of (`{prefix}{base}`).
+    pub fn stacked_source(&self, prefix: &str) -> Option<String> {
+        let base = self.name.rsplit_once('[').map(|(b, _)| b)?;
+        self.stacked.then(|| format!("{prefix}{base}"))
     }
 
     /// A vector of `len` elements named `{prefix}{name}` (no `.weight`).
@@ -251,6 +298,7 @@ impl Param {
             row_order: None,
             expert: None,
             raw: false,
+            stacked: false,
         }
     }
 }

@@ -13,7 +13,7 @@ use crate::blocks::{Activation, AttentionSpec, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::mla::MlaSpec;
-use crate::moe::{MoeNames, MoeSpec, Routing, SharedExpert};
+use crate::moe::{ExpertMlp, MoeNames, MoeSpec, Routing, SharedExpert};
 use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
@@ -288,6 +288,7 @@ impl Deepseek {
             renormalize,
             router_f32: true,
             scaling,
+            expert_mlp: ExpertMlp::Gated,
             weights_in_compute_dtype: false,
             shared: Some(SharedExpert {
                 intermediate: inter.saturating_mul(shared),

@@ -9,7 +9,7 @@ use crate::blocks::{Activation, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::lineage::attention_projections;
-use crate::moe::{take_num_experts, MoeNames, MoeSpec, Routing};
+use crate::moe::{take_num_experts, ExpertMlp, MoeNames, MoeSpec, Routing};
 use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
@@ -66,6 +66,7 @@ impl Architecture for Mixtral {
             renormalize: true,
             router_f32: false,
             scaling: 1.0,
+            expert_mlp: ExpertMlp::Gated,
             weights_in_compute_dtype: false,
             shared: None,
             sparse_layers: vec![true; spec.num_layers],

@@ -26,6 +26,9 @@ pub enum Routing {
         /// `topk_group`.
         topk_groups: usize,
     },
+    /// gpt-oss: the `top_k` largest logits, then a softmax over those alone (in the compute
+    /// dtype).
+    TopKSoftmax,
     /// DeepSeek-V3's `noaux_tc`: sigmoid scores; the choice adds the layer's
     /// `e_score_correction_bias` and ranks groups by the sum of their two best; the weights
     /// are the plain sigmoid scores of the chosen experts.
@@ -39,6 +42,24 @@ pub enum Routing {
 
 fn one() -> f64 {
     1.0
+}
+
+/// What a routed expert computes.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExpertMlp {
+    /// `down(act(gate(x)) · up(x))` with the model's activation.
+    #[default]
+    Gated,
+    /// gpt-oss: `gu = x · W + b` with gate and up interleaved; the gate clamped above at
+    /// `limit`, up to `[-limit, limit]`; `(up + 1) · gate · sigmoid(alpha · gate)`, then the
+    /// down projection with its bias.
+    ClampedSwiglu {
+        /// `swiglu_alpha`.
+        alpha: f64,
+        /// `swiglu_limit`.
+        limit: f64,
+    },
 }
 
 /// The feed-forward block of a sparse layer.
@@ -63,6 +84,9 @@ pub struct MoeSpec {
     /// `routed_scaling_factor`).
     #[serde(default = "one")]
     pub scaling: f64,
+    /// What each routed expert computes.
+    #[serde(default)]
+    pub expert_mlp: ExpertMlp,
     /// The weights are rounded to the compute dtype before scaling the experts' outputs
     /// (Qwen-MoE); otherwise an expert's output is scaled in f32 and then rounded (Mixtral).
     pub weights_in_compute_dtype: bool,

@@ -12,7 +12,9 @@ use crate::blocks::{Activation, Param, Role, TensorLayout};
 use crate::config::{GenerationConfig, HfConfig};
 use crate::error::Result;
 use crate::lineage::{attention_projections, separate_projections};
-use crate::moe::{qwen_sparse_layers, take_num_experts, MoeNames, MoeSpec, Routing, SharedExpert};
+use crate::moe::{
+    qwen_sparse_layers, take_num_experts, ExpertMlp, MoeNames, MoeSpec, Routing, SharedExpert,
+};
 use crate::resolve::Resolver;
 use crate::spec::ModelSpec;
 
@@ -135,6 +137,7 @@ impl Architecture for QwenMoe {
             renormalize: norm_topk,
             router_f32: false,
             scaling: 1.0,
+            expert_mlp: ExpertMlp::Gated,
             weights_in_compute_dtype: true,
             shared,
             sparse_layers,

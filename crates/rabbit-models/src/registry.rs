@@ -10,6 +10,7 @@ use crate::deepseek::{DEEPSEEK_V2, DEEPSEEK_V3};
 use crate::error::{ModelError, Result};
 use crate::gemma::{Gemma2, Gemma3, Gemma3Multimodal};
 use crate::glm::{Glm, Glm4};
+use crate::gpt_oss::GptOss;
 use crate::internlm::{InternLm, InternLm2};
 use crate::mixtral::Mixtral;
 use crate::phi::{Phi, Phi3};
@@ -41,11 +42,12 @@ static SUPPORTED: &[&dyn Architecture] = &[
     &QWEN3_MOE,
     &DEEPSEEK_V2,
     &DEEPSEEK_V3,
+    &GptOss,
 ];
 
 /// Families named by the anchors' documentation that are recognised but not implemented yet:
 /// they get a clear "not yet supported" error rather than being routed to a look-alike.
-pub static NOT_YET_SUPPORTED: &[&str] = &["BaiChuanForCausalLM", "GptOssForCausalLM"];
+pub static NOT_YET_SUPPORTED: &[&str] = &["BaiChuanForCausalLM"];
 
 /// Names of the implemented architectures.
 pub fn supported_architectures() -> Vec<&'static str> {

@@ -294,9 +294,11 @@ impl ModelSpec {
                 .tensor_shapes()
                 .into_iter()
                 .chain((0..self.num_layers).flat_map(|i| self.layer_scale_shapes(i)))
+                .chain(self.stacked_shapes())
                 .collect(),
             groups: self.expert_groups(),
             uncompressed: self.routers(),
+            stacked: self.stacked(),
         }
     }
 
@@ -330,6 +332,45 @@ impl ModelSpec {
                         out.insert(format!("{name}_scale_inv"), e as u32 + 1);
                     }
                     out.insert(name, e as u32 + 1);
+                }
+            }
+        }
+        out
+    }
+
+    /// The shapes of the stacked checkpoint tensors: their parts' shape after the expert count.
+    fn stacked_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out: Vec<(String, Vec<usize>)> = vec![];
+        for i in 0..self.num_layers {
+            let p = self.tensors.prefix(i);
+            for q in self.layer_params(i) {
+                let Some(source) = q.stacked_source(&p) else {
+                    continue;
+                };
+                match out.iter_mut().find(|(n, _)| *n == source) {
+                    Some((_, shape)) => shape[0] += 1,
+                    None => out.push((source, std::iter::once(1).chain(q.shape.clone()).collect())),
+                }
+            }
+        }
+        out
+    }
+
+    /// The checkpoint tensors stacking one part per routed expert, with their parts in order.
+    fn stacked(&self) -> Vec<rabbit_split::layout::Stacked> {
+        let mut out: Vec<rabbit_split::layout::Stacked> = vec![];
+        for i in 0..self.num_layers {
+            let p = self.tensors.prefix(i);
+            for q in self.layer_params(i) {
+                let Some(source) = q.stacked_source(&p) else {
+                    continue;
+                };
+                match out.iter_mut().find(|s| s.tensor == source) {
+                    Some(s) => s.parts.push(q.weight_name(&p)),
+                    None => out.push(rabbit_split::layout::Stacked {
+                        tensor: source,
+                        parts: vec![q.weight_name(&p)],
+                    }),
                 }
             }
         }

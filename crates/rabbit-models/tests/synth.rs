@@ -48,10 +48,13 @@ fn presets_resolve_with_the_real_parameter_counts() {
         assert!(p.spec.vocab_size >= p.tokenizer_size);
     }
     assert!(!dir.exists());
-    // The DeepSeek releases round their counts: 671B (V3, its MTP layer not counted) and 15.7B.
+    // Published counts, rounded: DeepSeek-V3 671B (its MTP layer not counted), V2-Lite 15.7B.
     for (arch, preset, params) in [
         ("deepseek_v3", "deepseek-v3", 671e9),
         ("deepseek_v2", "deepseek-v2-lite", 15.7e9),
+        // openai's model card: 20.9B and 116.8B.
+        ("gpt_oss", "gpt-oss-20b", 20.9e9),
+        ("gpt_oss", "gpt-oss-120b", 116.8e9),
     ] {
         let p = plan(&opts(arch, preset, dir)).unwrap_or_else(|e| panic!("{preset}: {e}"));
         let rel = (p.num_parameters as f64 - params).abs() / params;
@@ -169,7 +172,7 @@ fn tiny_preset_works_for_every_family_and_overrides_apply() {
 
     let all = synth::all_presets();
     assert_eq!(all[0].name, "tiny");
-    assert_eq!(all.len(), 26);
+    assert_eq!(all.len(), 28);
     assert_eq!(
         presets("Qwen3ForCausalLM").unwrap(),
         vec!["tiny", "qwen3-0.6b", "qwen3-1.7b"]

@@ -335,6 +335,62 @@ impl Checkpoint {
         self.tensors.get(name)
     }
 
+    /// Opens a checkpoint for `layout`: [`Checkpoint::open`], then every tensor the layout
+    /// says is stacked replaced by its parts ([`crate::layout::Stacked`]).
+    pub fn open_for(dir: &Path, layout: &crate::layout::Layout) -> Result<Checkpoint> {
+        let mut ckpt = Checkpoint::open(dir)?;
+        ckpt.unstack(layout)?;
+        Ok(ckpt)
+    }
+
+    /// Replaces each stacked tensor of `layout` present here by its parts: row `e` of its first
+    /// dimension is the tensor `parts[e]`, a contiguous sub-range of the same bytes.
+    pub fn unstack(&mut self, layout: &crate::layout::Layout) -> Result<()> {
+        for s in &layout.stacked {
+            let Some(name) = layout.find(&s.tensor, |n| {
+                self.tensors.contains_key(n).then(|| n.to_string())
+            }) else {
+                continue;
+            };
+            let loc = self.tensors.remove(&name).expect("found above");
+            let rows = s.parts.len();
+            let expected = layout.shapes.get(&s.tensor);
+            let fits = loc.shape.first() == Some(&rows)
+                && rows > 0
+                && loc.len % rows as u64 == 0
+                && expected.is_none_or(|e| *e == loc.shape);
+            if !fits {
+                return Err(SplitError::TensorShape {
+                    file: loc.file.clone(),
+                    tensor: loc.name.clone(),
+                    found: loc.shape.clone(),
+                    expected: expected.cloned().unwrap_or_else(|| {
+                        std::iter::once(rows)
+                            .chain(loc.shape.iter().skip(1).copied())
+                            .collect()
+                    }),
+                });
+            }
+            let stride = loc.len / rows as u64;
+            for (e, part) in s.parts.iter().enumerate() {
+                let piece = TensorLoc {
+                    name: part.clone(),
+                    shape: loc.shape[1..].to_vec(),
+                    offset: loc.offset + e as u64 * stride,
+                    len: stride,
+                    ..loc.clone()
+                };
+                if self.tensors.insert(part.clone(), piece).is_some() {
+                    return Err(SplitError::InvalidLayout {
+                        architecture: layout.architecture.clone(),
+                        reason: format!("{part} is both a checkpoint tensor and a part of {name}"),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// All tensors, in name order.
     pub fn tensors(&self) -> impl Iterator<Item = &TensorLoc> {
         self.tensors.values()

@@ -141,7 +141,7 @@ impl FileStamp {
 pub fn plan_in_place(checkpoint_dir: &Path, layout: &Layout) -> Result<InPlace> {
     layout.validate()?;
     crate::checkpoint::read_config_json(checkpoint_dir)?;
-    let ckpt = Checkpoint::open(checkpoint_dir)?;
+    let ckpt = Checkpoint::open_for(checkpoint_dir, layout)?;
     plan_opened(&ckpt, layout)
 }
 

@@ -72,6 +72,22 @@ pub struct Layout {
     /// error would flip).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub uncompressed: Vec<String>,
+    /// Checkpoint tensors that stack one tensor per routed expert (see [`Stacked`]): the units
+    /// name their parts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stacked: Vec<Stacked>,
+}
+
+/// A checkpoint tensor stacking one tensor per routed expert along its first dimension
+/// (gpt-oss's `mlp.experts.gate_up_proj`, `[experts, hidden, 2 * intermediate]`): read as the
+/// separate tensors `parts[e]`, each one contiguous range of it, so one read fetches one expert
+/// in a split and in place alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stacked {
+    /// Full checkpoint name of the stacked tensor.
+    pub tensor: String,
+    /// The part names, one per row of its first dimension.
+    pub parts: Vec<String>,
 }
 
 /// A tensor whose rows the split stores in another order than the checkpoint: the leading

@@ -161,6 +161,60 @@ pub fn attention(
     Ok(probs.f_matmul(&values)?)
 }
 
+/// Attention with a sink per head (gpt-oss): every query's softmax also covers the head's sink
+/// logit, whose share is then dropped, so the weights over the keys sum to less than one.
+/// Eager as transformers writes it: scores in the compute dtype, masked with `-inf`, the row's
+/// maximum subtracted, softmax in the compute dtype.
+pub fn attention_with_sinks(
+    q: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&Tensor>,
+    causal: bool,
+    spec: &AttentionSpec,
+    sinks: &Tensor,
+) -> Result<Tensor> {
+    let (b, h, t) = (q.size()[0], q.size()[1], q.size()[2]);
+    let kvh = keys.size()[1];
+    let (keys, values) = if kvh != h {
+        let rep = h / kvh;
+        (
+            keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
+            values.f_repeat_interleave_self_int(rep, Some(1), None)?,
+        )
+    } else {
+        (keys.shallow_clone(), values.shallow_clone())
+    };
+    let scores = q
+        .f_matmul(&keys.f_transpose(-2, -1)?)?
+        .f_mul_scalar(spec.scale)?;
+    let s = keys.size()[2];
+    let causal_mask;
+    let allowed = match (mask, causal) {
+        (Some(m), _) => Some(m),
+        (None, true) => {
+            causal_mask = Tensor::f_ones([t, s], (Kind::Bool, q.device()))?.f_tril(s - t)?;
+            Some(&causal_mask)
+        }
+        (None, false) => None,
+    };
+    let scores = match allowed {
+        Some(m) => scores.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?,
+        None => scores,
+    };
+    let sink = sinks
+        .f_to_kind(scores.kind())?
+        .f_reshape([1, h, 1, 1])?
+        .f_expand([b, h, t, 1], false)?;
+    let combined = Tensor::f_cat(&[scores, sink], -1)?;
+    let combined = combined.f_sub(&combined.f_amax(-1, true)?)?;
+    let probs = combined
+        .f_softmax(-1, combined.kind())?
+        .f_narrow(-1, 0, s)?
+        .f_to_kind(values.kind())?;
+    Ok(probs.f_matmul(&values)?)
+}
+
 /// Attention with additive scores (ALiBi): `softmax(q·kᵀ · scale + bias)`, `bias` `[B, H, T, S]`
 /// holding `-inf` where a key is masked out; softmax in f32. Eager, as the original code (the
 /// scores with the bias are materialised either way).

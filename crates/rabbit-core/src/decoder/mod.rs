@@ -134,10 +134,13 @@ fn self_attention(
         _ => ctx.full_mask.as_ref(),
     };
     let causal = ctx.causal && mask.is_none();
-    let attn = match &ctx.alibi {
+    let attn = match (&ctx.alibi, w.vector(Role::Sinks)) {
         // The bias carries the mask.
-        Some(bias) => blocks::attention_with_bias(&q, &keys, &values, bias, &spec.attention)?,
-        None => blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?,
+        (Some(bias), _) => blocks::attention_with_bias(&q, &keys, &values, bias, &spec.attention)?,
+        (None, Some(sinks)) => {
+            blocks::attention_with_sinks(&q, &keys, &values, mask, causal, &spec.attention, sinks)?
+        }
+        (None, None) => blocks::attention(&q, &keys, &values, mask, causal, &spec.attention)?,
     };
     let attn = lay.to_packed(&attn.f_transpose(1, 2)?.f_reshape([b, t, h * d])?)?;
     w.req_linear(Role::O)?.forward(&attn)

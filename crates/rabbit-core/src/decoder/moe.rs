@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use rabbit_models::{ModelSpec, MoeSpec, Role, Routing};
+use rabbit_models::{ExpertMlp, ModelSpec, MoeSpec, Role, Routing};
 use tch::{Kind, Tensor};
 
 use super::blocks;
@@ -15,9 +15,9 @@ use crate::weights::{LayerWeights, Linear, LinearWeight};
 
 /// One routed expert's gated MLP.
 pub struct ExpertWeights {
-    /// Gate projection.
-    pub gate: Linear,
-    /// Up projection.
+    /// Gate projection (`None`: fused into `up`, gpt-oss's interleaved gate/up).
+    pub gate: Option<Linear>,
+    /// Up projection (or the fused gate/up one).
     pub up: Linear,
     /// Down projection.
     pub down: Linear,
@@ -27,9 +27,32 @@ impl ExpertWeights {
     /// Its dense tensors (to hand dequantization buffers back).
     pub fn into_tensors(self) -> impl Iterator<Item = Tensor> {
         self.gate
-            .into_tensors()
+            .into_iter()
+            .flat_map(Linear::into_tensors)
             .chain(self.up.into_tensors())
             .chain(self.down.into_tensors())
+    }
+
+    /// The expert on `x` (`[n, hidden]`).
+    fn forward(&self, spec: &ModelSpec, mlp: ExpertMlp, x: &Tensor) -> Result<Tensor> {
+        let h = match (mlp, &self.gate) {
+            (ExpertMlp::Gated, Some(gate)) => {
+                blocks::activate(&gate.forward(x)?, spec.activation)?.f_mul(&self.up.forward(x)?)?
+            }
+            (ExpertMlp::ClampedSwiglu { alpha, limit }, None) => {
+                let gu = self.up.forward(x)?;
+                let gate = gu.f_slice(-1, 0, None, 2)?.f_clamp_max(limit)?;
+                let up = gu.f_slice(-1, 1, None, 2)?.f_clamp(-limit, limit)?;
+                let glu = gate.f_mul(&gate.f_mul_scalar(alpha)?.f_sigmoid()?)?;
+                up.f_add_scalar(1.0)?.f_mul(&glu)?
+            }
+            _ => {
+                return Err(CoreError::InvalidInput(
+                    "an expert's projections do not match its kind".into(),
+                ))
+            }
+        };
+        self.down.forward(&h)
     }
 }
 
@@ -151,6 +174,10 @@ pub fn route(
         Routing::SoftmaxTopK => logits
             .f_softmax(-1, Kind::Float)?
             .f_topk(k, -1, true, true)?,
+        Routing::TopKSoftmax => {
+            let (top, index) = logits.f_topk(k, -1, true, true)?;
+            (top.f_softmax(-1, top.kind())?, index)
+        }
         Routing::SoftmaxGroupLimited {
             groups,
             topk_groups,
@@ -234,8 +261,7 @@ pub fn moe_forward(
         let tokens = Tensor::f_from_slice(&tokens)?.f_to_device(device)?;
         let slots = Tensor::f_from_slice(&slots)?.f_to_device(device)?;
         let xs = flat.f_index_select(0, &tokens)?;
-        let h = act(&ex.gate.forward(&xs)?)?.f_mul(&ex.up.forward(&xs)?)?;
-        let y = ex.down.forward(&h)?;
+        let y = ex.forward(spec, moe.expert_mlp, &xs)?;
         // weights[token, slot]: f32 (Mixtral: the product is f32, then rounded) or the compute
         // dtype (Qwen-MoE).
         let scale = weights

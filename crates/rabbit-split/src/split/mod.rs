@@ -94,7 +94,7 @@ pub fn split(
     }
 
     // Read-only validation and planning first: bad input leaves the disk untouched.
-    let ckpt = match Checkpoint::open(checkpoint_dir) {
+    let ckpt = match Checkpoint::open_for(checkpoint_dir, layout) {
         Ok(c) => c,
         Err(e @ (SplitError::MissingWeights { .. } | SplitError::MissingShard { .. })) => {
             // Explain the common trap: originals deleted, split no longer matching.

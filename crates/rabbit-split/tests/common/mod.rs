@@ -260,6 +260,7 @@ pub fn layout(spec: &Spec) -> Layout {
         shapes: Default::default(),
         groups: Default::default(),
         uncompressed: vec![],
+        stacked: vec![],
     }
 }
 
