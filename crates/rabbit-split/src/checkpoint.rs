@@ -357,7 +357,7 @@ impl Checkpoint {
             let expected = layout.shapes.get(&s.tensor);
             let fits = loc.shape.first() == Some(&rows)
                 && rows > 0
-                && loc.len % rows as u64 == 0
+                && loc.len.is_multiple_of(rows as u64)
                 && expected.is_none_or(|e| *e == loc.shape);
             if !fits {
                 return Err(SplitError::TensorShape {
