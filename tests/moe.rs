@@ -138,41 +138,50 @@ fn deepseek_v3_fp8_matches_transformers() {
     assert_eq!(spec.fp8_block, Some([8, 8]));
 }
 
-/// An FP8 weight without its scale, and a scale whose weight is not FP8, are refused by name.
-#[test]
-fn fp8_tensors_need_their_scales() {
-    use safetensors::tensor::{Dtype, TensorView};
-    let case = Case::load("deepseek_v3_fp8");
+/// A fixture with one tensor left out (any dtype).
+fn without(name: &str, drop: &str) -> tempfile::TempDir {
+    use safetensors::tensor::TensorView;
+    let case = Case::load(name);
     let bytes = std::fs::read(case.dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let rewrite = |drop: &str| {
-        let dir = tempfile::tempdir().unwrap();
-        for f in ["config.json", "generation_config.json"] {
-            std::fs::copy(case.dir.join(f), dir.path().join(f)).unwrap();
-        }
-        let kept: Vec<(String, TensorView)> = st
-            .tensors()
-            .into_iter()
-            .filter(|(n, _)| n != drop)
-            .map(|(n, t)| {
-                (
-                    n,
-                    TensorView::new(t.dtype(), t.shape().to_vec(), t.data()).unwrap(),
-                )
-            })
-            .collect();
-        safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
-        dir
-    };
+    assert!(st.tensor(drop).is_ok(), "{drop}");
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(case.dir.join(f), dir.path().join(f)).unwrap();
+    }
+    let kept: Vec<(String, TensorView)> = st
+        .tensors()
+        .into_iter()
+        .filter(|(n, _)| n != drop)
+        .map(|(n, t)| {
+            (
+                n,
+                TensorView::new(t.dtype(), t.shape().to_vec(), t.data()).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(kept, None, &dir.path().join("model.safetensors")).unwrap();
+    dir
+}
+
+/// Pre-quantised tensors without their scales are refused by name: an FP8 weight without its
+/// `_scale_inv`, MXFP4 blocks without their exponents.
+#[test]
+fn prequantised_tensors_need_their_scales() {
     let weight = "model.layers.1.mlp.experts.3.up_proj.weight";
-    assert_eq!(st.tensor(weight).unwrap().dtype(), Dtype::F8_E4M3);
-    let dir = rewrite(&format!("{weight}_scale_inv"));
+    let dir = without("deepseek_v3_fp8", &format!("{weight}_scale_inv"));
     for split in [false, true] {
         let e = load_err(dir.path(), split);
         assert!(
             e.contains(weight) && e.contains("scale"),
             "split {split}: {e}"
         );
+    }
+    let scales = "model.layers.1.mlp.experts.down_proj_scales";
+    let dir = without("gpt_oss_mxfp4", scales);
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(e.contains(scales), "split {split}: {e}");
     }
 }
 
@@ -182,6 +191,40 @@ fn fp8_tensors_need_their_scales() {
 fn gpt_oss_matches_transformers() {
     check_moe("gpt_oss");
     check_window("gpt_oss");
+}
+
+/// gpt-oss as released: MXFP4 experts read as stored, one expert's blocks and exponents per
+/// read, against transformers' dequantisation of the same bytes.
+#[test]
+fn gpt_oss_mxfp4_matches_transformers() {
+    check_moe("gpt_oss_mxfp4");
+    let spec = rabbitllm::models::load_spec(&Case::load("gpt_oss_mxfp4").dir).unwrap();
+    assert!(spec.mxfp4 && spec.notes.iter().any(|n| n.contains("MXFP4")));
+}
+
+/// A stacked expert tensor of the wrong expert count, or missing, is refused by name.
+#[test]
+fn bad_stacked_experts_are_refused_by_name() {
+    let stacked = "model.layers.1.mlp.experts.down_proj";
+    let dir = edited_case("gpt_oss", &|t| {
+        let (s, v) = t.get_mut(stacked).unwrap();
+        s[0] = 7;
+        v.truncate(7 * 16 * 32);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(
+            e.contains(stacked) && e.contains("[8, 16, 32]"),
+            "split {split}: {e}"
+        );
+    }
+    let dir = edited_case("gpt_oss", &|t| {
+        t.remove(stacked);
+    });
+    for split in [false, true] {
+        let e = load_err(dir.path(), split);
+        assert!(e.contains(stacked), "split {split}: {e}");
+    }
 }
 
 /// The latent cache holds `kv_lora_rank + qk_rope_head_dim` values per token and layer, not

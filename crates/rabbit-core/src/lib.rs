@@ -21,6 +21,7 @@ pub mod generate;
 pub mod head;
 pub mod kv;
 pub mod memory;
+pub mod mxfp4;
 pub mod omp;
 pub mod plan;
 pub mod qgemv;
@@ -32,6 +33,7 @@ pub mod sampling;
 pub mod stats;
 pub mod step;
 pub mod threads;
+pub mod validate;
 pub mod weights;
 
 pub use device::{DType, DeviceSpec};

@@ -2,12 +2,11 @@
 //! model's spec before anything runs. Compressed tensors are expanded by [`crate::dequant`].
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use rabbit_models::{ModelSpec, Role};
 use rabbit_split::dtype::Dtype;
 use rabbit_split::layout::RowOrder;
-use rabbit_split::manifest::{Manifest, UnitEntry};
+use rabbit_split::manifest::UnitEntry;
 use tch::{Device, Kind, Tensor};
 
 use crate::decoder::moe::ExpertWeights;
@@ -33,7 +32,7 @@ pub fn kind_of(d: Dtype) -> Option<Kind> {
     }
 }
 
-fn is_float(k: Kind) -> bool {
+pub(crate) fn is_float(k: Kind) -> bool {
     matches!(k, Kind::Float | Kind::BFloat16 | Kind::Half | Kind::Double)
 }
 
@@ -140,6 +139,7 @@ impl UnitTensors {
             tensors.insert(q.name.clone(), w);
         }
         crate::fp8::dequantize_fp8_pairs(&entry.file, &mut raw, &mut tensors, kind, fp8)?;
+        crate::mxfp4::dequantize_mxfp4_pairs(&entry.file, &mut raw, &mut tensors, kind)?;
         let dequant_s = start.elapsed().as_secs_f64();
         for (name, t) in raw {
             if !is_float(t.kind()) {
@@ -217,17 +217,23 @@ impl UnitTensors {
                 reason: "the family's inventory has no such tensor".into(),
             })
         };
-        if let Some(gate_up) = name(Role::ExpertGateUpT) {
+        // MXFP4 blocks were dequantized under the name of the float tensor they stand for.
+        let stacked = |plain: Role, blocks: Role| {
+            name(plain).or_else(|| name(blocks).map(|n| n.replacen("_blocks", "", 1)))
+        };
+        if let Some(gate_up) = stacked(Role::ExpertGateUpT, Role::ExpertGateUpBlocks) {
             // Stored `[in, out]`, applied as `x · W`: a transposed view serves `linear`.
-            let mut stacked = |w: String, b: Role| -> Result<Linear> {
+            let down = stacked(Role::ExpertDownT, Role::ExpertDownBlocks)
+                .map_or_else(|| need(Role::ExpertDownT), Ok)?;
+            let mut part = |w: String, b: Role| -> Result<Linear> {
                 let weight = LinearWeight::Dense(self.take(&w)?.f_transpose(0, 1)?);
                 Ok(Linear {
                     weight,
                     bias: Some(self.take(&need(b)?)?),
                 })
             };
-            let up = stacked(gate_up, Role::ExpertGateUpBias)?;
-            let down = stacked(need(Role::ExpertDownT)?, Role::ExpertDownBias)?;
+            let up = part(gate_up, Role::ExpertGateUpBias)?;
+            let down = part(down, Role::ExpertDownBias)?;
             return Ok(ExpertWeights {
                 gate: None,
                 up,
@@ -552,69 +558,4 @@ impl LayerWeights {
         }
         out
     }
-}
-
-/// Checks that a split holds exactly the tensors, shapes and float dtypes the spec expects, so a
-/// mismatch is reported by name before any compute (never a shape error mid-generation).
-pub fn validate_split(spec: &ModelSpec, manifest: &Manifest, dir: &Path) -> Result<()> {
-    // name -> (unit, logical shape, logical dtype): quantized tensors count under their
-    // original name and shape.
-    let mut found: BTreeMap<&str, (&UnitEntry, &[usize], Dtype)> = BTreeMap::new();
-    for u in &manifest.units {
-        for t in &u.tensors {
-            found.insert(t.name.as_str(), (u, &t.shape, t.dtype));
-        }
-        for q in &u.quantized {
-            found.insert(q.name.as_str(), (u, &q.shape, q.dtype));
-        }
-    }
-    if manifest.num_layers() != spec.num_layers {
-        return Err(CoreError::InvalidInput(format!(
-            "{}: split has {} layers but config.json says num_hidden_layers = {}",
-            dir.display(),
-            manifest.num_layers(),
-            spec.num_layers
-        )));
-    }
-    let mut expected = spec.tensor_shapes();
-    if spec.tie_word_embeddings != manifest.tied_lm_head {
-        return Err(CoreError::InvalidInput(format!(
-            "{}: split tied_lm_head = {} but config.json tie_word_embeddings = {}",
-            dir.display(),
-            manifest.tied_lm_head,
-            spec.tie_word_embeddings
-        )));
-    }
-    for (name, shape) in expected.drain(..) {
-        let Some(&(u, found_shape, dtype)) = found.get(name.as_str()) else {
-            return Err(CoreError::BadTensor {
-                file: dir.to_path_buf(),
-                tensor: name,
-                reason: "expected by config.json but absent from the split".into(),
-            });
-        };
-        if found_shape != shape.as_slice() {
-            return Err(CoreError::BadTensor {
-                file: dir.join(&u.file),
-                tensor: name,
-                reason: format!("shape {found_shape:?} but config.json implies {shape:?}"),
-            });
-        }
-        let scaled = u.tensor(&format!("{name}_scale_inv")).is_some();
-        if dtype == Dtype::F8_E4M3 && !scaled {
-            return Err(CoreError::BadTensor {
-                file: dir.join(&u.file),
-                reason: format!("an FP8 tensor without its scale `{name}_scale_inv`"),
-                tensor: name,
-            });
-        }
-        if !(kind_of(dtype).is_some_and(is_float) || dtype == Dtype::F8_E4M3) {
-            return Err(CoreError::BadTensor {
-                file: dir.join(&u.file),
-                tensor: name,
-                reason: format!("dtype {} is not a float type", dtype.name()),
-            });
-        }
-    }
-    Ok(())
 }

@@ -159,6 +159,15 @@ pub enum Role {
     ExpertDownT,
     /// Its bias, `[hidden]`.
     ExpertDownBias,
+    /// [`Role::ExpertGateUpT`] stored as MXFP4: `[2 * width, hidden / 32, 16]` bytes, each two
+    /// E2M1 values (low nibble first) of a row of the untransposed `[2 * width, hidden]`.
+    ExpertGateUpBlocks,
+    /// Their E8M0 exponents, `[2 * width, hidden / 32]` (`2^(byte - 127)` per 32 values).
+    ExpertGateUpScales,
+    /// [`Role::ExpertDownT`] stored as MXFP4: `[hidden, width / 32, 16]`.
+    ExpertDownBlocks,
+    /// Their exponents, `[hidden, width / 32]`.
+    ExpertDownScales,
 }
 
 impl Role {
@@ -173,6 +182,10 @@ impl Role {
                 | Role::ExpertGateUpBias
                 | Role::ExpertDownT
                 | Role::ExpertDownBias
+                | Role::ExpertGateUpBlocks
+                | Role::ExpertGateUpScales
+                | Role::ExpertDownBlocks
+                | Role::ExpertDownScales
         )
     }
 
@@ -188,6 +201,17 @@ impl Role {
                 | Role::KNorm
                 | Role::QANorm
                 | Role::KvANorm
+        )
+    }
+
+    /// Whether the role holds packed bytes (MXFP4 blocks and exponents), not floats.
+    pub fn is_packed(self) -> bool {
+        matches!(
+            self,
+            Role::ExpertGateUpBlocks
+                | Role::ExpertGateUpScales
+                | Role::ExpertDownBlocks
+                | Role::ExpertDownScales
         )
     }
 

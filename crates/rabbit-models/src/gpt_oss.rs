@@ -108,23 +108,54 @@ impl Architecture for GptOss {
             false,
         ));
         layer.push(Param::linear(Role::Router, "mlp.router", experts, h, true));
+        if spec.mxfp4 && (h % 32 != 0 || m % 32 != 0) {
+            return Err(unsupported(
+                v,
+                format!("MXFP4 experts need `hidden_size` ({h}) and `intermediate_size` ({m}) to be multiples of 32"),
+            ));
+        }
+        let (gu, down) = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj");
         for e in 0..experts {
             let part =
                 |role, base: &str, shape: Vec<usize>| Param::stacked_part(role, base, e, shape);
-            layer.extend([
-                part(
-                    Role::ExpertGateUpT,
-                    "mlp.experts.gate_up_proj",
-                    vec![h, 2 * m],
-                ),
-                part(
-                    Role::ExpertGateUpBias,
-                    "mlp.experts.gate_up_proj_bias",
-                    vec![2 * m],
-                ),
-                part(Role::ExpertDownT, "mlp.experts.down_proj", vec![m, h]),
-                part(Role::ExpertDownBias, "mlp.experts.down_proj_bias", vec![h]),
-            ]);
+            if spec.mxfp4 {
+                layer.extend([
+                    part(
+                        Role::ExpertGateUpBlocks,
+                        &format!("{gu}_blocks"),
+                        vec![2 * m, h / 32, 16],
+                    ),
+                    part(
+                        Role::ExpertGateUpScales,
+                        &format!("{gu}_scales"),
+                        vec![2 * m, h / 32],
+                    ),
+                    part(Role::ExpertGateUpBias, &format!("{gu}_bias"), vec![2 * m]),
+                    part(
+                        Role::ExpertDownBlocks,
+                        &format!("{down}_blocks"),
+                        vec![h, m / 32, 16],
+                    ),
+                    part(
+                        Role::ExpertDownScales,
+                        &format!("{down}_scales"),
+                        vec![h, m / 32],
+                    ),
+                    part(Role::ExpertDownBias, &format!("{down}_bias"), vec![h]),
+                ]);
+            } else {
+                layer.extend([
+                    part(Role::ExpertGateUpT, gu, vec![h, 2 * m]),
+                    part(Role::ExpertGateUpBias, &format!("{gu}_bias"), vec![2 * m]),
+                    part(Role::ExpertDownT, down, vec![m, h]),
+                    part(Role::ExpertDownBias, &format!("{down}_bias"), vec![h]),
+                ]);
+            }
+        }
+        if spec.mxfp4 {
+            spec.notes.push(
+                "MXFP4 experts are read as stored and dequantized to the compute dtype after each read".into(),
+            );
         }
         spec.tensors = TensorLayout::llama_names(layer);
         spec.norm.kind = NormKind::RmsWeightF32;

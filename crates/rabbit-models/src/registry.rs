@@ -112,10 +112,18 @@ fn spec_in_dir(
         }
     };
     let family = lookup(arch)?;
-    match dir {
-        Some(d) => family.spec_in_dir(cfg, gen, d),
-        None => family.spec(cfg, gen),
+    let spec = match dir {
+        Some(d) => family.spec_in_dir(cfg, gen, d)?,
+        None => family.spec(cfg, gen)?,
+    };
+    let reads_mxfp4 = spec.tensors.layer.iter().any(|p| p.role.is_packed());
+    if spec.mxfp4 && !reads_mxfp4 {
+        return Err(ModelError::Unsupported {
+            architecture: arch.to_string(),
+            reason: "`quantization_config`: quant_method \"mxfp4\" is not supported for this architecture".into(),
+        });
     }
+    Ok(spec)
 }
 
 /// The defaults of the text model inside a wrapper of `model_type` (e.g. Gemma 3's multimodal

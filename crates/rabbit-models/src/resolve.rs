@@ -207,10 +207,15 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
     } else {
         r.take(act_key)?
     };
-    let fp8_block = match r.extra.remove("quantization_config") {
+    let quantized = match r.extra.remove("quantization_config") {
         None | Some(Value::Null) => None,
-        Some(q) => Some(crate::quant::fp8_block(v, &q)?),
+        Some(q) => Some(crate::quant::quantized(v, &q)?),
     };
+    let fp8_block = match quantized {
+        Some(crate::quant::Quantized::Fp8Block(b)) => Some(b),
+        _ => None,
+    };
+    let mxfp4 = quantized == Some(crate::quant::Quantized::Mxfp4);
     // Refuse fields that would change the numerics in a way we do not implement.
     for key in r.extra.keys() {
         if COMMON_HARMLESS_KEYS.contains(&key.as_str()) || v.harmless_keys.contains(&key.as_str()) {
@@ -401,6 +406,7 @@ fn resolve(mut r: Resolver<'_>) -> Result<ModelSpec> {
         moe: None,
         mla: None,
         fp8_block,
+        mxfp4,
         notes: fp8_block
             .map(|[a, b]| {
                 format!(

@@ -93,6 +93,11 @@ pub struct ModelSpec {
     /// block) and is dequantized after it is read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fp8_block: Option<[usize; 2]>,
+    /// The routed experts are stored as MXFP4 (`quant_method: mxfp4`, gpt-oss): packed E2M1
+    /// pairs in `_blocks` tensors and one E8M0 exponent per 32 values in `_scales` tensors,
+    /// dequantized after they are read. A family that cannot read them refuses the config.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mxfp4: bool,
     /// What the user should know about how this checkpoint is run (e.g. parts not used).
     #[serde(default)]
     pub notes: Vec<String>,

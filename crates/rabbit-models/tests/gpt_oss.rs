@@ -98,3 +98,36 @@ fn gpt_oss_fields_are_refused_by_name() {
         assert!(e.contains(needle), "{patch}: {e}");
     }
 }
+
+#[test]
+fn mxfp4_experts_are_read_by_gpt_oss_only() {
+    let mx = json!({"quant_method": "mxfp4", "modules_to_not_convert": ["lm_head"]});
+    let spec = resolve(&patched(json!({ "quantization_config": mx }))).unwrap();
+    assert!(spec.mxfp4);
+    let names: Vec<String> = spec
+        .layer_tensor_shapes(0)
+        .into_iter()
+        .map(|t| t.0)
+        .collect();
+    assert!(names.contains(&"model.layers.0.mlp.experts.gate_up_proj_blocks[31]".to_string()));
+    assert!(!names.iter().any(|n| n.ends_with("gate_up_proj[0]")));
+    let e = resolve(&patched(
+        json!({"quantization_config": mx, "hidden_size": 2850}),
+    ))
+    .unwrap_err();
+    assert!(e.contains("multiples of 32"), "{e}");
+    let e = resolve(&patched(
+        json!({"quantization_config": {"quant_method": "mxfp4", "bits": 4}}),
+    ))
+    .unwrap_err();
+    assert!(e.contains("bits"), "{e}");
+    // Another family cannot read MXFP4.
+    let mut llama = json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256,
+        "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128
+    });
+    llama["quantization_config"] = mx;
+    let e = resolve(&llama).unwrap_err();
+    assert!(e.contains("mxfp4") && e.contains("LlamaForCausalLM"), "{e}");
+}

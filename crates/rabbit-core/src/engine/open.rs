@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use rabbit_models::ModelSpec;
+use rabbit_split::dtype::Dtype;
 use rabbit_split::layout::UnitKind;
 use rabbit_split::manifest::{Manifest, UnitEntry};
 use rabbit_split::{integrity, InPlace, UnitRegion};
@@ -20,7 +21,8 @@ use crate::kv::KvCache;
 use crate::plan::{make_plan, PlanInputs};
 use crate::reader::{LayerReader, PartReader, ReadMode};
 use crate::rope::RopeTables;
-use crate::weights::{validate_split, DequantBuffers, LayerWeights};
+use crate::validate::validate_split;
+use crate::weights::{DequantBuffers, LayerWeights};
 
 impl Engine {
     /// Opens a split directory: validates it against the spec, loads the embedding, final norm
@@ -137,7 +139,16 @@ impl Engine {
                 .tensors
                 .iter()
                 .filter(|t| !quant_parts.contains(&t.name.as_str()))
-                .map(|t| t.shape.iter().product::<usize>() as u64 * elem)
+                .map(|t| {
+                    let n = t.shape.iter().product::<usize>() as u64;
+                    // MXFP4: two values per block byte; the exponents are not kept.
+                    let values = match t.dtype {
+                        Dtype::U8 if t.name.contains("_blocks") => 2 * n,
+                        Dtype::U8 if t.name.contains("_scales") => 0,
+                        _ => n,
+                    };
+                    values * elem
+                })
                 .sum();
             let dequantized: u64 = u
                 .quantized
