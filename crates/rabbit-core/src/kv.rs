@@ -159,3 +159,33 @@ impl KvCache {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A latent cache (one head, keys only, values 0 wide) writes, views and moves rows like
+    /// any other.
+    #[test]
+    fn a_latent_cache_moves_rows() {
+        let shape = KvShape {
+            heads: 1,
+            key_dim: 6,
+            value_dim: 0,
+        };
+        assert_eq!(KvCache::bytes(2, 3, &shape, 4, 4), 2 * 3 * 6 * 5 * 4);
+        let mut kv = KvCache::new(2, 3, &shape, 4, Kind::Float, Device::Cpu).unwrap();
+        let entry = Tensor::arange(3 * 2 * 6, (Kind::Float, Device::Cpu)).reshape([3, 1, 2, 6]);
+        kv.layers[1]
+            .write(
+                &KvSlots::Uniform { slot: 0 },
+                &entry,
+                &entry.narrow(-1, 0, 0),
+            )
+            .unwrap();
+        kv.move_row(2, 0, 2).unwrap();
+        let (k, v) = kv.layers[1].view(1, 2).unwrap();
+        assert_eq!(v.size(), [1, 1, 2, 0]);
+        assert!(k.equal(&entry.narrow(0, 2, 1)));
+    }
+}

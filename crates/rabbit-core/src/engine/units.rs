@@ -168,16 +168,22 @@ pub(super) fn read_guide(
         name(rabbit_models::Role::MlpNorm)?,
     );
     let bias = find(rabbit_models::Role::RouterBias);
+    // gpt-oss's router carries a `.bias` of its own.
+    let router_bias = spec
+        .layer_params(i)
+        .iter()
+        .find(|q| q.role == rabbit_models::Role::Router && q.bias)
+        .map(|q| format!("{p}{}.bias", q.name));
     // A router stored compressed (splits made before routers were kept exact) is read with
     // its codes and scales, and dequantized.
     let mut u = units.read_resident_only(entry, device, kind, |n| {
-        n == norm || n == router || bias.as_deref() == Some(n)
+        n == norm || n == router || bias.as_deref() == Some(n) || router_bias.as_deref() == Some(n)
     })?;
     Ok(Guide {
         norm: NormWeights::bind(spec.norm.kind, u.take(&norm)?, None)?,
         router: crate::weights::Linear {
             weight: crate::weights::LinearWeight::Dense(u.take(&router)?),
-            bias: None,
+            bias: router_bias.map(|b| u.take(&b)).transpose()?,
         },
         bias: bias.map(|b| u.take(&b)).transpose()?,
     })
