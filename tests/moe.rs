@@ -202,6 +202,27 @@ fn gpt_oss_mxfp4_matches_transformers() {
     assert!(spec.mxfp4 && spec.notes.iter().any(|n| n.contains("MXFP4")));
 }
 
+/// FP8 is refused for a family whose fused rows the split regroups (their block scales would
+/// not follow), naming the config field.
+#[test]
+fn fp8_is_refused_where_rows_are_regrouped() {
+    let case = Case::load("internlm2");
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(case.dir.join("config.json")).unwrap())
+            .unwrap();
+    cfg["quantization_config"] = serde_json::json!({"quant_method": "fp8", "fmt": "e4m3",
+        "activation_scheme": "dynamic", "weight_block_size": [128, 128]});
+    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = rabbitllm::models::load_spec(dir.path())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("quantization_config") && e.contains("fp8"),
+        "{e}"
+    );
+}
+
 /// A stacked expert tensor of the wrong expert count, or missing, is refused by name.
 #[test]
 fn bad_stacked_experts_are_refused_by_name() {

@@ -11,8 +11,8 @@ use crate::error::{CoreError, Result};
 /// Dequantizes a unit's FP8 weights: each `W` stored as F8_E4M3 beside its block scales
 /// `W_scale_inv` (`[⌈rows/bm⌉, ⌈cols/bn⌉]`, blocks of `block`) leaves `raw` and enters `out` as
 /// `w · scale` of its block in f32, cast to `kind` (DeepSeek's `weight_dequant`; transformers'
-/// `Fp8Dequantize` for shapes the blocks divide). `block` `None`: derived from the shapes,
-/// which the blocks must then divide. An FP8 tensor without its scale is refused by name.
+/// `Fp8Dequantize` for shapes the blocks divide). `block` `None` (no FP8 quantization config)
+/// refuses FP8 weights. An FP8 tensor without its scale is refused by name.
 pub fn dequantize_fp8_pairs(
     file: &str,
     raw: &mut BTreeMap<String, Tensor>,
@@ -78,14 +78,19 @@ fn fp8_dequant(
         ));
     };
     let (rows, cols, sr, sc) = (*rows, *cols, *sr, *sc);
-    let [bm, bn] = match block {
-        Some([a, b]) => [a as i64, b as i64],
-        None if sr > 0 && sc > 0 && rows % sr == 0 && cols % sc == 0 => [rows / sr, cols / sc],
-        None => {
-            return Err(format!(
-                "FP8 weight {ws:?}: scales {ss:?} do not divide it into blocks"
-            ))
-        }
+    if !matches!(s.kind(), Kind::Float | Kind::BFloat16 | Kind::Half) {
+        // E8M0 exponents (MXFP8) or anything else would be read as plain factors.
+        return Err(format!(
+            "FP8 block scales stored as {:?}: only float32, bfloat16 or float16 scales are read",
+            s.kind()
+        ));
+    }
+    // The block size cannot be read off the shapes (partial blocks): config.json says it.
+    let Some([bm, bn]) = block.map(|[a, b]| [a as i64, b as i64]) else {
+        return Err(
+            "an FP8 weight, but config.json's `quantization_config` gives no `weight_block_size`"
+                .into(),
+        );
     };
     if sr != (rows + bm - 1) / bm || sc != (cols + bn - 1) / bn {
         return Err(format!(
@@ -162,5 +167,20 @@ mod tests {
             Some([4, 4]),
         );
         assert!(e.unwrap_err().to_string().contains("w_scale_inv"));
+        // Byte scales (E8M0 exponents) and a missing block size are refused, not guessed.
+        for (scale, block) in [
+            (
+                Tensor::ones([2, 2], (Kind::Uint8, Device::Cpu)),
+                Some([4, 4]),
+            ),
+            (Tensor::rand([2, 2], (Kind::Float, Device::Cpu)), None),
+        ] {
+            let w = Tensor::randn([5, 7], (Kind::Float, Device::Cpu)).to_kind(Kind::Float8e4m3fn);
+            let mut raw = BTreeMap::new();
+            raw.insert("w".to_string(), w);
+            raw.insert("w_scale_inv".to_string(), scale);
+            let e = dequantize_fp8_pairs("f", &mut raw, &mut BTreeMap::new(), Kind::Float, block);
+            assert!(e.is_err(), "{block:?}");
+        }
     }
 }

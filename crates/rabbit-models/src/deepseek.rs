@@ -192,7 +192,7 @@ impl Deepseek {
             .unwrap_or(0.0);
         let first_dense: usize = r
             .take_or("first_k_dense_replace", Some(d.first_dense))?
-            .unwrap_or(0);
+            .ok_or_else(|| unsupported(v, "`first_k_dense_replace` is null"))?;
         // The original code's `layer_idx % moe_layer_freq == 0`; transformers knows only 1.
         if let Some(f) = r.take::<usize>("moe_layer_freq")? {
             if f != 1 {

@@ -123,6 +123,19 @@ fn spec_in_dir(
             reason: "`quantization_config`: quant_method \"mxfp4\" is not supported for this architecture".into(),
         });
     }
+    let regrouped = spec
+        .tensors
+        .layer
+        .iter()
+        .chain(&spec.tensors.dense_layer)
+        .any(|p| p.row_order.is_some());
+    if spec.fp8_block.is_some() && regrouped {
+        // The rows are regrouped at split time; their block scales would not follow.
+        return Err(ModelError::Unsupported {
+            architecture: arch.to_string(),
+            reason: "`quantization_config`: fp8 weights are not supported for this architecture (its fused rows are regrouped)".into(),
+        });
+    }
     Ok(spec)
 }
 

@@ -184,6 +184,11 @@ fn fp8_quantization_configs_are_read_and_others_refused() {
 fn deepseek_fields_are_refused_by_name() {
     for (base, patch, needle) in [
         (v3(), json!({"moe_layer_freq": 2}), "moe_layer_freq"),
+        (
+            v3(),
+            json!({"first_k_dense_replace": null}),
+            "first_k_dense_replace",
+        ),
         (v3(), json!({"topk_method": "greedy"}), "topk_method"),
         (v3(), json!({"scoring_func": "softmax"}), "scoring_func"),
         (v3(), json!({"n_group": 7}), "n_group"),

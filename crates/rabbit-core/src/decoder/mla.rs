@@ -6,7 +6,9 @@
 //! Prefill expands the cached latent into every head's keys and values as transformers does.
 //! A decode step (one query per row) folds `kv_b_proj` into the query and the output instead,
 //! attending over the latent itself: per step it touches the cache once rather than
-//! re-expanding every cached token through `kv_b_proj` (the same sums in another order).
+//! re-expanding every cached token through `kv_b_proj` (the same sums in another order: equal
+//! in f32 to rounding, not bit for bit; in bf16 the latent query is rounded where the expanded
+//! keys would be).
 
 use rabbit_models::{MlaSpec, ModelSpec, Norm, Role};
 use tch::Tensor;
@@ -87,10 +89,14 @@ pub(super) fn latent_attention(
             // Absorbed: q·k_nope = (q W_uk)·latent, and attn·v = (attn·latent) W_uvᵀ.
             let wkv = wkv.f_view([h, nope + vd, rank])?;
             let q_lat = q_nope.f_matmul(&wkv.f_narrow(1, 0, nope)?)?;
-            let query = Tensor::f_cat(&[q_lat, q_pe], -1)?;
+            // The heads become query rows of one head (t is 1): SDPA then attends the one
+            // latent head as it is, where a grouped call would copy it to every head. The
+            // single query sees every cached key (causal only arises with one key).
+            let query = Tensor::f_cat(&[q_lat, q_pe], -1)?.f_transpose(1, 2)?;
             let values = cached.f_narrow(-1, 0, rank)?;
             let ctx_lat =
-                blocks::attention(&query, &cached, &values, mask, causal, &spec.attention)?;
+                blocks::attention(&query, &cached, &values, mask, false, &spec.attention)?
+                    .f_transpose(1, 2)?;
             ctx_lat.f_matmul(&wkv.f_narrow(1, nope, vd)?.f_transpose(1, 2)?)?
         }
         _ => {

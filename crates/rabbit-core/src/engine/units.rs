@@ -177,7 +177,11 @@ pub(super) fn read_guide(
     // A router stored compressed (splits made before routers were kept exact) is read with
     // its codes and scales, and dequantized.
     let mut u = units.read_resident_only(entry, device, kind, |n| {
-        n == norm || n == router || bias.as_deref() == Some(n) || router_bias.as_deref() == Some(n)
+        n == norm
+            || n == router
+            || bias.as_deref() == Some(n)
+            || router_bias.as_deref() == Some(n)
+            || n.strip_suffix("_scale_inv") == Some(router.as_str())
     })?;
     Ok(Guide {
         norm: NormWeights::bind(spec.norm.kind, u.take(&norm)?, None)?,
