@@ -26,7 +26,7 @@ const HARMLESS: &[&str] = &[
     "use_sliding_window",
 ];
 
-static QWEN2_VARIANT: Variant = Variant {
+const COMMON: Variant = Variant {
     name: "Qwen2MoeForCausalLM",
     model_type: "qwen2_moe",
     default_head_dim: None,
@@ -40,18 +40,12 @@ static QWEN2_VARIANT: Variant = Variant {
     harmless_keys: HARMLESS,
 };
 
+static QWEN2_VARIANT: Variant = COMMON;
+
 static QWEN3_VARIANT: Variant = Variant {
     name: "Qwen3MoeForCausalLM",
     model_type: "qwen3_moe",
-    default_head_dim: None,
-    default_rope_theta: 10000.0,
-    default_rms_norm_eps: 1e-6,
-    sliding: SlidingPolicy::QwenStyle,
-    default_max_window_layers: 28,
-    partial_rotary: None,
-    tied_by_default: false,
-    activation: ("hidden_act", Activation::Silu),
-    harmless_keys: HARMLESS,
+    ..COMMON
 };
 
 /// One of the Qwen mixtures of experts.

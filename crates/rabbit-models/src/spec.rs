@@ -287,6 +287,14 @@ impl ModelSpec {
                 optional: vec![],
             });
         }
+        let (stacked, stacked_shapes): (Vec<_>, Vec<_>) = self
+            .stacked()
+            .into_iter()
+            .map(|(s, shape)| {
+                let name = s.tensor.clone();
+                (s, (name, shape))
+            })
+            .unzip();
         Layout {
             architecture: self.architecture.clone(),
             units,
@@ -299,11 +307,11 @@ impl ModelSpec {
                 .tensor_shapes()
                 .into_iter()
                 .chain((0..self.num_layers).flat_map(|i| self.layer_scale_shapes(i)))
-                .chain(self.stacked_shapes())
+                .chain(stacked_shapes)
                 .collect(),
             groups: self.expert_groups(),
             uncompressed: self.routers(),
-            stacked: self.stacked(),
+            stacked,
         }
     }
 
@@ -343,41 +351,33 @@ impl ModelSpec {
         out
     }
 
-    /// The shapes of the stacked checkpoint tensors: their parts' shape after the expert count.
-    fn stacked_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let mut out: Vec<(String, Vec<usize>)> = vec![];
+    /// The checkpoint tensors stacking one part per routed expert, with their parts in order,
+    /// and each one's shape (the expert count, then a part's shape).
+    fn stacked(&self) -> Vec<(rabbit_split::layout::Stacked, Vec<usize>)> {
+        let mut out = vec![];
         for i in 0..self.num_layers {
             let p = self.tensors.prefix(i);
+            // A layer's own few stacked tensors: its parts are found among them.
+            let mut layer: Vec<(rabbit_split::layout::Stacked, Vec<usize>)> = vec![];
             for q in self.layer_params(i) {
                 let Some(source) = q.stacked_source(&p) else {
                     continue;
                 };
-                match out.iter_mut().find(|(n, _)| *n == source) {
-                    Some((_, shape)) => shape[0] += 1,
-                    None => out.push((source, std::iter::once(1).chain(q.shape.clone()).collect())),
+                match layer.iter_mut().find(|(s, _)| s.tensor == source) {
+                    Some((s, shape)) => {
+                        s.parts.push(q.weight_name(&p));
+                        shape[0] += 1;
+                    }
+                    None => layer.push((
+                        rabbit_split::layout::Stacked {
+                            tensor: source,
+                            parts: vec![q.weight_name(&p)],
+                        },
+                        std::iter::once(1).chain(q.shape.iter().copied()).collect(),
+                    )),
                 }
             }
-        }
-        out
-    }
-
-    /// The checkpoint tensors stacking one part per routed expert, with their parts in order.
-    fn stacked(&self) -> Vec<rabbit_split::layout::Stacked> {
-        let mut out: Vec<rabbit_split::layout::Stacked> = vec![];
-        for i in 0..self.num_layers {
-            let p = self.tensors.prefix(i);
-            for q in self.layer_params(i) {
-                let Some(source) = q.stacked_source(&p) else {
-                    continue;
-                };
-                match out.iter_mut().find(|s| s.tensor == source) {
-                    Some(s) => s.parts.push(q.weight_name(&p)),
-                    None => out.push(rabbit_split::layout::Stacked {
-                        tensor: source,
-                        parts: vec![q.weight_name(&p)],
-                    }),
-                }
-            }
+            out.extend(layer);
         }
         out
     }

@@ -103,6 +103,35 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, interleaved: bool) -> Result
     }
 }
 
+/// Keys and values of `[B, KVH, S, D]` repeated `rep` times per head (grouped-query attention
+/// for the eager paths, which SDPA's `enable_gqa` does not serve).
+fn repeat_kv(keys: &Tensor, values: &Tensor, rep: i64) -> Result<(Tensor, Tensor)> {
+    if rep == 1 {
+        return Ok((keys.shallow_clone(), values.shallow_clone()));
+    }
+    Ok((
+        keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
+        values.f_repeat_interleave_self_int(rep, Some(1), None)?,
+    ))
+}
+
+/// Eager scores `[B, H, T, S]` with the keys `mask` (or, without one, the top-left causal rule
+/// when `causal`) excludes set to `-inf`.
+fn masked(scores: Tensor, mask: Option<&Tensor>, causal: bool) -> Result<Tensor> {
+    let size = scores.size();
+    let (t, s) = (size[2], size[3]);
+    let causal_mask;
+    let allowed = match (mask, causal) {
+        (Some(m), _) => m,
+        (None, true) => {
+            causal_mask = Tensor::f_ones([t, s], (Kind::Bool, scores.device()))?.f_tril(s - t)?;
+            &causal_mask
+        }
+        (None, false) => return Ok(scores),
+    };
+    Ok(scores.f_masked_fill(&allowed.f_logical_not()?, f64::NEG_INFINITY)?)
+}
+
 /// Scaled dot-product attention of `q` (`[B, H, T, D]`) over `keys`/`values`
 /// (`[B, KVH, S, D]`). `mask` is boolean `[B, 1, T, S]` (true = attend); without one, `causal`
 /// applies the top-left causal rule. Soft-capped scores take the explicit path (eager
@@ -128,35 +157,14 @@ pub fn attention(
             kvh != h,
         )?);
     };
-    let (keys, values) = if kvh != h {
-        let rep = h / kvh;
-        (
-            keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
-            values.f_repeat_interleave_self_int(rep, Some(1), None)?,
-        )
-    } else {
-        (keys.shallow_clone(), values.shallow_clone())
-    };
+    let (keys, values) = repeat_kv(keys, values, h / kvh)?;
     let scores = q
         .f_matmul(&keys.f_transpose(-2, -1)?)?
         .f_mul_scalar(spec.scale)?
         .f_div_scalar(cap)?
         .f_tanh()?
         .f_mul_scalar(cap)?;
-    let causal_mask;
-    let allowed = match (mask, causal) {
-        (Some(m), _) => Some(m),
-        (None, true) => {
-            let (t, s) = (q.size()[2], keys.size()[2]);
-            causal_mask = Tensor::f_ones([t, s], (Kind::Bool, q.device()))?.f_tril(s - t)?;
-            Some(&causal_mask)
-        }
-        (None, false) => None,
-    };
-    let scores = match allowed {
-        Some(m) => scores.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?,
-        None => scores,
-    };
+    let scores = masked(scores, mask, causal)?;
     let probs = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     Ok(probs.f_matmul(&values)?)
 }
@@ -176,32 +184,12 @@ pub fn attention_with_sinks(
 ) -> Result<Tensor> {
     let (b, h, t) = (q.size()[0], q.size()[1], q.size()[2]);
     let kvh = keys.size()[1];
-    let (keys, values) = if kvh != h {
-        let rep = h / kvh;
-        (
-            keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
-            values.f_repeat_interleave_self_int(rep, Some(1), None)?,
-        )
-    } else {
-        (keys.shallow_clone(), values.shallow_clone())
-    };
+    let (keys, values) = repeat_kv(keys, values, h / kvh)?;
     let scores = q
         .f_matmul(&keys.f_transpose(-2, -1)?)?
         .f_mul_scalar(spec.scale)?;
     let s = keys.size()[2];
-    let causal_mask;
-    let allowed = match (mask, causal) {
-        (Some(m), _) => Some(m),
-        (None, true) => {
-            causal_mask = Tensor::f_ones([t, s], (Kind::Bool, q.device()))?.f_tril(s - t)?;
-            Some(&causal_mask)
-        }
-        (None, false) => None,
-    };
-    let scores = match allowed {
-        Some(m) => scores.f_masked_fill(&m.f_logical_not()?, f64::NEG_INFINITY)?,
-        None => scores,
-    };
+    let scores = masked(scores, mask, causal)?;
     let sink = sinks
         .f_to_kind(scores.kind())?
         .f_reshape([1, h, 1, 1])?
@@ -226,15 +214,7 @@ pub fn attention_with_bias(
     spec: &AttentionSpec,
 ) -> Result<Tensor> {
     let (h, kvh) = (q.size()[1], keys.size()[1]);
-    let (keys, values) = if kvh != h {
-        let rep = h / kvh;
-        (
-            keys.f_repeat_interleave_self_int(rep, Some(1), None)?,
-            values.f_repeat_interleave_self_int(rep, Some(1), None)?,
-        )
-    } else {
-        (keys.shallow_clone(), values.shallow_clone())
-    };
+    let (keys, values) = repeat_kv(keys, values, h / kvh)?;
     // Divided by sqrt(head_dim), as the original writes it (bf16 rounds each step).
     let scores = q
         .f_matmul(&keys.f_transpose(-2, -1)?)?
